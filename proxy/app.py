@@ -1,0 +1,210 @@
+"""Wire the parts into one aiohttp application; no logic of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from . import audit, metrics, policy
+from . import web as pages
+from .authorize import Authorizer
+from .forward import Forwarder, UpstreamConfig
+from .grants import RedisGrants
+from .identity import Verifier
+from .middleware import Gate
+from .redisd import EmbeddedRedis
+from .settings import Settings
+
+log = logging.getLogger("jitgate")
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", metrics.Metrics)
+REDIS = web.AppKey("redis", Redis)
+GRANTS = web.AppKey("grants", RedisGrants)
+AUDIT = web.AppKey("audit", audit.AuditLog)
+FORWARDER = web.AppKey("forwarder", Forwarder)
+AUTHORIZER = web.AppKey("authorizer", list[Authorizer])  # one slot, swapped whole on reload
+GATE = web.AppKey("gate", Gate)
+
+
+def connect_redis(url: str, timeout: float) -> Redis:
+    """Return a client that fails fast, so a dead Redis means a quick 503, not a hang."""
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+    )
+
+
+def audit_sinks(settings: Settings, redis: Redis | None) -> list[audit.Sink]:
+    """Build the configured audit sinks."""
+    a = settings.audit
+    sinks: list[audit.Sink] = []
+    if a.redis_stream and redis is not None:
+        key = settings.redis.key_prefix + a.redis_stream
+        sinks.append(audit.RedisStreamSink(redis, key, a.stream_maxlen))
+    if a.file is not None:
+        sinks.append(audit.JsonlFileSink(a.file))
+    if a.stdout:
+        sinks.append(audit.StdoutSink())
+    return sinks
+
+
+def make_audit_log(settings: Settings, redis: Redis | None, m: metrics.Metrics) -> audit.AuditLog:
+    a = settings.audit
+    return audit.AuditLog(
+        audit_sinks(settings, redis),
+        batch_size=a.batch_size,
+        flush_interval=a.flush_interval,
+        queue_max=a.queue_max,
+        on_written=lambda sink, n: m.audit_written.labels(sink).inc(n),
+        on_failed=lambda sink, n: m.audit_failed.labels(sink).inc(n),
+        on_dropped=lambda sink, n: m.audit_dropped.labels(sink).inc(n),
+    )
+
+
+def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.Application:
+    """Return the proxy application; Redis, upstream pool and audit start with it."""
+    app = web.Application(client_max_size=0)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics.Metrics()
+    compiled = compiled or policy.load(settings.policy_file)
+    verifier = Verifier(settings.identity)
+    app.cleanup_ctx.append(_lifecycle(compiled, verifier))
+
+    p = settings.prefix
+    app.router.add_get(p + "/healthz", healthz)
+    app.router.add_get(p + "/readyz", readyz)
+    app.router.add_get(p + "/metrics", metrics_view)
+    app.router.add_get(p + "/request", request_page)
+    app.router.add_static(p + "/static", pages.STATIC_DIR)
+    # Everything else, including unknown paths under the prefix, goes through the gate.
+    app.router.add_route("*", "/{tail:.*}", _gate_handler)
+    return app
+
+
+def _lifecycle(
+    compiled: policy.Policy, verifier: Verifier
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        m = app[METRICS]
+        embedded: EmbeddedRedis | None = None
+        url = settings.redis.url
+        if url is None:
+            embedded = EmbeddedRedis(settings.state_dir)
+            url = await embedded.start()
+            log.info("embedded redis-server running on %s", url)
+        redis = connect_redis(url, settings.redis.timeout)
+        app[REDIS] = redis
+        grants = RedisGrants(redis, settings.redis.key_prefix)
+        app[GRANTS] = grants
+        audit_log = make_audit_log(settings, redis, m)
+        await audit_log.start()
+        app[AUDIT] = audit_log
+        up = settings.upstream
+        forwarder = Forwarder(
+            UpstreamConfig(
+                up.url, up.host_header, up.connect_timeout, up.read_timeout, up.pool_size
+            )
+        )
+        await forwarder.start()
+        app[FORWARDER] = forwarder
+
+        def grant_error(exc: BaseException) -> None:
+            m.redis_errors.labels("grant_check").inc()
+            log.warning("grant check failed: %r", exc)
+
+        slot = [Authorizer(compiled, verifier, grants, grant_error)]
+        app[AUTHORIZER] = slot
+        app[GATE] = Gate(settings, lambda: slot[0], forwarder, audit_log, m)
+        try:
+            yield
+        finally:
+            await forwarder.close()
+            await audit_log.close()
+            await redis.aclose()
+            if embedded is not None:
+                await embedded.stop()
+
+    return ctx
+
+
+async def _gate_handler(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATE].handle(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Answer 200 only if Redis answers PING and the upstream accepts a connection."""
+    settings = request.app[SETTINGS]
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(request.app[REDIS].ping(), settings.redis.timeout)
+        checks["redis"] = "ok"
+    except Exception as exc:
+        request.app[METRICS].redis_errors.labels("ping").inc()
+        checks["redis"] = f"failed: {type(exc).__name__}"
+    url = settings.upstream.url
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(url.host, port), settings.upstream.connect_timeout
+        )
+        writer.close()
+        checks["upstream"] = "ok"
+    except (OSError, TimeoutError) as exc:
+        checks["upstream"] = f"failed: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    m = request.app[METRICS]
+    try:
+        m.active_grants.set(await request.app[GRANTS].count_active())
+    except Exception:
+        m.redis_errors.labels("count_active").inc()
+    m.audit_backlog.set(request.app[AUDIT].backlog())
+    return web.Response(body=m.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+async def request_page(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    body = pages.render(
+        "request.html", prefix=settings.prefix, user=None, scope=request.query.get("scope")
+    )
+    return web.Response(
+        text=body, content_type="text/html", headers={"Content-Security-Policy": pages.CSP}
+    )
+
+
+def run(settings: Settings) -> None:
+    """Serve until interrupted."""
+    app = build_app(settings)
+    web.run_app(
+        app,
+        host=settings.listen.host,
+        port=settings.listen.port,
+        access_log=None,
+        print=lambda *_: log.info(
+            "jitgate listening on http://%s:%d -> %s",
+            settings.listen.host,
+            settings.listen.port,
+            settings.upstream.url,
+        ),
+    )

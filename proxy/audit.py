@@ -1,0 +1,217 @@
+"""Audit records: one per decision and per grant change, written in batches to every sink.
+
+`AuditLog.emit` never blocks the request: it appends to each sink's queue. A background
+task flushes batches; a sink that fails keeps its batch and is retried with backoff. If a
+queue is full the record cannot be kept: that is counted and logged, never silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+
+log = logging.getLogger("jitgate.audit")
+
+Record = dict[str, Any]
+
+
+def record(event: str, **fields: Any) -> Record:
+    """Build an audit record with id, time and event; None fields are left out."""
+    now = time.time()
+    out: Record = {
+        "id": uuid.uuid4().hex,
+        "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+        "ts": round(now, 3),
+        "event": event,
+    }
+    out.update((k, v) for k, v in fields.items() if v is not None)
+    return out
+
+
+class Sink(Protocol):
+    name: str
+
+    async def write(self, records: list[Record]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class RedisStreamSink:
+    """Append records to a Redis stream, trimmed to about maxlen entries."""
+
+    def __init__(self, redis: Redis, key: str, maxlen: int) -> None:
+        self.name = "redis"
+        self.redis = redis
+        self.key = key
+        self.maxlen = maxlen
+
+    async def write(self, records: list[Record]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for rec in records:
+            pipe.xadd(self.key, {"record": json.dumps(rec)}, maxlen=self.maxlen, approximate=True)
+        await pipe.execute()
+
+    async def close(self) -> None:
+        return None
+
+
+class JsonlFileSink:
+    """Append records as JSON lines to a file, writing from a worker thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = "file"
+        self.path = path
+
+    def _append(self, lines: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(lines)
+            fh.flush()
+
+    async def write(self, records: list[Record]) -> None:
+        lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        await asyncio.to_thread(self._append, lines)
+
+    async def close(self) -> None:
+        return None
+
+
+class StdoutSink:
+    """Print records as JSON lines on standard output."""
+
+    def __init__(self) -> None:
+        self.name = "stdout"
+
+    async def write(self, records: list[Record]) -> None:
+        sys.stdout.write("".join(json.dumps(r) + "\n" for r in records))
+        sys.stdout.flush()
+
+    async def close(self) -> None:
+        return None
+
+
+class _Lane:
+    """One sink with its own queue, so a slow or failing sink holds up nobody else."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.queue: deque[Record] = deque()
+        self.failures = 0
+        self.retry_at = 0.0
+
+
+class AuditLog:
+    """Fan records out to sinks in batches, off the request path."""
+
+    def __init__(
+        self,
+        sinks: Iterable[Sink],
+        *,
+        batch_size: int = 256,
+        flush_interval: float = 0.25,
+        queue_max: int = 100_000,
+        on_written: Callable[[str, int], None] | None = None,
+        on_failed: Callable[[str, int], None] | None = None,
+        on_dropped: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.lanes = [_Lane(s) for s in sinks]
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.queue_max = queue_max
+        self._on_written = on_written or (lambda sink, n: None)
+        self._on_failed = on_failed or (lambda sink, n: None)
+        self._on_dropped = on_dropped or (lambda sink, n: None)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._flushing = asyncio.Lock()  # one writer per lane: a batch is popped only once
+
+    def emit(self, rec: Record) -> None:
+        """Queue one record for every sink; never blocks."""
+        for lane in self.lanes:
+            if len(lane.queue) >= self.queue_max:
+                self._on_dropped(lane.sink.name, 1)
+                log.error(
+                    "audit queue for sink %s is full (%d records): record %s event %s lost",
+                    lane.sink.name, self.queue_max, rec.get("id"), rec.get("event"),
+                )  # fmt: skip
+                continue
+            lane.queue.append(rec)
+            if len(lane.queue) >= self.batch_size:
+                self._wake.set()
+
+    def backlog(self) -> int:
+        return sum(len(lane.queue) for lane in self.lanes)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-flush")
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop the flusher and write out everything still queued, within grace seconds."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        deadline = time.monotonic() + grace
+        while self.backlog() and time.monotonic() < deadline:
+            if not await self.flush(force=True):
+                await asyncio.sleep(0.1)
+        for lane in self.lanes:
+            if lane.queue:
+                self._on_dropped(lane.sink.name, len(lane.queue))
+                log.error(
+                    "audit sink %s still failing at shutdown: %d records not written",
+                    lane.sink.name, len(lane.queue),
+                )  # fmt: skip
+            await lane.sink.close()
+
+    async def _run(self) -> None:
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self, *, force: bool = False) -> bool:
+        """Write every queued batch now; return True if all sinks took their records."""
+        async with self._flushing:
+            return await self._flush(force)
+
+    async def _flush(self, force: bool) -> bool:
+        ok = True
+        for lane in self.lanes:
+            while lane.queue:
+                if not force and time.monotonic() < lane.retry_at:
+                    ok = False
+                    break
+                batch = [lane.queue[i] for i in range(min(self.batch_size, len(lane.queue)))]
+                try:
+                    await lane.sink.write(batch)
+                except Exception as exc:  # any sink error: keep the batch and retry later
+                    ok = False
+                    lane.failures += 1
+                    lane.retry_at = time.monotonic() + min(5.0, 0.1 * 2 ** min(lane.failures, 6))
+                    self._on_failed(lane.sink.name, len(batch))
+                    log.warning(
+                        "audit sink %s failed (%s); %d records kept for retry",
+                        lane.sink.name, exc, len(lane.queue),
+                    )  # fmt: skip
+                    break
+                for _ in batch:
+                    lane.queue.popleft()
+                lane.failures = 0
+                self._on_written(lane.sink.name, len(batch))
+        return ok

@@ -1,0 +1,247 @@
+"""`jitgate <noun> <verb>`: serve the proxy, check config, mint dev tokens, manage grants.
+
+Exit codes: 0 ok, 1 a finding (invalid config, grant not found), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import audit, policy, redisd
+from .errors import ConfigError, ConfigErrors
+from .grants import Grant, RedisGrants
+from .identity import MintError, mint
+from .settings import Settings, load, parse_duration
+
+EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments or an unusable environment; exit code 2."""
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config file (default: $JITGATE_CONFIG or config/jitgate.yaml)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jitgate", description=__doc__)
+    nouns = parser.add_subparsers(dest="noun", required=True, metavar="COMMAND")
+
+    p = nouns.add_parser("serve", help="run the proxy")
+    _config_arg(p)
+    p.add_argument("--log-level", default="INFO")
+
+    p = nouns.add_parser("check", help="validate the config and its policy")
+    _config_arg(p)
+
+    pol = nouns.add_parser("policy", help="policy files").add_subparsers(
+        dest="verb", required=True, metavar="VERB"
+    )
+    p = pol.add_parser("check", help="validate a policy file")
+    p.add_argument("file", type=Path)
+
+    tok = nouns.add_parser("token", help="development tokens").add_subparsers(
+        dest="verb", required=True, metavar="VERB"
+    )
+    p = tok.add_parser("mint", help="sign a token with the configured dev key")
+    _config_arg(p)
+    p.add_argument("--sub", required=True, help="subject (user name)")
+    p.add_argument("--groups", default="", help="comma-separated groups")
+    p.add_argument("--ttl", default=None, help="lifetime, e.g. 1h (default: identity.mint_ttl)")
+
+    gr = nouns.add_parser("grants", help="manage grants (admin, straight to Redis)")
+    verbs = gr.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = verbs.add_parser("add", help="grant a user access to a scope for a limited time")
+    _config_arg(p)
+    p.add_argument("--user", required=True)
+    p.add_argument("--scope", required=True, help="e.g. recording:1/demo-1 or project:1")
+    p.add_argument("--ttl", required=True, help="e.g. 30m, 2h")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--by", default=None, help="who grants it (default: the OS user)")
+    p.add_argument("--json", action="store_true")
+    p = verbs.add_parser("revoke", help="end a grant at once")
+    _config_arg(p)
+    p.add_argument("grant_id")
+    p.add_argument("--by", default=None)
+    p.add_argument("--comment", default=None)
+    p.add_argument("--json", action="store_true")
+    p = verbs.add_parser("list", help="list active grants")
+    _config_arg(p)
+    p.add_argument("--user", default=None)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigErrors as exc:
+        for err in exc.errors:
+            print(f"error: {err}", file=sys.stderr)
+        return EXIT_FINDING
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FINDING
+    except UsageError as exc:
+        print(f"jitgate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.noun == "serve":
+        return _serve(args)
+    if args.noun == "check":
+        settings = load(args.config)
+        compiled = policy.load(settings.policy_file)
+        print(f"ok: {settings.file} and {settings.policy_file} (policy version {compiled.version})")
+        return EXIT_OK
+    if args.noun == "policy":
+        compiled = policy.load(args.file)
+        print(f"ok: {args.file}: {len(compiled.routes)} routes, version {compiled.version}")
+        return EXIT_OK
+    if args.noun == "token":
+        settings = load(args.config)
+        ttl = _duration(args.ttl) if args.ttl else None
+        groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+        try:
+            print(mint(settings.identity, args.sub, groups=groups, ttl=ttl))
+        except MintError as exc:
+            raise UsageError(str(exc)) from None
+        return EXIT_OK
+    return asyncio.run(_grants(args, load(args.config)))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import run  # aiohttp app wiring is only needed here
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = load(args.config)
+    policy.load(settings.policy_file)  # a bad policy is a start-up error
+    run(settings)
+    return EXIT_OK
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def redis_url_for(settings: Settings) -> str:
+    """Return the configured Redis URL, or the embedded server's socket if it is running."""
+    if settings.redis.url:
+        return settings.redis.url
+    sock = redisd.socket_path(settings.state_dir)
+    if not sock.exists():
+        raise UsageError(
+            f"jitgate's embedded Redis is not running (no socket at {sock}); "
+            "start `jitgate serve` first, or set redis.url in the config"
+        )
+    return redisd.redis_url(settings.state_dir)
+
+
+def _actor(by: str | None) -> str:
+    return by or f"{getpass.getuser()}@{socket.gethostname()} (cli)"
+
+
+async def _grants(args: argparse.Namespace, settings: Settings) -> int:
+    from .app import connect_redis, make_audit_log
+    from .metrics import Metrics
+
+    redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
+    store = RedisGrants(redis, settings.redis.key_prefix)
+    audit_log = make_audit_log(settings, redis, Metrics())
+    try:
+        if args.verb == "add":
+            ttl = _duration(args.ttl)
+            if ttl > settings.grant_max_ttl:
+                raise UsageError(
+                    f"--ttl {args.ttl} exceeds grant_max_ttl ({settings.grant_max_ttl:.0f}s)"
+                )
+            if not args.reason.strip():
+                raise UsageError("--reason must not be empty")
+            grant = await store.add(args.user, args.scope, ttl, args.reason, _actor(args.by))
+            audit_log.emit(_grant_record("grant.activated", grant, actor=grant.granted_by))
+            print(json.dumps(grant.to_dict()) if args.json else grant.id)
+            return EXIT_OK
+        if args.verb == "revoke":
+            revoked = await store.revoke(args.grant_id)
+            if revoked is None:
+                print(f"no active grant {args.grant_id}", file=sys.stderr)
+                return EXIT_FINDING
+            audit_log.emit(
+                _grant_record("grant.revoked", revoked, actor=_actor(args.by), comment=args.comment)
+            )
+            print(json.dumps(revoked.to_dict()) if args.json else f"revoked {revoked.id}")
+            return EXIT_OK
+        grants = await store.list(args.user)
+        if args.json:
+            print(json.dumps([g.to_dict() for g in grants], indent=2))
+        else:
+            _table(grants)
+        return EXIT_OK
+    finally:
+        await audit_log.close()
+        await redis.aclose()
+
+
+def _grant_record(event: str, grant: Grant, **extra: Any) -> audit.Record:
+    return audit.record(
+        event,
+        user=grant.user,
+        scope=grant.scope,
+        grant_id=grant.id,
+        reason=grant.reason,
+        expires_at=grant.expires_at,
+        **extra,
+    )
+
+
+def _table(grants: list[Grant]) -> None:
+    now = time.time()
+    rows = [("ID", "USER", "SCOPE", "EXPIRES (UTC)", "LEFT", "GRANTED BY", "REASON")]
+    for g in grants:
+        left = int(g.remaining(now))
+        rows.append(
+            (
+                g.id,
+                g.user,
+                g.scope,
+                datetime.fromtimestamp(g.expires_at, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                f"{left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s",
+                g.granted_by,
+                g.reason,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if len(rows) == 1:
+        print("(no active grants)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

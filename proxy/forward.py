@@ -1,0 +1,477 @@
+"""Forward one authorised request to the upstream: HTTP streamed both ways, or a websocket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import aiohttp
+from aiohttp import WSMsgType, hdrs, web
+from multidict import CIMultiDict, MultiMapping
+from yarl import URL
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Expect is answered by our own server (100 Continue) before the handler runs.
+_REQUEST_DROP = _HOP_BY_HOP | {
+    "host",
+    "expect",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+}
+# ws_connect makes its own key and version; the subprotocols go through `protocols=`.
+_WS_REQUEST_DROP = _REQUEST_DROP | {
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-protocol",
+    "sec-websocket-accept",
+}
+# A refused upgrade is relayed without its body, which aiohttp has already dropped.
+_REFUSED_DROP = _HOP_BY_HOP | {"content-length", "content-type", "content-encoding"}
+_LOCATION_HEADERS = (hdrs.LOCATION, hdrs.CONTENT_LOCATION)
+_NO_BODY_STATUS = frozenset({204, 304})
+_TOKEN_CHARS = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+ClientWS = aiohttp.ClientWebSocketResponse[Literal[False]]
+ServerWS = web.WebSocketResponse[Literal[False]]
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: URL
+    host_header: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    pool_size: int = 100
+
+
+@dataclass
+class Outcome:
+    status: int
+    bytes_sent: int
+    upstream_error: str | None
+
+
+class Forwarder:
+    def __init__(self, config: UpstreamConfig) -> None:
+        self._config = config
+        self._session: aiohttp.ClientSession | None = None
+        url = config.url
+        scheme = url.scheme.lower()
+        authority = url.host_port_subcomponent or ""
+        base = url.raw_path.rstrip("/")
+        self._prefix = f"{scheme}://{authority}{base}"
+        self._ws_prefix = f"{'wss' if scheme == 'https' else 'ws'}://{authority}{base}"
+        self._host = config.host_header or authority
+        self._base = base
+        self._read_timeout_text = f"jitgate: upstream timed out after {config.read_timeout:g}s"
+        # Every spelling of the upstream origin a redirect may use, longest first.
+        raw_host = (url.raw_host or "").lower()
+        host = f"[{raw_host}]" if ":" in raw_host else raw_host
+        origins = {f"{scheme}://{host}:{url.port}"}
+        if url.is_default_port():
+            origins.add(f"{scheme}://{host}")
+        if config.host_header:
+            origins |= {f"{s}://{config.host_header}" for s in ("http", "https")}
+        self._origins = tuple(sorted((o.lower() for o in origins), key=len, reverse=True))
+        self._origin_len = len(self._origins[0])
+
+    async def start(self) -> None:
+        """Open the pooled client session used for all forwarding."""
+        cfg = self._config
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.pool_size),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=cfg.connect_timeout, sock_read=cfg.read_timeout
+            ),
+            auto_decompress=False,
+            # Upstream cookies must never be shared between our clients.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # Send only what the client sent: no default Accept-Encoding, User-Agent, etc.
+            skip_auto_headers=(
+                hdrs.ACCEPT,
+                hdrs.ACCEPT_ENCODING,
+                hdrs.USER_AGENT,
+                hdrs.CONTENT_TYPE,
+            ),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def forward(
+        self,
+        request: web.Request,
+        path: str,
+        query: str,
+        *,
+        drop_headers: frozenset[str] = frozenset(),
+        drop_cookies: frozenset[str] = frozenset(),
+        set_headers: Mapping[str, str] | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> tuple[web.StreamResponse, Outcome]:
+        session = self._session
+        assert session is not None, "Forwarder.start() was not awaited"
+        target = f"{path}?{query}" if query else path
+        ws = _is_websocket(request)
+        headers = self._request_headers(
+            request, _WS_REQUEST_DROP if ws else _REQUEST_DROP, drop_headers, drop_cookies
+        )
+        if set_headers:
+            headers.update(set_headers)
+        if ws:
+            return await self._websocket(session, request, target, headers, stop)
+
+        try:
+            upstream = await session.request(
+                request.method,
+                URL(self._prefix + target, encoded=True),
+                headers=headers,
+                data=request.content if request.body_exists else None,
+                allow_redirects=False,
+            )
+        except Exception as exc:
+            return self._failure(exc)
+        try:
+            return await self._relay(request, upstream, stop)
+        finally:
+            upstream.release()
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, stop: asyncio.Event | None
+    ) -> tuple[web.StreamResponse, Outcome]:
+        status = upstream.status
+        resp = web.StreamResponse(
+            status=status,
+            reason=upstream.reason,
+            headers=self._response_headers(request, upstream.headers, _HOP_BY_HOP),
+        )
+        outcome = Outcome(status, 0, None)
+        try:
+            await resp.prepare(request)
+        except ConnectionError:
+            upstream.close()
+            return resp, outcome
+        if request.method == hdrs.METH_HEAD or status in _NO_BODY_STATUS:
+            return resp, outcome
+        content = upstream.content
+        watcher = None
+        cut = False
+        deadline = asyncio.timeout(None)
+        try:
+            async with deadline:
+                if stop is not None:
+                    watcher = asyncio.create_task(_expire_on(stop, deadline))
+                while True:
+                    try:
+                        chunk = await content.readany()
+                    except TimeoutError:
+                        outcome.upstream_error = "timeout"
+                        break
+                    except (aiohttp.ClientError, OSError):
+                        outcome.upstream_error = "protocol"
+                        break
+                    if not chunk:
+                        break
+                    try:
+                        await resp.write(chunk)
+                    except ConnectionError:
+                        cut = True
+                        break
+                    outcome.bytes_sent += len(chunk)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            cut = True
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if cut or outcome.upstream_error:
+            # The status line is gone: abort so a truncated body cannot look complete.
+            upstream.close()
+            if request.transport is not None:
+                request.transport.abort()
+        return resp, outcome
+
+    async def _websocket(
+        self,
+        session: aiohttp.ClientSession,
+        request: web.Request,
+        target: str,
+        headers: CIMultiDict[str],
+        stop: asyncio.Event | None,
+    ) -> tuple[web.StreamResponse, Outcome]:
+        protocols = [
+            p.strip()
+            for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+            for p in value.split(",")
+            if p.strip()
+        ]
+        try:
+            upstream = await session.ws_connect(
+                URL(self._ws_prefix + target, encoded=True),
+                protocols=protocols,
+                headers=headers,
+                autoclose=False,
+                autoping=False,
+                decode_text=False,
+                timeout=aiohttp.ClientWSTimeout(
+                    ws_receive=None, ws_close=self._config.connect_timeout
+                ),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 101 or exc.headers is None:
+                return self._failure(exc)
+            # Relay the refusal (403, 404, ...) as a plain HTTP answer.
+            text = f"jitgate: upstream refused the websocket upgrade ({exc.status})"
+            refused = web.Response(
+                status=exc.status,
+                headers=self._response_headers(request, exc.headers, _REFUSED_DROP),
+                text=text,
+            )
+            return refused, Outcome(exc.status, len(text), None)
+        except Exception as exc:
+            return self._failure(exc)
+
+        client: ServerWS = web.WebSocketResponse(
+            protocols=(upstream.protocol,) if upstream.protocol else (),
+            autoclose=False,
+            autoping=False,
+            compress=False,
+            decode_text=False,
+        )
+        try:
+            await client.prepare(request)
+        except web.HTTPException as exc:
+            await upstream.close(code=1001)
+            return exc, Outcome(exc.status, 0, None)
+        except BaseException:
+            await upstream.close(code=1001)
+            raise
+        counter = [0]
+        to_up = asyncio.create_task(_pump(client, upstream, counter))
+        to_client = asyncio.create_task(_pump(upstream, client, counter))
+        waiting: set[asyncio.Future[Any]] = {to_up, to_client}
+        stopper = None
+        if stop is not None:
+            stopper = asyncio.create_task(stop.wait())
+            waiting.add(stopper)
+        upstream_error = None
+        # Upstream first: closing the client's transport may cancel this handler (aiohttp's
+        # handler_cancellation), which must not leave the upstream side open.
+        try:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if stopper is not None and stopper in done:
+                await upstream.close(code=1001)
+                await client.close(code=1008, message=b"access revoked")
+            elif to_client in done:
+                code, message, clean = to_client.result()
+                if not clean:
+                    upstream_error = "protocol"
+                await upstream.close(code=code)
+                await client.close(code=code, message=message)
+            else:
+                code, message, _clean = to_up.result()
+                await upstream.close(code=code, message=message)
+                await client.close(code=code)
+        finally:
+            pending = [t for t in (to_up, to_client, stopper) if t is not None and not t.done()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if not upstream.closed:
+                await upstream.close(code=1001)
+            if not client.closed:
+                await client.close(code=1011)
+        return client, Outcome(101, counter[0], upstream_error)
+
+    def _request_headers(
+        self,
+        request: web.Request,
+        drop: frozenset[str],
+        drop_headers: frozenset[str],
+        drop_cookies: frozenset[str],
+    ) -> CIMultiDict[str]:
+        src = request.headers
+        named = _connection_tokens(src)
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in src.items():
+            # Compare as a CGI-style upstream would read the name: '_' and '-' are the same.
+            key = name.lower().replace("_", "-")
+            if key in drop or key in drop_headers or key in named:
+                continue
+            if drop_cookies and key == "cookie":
+                value = _strip_cookies(value, drop_cookies)
+                if not value:
+                    continue
+            out.add(name, value)
+        out[hdrs.HOST] = self._host
+        scheme = request.scheme
+        host = request.host if hdrs.HOST in src else None
+        remote = request.remote
+        forwarded = f"proto={scheme}"
+        if remote:
+            out[hdrs.X_FORWARDED_FOR] = remote
+            node = f"[{remote}]" if ":" in remote else remote
+            forwarded = f"for={_quote(node)};{forwarded}"
+        out[hdrs.X_FORWARDED_PROTO] = scheme
+        if host:
+            out[hdrs.X_FORWARDED_HOST] = host
+            forwarded = f"{forwarded};host={_quote(host)}"
+        out[hdrs.FORWARDED] = forwarded
+        return out
+
+    def _response_headers(
+        self,
+        request: web.Request,
+        src: MultiMapping[str],
+        drop: frozenset[str],
+    ) -> CIMultiDict[str]:
+        named = _connection_tokens(src)
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in src.items():
+            key = name.lower()
+            if key in drop or key in named:
+                continue
+            if key == "location" or key == "content-location":
+                value = self._rewrite_location(request, value)
+            out.add(name, value)
+        return out
+
+    def _rewrite_location(self, request: web.Request, value: str) -> str:
+        """Point an absolute URL on the upstream origin at the origin the client used."""
+        if hdrs.HOST not in request.headers:
+            return value
+        lowered = value[: self._origin_len].lower()
+        for origin in self._origins:
+            n = len(origin)
+            if lowered.startswith(origin) and value[n : n + 1] in ("", "/", "?", "#"):
+                rest = value[n:]
+                break
+        else:
+            return value
+        base = self._base
+        if base:
+            # Outside the base path the URL names nothing this proxy serves.
+            if not rest.startswith(base) or rest[len(base) : len(base) + 1] not in (
+                "",
+                "/",
+                "?",
+                "#",
+            ):
+                return value
+            rest = rest[len(base) :]
+        if not rest.startswith("/"):
+            rest = "/" + rest
+        return f"{request.scheme}://{request.host}{rest}"
+
+    def _failure(self, exc: BaseException) -> tuple[web.StreamResponse, Outcome]:
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            status, kind, text = 504, "connect", "jitgate: upstream connect timed out"
+        elif isinstance(exc, TimeoutError):
+            status, kind, text = 504, "timeout", self._read_timeout_text
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            reason = exc.os_error.strerror or str(exc.os_error)
+            status, kind = 502, "connect"
+            text = f"jitgate: upstream unreachable (connect failed: {reason})"
+        elif isinstance(exc, (aiohttp.ClientError, OSError)):
+            status, kind = 502, "protocol"
+            text = f"jitgate: upstream protocol error ({type(exc).__name__})"
+        else:
+            raise exc
+        return web.Response(status=status, text=text), Outcome(status, len(text), kind)
+
+
+def _is_websocket(request: web.Request) -> bool:
+    headers = request.headers
+    return (
+        request.method == hdrs.METH_GET
+        and headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+        and "upgrade" in _connection_tokens(headers)
+    )
+
+
+def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
+    if hdrs.CONNECTION not in headers:
+        return frozenset()
+    values = headers.getall(hdrs.CONNECTION)
+    return frozenset(
+        t.strip().lower().replace("_", "-") for v in values for t in v.split(",") if t.strip()
+    )
+
+
+def _strip_cookies(value: str, names: frozenset[str]) -> str:
+    kept = [c for c in value.split(";") if c.split("=", 1)[0].strip() not in names]
+    return ";".join(kept).lstrip()
+
+
+def _quote(value: str) -> str:
+    """Return an RFC 7239 value: a token as is, anything else as a quoted-string."""
+    if value and all(c in _TOKEN_CHARS for c in value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+async def _expire_on(stop: asyncio.Event, deadline: asyncio.Timeout) -> None:
+    await stop.wait()
+    with contextlib.suppress(RuntimeError):  # the block already ended
+        deadline.reschedule(0)
+
+
+async def _pump(
+    src: ServerWS | ClientWS, dst: ServerWS | ClientWS, counter: list[int]
+) -> tuple[int, bytes, bool]:
+    """Copy messages from src to dst; return (close code, reason, closed cleanly)."""
+    while True:
+        msg = await src.receive()
+        kind = msg.type
+        try:
+            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                data: bytes = msg.data
+                await dst.send_frame(data, kind)
+                counter[0] += len(data)
+            elif kind is WSMsgType.PING:
+                await dst.ping(msg.data)
+            elif kind is WSMsgType.PONG:
+                await dst.pong(msg.data)
+            elif kind is WSMsgType.CLOSE:
+                return _sendable(msg.data), (msg.extra or "").encode(), True
+            elif kind is WSMsgType.ERROR:
+                # aiohttp already closed src with the code matching the error (1009, 1002, ...).
+                return _sendable(getattr(msg.data, "code", 1011)), b"", False
+            else:  # CLOSED or CLOSING: src went away without a close frame
+                return 1001, b"", False
+        except ConnectionError:
+            return 1001, b"", True
+
+
+def _sendable(code: int) -> int:
+    """Map close codes that must not appear in a close frame to the nearest that may."""
+    if code == 0 or code == 1005:
+        return 1000
+    if code in (1006, 1015) or not 1000 <= code < 5000:
+        return 1001
+    return code

@@ -1,0 +1,65 @@
+"""Every Prometheus metric jitgate exposes, on its own registry.
+
+Label values are route ids and fixed words, never raw paths, and label
+children are bound once and cached, so the request path does no lookups
+in prometheus-client's label dictionaries.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "jitgate_requests", "Requests by route id and decision.", ["route", "decision"],
+            registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "jitgate_request_duration_seconds", "Time from request to the end of the response.",
+            ["route"], buckets=_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "jitgate_upstream_errors", "Upstream failures by kind.", ["kind"], registry=r
+        )
+        self.redis_errors = Counter(
+            "jitgate_redis_errors", "Redis operations that failed.", ["op"], registry=r
+        )
+        self.active_grants = Gauge(
+            "jitgate_active_grants", "Grants active now, as last counted.", registry=r
+        )
+        self.audit_written = Counter(
+            "jitgate_audit_records_written", "Audit records written by sink.", ["sink"], registry=r
+        )
+        self.audit_failed = Counter(
+            "jitgate_audit_write_failures", "Audit records whose write failed (kept for retry).",
+            ["sink"], registry=r,
+        )  # fmt: skip
+        self.audit_dropped = Counter(
+            "jitgate_audit_records_dropped", "Audit records that could not be kept.", ["sink"],
+            registry=r,
+        )  # fmt: skip
+        self.audit_backlog = Gauge(
+            "jitgate_audit_backlog", "Audit records queued and not yet written.", registry=r
+        )
+        self._bound: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
+    def request(self, route: str, decision: str) -> tuple[Counter, Histogram]:
+        """Return the bound (counter, histogram) children for one route and decision."""
+        key = (route, decision)
+        bound = self._bound.get(key)
+        if bound is None:
+            bound = (self.requests.labels(route, decision), self.duration.labels(route))
+            self._bound[key] = bound
+        return bound
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

@@ -1,0 +1,207 @@
+"""The gate in front of every forwarded request: normalise, decide, forward, audit."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from . import audit
+from . import web as pages
+from .authorize import Authorizer, Decision
+from .errors import BadPath
+from .forward import Forwarder, Outcome
+from .metrics import Metrics
+from .paths import normalise, split_target
+from .settings import Settings
+
+
+def wants_html(request: web.Request) -> bool:
+    """Tell a browser navigation from an API client by its Accept header."""
+    accept = request.headers.get("Accept", "")
+    return "text/html" in accept and "application/json" not in accept.split(",")[0]
+
+
+class Gate:
+    """Catch-all handler: nothing reaches the upstream except through `handle`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        authorizer: Callable[[], Authorizer],
+        forwarder: Forwarder,
+        audit_log: audit.AuditLog,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.authorizer = authorizer
+        self.forwarder = forwarder
+        self.audit = audit_log
+        self.metrics = metrics
+        self.prefix = settings.prefix
+        fwd = settings.forward
+        drop = set(fwd.identity_headers)
+        if not fwd.pass_authorization:
+            drop.add("authorization")
+        self.drop_headers = frozenset(drop)
+        cookie = settings.identity.cookie
+        self.drop_cookies: frozenset[str] = frozenset()
+        if cookie is not None and not fwd.pass_identity_cookie:
+            self.drop_cookies = frozenset({cookie})
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            raw_path, query = split_target(request.raw_path)
+            path = normalise(raw_path, reject_semicolons=self.settings.forward.reject_semicolons)
+        except BadPath as exc:
+            return self._bad_path(request, str(exc), started)
+        low = path.lower()
+        if low == self.prefix.lower() or low.startswith(self.prefix.lower() + "/"):
+            # The prefix belongs to jitgate: never forward it, however it was spelled.
+            raise web.HTTPNotFound(text=f"jitgate: no such endpoint under {self.prefix}\n")
+
+        decision = await self.authorizer().decide(
+            request.method, path, request.headers, request.cookies
+        )
+        if not decision.allow:
+            refusal = self._refuse(request, decision, path)
+            self._finish(request, decision, path, refusal.status, 0, None, started)
+            return refusal
+
+        outcome: Outcome | None = None
+        try:
+            response, outcome = await self.forwarder.forward(
+                request,
+                path,
+                query,
+                drop_headers=self.drop_headers,
+                drop_cookies=self.drop_cookies,
+            )
+            return response
+        finally:
+            # Written even when the client went away mid-stream: status 499 then.
+            status = outcome.status if outcome else 499
+            sent = outcome.bytes_sent if outcome else 0
+            error = outcome.upstream_error if outcome else "client disconnected"
+            if error and outcome:
+                self.metrics.upstream_errors.labels(error).inc()
+            self._finish(request, decision, path, status, sent, error, started)
+
+    def _finish(
+        self,
+        request: web.Request,
+        decision: Decision,
+        path: str,
+        status: int,
+        sent: int,
+        upstream_error: str | None,
+        started: float,
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        counter, histogram = self.metrics.request(decision.route, decision.outcome)
+        counter.inc()
+        histogram.observe(elapsed)
+        reasons = list(decision.reasons)
+        if upstream_error:
+            reasons.append(f"upstream error: {upstream_error}")
+        self.audit.emit(
+            audit.record(
+                "access.allow" if decision.allow else "access.deny",
+                user=decision.identity.subject if decision.identity else None,
+                scope=decision.scope,
+                grant_id=decision.grant_id,
+                decision=decision.outcome,
+                reasons=reasons,
+                route=decision.route,
+                method=request.method,
+                path=path,
+                status=status,
+                bytes=sent,
+                duration_ms=round(elapsed * 1000, 3),
+                client_ip=request.remote,
+                user_agent=request.headers.get("User-Agent"),
+                policy_version=self.authorizer().policy.version,
+            )
+        )
+
+    def _bad_path(self, request: web.Request, reason: str, started: float) -> web.Response:
+        counter, histogram = self.metrics.request("_invalid", "bad_request")
+        counter.inc()
+        histogram.observe(time.perf_counter() - started)
+        self.audit.emit(
+            audit.record(
+                "access.deny",
+                decision="bad_request",
+                reasons=[reason],
+                route="_invalid",
+                method=request.method,
+                path=request.raw_path[:2048],
+                status=400,
+                bytes=0,
+                client_ip=request.remote,
+                user_agent=request.headers.get("User-Agent"),
+            )
+        )
+        return web.Response(status=400, text=f"jitgate: bad request path: {reason}\n")
+
+    def _refuse(self, request: web.Request, decision: Decision, path: str) -> web.Response:
+        request_url = None
+        if decision.scope and decision.status == 403 and decision.outcome == "deny":
+            origin = request.url.origin()
+            request_url = str(
+                origin.with_path(f"{self.prefix}/request").with_query(scope=decision.scope)
+            )
+        error = {
+            401: "unauthenticated",
+            403: "blocked" if decision.outcome == "blocked" else "access_denied",
+            503: "unavailable",
+        }.get(decision.status, "refused")
+        headers = {"Cache-Control": "no-store"}
+        if decision.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="jitgate"'
+        if wants_html(request):
+            headers["Content-Security-Policy"] = pages.CSP
+            body = pages.render(
+                "refused.html",
+                prefix=self.prefix,
+                user=decision.identity.subject if decision.identity else None,
+                status=decision.status,
+                heading=_HEADINGS.get(error, "Access refused"),
+                kind="recording" if decision.scope and "/" in decision.scope else "resource",
+                scope=decision.scope,
+                wider=_wider(self.authorizer(), decision),
+                reasons=decision.reasons,
+                request_url=request_url,
+                method=request.method,
+                path=path,
+            )
+            return web.Response(
+                status=decision.status, text=body, content_type="text/html", headers=headers
+            )
+        payload: dict[str, Any] = {"error": error, "reasons": list(decision.reasons)}
+        if decision.scope:
+            payload["scope"] = decision.scope
+        if request_url:
+            payload["request_url"] = request_url
+        return web.Response(
+            status=decision.status,
+            text=json.dumps(payload),
+            content_type="application/json",
+            headers=headers,
+        )
+
+
+_HEADINGS = {
+    "unauthenticated": "Sign-in required",
+    "access_denied": "Access needed",
+    "blocked": "Blocked by policy",
+    "unavailable": "Access check unavailable",
+}
+
+
+def _wider(authorizer: Authorizer, decision: Decision) -> tuple[str, ...]:
+    return authorizer.policy.covering(decision.scope)[1:] if decision.scope else ()

@@ -1,0 +1,468 @@
+"""Settings: frozen dataclasses, one loader, one validate().
+
+Relative paths in the config file are resolved against the file's directory.
+Any field can be overridden from the environment: `JITGATE_` followed by the
+field's path in upper case with `__` between levels, for example
+`JITGATE_UPSTREAM__URL=http://10.0.0.5:8000` or `JITGATE_REDIS__URL=redis://r:6379/0`.
+Values are parsed as YAML scalars, so `JITGATE_AUDIT__STDOUT=true` is a bool.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from yarl import URL
+
+from .errors import ConfigError, ConfigErrors
+from .yamlsrc import Node, Seq, load_file
+
+ENV_PREFIX = "JITGATE_"
+DEFAULT_CONFIG = Path("config/jitgate.yaml")
+SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384")
+
+
+class Secret:
+    """A secret string whose repr never shows the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ListenSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    url: URL = field(default_factory=lambda: URL("http://127.0.0.1:8081"))
+    host_header: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    pool_size: int = 100
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str | None = None  # None: jitgate runs its own redis-server in state_dir
+    timeout: float = 1.0
+    key_prefix: str = "jit:"
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    bearer: bool = True
+    cookie: str | None = "jitgate_token"
+    algorithms: tuple[str, ...] = ("HS256",)
+    hs_secret: Secret | None = None
+    public_key_files: tuple[Path, ...] = ()
+    issuer: str | None = None
+    audience: str | None = None
+    subject_claim: str = "sub"
+    groups_claim: str = "groups"
+    leeway: float = 30.0
+    max_token_bytes: int = 8192
+    dev_key: Secret | None = None  # HS256 secret that `jitgate token mint` signs with
+    dev_key_file: Path | None = None  # or a PEM private key (RS256/ES256)
+    mint_ttl: float = 3600.0
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    redis_stream: str | None = "audit"  # key (after redis.key_prefix); None disables the sink
+    stream_maxlen: int = 1_000_000
+    file: Path | None = None
+    stdout: bool = False
+    batch_size: int = 256
+    flush_interval: float = 0.25
+    queue_max: int = 100_000
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    pass_authorization: bool = False
+    pass_identity_cookie: bool = False
+    reject_semicolons: bool = True
+    identity_headers: tuple[str, ...] = (
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-groups",
+        "x-jitgate-user",
+        "x-jitgate-assertion",
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    file: Path
+    listen: ListenSettings = field(default_factory=ListenSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    forward: ForwardSettings = field(default_factory=ForwardSettings)
+    policy_file: Path = Path("policy.yaml")
+    prefix: str = "/_jit"
+    state_dir: Path = Path(".jitgate")
+    grant_max_ttl: float = 7 * 24 * 3600.0
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Walk a parsed YAML tree, collecting every error with its file:line."""
+
+    def __init__(self, file: str, env_keys: Mapping[str, str]) -> None:
+        self.file = file
+        self.env_keys = env_keys
+        self.errors: list[ConfigError] = []
+
+    def error(self, node: Node | Seq | None, key: str | int, where: str, message: str) -> None:
+        if where in self.env_keys:
+            self.errors.append(
+                ConfigError(message, file=f"env {self.env_keys[where]}", field=where)
+            )
+            return
+        line = 0
+        if isinstance(node, Node) and isinstance(key, str):
+            line = node.line_of(key)
+        elif isinstance(node, Seq) and isinstance(key, int):
+            line = node.line_of(key)
+        elif node is not None:
+            line = node.line
+        self.errors.append(ConfigError(message, file=self.file, line=line, field=where))
+
+    def section(self, node: Node, key: str, where: str) -> Node:
+        value = node.get(key)
+        if value is None:
+            empty = Node()
+            empty.line, empty.key_lines = node.line_of(key), {}
+            return empty
+        if not isinstance(value, Node):
+            self.error(node, key, where, "must be a mapping")
+            empty = Node()
+            empty.line, empty.key_lines = node.line_of(key), {}
+            return empty
+        return value
+
+    def known(self, node: Node, keys: set[str], where: str) -> None:
+        for key in node:
+            if key not in keys:
+                hint = f" (known: {', '.join(sorted(keys))})"
+                self.error(node, key, f"{where}.{key}".lstrip("."), "unknown field" + hint)
+
+    def get(self, node: Node, key: str, kind: type[T], default: T, where: str) -> T:
+        if key not in node or node[key] is None:
+            return default
+        value = node[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is int and isinstance(value, bool):
+            self.error(node, key, where, "must be an integer")
+            return default
+        if not isinstance(value, kind):
+            self.error(node, key, where, f"must be {_kind_name(kind)}, got {value!r}")
+            return default
+        return value
+
+    def positive(self, node: Node, key: str, kind: type[T], default: T, where: str) -> T:
+        value = self.get(node, key, kind, default, where)
+        if isinstance(value, int | float) and value <= 0:
+            self.error(node, key, where, "must be greater than 0")
+            return default
+        return value
+
+    def optional_str(self, node: Node, key: str, default: str | None, where: str) -> str | None:
+        if key in node and node[key] is None:
+            return None
+        return self.get(node, key, str, default or "", where) if key in node else default
+
+    def str_list(
+        self, node: Node, key: str, default: tuple[str, ...], where: str
+    ) -> tuple[str, ...]:
+        if key not in node or node[key] is None:
+            return default
+        value = node[key]
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.error(node, key, where, "must be a list of strings")
+            return default
+        return tuple(value)
+
+
+def _kind_name(kind: type[Any]) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        kind, kind.__name__
+    )
+
+
+def _env_overrides(raw: Node, environ: Mapping[str, str]) -> dict[str, str]:
+    """Apply JITGATE_A__B=value overrides onto the raw tree; return field -> env name."""
+    applied: dict[str, str] = {}
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == "JITGATE_CONFIG":
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            continue
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, Node):
+                child = Node()
+                child.line, child.key_lines = 0, {}
+                node[part] = child
+            node = child
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node[parts[-1]] = value
+        node.key_lines[parts[-1]] = 0
+        applied[".".join(parts)] = name
+    return applied
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load, override from the environment and validate one config file."""
+    environ = os.environ if environ is None else environ
+    if path is None:
+        path = Path(environ.get("JITGATE_CONFIG", str(DEFAULT_CONFIG)))
+    raw = load_file(path)
+    if raw is None:
+        raw = Node()
+        raw.line, raw.key_lines = 1, {}
+    if not isinstance(raw, Node):
+        raise ConfigError("the config file must be a mapping", file=str(path), line=1)
+    env_keys = _env_overrides(raw, environ)
+    return validate(raw, path, env_keys)
+
+
+def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -> Settings:
+    """Turn a parsed config tree into Settings, or raise ConfigErrors listing every problem."""
+    r = _Reader(str(path), env_keys or {})
+    base = path.parent
+    r.known(
+        raw,
+        {"listen", "upstream", "redis", "identity", "audit", "forward", "policy", "prefix"}
+        | {"state_dir", "grant_max_ttl"},
+        "",
+    )
+
+    s = r.section(raw, "listen", "listen")
+    r.known(s, {"host", "port"}, "listen")
+    listen = ListenSettings(
+        host=r.get(s, "host", str, "127.0.0.1", "listen.host"),
+        port=r.get(s, "port", int, 8080, "listen.port"),
+    )
+    if not 0 <= listen.port <= 65535:
+        r.error(s, "port", "listen.port", "must be between 0 and 65535")
+
+    s = r.section(raw, "upstream", "upstream")
+    r.known(s, {"url", "host_header", "connect_timeout", "read_timeout", "pool_size"}, "upstream")
+    url_text = r.get(s, "url", str, "", "upstream.url")
+    upstream_url = URL(url_text) if url_text else URL()
+    if not url_text:
+        r.error(s, "url", "upstream.url", "is required")
+    elif upstream_url.scheme not in ("http", "https") or not upstream_url.host:
+        r.error(s, "url", "upstream.url", f"must be an http(s) URL with a host, got {url_text!r}")
+    upstream = UpstreamSettings(
+        url=upstream_url,
+        host_header=r.optional_str(s, "host_header", None, "upstream.host_header"),
+        connect_timeout=r.positive(s, "connect_timeout", float, 5.0, "upstream.connect_timeout"),
+        read_timeout=r.positive(s, "read_timeout", float, 60.0, "upstream.read_timeout"),
+        pool_size=r.positive(s, "pool_size", int, 100, "upstream.pool_size"),
+    )
+
+    s = r.section(raw, "redis", "redis")
+    r.known(s, {"url", "timeout", "key_prefix"}, "redis")
+    redis_url = r.optional_str(s, "url", None, "redis.url") or None
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        r.error(s, "url", "redis.url", "must start with redis://, rediss:// or unix://")
+    redis = RedisSettings(
+        url=redis_url,
+        timeout=r.positive(s, "timeout", float, 1.0, "redis.timeout"),
+        key_prefix=r.get(s, "key_prefix", str, "jit:", "redis.key_prefix"),
+    )
+
+    identity = _identity(r, r.section(raw, "identity", "identity"), base)
+
+    s = r.section(raw, "audit", "audit")
+    r.known(
+        s,
+        {"redis_stream", "stream_maxlen", "file", "stdout", "batch_size", "flush_interval"}
+        | {"queue_max"},
+        "audit",
+    )
+    audit_file = r.optional_str(s, "file", None, "audit.file")
+    audit = AuditSettings(
+        redis_stream=r.optional_str(s, "redis_stream", "audit", "audit.redis_stream") or None,
+        stream_maxlen=r.positive(s, "stream_maxlen", int, 1_000_000, "audit.stream_maxlen"),
+        file=_resolve(base, audit_file) if audit_file else None,
+        stdout=r.get(s, "stdout", bool, False, "audit.stdout"),
+        batch_size=r.positive(s, "batch_size", int, 256, "audit.batch_size"),
+        flush_interval=r.positive(s, "flush_interval", float, 0.25, "audit.flush_interval"),
+        queue_max=r.positive(s, "queue_max", int, 100_000, "audit.queue_max"),
+    )
+
+    s = r.section(raw, "forward", "forward")
+    r.known(
+        s,
+        {"pass_authorization", "pass_identity_cookie", "reject_semicolons", "identity_headers"},
+        "forward",
+    )
+    defaults = ForwardSettings()
+    forward = ForwardSettings(
+        pass_authorization=r.get(
+            s, "pass_authorization", bool, False, "forward.pass_authorization"
+        ),
+        pass_identity_cookie=r.get(
+            s, "pass_identity_cookie", bool, False, "forward.pass_identity_cookie"
+        ),
+        reject_semicolons=r.get(s, "reject_semicolons", bool, True, "forward.reject_semicolons"),
+        identity_headers=tuple(
+            h.lower().replace("_", "-")
+            for h in r.str_list(
+                s, "identity_headers", defaults.identity_headers, "forward.identity_headers"
+            )
+        ),
+    )
+
+    s = r.section(raw, "policy", "policy")
+    r.known(s, {"file"}, "policy")
+    policy_file = _resolve(base, r.get(s, "file", str, "policy.yaml", "policy.file"))
+
+    prefix = r.get(raw, "prefix", str, "/_jit", "prefix").rstrip("/")
+    if not prefix.startswith("/") or len(prefix) < 2 or "//" in prefix:
+        r.error(raw, "prefix", "prefix", "must be an absolute path such as /_jit")
+    settings = Settings(
+        file=path,
+        listen=listen,
+        upstream=upstream,
+        redis=redis,
+        identity=identity,
+        audit=audit,
+        forward=forward,
+        policy_file=policy_file,
+        prefix=prefix,
+        state_dir=_resolve(base, r.get(raw, "state_dir", str, "../.jitgate", "state_dir")),
+        grant_max_ttl=r.positive(raw, "grant_max_ttl", float, 7 * 24 * 3600.0, "grant_max_ttl"),
+    )
+    if r.errors:
+        raise ConfigErrors(r.errors)
+    return settings
+
+
+def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
+    keys = {
+        "bearer", "cookie", "algorithms", "hs_secret", "public_key_files", "issuer", "audience",
+        "subject_claim", "groups_claim", "leeway", "max_token_bytes", "dev_key", "dev_key_file",
+        "mint_ttl",
+    }  # fmt: skip
+    r.known(s, keys, "identity")
+    algorithms = r.str_list(s, "algorithms", ("HS256",), "identity.algorithms")
+    for alg in algorithms:
+        if alg not in SUPPORTED_ALGORITHMS:
+            r.error(
+                s, "algorithms", "identity.algorithms",
+                f"unsupported algorithm {alg!r} (allowed: {', '.join(SUPPORTED_ALGORITHMS)})",
+            )  # fmt: skip
+    if not algorithms:
+        r.error(s, "algorithms", "identity.algorithms", "must name at least one algorithm")
+    hs_secret = r.optional_str(s, "hs_secret", None, "identity.hs_secret")
+    key_files = tuple(
+        _resolve(base, f)
+        for f in r.str_list(s, "public_key_files", (), "identity.public_key_files")
+    )
+    for key_file in key_files:
+        if not key_file.is_file():
+            r.error(s, "public_key_files", "identity.public_key_files", f"no such file: {key_file}")
+    uses_hs = any(a.startswith("HS") for a in algorithms)
+    uses_pk = any(not a.startswith("HS") for a in algorithms)
+    if uses_hs and not hs_secret:
+        r.error(s, "hs_secret", "identity.hs_secret", "is required when algorithms include HS*")
+    if hs_secret is not None and len(hs_secret) < 32:
+        r.error(s, "hs_secret", "identity.hs_secret", "must be at least 32 characters")
+    if uses_pk and not key_files:
+        r.error(
+            s, "public_key_files", "identity.public_key_files",
+            "is required when algorithms include RS*/ES*",
+        )  # fmt: skip
+    dev_key = r.optional_str(s, "dev_key", None, "identity.dev_key")
+    dev_key_file = r.optional_str(s, "dev_key_file", None, "identity.dev_key_file")
+    bearer = r.get(s, "bearer", bool, True, "identity.bearer")
+    cookie = r.optional_str(s, "cookie", "jitgate_token", "identity.cookie") or None
+    if not bearer and not cookie:
+        r.error(s, "cookie", "identity.cookie", "a cookie name is required when bearer is false")
+    return IdentitySettings(
+        bearer=bearer,
+        cookie=cookie,
+        algorithms=algorithms,
+        hs_secret=Secret(hs_secret) if hs_secret else None,
+        public_key_files=key_files,
+        issuer=r.optional_str(s, "issuer", None, "identity.issuer"),
+        audience=r.optional_str(s, "audience", None, "identity.audience"),
+        subject_claim=r.get(s, "subject_claim", str, "sub", "identity.subject_claim"),
+        groups_claim=r.get(s, "groups_claim", str, "groups", "identity.groups_claim"),
+        leeway=r.get(s, "leeway", float, 30.0, "identity.leeway"),
+        max_token_bytes=r.positive(s, "max_token_bytes", int, 8192, "identity.max_token_bytes"),
+        dev_key=Secret(dev_key) if dev_key else None,
+        dev_key_file=_resolve(base, dev_key_file) if dev_key_file else None,
+        mint_ttl=r.positive(s, "mint_ttl", float, 3600.0, "identity.mint_ttl"),
+    )
+
+
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Parse '90', '90s', '5m', '2h', '1d' or '1h30m' into seconds; raise ValueError if bad."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        value = str(text).strip().lower()
+        if not value:
+            raise ValueError("empty duration")
+        try:
+            seconds = float(value)
+        except ValueError:
+            parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)([smhdw]))+", value)
+            if parts is None:
+                raise ValueError(f"invalid duration {text!r} (use e.g. 90s, 5m, 2h, 1d)") from None
+            seconds = sum(
+                float(num) * _DURATION[unit]
+                for num, unit in re.findall(r"(\d+(?:\.\d+)?)([smhdw])", value)
+            )
+    if seconds <= 0:
+        raise ValueError(f"duration must be positive, got {text!r}")
+    return seconds

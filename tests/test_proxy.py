@@ -1,0 +1,312 @@
+"""Functional tests: jitgate between a real client, a real upstream and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_sync
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from conftest import ROOT, ProxyFactory, RedisServer, Upstream, bearer, make_token
+
+from proxy.app import AUDIT, GRANTS, SETTINGS
+
+SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
+RECORDING = "/api/projects/1/session_recordings/demo-1"
+
+
+async def add_grant(client: TestClient, user: str, scope: str, ttl: float) -> str:
+    grant = await client.app[GRANTS].add(user, scope, ttl, "test", "pytest")
+    return grant.id
+
+
+async def test_deny_grant_allow_revoke_deny_then_expiry(
+    proxy: TestClient, upstream: Upstream
+) -> None:
+    r = await proxy.get(SNAPSHOTS, headers=bearer("alice"))
+    assert r.status == 403
+    assert upstream.paths() == []
+
+    grant_id = await add_grant(proxy, "alice", "recording:1/demo-1", 60)
+    r = await proxy.get(SNAPSHOTS, headers=bearer("alice"))
+    assert r.status == 200
+    assert upstream.paths() == [SNAPSHOTS]
+
+    # Another user gains nothing from alice's grant.
+    r = await proxy.get(SNAPSHOTS, headers=bearer("bob"))
+    assert r.status == 403
+
+    assert await proxy.app[GRANTS].revoke(grant_id) is not None
+    r = await proxy.get(SNAPSHOTS, headers=bearer("alice"))
+    assert r.status == 403
+
+    await add_grant(proxy, "alice", "recording:1/demo-1", 0.5)
+    r = await proxy.get(SNAPSHOTS, headers=bearer("alice"))
+    assert r.status == 200
+    await asyncio.sleep(0.7)
+    r = await proxy.get(SNAPSHOTS, headers=bearer("alice"))
+    assert r.status == 403
+    assert upstream.paths() == [SNAPSHOTS, SNAPSHOTS]
+
+
+async def test_grant_keys_expire_in_redis_by_themselves(
+    proxy: TestClient, redis_server: RedisServer
+) -> None:
+    await add_grant(proxy, "alice", "recording:1/demo-1", 0.3)
+    with redis_server.client() as c:
+        keys = [k.decode() for k in c.keys("jit:*") if not k.endswith(b"audit")]
+        assert any(k.startswith("jit:grant:") for k in keys)
+        assert all(c.pttl(k) > 0 for k in keys if not k.endswith("grants"))
+        await asyncio.sleep(0.5)
+        left = [k for k in c.keys("jit:*") if k.startswith((b"jit:grant:", b"jit:active:"))]
+        assert left == []
+
+
+async def test_project_grant_covers_its_recordings_only(
+    proxy: TestClient, upstream: Upstream
+) -> None:
+    await add_grant(proxy, "alice", "project:1", 60)
+    r = await proxy.get(SNAPSHOTS, headers=bearer())
+    assert r.status == 200
+    r = await proxy.get("/api/projects/1/session_recordings/", headers=bearer())
+    assert r.status == 200
+    r = await proxy.get("/api/projects/2/session_recordings/x/snapshots", headers=bearer())
+    assert r.status == 403
+
+
+async def test_recording_grant_does_not_cover_its_project_or_siblings(proxy: TestClient) -> None:
+    await add_grant(proxy, "alice", "recording:1/demo-1", 60)
+    assert (await proxy.get("/api/projects/1/session_recordings/", headers=bearer())).status == 403
+    r = await proxy.get("/api/projects/1/session_recordings/demo-2", headers=bearer())
+    assert r.status == 403
+
+
+async def test_refusal_json_for_api_clients(proxy: TestClient) -> None:
+    r = await proxy.get(SNAPSHOTS, headers=bearer())
+    assert r.status == 403
+    body = await r.json()
+    assert body["error"] == "access_denied"
+    assert body["scope"] == "recording:1/demo-1"
+    assert body["request_url"].endswith("/_jit/request?scope=recording:1/demo-1")
+    assert r.headers["Cache-Control"] == "no-store"
+
+
+async def test_refusal_page_for_browsers(proxy: TestClient) -> None:
+    headers = {**bearer(), "Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    r = await proxy.get(SNAPSHOTS, headers=headers)
+    assert r.status == 403
+    assert r.content_type == "text/html"
+    page = await r.text()
+    assert "recording:1/demo-1" in page and "project:1" in page
+    assert "/_jit/request?scope=recording:1/demo-1" in page
+    assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+    r = await proxy.get("/_jit/request", params={"scope": "recording:1/demo-1"}, headers=headers)
+    assert r.status == 200
+    assert "jitgate grants add --user YOUR-USER --scope recording:1/demo-1" in await r.text()
+
+
+async def test_refusal_page_escapes_the_path(proxy: TestClient) -> None:
+    headers = {**bearer(), "Accept": "text/html"}
+    r = await proxy.get(
+        "/api/projects/1/session_recordings/%3Cscript%3Ex/snapshots", headers=headers
+    )
+    assert r.status == 403
+    assert "<script>" not in await r.text()
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({}, "no credentials"),
+        ({"Authorization": "Bearer not-a-jwt"}, "malformed token"),
+        ({"Authorization": "Basic YWxpY2U6eA=="}, "no credentials"),
+    ],
+)
+async def test_no_valid_identity_is_401(
+    proxy: TestClient, upstream: Upstream, headers: dict[str, str], reason: str
+) -> None:
+    for path in (SNAPSHOTS, "/replay/demo-1"):
+        r = await proxy.get(path, headers=headers)
+        assert r.status == 401
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert reason in (await r.json())["reasons"][0]
+    assert upstream.paths() == []
+
+
+async def test_identity_from_cookie(proxy: TestClient, upstream: Upstream) -> None:
+    r = await proxy.get("/replay/demo-1", cookies={"jitgate_token": make_token("carol")})
+    assert r.status == 200
+
+
+async def test_public_route_needs_no_identity(proxy: TestClient, upstream: Upstream) -> None:
+    r = await proxy.get("/static/app.js")
+    assert r.status == 200
+    assert upstream.paths() == ["/static/app.js"]
+
+
+async def test_blocked_route_refused_even_with_grant(proxy: TestClient, upstream: Upstream) -> None:
+    await add_grant(proxy, "alice", "project:1", 60)
+    r = await proxy.post(f"{RECORDING}/sharing", headers=bearer(), json={"enabled": True})
+    assert r.status == 403
+    assert (await r.json())["error"] == "blocked"
+    assert upstream.paths() == []
+
+
+async def test_prefix_is_never_forwarded(proxy: TestClient, upstream: Upstream) -> None:
+    for path in ("/_jit/nope", "/_jit", "/_JIT/x", "/a/../_jit/zzz", "/_jit/./%7e"):
+        r = await proxy.get(path, headers=bearer())
+        assert r.status in (404, 400), path
+    assert upstream.paths() == []
+
+
+async def test_identity_headers_and_credentials_are_stripped(
+    proxy: TestClient, upstream: Upstream
+) -> None:
+    headers = {
+        **bearer(),
+        "X-Forwarded-User": "admin",
+        "x_forwarded_user": "admin",
+        "X-JITGATE-USER": "root",
+        "X-Forwarded-For": "6.6.6.6",
+        "Cookie": "jitgate_token=abc; other=1",
+    }
+    r = await proxy.get("/replay/demo-1", headers=headers)
+    assert r.status == 200
+    seen = {k.lower(): v for k, v in upstream.hits[-1][2].items()}
+    assert "authorization" not in seen
+    assert not any(k.replace("_", "-") in ("x-forwarded-user", "x-jitgate-user") for k in seen)
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["cookie"] == "other=1"
+
+
+async def test_healthz_readyz_metrics(proxy: TestClient) -> None:
+    assert (await proxy.get("/_jit/healthz")).status == 200
+    r = await proxy.get("/_jit/readyz")
+    assert r.status == 200, await r.text()
+    assert (await r.json())["checks"] == {"redis": "ok", "upstream": "ok"}
+    await add_grant(proxy, "alice", "recording:1/demo-1", 60)
+    await proxy.get(SNAPSHOTS, headers=bearer())
+    await proxy.get(SNAPSHOTS, headers=bearer("bob"))
+    text = await (await proxy.get("/_jit/metrics")).text()
+    assert 'jitgate_requests_total{decision="allow",route="recording"} 1.0' in text
+    assert 'jitgate_requests_total{decision="deny",route="recording"} 1.0' in text
+    assert "jitgate_active_grants 1.0" in text
+    assert 'jitgate_request_duration_seconds_count{route="recording"} 2.0' in text
+
+
+async def test_readyz_fails_when_upstream_down(make_proxy: ProxyFactory) -> None:
+    from conftest import free_port
+
+    client = await make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
+    r = await client.get("/_jit/readyz")
+    assert r.status == 503
+    assert (await r.json())["checks"]["upstream"].startswith("failed")
+
+
+async def test_redis_down_fails_closed(
+    make_proxy: ProxyFactory, own_redis: RedisServer, upstream: Upstream
+) -> None:
+    client = await make_proxy(redis=own_redis.url)
+    await add_grant(client, "alice", "recording:1/demo-1", 60)
+    assert (await client.get(SNAPSHOTS, headers=bearer())).status == 200
+    own_redis.kill()
+    started = time.monotonic()
+    r = await client.get(SNAPSHOTS, headers=bearer())
+    assert r.status == 503
+    assert time.monotonic() - started < 3
+    assert (await r.json())["error"] == "unavailable"
+    assert upstream.paths() == [SNAPSHOTS]  # the refused request never reached upstream
+    assert (await client.get("/static/x.css")).status == 200
+    assert (await client.get("/replay/demo-1", headers=bearer())).status == 200
+    assert (await client.get("/_jit/readyz")).status == 503
+    metrics = await (await client.get("/_jit/metrics")).text()
+    assert 'jitgate_redis_errors_total{op="grant_check"} 1.0' in metrics
+    # Redis comes back (empty, as it keeps nothing): access follows the new state.
+    own_redis.start()
+    assert (await client.get(SNAPSHOTS, headers=bearer())).status == 403
+
+
+async def test_audit_records_every_decision(proxy: TestClient, tmp_path: Path) -> None:
+    await add_grant(proxy, "alice", "recording:1/demo-1", 60)
+    await proxy.get(SNAPSHOTS, headers=bearer())
+    await proxy.get(SNAPSHOTS, headers=bearer("bob"))
+    await proxy.get(SNAPSHOTS)
+    await proxy.get("/a%2fb", headers=bearer())
+    await proxy.app[AUDIT].flush(force=True)
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    allow, deny, unauth, bad = lines
+    assert allow["event"] == "access.allow"
+    assert allow["user"] == "alice" and allow["scope"] == "recording:1/demo-1"
+    assert allow["grant_id"].startswith("g-") and allow["status"] == 200 and allow["bytes"] > 0
+    assert allow["route"] == "recording" and allow["path"] == SNAPSHOTS
+    assert allow["client_ip"] == "127.0.0.1" and allow["duration_ms"] >= 0
+    assert allow["policy_version"]
+    assert deny["event"] == "access.deny" and deny["user"] == "bob" and deny["status"] == 403
+    assert "no active grant" in deny["reasons"][0]
+    assert unauth["status"] == 401 and "user" not in unauth
+    assert bad["status"] == 400 and bad["route"] == "_invalid"
+    stream = redis_sync.Redis.from_url(proxy.app[SETTINGS].redis.url or "")
+    with stream:
+        entries = stream.xrange("jit:audit")
+    assert [json.loads(e[1][b"record"])["id"] for e in entries] == [x["id"] for x in lines]
+
+
+async def test_concurrent_requests_each_get_one_audit_record(
+    proxy: TestClient, tmp_path: Path
+) -> None:
+    await add_grant(proxy, "alice", "recording:1/demo-1", 60)
+    n = 200
+    results = await asyncio.gather(*(proxy.get(SNAPSHOTS, headers=bearer()) for _ in range(n)))
+    assert [r.status for r in results] == [200] * n
+    await proxy.app[AUDIT].flush(force=True)
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    ids = {json.loads(x)["id"] for x in lines}
+    assert len(lines) == n and len(ids) == n
+
+
+async def test_audit_sink_outage_is_counted_and_recovered(
+    make_proxy: ProxyFactory, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    client = await make_proxy(redis=own_redis.url)
+    own_redis.kill()
+    for _ in range(3):
+        await client.get("/replay/demo-1", headers=bearer())
+    await client.app[AUDIT].flush(force=True)
+    metrics = await (await client.get("/_jit/metrics")).text()
+    assert 'jitgate_audit_write_failures_total{sink="redis"}' in metrics
+    assert 'jitgate_audit_records_written_total{sink="file"} 3.0' in metrics
+    own_redis.start()
+    await client.app[AUDIT].flush(force=True)
+    with own_redis.client() as c:
+        assert c.xlen("jit:audit") == 3
+
+
+async def test_upstream_redirect_location_is_rewritten(
+    make_proxy: ProxyFactory, aiohttp_server: Any
+) -> None:
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://{request.host}/replay/demo-1")
+
+    app = web.Application()
+    app.router.add_get("/recordings/demo-1", redirect)
+    server = await aiohttp_server(app)
+    client = await make_proxy(upstream_url=str(server.make_url("")).rstrip("/"))
+    r = await client.get("/recordings/demo-1", headers=bearer(), allow_redirects=False)
+    assert r.status == 302
+    assert r.headers["Location"] == str(client.make_url("/replay/demo-1"))
+
+
+async def test_bad_config_policy_is_startup_error(tmp_path: Path) -> None:
+    from proxy import policy
+    from proxy.errors import ConfigErrors
+
+    bad = tmp_path / "p.yaml"
+    bad.write_text((ROOT / "config" / "policy.yaml").read_text().replace('{recording}"', '{x}"'))
+    with pytest.raises(ConfigErrors) as exc:
+        policy.load(bad)
+    assert f"{bad}:" in str(exc.value) and "unknown parameter {x}" in str(exc.value)
