@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -13,8 +12,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from . import audit, metrics, policy
+from . import audit, metrics, ops, policy
 from . import web as pages
+from .appkeys import AUDIT, AUTHORIZER, FORWARDER, GRANTS, METRICS, REDIS, SETTINGS
 from .authorize import Authorizer
 from .forward import Forwarder, UpstreamConfig
 from .grants import RedisGrants
@@ -22,16 +22,10 @@ from .identity import Verifier
 from .middleware import Gate
 from .redisd import EmbeddedRedis
 from .settings import Settings
+from .web import views
 
 log = logging.getLogger("jitgate")
 
-SETTINGS = web.AppKey("settings", Settings)
-METRICS = web.AppKey("metrics", metrics.Metrics)
-REDIS = web.AppKey("redis", Redis)
-GRANTS = web.AppKey("grants", RedisGrants)
-AUDIT = web.AppKey("audit", audit.AuditLog)
-FORWARDER = web.AppKey("forwarder", Forwarder)
-AUTHORIZER = web.AppKey("authorizer", list[Authorizer])  # one slot, swapped whole on reload
 GATE = web.AppKey("gate", Gate)
 
 
@@ -84,10 +78,13 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     app.cleanup_ctx.append(_lifecycle(compiled, verifier))
 
     p = settings.prefix
-    app.router.add_get(p + "/healthz", healthz)
-    app.router.add_get(p + "/readyz", readyz)
-    app.router.add_get(p + "/metrics", metrics_view)
-    app.router.add_get(p + "/request", request_page)
+    app.router.add_get(p + "/healthz", ops.healthz)
+    app.router.add_get(p + "/readyz", ops.readyz)
+    app.router.add_get(p + "/metrics", ops.metrics_view)
+    app.router.add_get(p + "/request", views.request_access)
+    app.router.add_get(p + "/login", views.login_form)
+    app.router.add_post(p + "/login", views.login)
+    app.router.add_get(p + "/logout", views.logout)
     app.router.add_static(p + "/static", pages.STATIC_DIR)
     # Everything else, including unknown paths under the prefix, goes through the gate.
     app.router.add_route("*", "/{tail:.*}", _gate_handler)
@@ -143,54 +140,6 @@ def _lifecycle(
 
 async def _gate_handler(request: web.Request) -> web.StreamResponse:
     return await request.app[GATE].handle(request)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """Answer 200 only if Redis answers PING and the upstream accepts a connection."""
-    settings = request.app[SETTINGS]
-    checks: dict[str, str] = {}
-    try:
-        await asyncio.wait_for(request.app[REDIS].ping(), settings.redis.timeout)
-        checks["redis"] = "ok"
-    except Exception as exc:
-        request.app[METRICS].redis_errors.labels("ping").inc()
-        checks["redis"] = f"failed: {type(exc).__name__}"
-    url = settings.upstream.url
-    try:
-        port = url.port or (443 if url.scheme == "https" else 80)
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(url.host, port), settings.upstream.connect_timeout
-        )
-        writer.close()
-        checks["upstream"] = "ok"
-    except (OSError, TimeoutError) as exc:
-        checks["upstream"] = f"failed: {type(exc).__name__}"
-    ok = all(v == "ok" for v in checks.values())
-    return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
-
-
-async def metrics_view(request: web.Request) -> web.Response:
-    m = request.app[METRICS]
-    try:
-        m.active_grants.set(await request.app[GRANTS].count_active())
-    except Exception:
-        m.redis_errors.labels("count_active").inc()
-    m.audit_backlog.set(request.app[AUDIT].backlog())
-    return web.Response(body=m.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
-
-
-async def request_page(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
-    body = pages.render(
-        "request.html", prefix=settings.prefix, user=None, scope=request.query.get("scope")
-    )
-    return web.Response(
-        text=body, content_type="text/html", headers={"Content-Security-Policy": pages.CSP}
-    )
 
 
 def run(settings: Settings) -> None:

@@ -14,7 +14,7 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 _HOP_BY_HOP = frozenset(
-    {
+    [
         "connection",
         "keep-alive",
         "proxy-authenticate",
@@ -25,28 +25,26 @@ _HOP_BY_HOP = frozenset(
         "trailers",
         "transfer-encoding",
         "upgrade",
-    }
+    ]
 )
 # Expect is answered by our own server (100 Continue) before the handler runs.
-_REQUEST_DROP = _HOP_BY_HOP | {
-    "host",
-    "expect",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-}
+_REQUEST_DROP = _HOP_BY_HOP | frozenset(
+    ["host", "expect", "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"]
+)
 # ws_connect makes its own key and version; the subprotocols go through `protocols=`.
-_WS_REQUEST_DROP = _REQUEST_DROP | {
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "sec-websocket-extensions",
-    "sec-websocket-protocol",
-    "sec-websocket-accept",
-}
+_WS_REQUEST_DROP = _REQUEST_DROP | frozenset(
+    [
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+    ]
+)
 # A refused upgrade is relayed without its body, which aiohttp has already dropped.
 _REFUSED_DROP = _HOP_BY_HOP | {"content-length", "content-type", "content-encoding"}
-_LOCATION_HEADERS = (hdrs.LOCATION, hdrs.CONTENT_LOCATION)
+_LOCATION_KEYS = frozenset({"location", "content-location"})
+_URL_PART_END = frozenset({"", "/", "?", "#"})
 _NO_BODY_STATUS = frozenset({204, 304})
 _TOKEN_CHARS = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -132,6 +130,7 @@ class Forwarder:
         set_headers: Mapping[str, str] | None = None,
         stop: asyncio.Event | None = None,
     ) -> tuple[web.StreamResponse, Outcome]:
+        """Forward the request upstream; return the response to hand back and what happened."""
         session = self._session
         assert session is not None, "Forwarder.start() was not awaited"
         target = f"{path}?{query}" if query else path
@@ -271,8 +270,10 @@ class Forwarder:
             await upstream.close(code=1001)
             raise
         counter = [0]
-        to_up = asyncio.create_task(_pump(client, upstream, counter))
-        to_client = asyncio.create_task(_pump(upstream, client, counter))
+        # A side that vanishes without a close frame: the client is "going away" (1001); the
+        # upstream is a "bad gateway" (1014) to the client.
+        to_up = asyncio.create_task(_pump(client, upstream, counter, 1001))
+        to_client = asyncio.create_task(_pump(upstream, client, counter, 1014))
         waiting: set[asyncio.Future[Any]] = {to_up, to_client}
         stopper = None
         if stop is not None:
@@ -355,7 +356,7 @@ class Forwarder:
             key = name.lower()
             if key in drop or key in named:
                 continue
-            if key == "location" or key == "content-location":
+            if key in _LOCATION_KEYS:
                 value = self._rewrite_location(request, value)
             out.add(name, value)
         return out
@@ -367,7 +368,7 @@ class Forwarder:
         lowered = value[: self._origin_len].lower()
         for origin in self._origins:
             n = len(origin)
-            if lowered.startswith(origin) and value[n : n + 1] in ("", "/", "?", "#"):
+            if lowered.startswith(origin) and value[n : n + 1] in _URL_PART_END:
                 rest = value[n:]
                 break
         else:
@@ -375,14 +376,10 @@ class Forwarder:
         base = self._base
         if base:
             # Outside the base path the URL names nothing this proxy serves.
-            if not rest.startswith(base) or rest[len(base) : len(base) + 1] not in (
-                "",
-                "/",
-                "?",
-                "#",
-            ):
+            n = len(base)
+            if not rest.startswith(base) or rest[n : n + 1] not in _URL_PART_END:
                 return value
-            rest = rest[len(base) :]
+            rest = rest[n:]
         if not rest.startswith("/"):
             rest = "/" + rest
         return f"{request.scheme}://{request.host}{rest}"
@@ -442,7 +439,7 @@ async def _expire_on(stop: asyncio.Event, deadline: asyncio.Timeout) -> None:
 
 
 async def _pump(
-    src: ServerWS | ClientWS, dst: ServerWS | ClientWS, counter: list[int]
+    src: ServerWS | ClientWS, dst: ServerWS | ClientWS, counter: list[int], lost: int
 ) -> tuple[int, bytes, bool]:
     """Copy messages from src to dst; return (close code, reason, closed cleanly)."""
     while True:
@@ -461,10 +458,10 @@ async def _pump(
                 return _sendable(msg.data), (msg.extra or "").encode(), True
             elif kind is WSMsgType.ERROR:
                 # aiohttp already closed src with the code matching the error (1009, 1002, ...).
-                return _sendable(getattr(msg.data, "code", 1011)), b"", False
+                return _sendable(getattr(msg.data, "code", lost)), b"", False
             else:  # CLOSED or CLOSING: src went away without a close frame
-                return 1001, b"", False
-        except ConnectionError:
+                return lost, b"", False
+        except ConnectionError:  # dst is gone; src is still fine
             return 1001, b"", True
 
 

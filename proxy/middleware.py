@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from yarl import URL
 
 from . import audit
 from . import web as pages
@@ -155,6 +156,9 @@ class Gate:
             request_url = str(
                 origin.with_path(f"{self.prefix}/request").with_query(scope=decision.scope)
             )
+        login_url = None
+        if decision.status == 401:
+            login_url = str(URL(f"{self.prefix}/login").with_query(next=request.path_qs))
         error = {
             401: "unauthenticated",
             403: "blocked" if decision.outcome == "blocked" else "access_denied",
@@ -176,6 +180,7 @@ class Gate:
                 wider=_wider(self.authorizer(), decision),
                 reasons=decision.reasons,
                 request_url=request_url,
+                login_url=login_url,
                 method=request.method,
                 path=path,
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -225,7 +224,3 @@ def make_proxy(
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> AsyncIterator[TestClient]:
     yield await make_proxy()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    os.environ.setdefault("JITGATE_TEST", "1")

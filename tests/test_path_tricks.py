@@ -8,7 +8,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import Upstream, make_token
 
-from proxy.app import GRANTS
+from proxy.appkeys import GRANTS
 
 TOKEN = make_token("alice")
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ROOT, ProxyFactory, RedisServer, Upstream, bearer, make_token
 
-from proxy.app import AUDIT, GRANTS, SETTINGS
+from proxy.appkeys import AUDIT, GRANTS, SETTINGS
 
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 RECORDING = "/api/projects/1/session_recordings/demo-1"

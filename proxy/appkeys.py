@@ -1,0 +1,22 @@
+"""Typed keys for the state the application holds (aiohttp AppKey)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from .audit import AuditLog
+from .authorize import Authorizer
+from .forward import Forwarder
+from .grants import RedisGrants
+from .metrics import Metrics
+from .settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+REDIS = web.AppKey("redis", Redis)
+GRANTS = web.AppKey("grants", RedisGrants)
+AUDIT = web.AppKey("audit", AuditLog)
+FORWARDER = web.AppKey("forwarder", Forwarder)
+# One slot holding the current Authorizer: a reload swaps it whole.
+AUTHORIZER = web.AppKey("authorizer", list[Authorizer])

@@ -1,0 +1,97 @@
+"""Config loading: defaults, environment overrides and errors that name file:line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from proxy.errors import ConfigErrors
+from proxy.settings import Secret, load, parse_duration
+
+
+def test_example_config_loads() -> None:
+    s = load(ROOT / "config" / "jitgate.yaml", environ={})
+    assert s.listen.port == 8080
+    assert str(s.upstream.url) == "http://127.0.0.1:8081"
+    assert s.redis.url is None  # embedded
+    assert s.policy_file == ROOT / "config" / "policy.yaml"
+    assert s.state_dir.resolve() == ROOT / ".jitgate"
+    assert s.identity.hs_secret is not None
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    env = {
+        "JITGATE_UPSTREAM__URL": "http://10.1.2.3:9000",
+        "JITGATE_LISTEN__PORT": "9999",
+        "JITGATE_REDIS__URL": "redis://127.0.0.1:7000/2",
+        "JITGATE_AUDIT__STDOUT": "true",
+        "OTHER": "ignored",
+    }
+    s = load(ROOT / "config" / "jitgate.yaml", environ=env)
+    assert str(s.upstream.url) == "http://10.1.2.3:9000"
+    assert s.listen.port == 9999
+    assert s.redis.url == "redis://127.0.0.1:7000/2"
+    assert s.audit.stdout is True
+
+
+def test_bad_environment_override_names_the_variable() -> None:
+    with pytest.raises(ConfigErrors) as exc:
+        load(ROOT / "config" / "jitgate.yaml", environ={"JITGATE_LISTEN__PORT": "http"})
+    assert "env JITGATE_LISTEN__PORT: listen.port: must be an integer" in str(exc.value)
+
+
+def test_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(
+        "listen:\n"
+        "  port: eighty\n"
+        "upstream:\n"
+        "  url: ftp://x\n"
+        "  read_timeout: -1\n"
+        "identity:\n"
+        "  algorithms: [none]\n"
+        "  hs_secret: short\n"
+        "bogus: 1\n"
+    )
+    with pytest.raises(ConfigErrors) as exc:
+        load(cfg, environ={})
+    text = str(exc.value)
+    assert f"{cfg}:2: listen.port: must be an integer" in text
+    assert f"{cfg}:4: upstream.url: must be an http(s) URL" in text
+    assert f"{cfg}:5: upstream.read_timeout: must be greater than 0" in text
+    assert f"{cfg}:7: identity.algorithms: unsupported algorithm 'none'" in text
+    assert f"{cfg}:8: identity.hs_secret: must be at least 32 characters" in text
+    assert f"{cfg}:9: bogus: unknown field" in text
+
+
+def test_yaml_syntax_error_is_located(tmp_path: Path) -> None:
+    from proxy.errors import ConfigError
+
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("listen:\n  port: 1\n upstream: [\n")
+    with pytest.raises(ConfigError) as exc:
+        load(cfg, environ={})
+    assert str(exc.value).startswith(f"{cfg}:3: invalid YAML")
+
+
+def test_secret_never_shows_its_value() -> None:
+    s = load(ROOT / "config" / "jitgate.yaml", environ={})
+    assert "demo-only" not in repr(s)
+    assert repr(Secret("x" * 40)) == "Secret('********')"
+    assert Secret("abc").reveal() == "abc"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("5m", 300), ("2h", 7200), ("1d", 86400), ("1h30m", 5400), (45, 45)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5x", "-5m", "0", "m5", "1.5.2h"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
