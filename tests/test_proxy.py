@@ -310,3 +310,33 @@ async def test_bad_config_policy_is_startup_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigErrors) as exc:
         policy.load(bad)
     assert f"{bad}:" in str(exc.value) and "unknown parameter {x}" in str(exc.value)
+
+
+async def test_upstream_down_is_502_and_counted(make_proxy: ProxyFactory) -> None:
+    from conftest import free_port
+
+    client = await make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
+    r = await client.get("/replay/demo-1", headers=bearer())
+    assert r.status == 502
+    assert "upstream unreachable" in await r.text()
+    metrics = await (await client.get("/_jit/metrics")).text()
+    assert 'jitgate_upstream_errors_total{kind="connect"} 1.0' in metrics
+
+
+async def test_websocket_through_the_gate(make_proxy: ProxyFactory, aiohttp_server: Any) -> None:
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str("echo:" + msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws/live", echo)
+    server = await aiohttp_server(app)
+    client = await make_proxy(upstream_url=str(server.make_url("")).rstrip("/"))
+    async with client.ws_connect("/ws/live", headers=bearer()) as ws:
+        await ws.send_str("hi")
+        assert (await ws.receive_str()) == "echo:hi"
+    with pytest.raises(Exception, match="401"):
+        await client.ws_connect("/ws/live")
