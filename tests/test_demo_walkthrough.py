@@ -56,7 +56,7 @@ def demo() -> Iterator[tuple[str, dict[str, str]]]:
             time.sleep(0.2)
         yield base, env
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

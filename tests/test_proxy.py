@@ -107,7 +107,9 @@ async def test_refusal_page_for_browsers(proxy: TestClient) -> None:
     assert "default-src 'none'" in r.headers["Content-Security-Policy"]
     r = await proxy.get("/_jit/request", params={"scope": "recording:1/demo-1"}, headers=headers)
     assert r.status == 200
-    assert "jitgate grants add --user YOUR-USER --scope recording:1/demo-1" in await r.text()
+    assert "jitgate grants add --user alice --scope recording:1/demo-1" in await r.text()
+    r = await proxy.get("/_jit/request", params={"scope": "project:1"})
+    assert "--user YOUR-USER --scope project:1" in await r.text()
 
 
 async def test_refusal_page_escapes_the_path(proxy: TestClient) -> None:

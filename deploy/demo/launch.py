@@ -36,7 +36,14 @@ def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 
     return False
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # Handle both explicitly: a shell that starts us in the background ignores SIGINT.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     sys.path.insert(0, str(ROOT))
     from proxy.errors import ConfigError, ConfigErrors
     from proxy.settings import load
@@ -96,7 +103,7 @@ def main() -> int:
     finally:
         for p in reversed(procs):
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.terminate()
         for p in reversed(procs):
             try:
                 p.wait(timeout=15)

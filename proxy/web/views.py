@@ -28,9 +28,22 @@ def page(request: web.Request, template: str, status: int = 200, **context: obje
     )
 
 
+def signed_in_user(request: web.Request) -> str | None:
+    """Return the verified user of a request, if it carries a valid token."""
+    verifier = request.app[AUTHORIZER][0].verifier
+    token = verifier.token_from(request.headers, request.cookies)
+    if token is None:
+        return None
+    try:
+        return verifier.verify(token).subject
+    except IdentityError:
+        return None
+
+
 async def request_access(request: web.Request) -> web.Response:
     """Explain how to obtain a grant for the scope a refusal named."""
-    return page(request, "request.html", user=None, scope=request.query.get("scope"))
+    user = signed_in_user(request)
+    return page(request, "request.html", user=user, scope=request.query.get("scope"))
 
 
 async def login_form(request: web.Request) -> web.Response:

@@ -1,0 +1,80 @@
+"""jitgate's own pages: token sign-in, sign-out and the return-URL check."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp.test_utils import TestClient
+from conftest import Upstream, make_token
+
+from proxy.web.views import safe_next
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("/replay/demo-1?t=5", "/replay/demo-1?t=5"),
+        ("/", "/"),
+        (None, "/"),
+        ("", "/"),
+        ("https://evil.example/", "/"),
+        ("//evil.example/x", "/"),
+        ("/\\evil.example", "/"),
+        ("/%2Fevil.example", "/"),
+        ("/%5cevil.example", "/"),
+        ("javascript:alert(1)", "/"),
+        ("/a\r\nSet-Cookie: x=1", "/"),
+        ("\\\\evil", "/"),
+    ],
+)
+def test_safe_next(value: str | None, expected: str) -> None:
+    assert safe_next(value) == expected
+
+
+async def test_sign_in_sets_cookie_and_returns(proxy: TestClient, upstream: Upstream) -> None:
+    form = await proxy.get("/_jit/login", params={"next": "/replay/demo-1"})
+    assert form.status == 200
+    assert 'name="next" value="/replay/demo-1"' in await form.text()
+    r = await proxy.post(
+        "/_jit/login",
+        data={"token": make_token("alice"), "next": "/replay/demo-1"},
+        allow_redirects=False,
+    )
+    assert r.status == 303
+    assert r.headers["Location"] == "/replay/demo-1"
+    cookie = r.cookies["jitgate_token"]
+    assert cookie["httponly"] and cookie["samesite"] == "Lax"
+    r = await proxy.get("/replay/demo-1", cookies={"jitgate_token": cookie.value})
+    assert r.status == 200
+    # The identity cookie itself is not passed upstream.
+    assert "jitgate_token" not in upstream.hits[-1][2].get("Cookie", "")
+
+
+async def test_sign_in_with_bad_token_is_refused(proxy: TestClient) -> None:
+    r = await proxy.post("/_jit/login", data={"token": "nope", "next": "//evil"})
+    assert r.status == 401
+    text = await r.text()
+    assert "malformed token" in text and 'value="/"' in text
+    assert "jitgate_token" not in r.cookies
+
+
+async def test_cross_site_sign_in_is_refused(proxy: TestClient) -> None:
+    r = await proxy.post(
+        "/_jit/login",
+        data={"token": make_token("mallory")},
+        headers={"Origin": "https://evil.example"},
+        allow_redirects=False,
+    )
+    assert r.status == 403
+    assert "jitgate_token" not in r.cookies
+
+
+async def test_sign_out_clears_cookie(proxy: TestClient) -> None:
+    r = await proxy.get("/_jit/logout", allow_redirects=False)
+    assert r.status == 303
+    assert r.cookies["jitgate_token"].value == ""
+
+
+async def test_401_page_links_to_sign_in_with_return_path(proxy: TestClient) -> None:
+    r = await proxy.get("/replay/demo-1?t=3", headers={"Accept": "text/html"})
+    assert r.status == 401
+    assert "/_jit/login?next=/replay/demo-1?t%3D3" in await r.text()
