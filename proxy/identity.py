@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,7 @@ class Verifier:
             self._required.append("iss")
         if settings.audience:
             self._required.append("aud")
+        self._cache: OrderedDict[bytes, tuple[Identity, float]] = OrderedDict()
 
     def token_from(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
         """Return the raw token a request carries, bearer header first."""
@@ -69,6 +72,25 @@ class Verifier:
         """Return the token's identity or raise IdentityError with the reason."""
         if len(token) > self.settings.max_token_bytes:
             raise IdentityError("token too large")
+        # A verified token is remembered by its hash until it expires, so the signature
+        # check is paid once per token rather than once per request.
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._cache.get(digest)
+        now = time.time()
+        if cached is not None:
+            ident, exp = cached
+            if now < exp + self.settings.leeway:
+                self._cache.move_to_end(digest)
+                return ident
+            del self._cache[digest]
+            raise IdentityError("token expired")
+        ident, exp = self._verify(token)
+        self._cache[digest] = (ident, exp)
+        if len(self._cache) > self.settings.cache_size:
+            self._cache.popitem(last=False)
+        return ident
+
+    def _verify(self, token: str) -> tuple[Identity, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -77,7 +99,7 @@ class Verifier:
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise IdentityError(f"token algorithm {alg!r} is not allowed")
         claims = self._decode(token, alg)
-        return self._identity(claims)
+        return self._identity(claims), float(claims["exp"])
 
     def _decode(self, token: str, alg: str) -> dict[str, Any]:
         s = self.settings

@@ -85,6 +85,7 @@ class IdentitySettings:
     groups_claim: str = "groups"
     leeway: float = 30.0
     max_token_bytes: int = 8192
+    cache_size: int = 10_000  # verified tokens remembered until their exp (LRU)
     dev_key: Secret | None = None  # HS256 secret that `jitgate token mint` signs with
     dev_key_file: Path | None = None  # or a PEM private key (RS256/ES256)
     mint_ttl: float = 3600.0
@@ -387,7 +388,7 @@ def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
     keys = {
         "bearer", "cookie", "algorithms", "hs_secret", "public_key_files", "issuer", "audience",
         "subject_claim", "groups_claim", "leeway", "max_token_bytes", "dev_key", "dev_key_file",
-        "mint_ttl",
+        "mint_ttl", "cache_size",
     }  # fmt: skip
     r.known(s, keys, "identity")
     algorithms = r.str_list(s, "algorithms", ("HS256",), "identity.algorithms")
@@ -436,6 +437,7 @@ def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
         groups_claim=r.get(s, "groups_claim", str, "groups", "identity.groups_claim"),
         leeway=r.get(s, "leeway", float, 30.0, "identity.leeway"),
         max_token_bytes=r.positive(s, "max_token_bytes", int, 8192, "identity.max_token_bytes"),
+        cache_size=r.positive(s, "cache_size", int, 10_000, "identity.cache_size"),
         dev_key=Secret(dev_key) if dev_key else None,
         dev_key_file=_resolve(base, dev_key_file) if dev_key_file else None,
         mint_ttl=r.positive(s, "mint_ttl", float, 3600.0, "identity.mint_ttl"),

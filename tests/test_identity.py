@@ -173,3 +173,26 @@ def test_mint_with_rsa_dev_key_file(tmp_path: Path) -> None:
 def test_mint_refuses_without_dev_key() -> None:
     with pytest.raises(MintError, match="no dev signing key"):
         mint(IdentitySettings(hs_secret=Secret(SECRET)), "alice")
+
+
+def test_verified_token_cache_rechecks_exp(verifier: Verifier) -> None:
+    token = jwt.encode(claims(exp=int(time.time()) + 2), SECRET, algorithm="HS256")
+    assert verifier.verify(token).subject == "alice"
+    assert verifier.verify(token).subject == "alice"  # from the cache
+    time.sleep(2.1)
+    with pytest.raises(IdentityError, match="expired"):
+        verifier.verify(token)
+
+
+def test_cache_is_bounded(tmp_path: Path) -> None:
+    v = Verifier(IdentitySettings(hs_secret=Secret(SECRET), cache_size=3))
+    for i in range(10):
+        v.verify(jwt.encode({"sub": f"u{i}", "exp": int(time.time()) + 60}, SECRET))
+    assert len(v._cache) == 3
+
+
+def test_cache_does_not_accept_a_tampered_copy(verifier: Verifier) -> None:
+    token = jwt.encode(claims(), SECRET, algorithm="HS256")
+    verifier.verify(token)
+    with pytest.raises(IdentityError):
+        verifier.verify(_tamper(token))
