@@ -101,3 +101,13 @@ def test_grants_without_running_embedded_redis_says_so(tmp_path: Path) -> None:
     out = run("grants", "list", "--config", cfg)
     assert out.returncode == 2
     assert "embedded Redis is not running" in out.stderr
+
+
+def test_serve_refuses_to_start_with_a_bad_policy(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, upstream_url="http://127.0.0.1:1", redis_url=None)
+    (tmp_path / "policy.yaml").write_text("routes:\n  - id: x\n    path: /a\n    access: maybe\n")
+    out = subprocess.run(
+        [JITGATE, "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 1
+    assert f"{tmp_path / 'policy.yaml'}:4: routes[0].access: must be one of" in out.stderr

@@ -342,3 +342,11 @@ async def test_websocket_through_the_gate(make_proxy: ProxyFactory, aiohttp_serv
         assert (await ws.receive_str()) == "echo:hi"
     with pytest.raises(Exception, match="401"):
         await client.ws_connect("/ws/live")
+
+
+async def test_prefix_is_configurable(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+    client = await make_proxy(extra='prefix: "/_gate"')
+    assert (await client.get("/_gate/healthz")).status == 200
+    assert (await client.get("/_gate/anything", headers=bearer())).status == 404
+    assert (await client.get("/_jit/healthz", headers=bearer())).status == 200
+    assert upstream.paths() == ["/_jit/healthz"]

@@ -1,0 +1,770 @@
+"""Load-test the upstream, a plain aiohttp pass-through and jitgate side by side.
+
+    make bench                      # or: .venv/bin/python bench/run.py --rounds 3
+
+(a) the upstream directly, (b) a check-free aiohttp proxy in front of it, (c) jitgate with
+full enforcement (JWT, policy, a Redis grant check and an audit record per request) in
+front of it. Each server is its own process; the load generator is wrk if installed, else
+bench/loadgen.py. It measures and prints; it asserts nothing about speed. The results are
+also written to .jitgate/bench-latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS_FILE = ROOT / ".jitgate" / "bench-latest.json"
+PATH = "/api/projects/1/session_recordings/demo-1/snapshots"
+SCOPE = "recording:1/demo-1"
+USER = "alice"
+SECRET = "bench-only-secret-0123456789abcdef0123456789"
+ISSUER = "jitgate-bench"
+AUDIENCE = "jitgate"
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class BenchError(Exception):
+    """The bench cannot go on; the message says why."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def free_ports(n: int) -> list[int]:
+    """Return n distinct free loopback ports (all held open while picking, so no repeats)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no output)"
+    return "\n".join("    " + line for line in text.splitlines()[-lines:]) or "    (no output)"
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_file: Path
+
+
+class Processes:
+    """Every child the bench starts, so that all of them end however the bench ends."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.servers: list[Server] = []
+        self.transient: list[subprocess.Popen[Any]] = []
+
+    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Server:
+        log_file = self.log_dir / f"{name}.log"
+        with log_file.open("wb") as out:
+            # Own session: a Ctrl-C reaches only us, and we stop the children in order.
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=dict(env) if env is not None else None,
+                start_new_session=True,
+            )
+        server = Server(name, proc, log_file)
+        self.servers.append(server)
+        return server
+
+    def run(self, argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
+        """Run a short-lived child to completion; return (exit code, stdout, stderr)."""
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            text=True,
+            start_new_session=True,
+        )
+        self.transient.append(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise BenchError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            self.transient.remove(proc)
+        return proc.returncode, out, err
+
+    def stop_all(self) -> None:
+        for proc in self.transient:
+            with suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+        self.transient.clear()
+        # Newest first, one at a time: jitgate flushes its audit queue to Redis on SIGTERM.
+        for server in reversed(self.servers):
+            proc = server.proc
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.servers.clear()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """Return user+system CPU time of a process so far, from /proc (Linux only)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces; the fields after it are fixed.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def http_get(url: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+    # No proxy handler: an http_proxy in the environment must not intercept loopback.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with opener.open(req, timeout=5) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_http(server: Server, url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.proc.poll() is not None:
+            raise BenchError(
+                f"{server.name} exited with code {server.proc.returncode} while starting:\n"
+                + tail(server.log_file)
+            )
+        try:
+            status, _ = http_get(url)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"{server.name} did not answer 200 on {url} within {timeout:.0f}s:\n"
+                + tail(server.log_file)
+            )
+        time.sleep(0.05)
+
+
+def wait_redis(server: Server, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.proc.poll() is not None:
+            raise BenchError(f"redis-server exited while starting:\n{tail(server.log_file)}")
+        with suppress(OSError), socket.create_connection((HOST, port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            if s.recv(16).startswith(b"+PONG"):
+                return
+        if time.monotonic() > deadline:
+            raise BenchError(f"redis-server did not answer PING:\n{tail(server.log_file)}")
+        time.sleep(0.05)
+
+
+def redis_command(port: int, *args: str) -> bytes:
+    """Send one command in RESP and return the raw first reply line."""
+    payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+    with socket.create_connection((HOST, port), timeout=5) as s:
+        s.sendall(payload.encode())
+        return s.recv(4096).split(b"\r\n", 1)[0]
+
+
+# --- load generators -------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One load-generator run against one target."""
+
+    rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    requests: int
+    errors: int
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+_WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def _wrk_ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if m is None:
+        raise BenchError(f"cannot read wrk latency {text!r}")
+    return float(m.group(1)) * _WRK_UNITS[m.group(2)]
+
+
+def parse_wrk(output: str) -> Run:
+    """Read req/s, the 50%/99% latency lines, request count and errors from wrk --latency."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    total = re.search(r"^\s*(\d+) requests in ([\d.]+\w+)", output, re.M)
+    if rps is None or total is None:
+        raise BenchError(f"cannot read wrk's output:\n{output}")
+    pcts = dict(re.findall(r"^\s+(50|99)(?:\.0+)?%\s+([\d.]+\w+)\s*$", output, re.M))
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    sock = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    detail: dict[str, Any] = {"non_2xx_3xx": int(non_2xx.group(1)) if non_2xx else 0}
+    if sock:
+        detail["socket_errors"] = dict(
+            zip(("connect", "read", "write", "timeout"), map(int, sock.groups()), strict=True)
+        )
+    errors = detail["non_2xx_3xx"] + sum(detail.get("socket_errors", {}).values())
+    return Run(
+        rps=float(rps.group(1)),
+        p50_ms=_wrk_ms(pcts["50"]) if "50" in pcts else None,
+        p99_ms=_wrk_ms(pcts["99"]) if "99" in pcts else None,
+        requests=int(total.group(1)),
+        errors=errors,
+        detail=detail,
+    )
+
+
+class LoadGen:
+    name = ""
+
+    def __init__(self, procs: Processes, connections: int) -> None:
+        self.procs = procs
+        self.connections = connections
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def run(self, url: str, headers: Mapping[str, str], duration: float) -> Run:
+        raise NotImplementedError
+
+
+class Wrk(LoadGen):
+    name = "wrk"
+
+    def __init__(self, procs: Processes, connections: int, binary: str) -> None:
+        super().__init__(procs, connections)
+        self.binary = binary
+        # `wrk -v` prints its version and exits non-zero; only the first line matters.
+        probe = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
+        first = (probe.stdout or probe.stderr).strip().splitlines()
+        self.version = first[0].split(" [")[0] if first else "wrk"
+
+    @staticmethod
+    def seconds(duration: float) -> int:
+        return max(1, round(duration))  # wrk takes whole seconds only
+
+    def describe(self) -> str:
+        return f"{self.version} (-t1 -c{self.connections} --latency)"
+
+    def argv(self, url: str, headers: Mapping[str, str], duration: float) -> list[str]:
+        argv = [self.binary, "-t1", f"-c{self.connections}", f"-d{self.seconds(duration)}s"]
+        argv.append("--latency")
+        for name, value in headers.items():
+            argv += ["-H", f"{name}: {value}"]
+        return [*argv, url]
+
+    def run(self, url: str, headers: Mapping[str, str], duration: float) -> Run:
+        code, out, err = self.procs.run(self.argv(url, headers, duration), duration + 60)
+        if code != 0:
+            raise BenchError(f"wrk failed with code {code}:\n{err or out}")
+        result = parse_wrk(out)
+        result.detail["raw"] = out
+        return result
+
+
+class PythonLoadGen(LoadGen):
+    name = "python"
+
+    def describe(self) -> str:
+        return (
+            f"bench/loadgen.py (aiohttp {aiohttp.__version__} client, "
+            f"{self.connections} workers, one process)"
+        )
+
+    def argv(self, url: str, headers: Mapping[str, str], duration: float) -> list[str]:
+        argv = [sys.executable, str(BENCH / "loadgen.py"), url]
+        argv += ["-c", str(self.connections), "-d", f"{duration:g}"]
+        for name, value in headers.items():
+            argv += ["-H", f"{name}: {value}"]
+        return argv
+
+    def run(self, url: str, headers: Mapping[str, str], duration: float) -> Run:
+        code, out, err = self.procs.run(self.argv(url, headers, duration), duration + 60)
+        if code != 0:
+            raise BenchError(f"bench/loadgen.py failed with code {code}:\n{err or out}")
+        data = json.loads(out)
+        return Run(
+            rps=float(data["rps"]),
+            p50_ms=data["p50_ms"],
+            p99_ms=data["p99_ms"],
+            requests=int(data["requests"]),
+            errors=int(data["errors"]),
+            detail={k: data[k] for k in ("statuses", "exceptions", "elapsed_s")},
+        )
+
+
+def pick_loadgen(choice: str, procs: Processes, connections: int) -> LoadGen:
+    wrk = shutil.which("wrk")
+    if choice == "wrk" and wrk is None:
+        raise BenchError("--loadgen wrk: wrk is not on PATH (Debian: apt-get install wrk)")
+    if choice in ("wrk", "auto") and wrk is not None:
+        return Wrk(procs, connections, wrk)
+    return PythonLoadGen(procs, connections)
+
+
+# --- the three targets -----------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    key: str
+    label: str
+    url: str
+    front: Server  # the process whose CPU per request is reported
+    runs: list[Run] = field(default_factory=list)
+    cpu_us: list[dict[str, float]] = field(default_factory=list)
+
+
+def jitgate_command() -> list[str]:
+    script = Path(sys.executable).parent / "jitgate"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "proxy.cli"]
+
+
+def jitgate_env() -> dict[str, str]:
+    # The bench's config must be the whole story: no JITGATE_* override from the shell.
+    return {k: v for k, v in os.environ.items() if not k.startswith("JITGATE_")}
+
+
+def write_config(tmp: Path, *, port: int, upstream_url: str, redis_port: int) -> Path:
+    """Write a full-enforcement jitgate config and the repo's policy into tmp."""
+    (tmp / "policy.yaml").write_text((ROOT / "config" / "policy.yaml").read_text())
+    cfg = tmp / "jitgate.yaml"
+    cfg.write_text(
+        f"""\
+listen: {{host: {HOST}, port: {port}}}
+upstream: {{url: "{upstream_url}", connect_timeout: 5, read_timeout: 60}}
+redis: {{url: "redis://{HOST}:{redis_port}/0", timeout: 1.0}}
+state_dir: state
+policy: {{file: policy.yaml}}
+identity:
+  algorithms: [HS256]
+  hs_secret: {SECRET}
+  dev_key: {SECRET}
+  issuer: {ISSUER}
+  audience: {AUDIENCE}
+audit:
+  redis_stream: audit
+  stream_maxlen: 200000
+  file: audit.jsonl
+"""
+    )
+    return cfg
+
+
+def jitgate_cli(*args: str) -> str:
+    proc = subprocess.run(
+        [*jitgate_command(), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=jitgate_env(),
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"`jitgate {shlex.join(args)}` failed:\n{proc.stderr or proc.stdout}")
+    return proc.stdout.strip()
+
+
+def check_target(target: Target, headers: Mapping[str, str], want: bytes) -> None:
+    """Send one request before loading a target; abort unless it is a 200 with the body."""
+    try:
+        status, body = http_get(target.url, headers)
+    except OSError as exc:
+        raise BenchError(f"({target.key}) {target.label}: {target.url} failed: {exc}") from None
+    if status != 200 or body != want:
+        hint = ""
+        if target.key == "c":
+            hint = (
+                "\njitgate must allow this request (valid token, active grant, upstream up);"
+                f" its log:\n{tail(target.front.log_file)}"
+            )
+        raise BenchError(
+            f"({target.key}) {target.label}: GET {target.url} answered {status} "
+            f"({len(body)} bytes, expected 200 with {len(want)} bytes): "
+            f"{body[:300].decode(errors='replace')}{hint}"
+        )
+
+
+# --- reporting -------------------------------------------------------------------------
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summary(target: Target) -> dict[str, Any]:
+    cpu_front = [c.get(target.front.name) for c in target.cpu_us]
+    cpu_all = [sum(c.values()) if c else None for c in target.cpu_us]
+    return {
+        "label": target.label,
+        "url": target.url,
+        "rps": median([r.rps for r in target.runs]),
+        "p50_ms": median([r.p50_ms for r in target.runs]),
+        "p99_ms": median([r.p99_ms for r in target.runs]),
+        "errors": sum(r.errors for r in target.runs),
+        "requests": sum(r.requests for r in target.runs),
+        "cpu_us_per_req": median(cpu_front),
+        "cpu_us_per_req_all_servers": median(cpu_all),
+        "rounds": [
+            {
+                "rps": r.rps,
+                "p50_ms": r.p50_ms,
+                "p99_ms": r.p99_ms,
+                "requests": r.requests,
+                "errors": r.errors,
+                "cpu_us_per_req": cpu,
+                "detail": {k: v for k, v in r.detail.items() if k != "raw"},
+            }
+            for r, cpu in zip(target.runs, target.cpu_us, strict=True)
+        ],
+    }
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [
+        "jitgate bench",
+        f"  command:   {report['command']}",
+        f"  date:      {report['date']}",
+        f"  code:      {report['code'] or 'unknown (not a git checkout)'}",
+        f"  loadgen:   {report['loadgen']}",
+        f"  load:      {report['duration_s']:g}s per run after {report['warmup_s']:g}s warm-up, "
+        f"{report['connections']} connections, {report['rounds']} round(s)"
+        + (", interleaved a,b,c; medians shown" if report["rounds"] > 1 else ""),
+        f"  request:   GET {PATH} ({report['body_bytes']} B JSON), "
+        f"Authorization: Bearer <{USER}'s JWT>",
+        f"  machine:   nproc {report['nproc']}, load average at start "
+        + " ".join(f"{x:.2f}" for x in report["loadavg_start"]),
+        f"  versions:  Python {report['python']}, aiohttp {report['aiohttp']}, "
+        f"{report['redis_server']}",
+        "",
+        f"  {'':<34}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'cpu us/req':>12}",
+    ]
+    for key, res in report["results"].items():
+        lines.append(
+            f"  {f'({key}) ' + res['label']:<34}{_num(res['rps'], '.0f'):>9}"
+            f"{_num(res['p50_ms'], '.2f'):>9}{_num(res['p99_ms'], '.2f'):>9}"
+            f"{res['errors']:>8}{_num(res['cpu_us_per_req'], '.0f'):>12}"
+        )
+    r = report["ratios"]
+    lines += [
+        "",
+        f"  c/b req/s: {_num(r['c/b'], '.2f')}    c/a req/s: {_num(r['c/a'], '.2f')}"
+        f"    (b/a: {_num(r['b/a'], '.2f')})",
+    ]
+    if report["rounds"] > 1:
+        per_round = "   ".join(
+            f"{k}: " + " ".join(f"{x['rps']:.0f}" for x in res["rounds"])
+            for k, res in report["results"].items()
+        )
+        lines.append(f"  req/s per round: {per_round}")
+    lines += [
+        "  cpu us/req: CPU time of the server under test per request ((a) upstream,"
+        " (b) pass-through, (c) jitgate);",
+        "              all servers incl. upstream and redis: "
+        + ", ".join(
+            f"{k} {_num(res['cpu_us_per_req_all_servers'], '.0f')}"
+            for k, res in report["results"].items()
+        ),
+    ]
+    audit = report.get("audit")
+    if audit:
+        lines.append(
+            f"  audit:     {audit['allow_records_in_file']} access.allow records in the JSONL "
+            f"file, stream length {audit['stream_length']}, for "
+            f"{audit['requests_sent']} requests completed against (c)"
+        )
+    lines.append(f"  results:   {report['results_file']}")
+    return "\n".join(lines)
+
+
+def code_revision() -> str | None:
+    """Return the checked-out commit, marked if proxy/ differs from it; None outside git."""
+    # --no-optional-locks: a read-only look must not rewrite the index.
+    git = ["git", "--no-optional-locks", "-C", str(ROOT)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "proxy"], capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{head} (proxy/ has uncommitted changes)" if dirty else head
+
+
+def count_allow_records(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open("rb") as fh:
+        return sum(1 for line in fh if b'"event":"access.allow"' in line)
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
+    p.add_argument("--connections", type=int, default=32, help="concurrent connections (32)")
+    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before each run (2)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians shown")
+    p.add_argument("--json", action="store_true", help="print the results as JSON only")
+    return p
+
+
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    # SIGTERM must unwind through the finally blocks like Ctrl-C does.
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, Any]:
+    loadgen = pick_loadgen(args.loadgen, procs, args.connections)
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        raise BenchError("redis-server is missing (Debian/Ubuntu: apt-get install redis-server)")
+    redis_version = subprocess.run(
+        [redis_bin, "--version"], capture_output=True, text=True, check=False
+    ).stdout.split(" sha=")[0]
+    loadavg = list(os.getloadavg())
+    started = datetime.now().astimezone()
+    up_port, pass_port, jit_port, redis_port = free_ports(4)
+    upstream_url = f"http://{HOST}:{up_port}"
+    log(f"bench: temp dir {tmp}, load generator {loadgen.name}")
+
+    redis_dir = tmp / "redis"
+    redis_dir.mkdir()
+    redis = procs.start(
+        "redis",
+        [redis_bin, "--port", str(redis_port), "--bind", HOST, "--save", "",
+         "--appendonly", "no", "--dir", str(redis_dir)],
+    )  # fmt: skip
+    upstream = procs.start(
+        "upstream", [sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)]
+    )
+    passthrough = procs.start(
+        "passthrough",
+        [sys.executable, str(BENCH / "passthrough.py"), "--port", str(pass_port),
+         "--upstream", upstream_url],
+    )  # fmt: skip
+    wait_redis(redis, redis_port)
+    cfg = write_config(tmp, port=jit_port, upstream_url=upstream_url, redis_port=redis_port)
+    jitgate = procs.start(
+        "jitgate", [*jitgate_command(), "serve", "--config", str(cfg)], env=jitgate_env()
+    )
+    wait_http(upstream, f"{upstream_url}/healthz")
+    wait_http(passthrough, f"http://{HOST}:{pass_port}/healthz")
+    wait_http(jitgate, f"http://{HOST}:{jit_port}/_jit/healthz")
+
+    # Long enough for the whole run, however many rounds were asked for.
+    ttl = f"{max(3600, math.ceil(4 * args.rounds * (args.warmup + args.duration + 5)))}s"
+    grant_id = jitgate_cli(
+        "grants", "add", "--config", str(cfg), "--user", USER, "--scope", SCOPE,
+        "--ttl", ttl, "--reason", "bench", "--by", "bench/run.py",
+    )  # fmt: skip
+    token = jitgate_cli("token", "mint", "--config", str(cfg), "--sub", USER, "--ttl", ttl)
+    log(f"bench: grant {grant_id} for {USER} on {SCOPE}; token minted")
+    headers = {"Authorization": f"Bearer {token}"}
+
+    targets = [
+        Target("a", "upstream (direct)", f"{upstream_url}{PATH}", upstream),
+        Target("b", "aiohttp pass-through", f"http://{HOST}:{pass_port}{PATH}", passthrough),
+        Target("c", "jitgate (full enforcement)", f"http://{HOST}:{jit_port}{PATH}", jitgate),
+    ]
+    _, want = http_get(targets[0].url)
+    for target in targets:
+        check_target(target, headers, want)
+    # Every bench server, for the CPU-per-request figures.
+    servers = [upstream, passthrough, jitgate, redis]
+
+    sent_to_c = 0
+    for rnd in range(1, args.rounds + 1):
+        for target in targets:
+            if args.warmup > 0:
+                warm = loadgen.run(target.url, headers, args.warmup)
+                if target.key == "c":
+                    sent_to_c += warm.requests
+            before = {s.name: cpu_seconds(s.proc.pid) for s in servers}
+            result = loadgen.run(target.url, headers, args.duration)
+            after = {s.name: cpu_seconds(s.proc.pid) for s in servers}
+            for server in servers:
+                if server.proc.poll() is not None:
+                    raise BenchError(f"{server.name} died during the run:\n{tail(server.log_file)}")
+            cpu: dict[str, float] = {}
+            for name, t0 in before.items():
+                t1 = after[name]
+                if t0 is not None and t1 is not None and result.requests:
+                    cpu[name] = (t1 - t0) / result.requests * 1e6
+            target.runs.append(result)
+            target.cpu_us.append(cpu)
+            if target.key == "c":
+                sent_to_c += result.requests
+            log(
+                f"round {rnd}/{args.rounds} ({target.key}) {target.label}: "
+                f"{result.rps:.0f} req/s, p50 {_num(result.p50_ms, '.2f')} ms, "
+                f"p99 {_num(result.p99_ms, '.2f')} ms, {result.errors} errors"
+            )
+            # Let the audit flusher and the sockets in TIME_WAIT settle between runs.
+            time.sleep(0.5)
+
+    time.sleep(1.0)  # jitgate's audit flush interval is 0.25 s
+    stream_len = redis_command(redis_port, "XLEN", "jit:audit").lstrip(b":").decode()
+    results = {t.key: summary(t) for t in targets}
+    rps = {k: v["rps"] for k, v in results.items()}
+    if isinstance(loadgen, Wrk):
+        described = f"{loadgen.describe()}, -d{loadgen.seconds(args.duration)}s"
+    else:
+        described = loadgen.describe()
+    return {
+        "command": shlex.join(sys.orig_argv),
+        "argv": sys.orig_argv,
+        "date": started.isoformat(timespec="seconds"),
+        "code": code_revision(),
+        "loadgen": described,
+        "loadgen_kind": loadgen.name,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "rounds": args.rounds,
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": loadavg,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "redis_server": redis_version,
+        "path": PATH,
+        "body_bytes": len(want),
+        "results": results,
+        "ratios": {
+            "c/b": ratio(rps["c"], rps["b"]),
+            "c/a": ratio(rps["c"], rps["a"]),
+            "b/a": ratio(rps["b"], rps["a"]),
+        },
+        "audit": {
+            "allow_records_in_file": count_allow_records(tmp / "audit.jsonl"),
+            "stream_length": int(stream_len) if stream_len.isdigit() else None,
+            "requests_sent": sent_to_c,
+        },
+        "results_file": str(RESULTS_FILE.relative_to(ROOT)),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.rounds < 1:
+        _parser().error("--duration, --connections and --rounds must be positive")
+    tmp = Path(tempfile.mkdtemp(prefix="jitgate-bench-"))
+    (tmp / "logs").mkdir()
+    procs = Processes(tmp / "logs")
+    try:
+        with _terminate_as_exit():
+            try:
+                report = bench(args, tmp, procs)
+            finally:
+                # A second Ctrl-C must not cut the cleanup short and leave servers behind.
+                previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                try:
+                    procs.stop_all()
+                finally:
+                    signal.signal(signal.SIGINT, previous)
+    except BenchError as exc:
+        log(f"bench: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        log("bench: interrupted")
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_FILE.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Benchmark upstream: a fixed ~4 KB snapshots answer, a small body for anything else.
+
+python bench/upstream.py --port 8081
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from aiohttp import web
+
+SNAPSHOTS = "/api/projects/{project}/session_recordings/{recording}/snapshots"
+SMALL_BODY = b'{"ok":true}\n'
+
+
+def snapshot_body(size: int = 4096) -> bytes:
+    """Return a deterministic rrweb-like JSON document of about `size` bytes."""
+    events: list[dict[str, object]] = []
+    body = b""
+    while True:
+        i = len(events)
+        events.append(
+            {
+                "type": 3,
+                "timestamp": 1_700_000_000_000 + i * 50,
+                "data": {"source": 1, "positions": [{"x": 100 + i, "y": 200 + i, "id": 42}]},
+            }
+        )
+        candidate = json.dumps({"snapshots": events}, separators=(",", ":")).encode()
+        if len(candidate) > size:
+            return body or candidate
+        body = candidate
+
+
+BODY = snapshot_body()
+
+
+async def snapshots(request: web.Request) -> web.Response:
+    return web.Response(body=BODY, content_type="application/json")
+
+
+async def anything(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(body=SMALL_BODY, content_type="application/json")
+
+
+def build_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get(SNAPSHOTS, snapshots)
+    app.router.add_route("*", "/{tail:.*}", anything)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    web.run_app(build_app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
