@@ -37,7 +37,6 @@ def connect_redis(url: str, timeout: float) -> Redis:
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        health_check_interval=30,
     )
 
 

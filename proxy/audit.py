@@ -1,6 +1,7 @@
 """Audit records: one per decision and per grant change, written in batches to every sink.
 
-`AuditLog.emit` never blocks the request: it appends to each sink's queue. A background
+`AuditLog.emit` never blocks the request: it serialises the record once and appends the
+JSON line to each sink's queue. A background
 task flushes batches; a sink that fails keeps its batch and is retried with backoff. If a
 queue is full the record cannot be kept: that is counted and logged, never silent.
 """
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
+import secrets
 import sys
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -26,12 +28,20 @@ log = logging.getLogger("jitgate.audit")
 
 Record = dict[str, Any]
 
+# Record ids: a random per-process prefix and a counter; unique without a syscall each.
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count(1)
+
+
+def new_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
+
 
 def record(event: str, **fields: Any) -> Record:
     """Build an audit record with id, time and event; None fields are left out."""
     now = time.time()
     out: Record = {
-        "id": uuid.uuid4().hex,
+        "id": new_id(),
         "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
         "ts": round(now, 3),
         "event": event,
@@ -43,7 +53,8 @@ def record(event: str, **fields: Any) -> Record:
 class Sink(Protocol):
     name: str
 
-    async def write(self, records: list[Record]) -> None: ...
+    async def write(self, lines: list[str]) -> None:
+        """Write serialised records (JSON without newline), in order, or raise."""
 
     async def close(self) -> None: ...
 
@@ -57,10 +68,10 @@ class RedisStreamSink:
         self.key = key
         self.maxlen = maxlen
 
-    async def write(self, records: list[Record]) -> None:
+    async def write(self, lines: list[str]) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for rec in records:
-            pipe.xadd(self.key, {"record": json.dumps(rec)}, maxlen=self.maxlen, approximate=True)
+        for line in lines:
+            pipe.xadd(self.key, {"record": line}, maxlen=self.maxlen, approximate=True)
         await pipe.execute()
 
     async def close(self) -> None:
@@ -80,9 +91,8 @@ class JsonlFileSink:
             fh.write(lines)
             fh.flush()
 
-    async def write(self, records: list[Record]) -> None:
-        lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-        await asyncio.to_thread(self._append, lines)
+    async def write(self, lines: list[str]) -> None:
+        await asyncio.to_thread(self._append, "\n".join(lines) + "\n")
 
     async def close(self) -> None:
         return None
@@ -94,8 +104,8 @@ class StdoutSink:
     def __init__(self) -> None:
         self.name = "stdout"
 
-    async def write(self, records: list[Record]) -> None:
-        sys.stdout.write("".join(json.dumps(r) + "\n" for r in records))
+    async def write(self, lines: list[str]) -> None:
+        sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
 
     async def close(self) -> None:
@@ -107,7 +117,7 @@ class _Lane:
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
-        self.queue: deque[Record] = deque()
+        self.queue: deque[str] = deque()
         self.failures = 0
         self.retry_at = 0.0
 
@@ -140,6 +150,7 @@ class AuditLog:
 
     def emit(self, rec: Record) -> None:
         """Queue one record for every sink; never blocks."""
+        line = json.dumps(rec, separators=(",", ":"))
         for lane in self.lanes:
             if len(lane.queue) >= self.queue_max:
                 self._on_dropped(lane.sink.name, 1)
@@ -148,7 +159,7 @@ class AuditLog:
                     lane.sink.name, self.queue_max, rec.get("id"), rec.get("event"),
                 )  # fmt: skip
                 continue
-            lane.queue.append(rec)
+            lane.queue.append(line)
             if len(lane.queue) >= self.batch_size:
                 self._wake.set()
 

@@ -4,7 +4,7 @@ Keys (after the configured prefix, default `jit:`):
   grant:{id}                 hash with the grant's fields; Redis expires it at the grant's end
   active:{len(user)}:{user}:{scope}
                              sorted set of grant ids scored by expiry (ms), expiring with the
-                             last of them; a check is one pipelined read of these sets
+                             last of them; a check reads these sets in one Lua call
   grants                     sorted set of every grant id scored by expiry (ms), for listing
 Every change is a Lua script, so it is atomic.
 """
@@ -17,6 +17,16 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
+
+# KEYS: the active sets of every covering scope, narrowest first. ARGV: now (ms).
+_CHECK = """
+local since = '(' .. ARGV[1]
+for _, key in ipairs(KEYS) do
+  local found = redis.call('ZRANGEBYSCORE', key, since, '+inf', 'LIMIT', 0, 1)
+  if found[1] then return found[1] end
+end
+return false
+"""
 
 _ADD = """
 local grant, active, index = KEYS[1], KEYS[2], KEYS[3]
@@ -106,6 +116,7 @@ class RedisGrants:
         self.redis = redis
         self.prefix = prefix
         self._index = prefix + "grants"
+        self._check = redis.register_script(_CHECK)
         self._add = redis.register_script(_ADD)
         self._revoke = redis.register_script(_REVOKE)
 
@@ -118,16 +129,9 @@ class RedisGrants:
 
     async def check(self, user: str, scopes: tuple[str, ...]) -> str | None:
         """Return the id of an active grant covering any of the scopes; one round trip."""
-        now_ms = int(time.time() * 1000)
-        pipe = self.redis.pipeline(transaction=False)
-        for scope in scopes:
-            pipe.zrange(
-                self._active_key(user, scope), now_ms + 1, "+inf", byscore=True, offset=0, num=1
-            )
-        for members in await pipe.execute():
-            if members:
-                return _text(members[0])
-        return None
+        keys = [self._active_key(user, scope) for scope in scopes]
+        found = await self._check(keys=keys, args=[int(time.time() * 1000)])
+        return _text(found) if found else None
 
     async def add(self, user: str, scope: str, ttl: float, reason: str, granted_by: str) -> Grant:
         """Create a grant that Redis expires by itself after ttl seconds."""

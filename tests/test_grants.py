@@ -94,8 +94,10 @@ async def test_check_is_one_round_trip(store: RedisGrants, monkeypatch: Any) -> 
 
     monkeypatch.setattr(store.redis, "execute_command", counted_command)
     monkeypatch.setattr(store.redis, "pipeline", counted_pipeline)
+    await store.check("alice", ("recording:1/demo-1", "project:1", "org:1"))  # loads the script
+    trips.clear()
     await store.check("alice", ("recording:1/demo-1", "project:1", "org:1"))
-    assert trips == ["pipeline[3]"]
+    assert trips == ["EVALSHA"]
 
 
 async def test_concurrent_adds_and_revokes_stay_consistent(store: RedisGrants) -> None:
