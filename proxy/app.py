@@ -76,16 +76,20 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     verifier = Verifier(settings.identity)
     app.cleanup_ctx.append(_lifecycle(compiled, verifier))
 
-    p = settings.prefix
-    app.router.add_get(p + "/healthz", ops.healthz)
-    app.router.add_get(p + "/readyz", ops.readyz)
-    app.router.add_get(p + "/metrics", ops.metrics_view)
-    app.router.add_get(p + "/request", views.request_access)
-    app.router.add_get(p + "/login", views.login_form)
-    app.router.add_post(p + "/login", views.login)
-    app.router.add_get(p + "/logout", views.logout)
-    app.router.add_static(p + "/static", pages.STATIC_DIR)
-    # Everything else, including unknown paths under the prefix, goes through the gate.
+    # jitgate's own endpoints live in a sub-application under the prefix (its handlers
+    # reach the shared state through request.config_dict). Routing checks that one
+    # prefix, then the catch-all: everything else goes through the gate.
+    own = web.Application()
+    own.router.add_get("/healthz", ops.healthz)
+    own.router.add_get("/readyz", ops.readyz)
+    own.router.add_get("/metrics", ops.metrics_view)
+    own.router.add_get("/request", views.request_access)
+    own.router.add_get("/login", views.login_form)
+    own.router.add_post("/login", views.login)
+    own.router.add_get("/logout", views.logout)
+    own.router.add_static("/static", pages.STATIC_DIR)
+    own.router.add_route("*", "/{tail:.*}", _not_found)
+    app.add_subapp(settings.prefix, own)
     app.router.add_route("*", "/{tail:.*}", _gate_handler)
     return app
 
@@ -135,6 +139,11 @@ def _lifecycle(
                 await embedded.stop()
 
     return ctx
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    prefix = request.config_dict[SETTINGS].prefix
+    raise web.HTTPNotFound(text=f"jitgate: no such endpoint under {prefix}\n")
 
 
 async def _gate_handler(request: web.Request) -> web.StreamResponse:

@@ -17,13 +17,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Answer 200 only if Redis answers PING and the upstream accepts a connection."""
-    settings = request.app[SETTINGS]
+    settings = request.config_dict[SETTINGS]
     checks: dict[str, str] = {}
     try:
-        await asyncio.wait_for(request.app[REDIS].ping(), settings.redis.timeout)
+        await asyncio.wait_for(request.config_dict[REDIS].ping(), settings.redis.timeout)
         checks["redis"] = "ok"
     except Exception as exc:
-        request.app[METRICS].redis_errors.labels("ping").inc()
+        request.config_dict[METRICS].redis_errors.labels("ping").inc()
         checks["redis"] = f"failed: {type(exc).__name__}"
     url = settings.upstream.url
     try:
@@ -41,10 +41,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_view(request: web.Request) -> web.Response:
     """Expose the metrics, refreshing the gauges that are counted on demand."""
-    m = request.app[METRICS]
+    m = request.config_dict[METRICS]
     try:
-        m.active_grants.set(await request.app[GRANTS].count_active())
+        m.active_grants.set(await request.config_dict[GRANTS].count_active())
     except Exception:
         m.redis_errors.labels("count_active").inc()
-    m.audit_backlog.set(request.app[AUDIT].backlog())
+    m.audit_backlog.set(request.config_dict[AUDIT].backlog())
     return web.Response(body=m.render(), headers={"Content-Type": metrics.CONTENT_TYPE})

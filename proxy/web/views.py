@@ -22,7 +22,7 @@ def safe_next(value: str | None) -> str:
 def page(request: web.Request, template: str, status: int = 200, **context: object) -> web.Response:
     return web.Response(
         status=status,
-        text=render(template, prefix=request.app[SETTINGS].prefix, **context),
+        text=render(template, prefix=request.config_dict[SETTINGS].prefix, **context),
         content_type="text/html",
         headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"},
     )
@@ -30,7 +30,7 @@ def page(request: web.Request, template: str, status: int = 200, **context: obje
 
 def signed_in_user(request: web.Request) -> str | None:
     """Return the verified user of a request, if it carries a valid token."""
-    verifier = request.app[AUTHORIZER][0].verifier
+    verifier = request.config_dict[AUTHORIZER][0].verifier
     token = verifier.token_from(request.headers, request.cookies)
     if token is None:
         return None
@@ -53,7 +53,7 @@ async def login_form(request: web.Request) -> web.Response:
 
 async def login(request: web.Request) -> web.Response:
     """Check a pasted token and keep it in the identity cookie for the browser."""
-    settings = request.app[SETTINGS]
+    settings = request.config_dict[SETTINGS]
     origin = request.headers.get("Origin")
     if origin is not None and origin != str(request.url.origin()):
         # A sign-in posted from another site would sign the browser in as someone else.
@@ -65,7 +65,7 @@ async def login(request: web.Request) -> web.Response:
     if cookie is None:
         raise web.HTTPNotFound(text="jitgate: cookie sign-in is disabled (identity.cookie)\n")
     try:
-        ident = request.app[AUTHORIZER][0].verifier.verify(token)
+        ident = request.config_dict[AUTHORIZER][0].verifier.verify(token)
     except IdentityError as exc:
         return page(request, "login.html", status=401, user=None, next=target, error=str(exc))
     response = web.HTTPSeeOther(target)
@@ -82,7 +82,7 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
+    settings = request.config_dict[SETTINGS]
     response = web.HTTPSeeOther(f"{settings.prefix}/login")
     if settings.identity.cookie:
         response.del_cookie(settings.identity.cookie, path="/")
