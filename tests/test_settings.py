@@ -95,3 +95,15 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_production_example_is_valid(tmp_path: Path) -> None:
+    key = tmp_path / "idp.pem"
+    key.write_text("placeholder")  # settings only check the file exists
+    s = load(
+        ROOT / "config" / "production.example.yaml",
+        environ={"JITGATE_IDENTITY__PUBLIC_KEY_FILES": f"[{key}]"},
+    )
+    assert s.redis.url == "redis://redis.internal:6379/3"
+    assert s.identity.dev_key is None and s.identity.hs_secret is None
+    assert s.identity.algorithms == ("RS256", "ES256")
