@@ -10,6 +10,7 @@ import asyncio
 import getpass
 import json
 import logging
+import shutil
 import socket
 import sys
 import time
@@ -139,6 +140,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     settings = load(args.config)
     policy.load(settings.policy_file)  # a bad policy is a start-up error
+    if settings.redis.url is None and shutil.which("redis-server") is None:
+        raise UsageError(str(redisd.RedisServerMissing()))
     run(settings)
     return EXIT_OK
 

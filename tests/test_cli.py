@@ -111,3 +111,16 @@ def test_serve_refuses_to_start_with_a_bad_policy(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert f"{tmp_path / 'policy.yaml'}:4: routes[0].access: must be one of" in out.stderr
+
+
+def test_serve_without_redis_server_says_how_to_get_it(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, upstream_url="http://127.0.0.1:1", redis_url=None)
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    out = subprocess.run(
+        [JITGATE, "serve", "--config", str(cfg)],
+        capture_output=True, text=True, timeout=30, env={"PATH": str(empty)},
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "redis-server not found on PATH: install it" in out.stderr
+    assert "apt-get install redis-server" in out.stderr

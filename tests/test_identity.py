@@ -196,3 +196,20 @@ def test_cache_does_not_accept_a_tampered_copy(verifier: Verifier) -> None:
     verifier.verify(token)
     with pytest.raises(IdentityError):
         verifier.verify(_tamper(token))
+
+
+def test_subject_and_groups_from_configured_claims() -> None:
+    v = Verifier(
+        IdentitySettings(
+            hs_secret=Secret(SECRET), subject_claim="email", groups_claim="roles", leeway=0
+        )
+    )
+    token = jwt.encode(
+        {"email": "a@example.com", "sub": "123", "roles": ["approver"], "groups": ["x"],
+         "exp": int(time.time()) + 60},
+        SECRET,
+    )  # fmt: skip
+    assert v.verify(token) == Identity("a@example.com", ("approver",))
+    no_email = jwt.encode({"sub": "123", "exp": int(time.time()) + 60}, SECRET)
+    with pytest.raises(IdentityError, match="'email'"):
+        v.verify(no_email)
