@@ -50,6 +50,22 @@ class Metrics:
         self.audit_backlog = Gauge(
             "jitgate_audit_backlog", "Audit records queued and not yet written.", registry=r
         )
+        self.policy_reloads = Counter(
+            "jitgate_policy_reloads", "Policy reloads by result (ok or error).", ["result"],
+            registry=r,
+        )  # fmt: skip
+        self.policy_info = Gauge(
+            "jitgate_policy_loaded_timestamp_seconds",
+            "When the running policy was loaded, by policy version.", ["version"], registry=r,
+        )  # fmt: skip
+        self.live_connections = Gauge(
+            "jitgate_live_connections", "Open streams and WebSockets that depend on a grant.",
+            registry=r,
+        )  # fmt: skip
+        self.live_cut = Counter(
+            "jitgate_live_connections_cut", "Streams and WebSockets cut because their grant ended.",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self._bound: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     def request(self, route: str, decision: str) -> tuple[Counter, Histogram]:

@@ -126,6 +126,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     policy_file: Path = Path("policy.yaml")
+    policy_watch: bool = True  # reload the policy when its file changes
     prefix: str = "/_jit"
     state_dir: Path = Path(".jitgate")
     grant_max_ttl: float = 7 * 24 * 3600.0
@@ -360,8 +361,9 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
     )
 
     s = r.section(raw, "policy", "policy")
-    r.known(s, {"file"}, "policy")
+    r.known(s, {"file", "watch"}, "policy")
     policy_file = _resolve(base, r.get(s, "file", str, "policy.yaml", "policy.file"))
+    policy_watch = r.get(s, "watch", bool, True, "policy.watch")
 
     prefix = r.get(raw, "prefix", str, "/_jit", "prefix").rstrip("/")
     if not prefix.startswith("/") or len(prefix) < 2 or "//" in prefix:
@@ -375,6 +377,7 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
         audit=audit,
         forward=forward,
         policy_file=policy_file,
+        policy_watch=policy_watch,
         prefix=prefix,
         state_dir=_resolve(base, r.get(raw, "state_dir", str, "../.jitgate", "state_dir")),
         grant_max_ttl=r.positive(raw, "grant_max_ttl", float, 7 * 24 * 3600.0, "grant_max_ttl"),
