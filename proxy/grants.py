@@ -6,6 +6,7 @@ Keys (after the configured prefix, default `jit:`):
                              sorted set of grant ids scored by expiry (ms), expiring with the
                              last of them; a check reads these sets in one Lua call
   grants                     sorted set of every grant id scored by expiry (ms), for listing
+  events                     pub/sub channel: "revoked {id}" reaches every replica at once
 Every change is a Lua script, so it is atomic.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -42,7 +44,8 @@ redis.call('ZADD', index, exp_ms, id)
 return 1
 """
 
-# KEYS: grant hash, grants index. ARGV: key prefix, id. Returns the revoked grant's fields.
+# KEYS: grant hash, grants index, events channel. ARGV: key prefix, id.
+# Returns the revoked grant's fields, and tells every replica (pub/sub) in the same step.
 _REVOKE = """
 local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then return {} end
@@ -53,6 +56,7 @@ redis.call('ZREM', active, ARGV[2])
 if redis.call('ZCARD', active) == 0 then redis.call('DEL', active) end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('PUBLISH', KEYS[3], 'revoked ' .. ARGV[2])
 return fields
 """
 
@@ -116,6 +120,7 @@ class RedisGrants:
         self.redis = redis
         self.prefix = prefix
         self._index = prefix + "grants"
+        self.channel = prefix + "events"
         self._check = redis.register_script(_CHECK)
         self._add = redis.register_script(_ADD)
         self._revoke = redis.register_script(_REVOKE)
@@ -161,7 +166,8 @@ class RedisGrants:
     async def revoke(self, grant_id: str) -> Grant | None:
         """Delete a grant at once; return it, or None if it was not active."""
         fields = await self._revoke(
-            keys=[self._grant_key(grant_id), self._index], args=[self.prefix, grant_id]
+            keys=[self._grant_key(grant_id), self._index, self.channel],
+            args=[self.prefix, grant_id],
         )
         return _grant(fields) if fields else None
 
@@ -180,6 +186,31 @@ class RedisGrants:
             pipe.hgetall(self._grant_key(_text(grant_id)))
         grants = [_grant(f) for f in await pipe.execute() if f]
         return [g for g in grants if user is None or g.user == user]
+
+    async def expires_at(self, grant_id: str) -> float | None:
+        """Return a grant's expiry, or None once it has ended (expired keys read as gone)."""
+        value = await self.redis.hget(self._grant_key(grant_id), "expires_at")
+        return float(_text(value)) if value is not None else None
+
+    async def revocations(self, ping_every: float = 5.0) -> AsyncIterator[str | None]:
+        """Yield None once subscribed, then the id of every grant revoked on any replica."""
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            yield None
+            last_ping = time.monotonic()
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg is not None and msg.get("type") == "message":
+                    kind, _, grant_id = _text(msg["data"]).partition(" ")
+                    if kind == "revoked":
+                        yield grant_id
+                if time.monotonic() - last_ping > ping_every:
+                    # A silent feed may be a dead one: a ping on it raises if so.
+                    await pubsub.ping()
+                    last_ping = time.monotonic()
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def count_active(self) -> int:
         return int(await self.redis.zcount(self._index, int(time.time() * 1000) + 1, "+inf"))
