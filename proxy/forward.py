@@ -181,7 +181,9 @@ class Forwarder:
         deadline = asyncio.timeout(None)
         try:
             async with deadline:
-                if stop is not None:
+                # A body already read to its end cannot outlive a grant by more than the
+                # time to copy it; only an unfinished one needs a watcher.
+                if stop is not None and not content.is_eof():
                     watcher = asyncio.create_task(_expire_on(stop, deadline))
                 while True:
                     try:
