@@ -21,6 +21,7 @@ from .grants import RedisGrants
 from .identity import Verifier
 from .middleware import Gate
 from .redisd import EmbeddedRedis
+from .reload import RELOADER, PolicyReloader
 from .settings import Settings
 from .web import views
 
@@ -129,9 +130,15 @@ def _lifecycle(
         slot = [Authorizer(compiled, verifier, grants, grant_error)]
         app[AUTHORIZER] = slot
         app[GATE] = Gate(settings, lambda: slot[0], forwarder, audit_log, m)
+        reloader = PolicyReloader(
+            slot, settings.policy_file, m, audit_log, watch=settings.policy_watch
+        )
+        await reloader.start()
+        app[RELOADER] = reloader
         try:
             yield
         finally:
+            await reloader.stop()  # before the audit log closes: a reload writes to it
             await forwarder.close()
             await audit_log.close()
             await redis.aclose()

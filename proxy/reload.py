@@ -1,0 +1,156 @@
+"""Policy hot reload: on a change to the policy file or on SIGHUP, keeping the last good policy.
+
+A reload compiles the file off the event loop, then swaps the Authorizer in the app's slot
+in one assignment, so every request sees either the old policy or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Literal
+
+from aiohttp import web
+from watchfiles import Change, awatch
+
+from . import audit, policy
+from .authorize import Authorizer
+from .errors import ConfigErrors
+from .metrics import Metrics
+
+log = logging.getLogger("jitgate.reload")
+
+Result = Literal["ok", "unchanged", "error"]
+
+
+class PolicyReloader:
+    """Keep `slot[0]` on the newest valid policy read from `path`."""
+
+    def __init__(
+        self,
+        slot: list[Authorizer],
+        path: Path,
+        metrics: Metrics,
+        audit_log: audit.AuditLog,
+        *,
+        watch: bool = True,
+    ) -> None:
+        self.slot = slot
+        self.path = path
+        self.metrics = metrics
+        self.audit_log = audit_log
+        self.watch = watch
+        self._lock = asyncio.Lock()  # one reload at a time: each compares against the last
+        self._stop = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+        self._signalled: set[asyncio.Task[Result]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Publish the running version, then listen for SIGHUP and (if enabled) file changes."""
+        self.metrics.policy_info.labels(self.slot[0].policy.version).set(time.time())
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._loop = loop
+        except (NotImplementedError, RuntimeError) as exc:  # not the main thread, or no signals
+            log.info("SIGHUP policy reload unavailable here: %s", exc)
+        if self.watch:
+            self._watcher = asyncio.create_task(self._watch(), name="policy-watch")
+            # One step lets the watcher register with the OS before start() returns, so an
+            # edit made right after start-up is not missed.
+            await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        """Stop listening and wait for any reload in progress."""
+        if self._loop is not None:
+            self._loop.remove_signal_handler(signal.SIGHUP)
+            self._loop = None
+        self._stop.set()  # the watcher polls this between its waits and ends within a step
+        if self._watcher is not None:
+            try:
+                await asyncio.wait_for(self._watcher, 10)
+            except TimeoutError:
+                log.warning("policy watcher did not stop in time; cancelled")
+            self._watcher = None
+        if self._signalled:
+            await asyncio.gather(*self._signalled, return_exceptions=True)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.create_task(self.reload_now("SIGHUP"), name="policy-reload")
+        self._signalled.add(task)
+        task.add_done_callback(self._signalled.discard)
+
+    def _is_policy_file(self, change: Change, path: str) -> bool:
+        return Path(path).name == self.path.name
+
+    async def _watch(self) -> None:
+        # Watch the directory, not the file: editors save by writing a new file and
+        # renaming it over the old one, which would end a watch on the old file.
+        try:
+            async for _ in awatch(
+                self.path.parent,
+                watch_filter=self._is_policy_file,
+                stop_event=self._stop,
+                recursive=False,
+            ):
+                await self.reload_now("file-watch")
+        except Exception as exc:  # e.g. the OS watch limit: SIGHUP still works
+            log.error("policy file watching stopped: %s; SIGHUP still reloads", exc)
+
+    async def reload_now(self, actor: str = "manual") -> Result:
+        """Load the policy file and swap it in if it is valid and new; return what happened."""
+        async with self._lock:
+            try:
+                new = await asyncio.to_thread(policy.load, self.path)
+            except ConfigErrors as exc:
+                return self._failed(actor, [str(e) for e in exc.errors])
+            except Exception as exc:  # e.g. a file that is not UTF-8: still keep the old one
+                return self._failed(actor, [f"{self.path}: {exc}"])
+            # Read the slot only now, after the last await, so a concurrent swap of another
+            # part (keys, grant store) is kept by replace() rather than overwritten.
+            old = self.slot[0]
+            previous = old.policy.version
+            if new.version == previous:
+                self.metrics.policy_reloads.labels("unchanged").inc()
+                log.info("policy reload (%s): version %s unchanged", actor, previous)
+                return "unchanged"
+            self.slot[0] = dataclasses.replace(old, policy=new)
+            self.metrics.policy_reloads.labels("ok").inc()
+            self.metrics.policy_info.labels(new.version).set(time.time())
+            self.metrics.policy_info.remove(previous)
+            self.audit_log.emit(
+                audit.record(
+                    "policy.reloaded",
+                    previous_version=previous,
+                    policy_version=new.version,
+                    file=str(self.path),
+                    actor=actor,
+                )
+            )
+            log.info("policy reloaded (%s): version %s -> %s", actor, previous, new.version)
+            return "ok"
+
+    def _failed(self, actor: str, errors: list[str]) -> Result:
+        running = self.slot[0].policy.version
+        self.metrics.policy_reloads.labels("error").inc()
+        log.error("policy reload (%s) failed; keeping version %s", actor, running)
+        for err in errors:
+            log.error("%s", err)
+        self.audit_log.emit(
+            audit.record(
+                "policy.reload_failed",
+                policy_version=running,
+                errors=errors,
+                file=str(self.path),
+                actor=actor,
+            )
+        )
+        return "error"
+
+
+RELOADER = web.AppKey("policy_reloader", PolicyReloader)
