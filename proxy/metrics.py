@@ -51,7 +51,7 @@ class Metrics:
             "jitgate_audit_backlog", "Audit records queued and not yet written.", registry=r
         )
         self.policy_reloads = Counter(
-            "jitgate_policy_reloads", "Policy reloads by result (ok or error).", ["result"],
+            "jitgate_policy_reloads", "Policy reloads by result (ok, error or unchanged).", ["result"],
             registry=r,
         )  # fmt: skip
         self.policy_info = Gauge(
