@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -14,11 +16,12 @@ from redis.retry import Retry
 
 from . import audit, metrics, ops, policy
 from . import web as pages
-from .appkeys import AUDIT, AUTHORIZER, FORWARDER, GRANTS, METRICS, REDIS, SETTINGS
+from .appkeys import AUDIT, AUTHORIZER, FORWARDER, GRANTS, LIVE, METRICS, REDIS, SETTINGS
 from .authorize import Authorizer
 from .forward import Forwarder, UpstreamConfig
 from .grants import RedisGrants
 from .identity import Verifier
+from .live import LiveConnections, follow_revocations
 from .middleware import Gate
 from .redisd import EmbeddedRedis
 from .reload import RELOADER, PolicyReloader
@@ -30,15 +33,22 @@ log = logging.getLogger("jitgate")
 GATE = web.AppKey("gate", Gate)
 
 
-def connect_redis(url: str, timeout: float) -> Redis:
-    """Return a client that fails fast, so a dead Redis means a quick 503, not a hang."""
-    return Redis.from_url(
+def connect_redis(url: str, timeout: float, max_connections: int = 64) -> Redis:
+    """Return a client that fails fast, so a dead Redis means a quick 503, not a hang.
+
+    Past max_connections, a request waits up to `timeout` for a free connection
+    instead of failing at once, so a burst queues rather than being refused.
+    """
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return Redis(connection_pool=pool)
 
 
 def audit_sinks(settings: Settings, redis: Redis | None) -> list[audit.Sink]:
@@ -107,7 +117,7 @@ def _lifecycle(
             embedded = EmbeddedRedis(settings.state_dir)
             url = await embedded.start()
             log.info("embedded redis-server running on %s", url)
-        redis = connect_redis(url, settings.redis.timeout)
+        redis = connect_redis(url, settings.redis.timeout, settings.redis.max_connections)
         app[REDIS] = redis
         grants = RedisGrants(redis, settings.redis.key_prefix)
         app[GRANTS] = grants
@@ -129,7 +139,14 @@ def _lifecycle(
 
         slot = [Authorizer(compiled, verifier, grants, grant_error)]
         app[AUTHORIZER] = slot
-        app[GATE] = Gate(settings, lambda: slot[0], forwarder, audit_log, m)
+        live = LiveConnections(
+            grants.expires_at, on_cut=lambda reason, n: m.live_cut.labels(reason).inc(n)
+        )
+        app[LIVE] = live
+        follower = asyncio.create_task(
+            follow_revocations(grants.revocations, live), name="revocation-feed"
+        )
+        app[GATE] = Gate(settings, lambda: slot[0], forwarder, audit_log, m, live)
         reloader = PolicyReloader(
             slot, settings.policy_file, m, audit_log, watch=settings.policy_watch
         )
@@ -139,6 +156,10 @@ def _lifecycle(
             yield
         finally:
             await reloader.stop()  # before the audit log closes: a reload writes to it
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await live.close_all()
             await forwarder.close()
             await audit_log.close()
             await redis.aclose()

@@ -9,6 +9,7 @@ from .audit import AuditLog
 from .authorize import Authorizer
 from .forward import Forwarder
 from .grants import RedisGrants
+from .live import LiveConnections
 from .metrics import Metrics
 from .settings import Settings
 
@@ -18,5 +19,6 @@ REDIS = web.AppKey("redis", Redis)
 GRANTS = web.AppKey("grants", RedisGrants)
 AUDIT = web.AppKey("audit", AuditLog)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+LIVE = web.AppKey("live", LiveConnections)
 # One slot holding the current Authorizer: a reload swaps it whole.
 AUTHORIZER = web.AppKey("authorizer", list[Authorizer])

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-from .grants import GrantStore
 from .identity import Identity, IdentityError, Verifier
-from .policy import Access, Policy
+from .policy import Access, Match, Policy
+
+
+class GrantChecker(Protocol):
+    """The one grant-store call a decision needs (RedisGrants, or a simulation in tests)."""
+
+    async def check(self, user: str, scopes: tuple[str, ...]) -> tuple[str, float] | None:
+        """Return (grant id, expiry) of an active grant covering any scope, or None."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,7 @@ class Decision:
     scope: str | None = None
     grant_id: str | None = None
     identity: Identity | None = None
+    grant_expires_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -29,13 +37,39 @@ class Authorizer:
 
     policy: Policy
     verifier: Verifier
-    grants: GrantStore
+    grants: GrantChecker
     on_grant_error: Callable[[BaseException], None] = lambda exc: None
 
     async def decide(
         self, method: str, path: str, headers: Mapping[str, str], cookies: Mapping[str, str]
     ) -> Decision:
+        """Decide a request from the token it carries."""
         match = self.policy.match(method, path)
+        ident, why = None, "no credentials"
+        if match.access is not Access.PUBLIC and match.access is not Access.BLOCKED:
+            # Only here does identity matter: public and blocked routes skip the token.
+            token = self.verifier.token_from(headers, cookies)
+            if token is not None:
+                try:
+                    ident = self.verifier.verify(token)
+                except IdentityError as exc:
+                    why = str(exc)
+        return await self._decide(ident, match, why)
+
+    async def decide_for(
+        self,
+        ident: Identity | None,
+        method: str,
+        path: str,
+        *,
+        no_identity_reason: str = "no credentials",
+    ) -> Decision:
+        """Decide a request on a normalised path for an already known identity (None: anonymous)."""
+        return await self._decide(ident, self.policy.match(method, path), no_identity_reason)
+
+    async def _decide(
+        self, ident: Identity | None, match: Match, no_identity_reason: str
+    ) -> Decision:
         route, access = match.route, match.access
         if access is Access.PUBLIC:
             return Decision(True, 0, "allow", ("public route",), route, access)
@@ -43,32 +77,30 @@ class Authorizer:
             reason = f"route {route!r} is blocked by policy"
             return Decision(False, 403, "blocked", (reason,), route, access)
 
-        token = self.verifier.token_from(headers, cookies)
-        if token is None:
-            return Decision(False, 401, "unauthenticated", ("no credentials",), route, access)
-        try:
-            ident = self.verifier.verify(token)
-        except IdentityError as exc:
-            return Decision(False, 401, "unauthenticated", (str(exc),), route, access)
+        if ident is None:
+            return Decision(False, 401, "unauthenticated", (no_identity_reason,), route, access)
         if access is Access.IDENTITY:
             reasons = (f"identity-only route; user {ident.subject}",)
             return Decision(True, 0, "allow", reasons, route, access, identity=ident)
 
         assert match.scope is not None
         try:
-            grant_id = await self.grants.check(ident.subject, match.scopes)
+            found = await self.grants.check(ident.subject, match.scopes)
         except Exception as exc:  # fail closed on any grant-store trouble
             self.on_grant_error(exc)
             reason = f"grant store unavailable ({type(exc).__name__}); failing closed"
             return Decision(
                 False, 503, "unavailable", (reason,), route, access, match.scope, identity=ident
             )
-        if grant_id is None:
+        if found is None:
             reason = f"no active grant for {match.scope}"
             if len(match.scopes) > 1:
                 reason += f" (or {', '.join(match.scopes[1:])})"
             return Decision(
                 False, 403, "deny", (reason,), route, access, match.scope, identity=ident
             )
+        grant_id, expires_at = found
         reason = f"active grant {grant_id} covers {match.scope}"
-        return Decision(True, 0, "allow", (reason,), route, access, match.scope, grant_id, ident)
+        return Decision(
+            True, 0, "allow", (reason,), route, access, match.scope, grant_id, ident, expires_at
+        )

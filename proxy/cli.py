@@ -1,6 +1,7 @@
-"""`jitgate <noun> <verb>`: serve the proxy, check config, mint dev tokens, manage grants.
+"""`jitgate <noun> <verb>`: serve the proxy, check and test policy, mint tokens, manage grants.
 
-Exit codes: 0 ok, 1 a finding (invalid config, grant not found), 2 bad usage.
+Exit codes: 0 ok, 1 a finding (invalid config, grant not found, a request `policy explain`
+does not allow, a failing `policy test` case), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import audit, policy, redisd
-from .errors import ConfigError, ConfigErrors
+from . import audit, policy, policytest, redisd
+from .errors import BadPath, ConfigError, ConfigErrors
 from .grants import Grant, RedisGrants
-from .identity import MintError, mint
+from .identity import Identity, MintError, mint
+from .paths import normalise, split_target
 from .settings import Settings, load, parse_duration
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
@@ -57,6 +59,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = pol.add_parser("check", help="validate a policy file")
     p.add_argument("file", type=Path)
+    p = pol.add_parser("explain", help="show how the config's policy decides one request")
+    _config_arg(p)
+    p.add_argument("--user", default=None, help="who asks (default: an anonymous request)")
+    p.add_argument("--groups", default="", help="comma-separated groups")
+    p.add_argument("--no-redis", action="store_true", help="do not read grants from Redis")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("method", metavar="METHOD")
+    p.add_argument("path", metavar="PATH", help="raw request target, e.g. /api/x?y=1")
+    p = pol.add_parser("test", help="run a policy's test cases (YAML)")
+    p.add_argument("file", type=Path)
+    p.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="policy to test (default: the file's `policy:`, else policy.yaml beside it)",
+    )
+    p.add_argument("--json", action="store_true")
 
     tok = nouns.add_parser("token", help="development tokens").add_subparsers(
         dest="verb", required=True, metavar="VERB"
@@ -116,6 +135,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         compiled = policy.load(settings.policy_file)
         print(f"ok: {settings.file} and {settings.policy_file} (policy version {compiled.version})")
         return EXIT_OK
+    if args.noun == "policy" and args.verb == "explain":
+        return asyncio.run(_explain(args, load(args.config)))
+    if args.noun == "policy" and args.verb == "test":
+        return asyncio.run(_policy_test(args))
     if args.noun == "policy":
         compiled = policy.load(args.file)
         print(f"ok: {args.file}: {len(compiled.routes)} routes, version {compiled.version}")
@@ -209,6 +232,78 @@ async def _grants(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await audit_log.close()
         await redis.aclose()
+
+
+async def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    from .app import connect_redis
+
+    if not policytest.METHOD.match(args.method):
+        raise UsageError(f"invalid METHOD {args.method!r}")
+    method = args.method.upper()
+    compiled = policy.load(settings.policy_file)
+    groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    ident = Identity(args.user, groups) if args.user else None
+    redis = store = None
+    reject = settings.forward.reject_semicolons
+    if (
+        not args.no_redis
+        and ident is not None
+        and _needs_grant(compiled, method, args.path, reject)
+    ):
+        try:
+            url = redis_url_for(settings)
+        except UsageError as exc:
+            raise UsageError(f"{exc}; or pass --no-redis") from None
+        redis = connect_redis(url, max(settings.redis.timeout, 5.0))
+        store = RedisGrants(redis, settings.redis.key_prefix)
+    try:
+        found = await policytest.explain(
+            compiled,
+            method,
+            args.path,
+            ident,
+            store,
+            reject_semicolons=reject,
+            prefix=settings.prefix,
+        )
+    finally:
+        if redis is not None:
+            await redis.aclose()
+    if args.json:
+        print(json.dumps(found.to_dict(), indent=2))
+    else:
+        print("\n".join(found.lines()))
+    return EXIT_OK if found.verdict.allow else EXIT_FINDING
+
+
+def _needs_grant(compiled: policy.Policy, method: str, target: str, reject: bool) -> bool:
+    # Redis is only needed (and must only be running) when grants decide the request.
+    try:
+        path = normalise(split_target(target)[0], reject_semicolons=reject)
+    except BadPath:
+        return False
+    return compiled.match(method, path).access is policy.Access.PROTECTED
+
+
+async def _policy_test(args: argparse.Namespace) -> int:
+    suite = policytest.load_suite(args.file, args.policy)
+    compiled = policy.load(suite.policy_file)
+    results = await policytest.run_suite(suite, compiled)
+    failed = sum(not r.passed for r in results)
+    if args.json:
+        report = {
+            "file": suite.file,
+            "policy": {"file": compiled.file, "version": compiled.version},
+            "passed": len(results) - failed,
+            "failed": failed,
+            "cases": [r.to_dict() for r in results],
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        for r in results:
+            print(r.line())
+        print(f"{len(results) - failed} passed, {failed} failed")
+    return EXIT_FINDING if failed else EXIT_OK
 
 
 def _grant_record(event: str, grant: Grant, **extra: Any) -> audit.Record:

@@ -21,11 +21,12 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 
 # KEYS: the active sets of every covering scope, narrowest first. ARGV: now (ms).
+# Returns {id, expiry ms} of the longest-lived grant of the narrowest scope that has one.
 _CHECK = """
 local since = '(' .. ARGV[1]
 for _, key in ipairs(KEYS) do
-  local found = redis.call('ZRANGEBYSCORE', key, since, '+inf', 'LIMIT', 0, 1)
-  if found[1] then return found[1] end
+  local found = redis.call('ZREVRANGEBYSCORE', key, '+inf', since, 'WITHSCORES', 'LIMIT', 0, 1)
+  if found[1] then return found end
 end
 return false
 """
@@ -79,7 +80,7 @@ class Grant:
 
 
 class GrantStore(Protocol):
-    async def check(self, user: str, scopes: tuple[str, ...]) -> str | None: ...
+    async def check(self, user: str, scopes: tuple[str, ...]) -> tuple[str, float] | None: ...
 
     async def add(
         self, user: str, scope: str, ttl: float, reason: str, granted_by: str
@@ -132,11 +133,11 @@ class RedisGrants:
     def _grant_key(self, grant_id: str) -> str:
         return f"{self.prefix}grant:{grant_id}"
 
-    async def check(self, user: str, scopes: tuple[str, ...]) -> str | None:
-        """Return the id of an active grant covering any of the scopes; one round trip."""
+    async def check(self, user: str, scopes: tuple[str, ...]) -> tuple[str, float] | None:
+        """Return (id, expiry) of an active grant covering any of the scopes; one round trip."""
         keys = [self._active_key(user, scope) for scope in scopes]
         found = await self._check(keys=keys, args=[int(time.time() * 1000)])
-        return _text(found) if found else None
+        return (_text(found[0]), int(found[1]) / 1000) if found else None
 
     async def add(self, user: str, scope: str, ttl: float, reason: str, granted_by: str) -> Grant:
         """Create a grant that Redis expires by itself after ttl seconds."""

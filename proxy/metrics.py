@@ -51,8 +51,8 @@ class Metrics:
             "jitgate_audit_backlog", "Audit records queued and not yet written.", registry=r
         )
         self.policy_reloads = Counter(
-            "jitgate_policy_reloads", "Policy reloads by result (ok, error or unchanged).", ["result"],
-            registry=r,
+            "jitgate_policy_reloads", "Policy reloads by result (ok, error or unchanged).",
+            ["result"], registry=r,
         )  # fmt: skip
         self.policy_info = Gauge(
             "jitgate_policy_loaded_timestamp_seconds",

@@ -15,6 +15,7 @@ from . import web as pages
 from .authorize import Authorizer, Decision
 from .errors import BadPath
 from .forward import Forwarder, Outcome
+from .live import LiveConnections
 from .metrics import Metrics
 from .paths import normalise, split_target
 from .settings import Settings
@@ -36,12 +37,14 @@ class Gate:
         forwarder: Forwarder,
         audit_log: audit.AuditLog,
         metrics: Metrics,
+        live: LiveConnections,
     ) -> None:
         self.settings = settings
         self.authorizer = authorizer
         self.forwarder = forwarder
         self.audit = audit_log
         self.metrics = metrics
+        self.live = live
         self.prefix = settings.prefix
         fwd = settings.forward
         drop = set(fwd.identity_headers)
@@ -74,6 +77,10 @@ class Gate:
             return refusal
 
         outcome: Outcome | None = None
+        # Under a grant, the response or WebSocket is cut when the grant ends.
+        grant_id, stop = decision.grant_id, None
+        if grant_id is not None and decision.grant_expires_at is not None:
+            stop = self.live.open(grant_id, decision.grant_expires_at)
         try:
             response, outcome = await self.forwarder.forward(
                 request,
@@ -81,9 +88,12 @@ class Gate:
                 query,
                 drop_headers=self.drop_headers,
                 drop_cookies=self.drop_cookies,
+                stop=stop,
             )
             return response
         finally:
+            if stop is not None and grant_id is not None:
+                self.live.close(grant_id, stop)
             # Written even when the client went away mid-stream: status 499 then.
             status = outcome.status if outcome else 499
             sent = outcome.bytes_sent if outcome else 0

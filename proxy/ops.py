@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from . import metrics
-from .appkeys import AUDIT, GRANTS, METRICS, REDIS, SETTINGS
+from .appkeys import AUDIT, GRANTS, LIVE, METRICS, REDIS, SETTINGS
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -47,4 +47,5 @@ async def metrics_view(request: web.Request) -> web.Response:
     except Exception:
         m.redis_errors.labels("count_active").inc()
     m.audit_backlog.set(request.config_dict[AUDIT].backlog())
+    m.live_connections.set(len(request.config_dict[LIVE]))
     return web.Response(body=m.render(), headers={"Content-Type": metrics.CONTENT_TYPE})

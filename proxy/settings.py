@@ -70,6 +70,7 @@ class RedisSettings:
     url: str | None = None  # None: jitgate runs its own redis-server in state_dir
     timeout: float = 1.0
     key_prefix: str = "jit:"
+    max_connections: int = 64
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,7 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
     )
 
     s = r.section(raw, "redis", "redis")
-    r.known(s, {"url", "timeout", "key_prefix"}, "redis")
+    r.known(s, {"url", "timeout", "key_prefix", "max_connections"}, "redis")
     redis_url = r.optional_str(s, "url", None, "redis.url") or None
     if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
         r.error(s, "url", "redis.url", "must start with redis://, rediss:// or unix://")
@@ -315,6 +316,7 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
         url=redis_url,
         timeout=r.positive(s, "timeout", float, 1.0, "redis.timeout"),
         key_prefix=r.get(s, "key_prefix", str, "jit:", "redis.key_prefix"),
+        max_connections=r.positive(s, "max_connections", int, 64, "redis.max_connections"),
     )
 
     identity = _identity(r, r.section(raw, "identity", "identity"), base)

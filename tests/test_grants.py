@@ -22,7 +22,7 @@ async def store(redis_url: str) -> AsyncIterator[RedisGrants]:
 async def test_add_check_revoke(store: RedisGrants) -> None:
     g = await store.add("alice", "recording:1/demo-1", 60, "ticket 42", "admin")
     assert g.id.startswith("g-") and g.expires_at - g.created_at == pytest.approx(60, abs=0.01)
-    assert await store.check("alice", ("recording:1/demo-1",)) == g.id
+    assert await store.check("alice", ("recording:1/demo-1",)) == (g.id, g.expires_at)
     assert await store.check("bob", ("recording:1/demo-1",)) is None
     assert await store.get(g.id) == g
     assert await store.revoke(g.id) == g
@@ -33,14 +33,14 @@ async def test_add_check_revoke(store: RedisGrants) -> None:
 
 async def test_wider_scope_found_in_one_check(store: RedisGrants) -> None:
     g = await store.add("alice", "project:1", 60, "r", "admin")
-    assert await store.check("alice", ("recording:1/demo-1", "project:1")) == g.id
+    assert await store.check("alice", ("recording:1/demo-1", "project:1")) == (g.id, g.expires_at)
 
 
 async def test_two_grants_same_scope_revoking_one_keeps_the_other(store: RedisGrants) -> None:
     short = await store.add("alice", "project:1", 60, "r", "admin")
     long = await store.add("alice", "project:1", 120, "r", "admin")
     await store.revoke(long.id)
-    assert await store.check("alice", ("project:1",)) == short.id
+    assert await store.check("alice", ("project:1",)) == (short.id, short.expires_at)
     await store.revoke(short.id)
     assert await store.check("alice", ("project:1",)) is None
 
@@ -105,5 +105,12 @@ async def test_concurrent_adds_and_revokes_stay_consistent(store: RedisGrants) -
         *(store.add("alice", "project:1", 60, "r", "x") for _ in range(50))
     )
     await asyncio.gather(*(store.revoke(g.id) for g in grants[:49]))
-    assert await store.check("alice", ("project:1",)) == grants[49].id
+    assert await store.check("alice", ("project:1",)) == (grants[49].id, grants[49].expires_at)
     assert await store.count_active() == 1
+
+
+async def test_check_returns_the_longest_lived_grant_of_a_scope(store: RedisGrants) -> None:
+    await store.add("alice", "project:1", 30, "r", "admin")
+    long = await store.add("alice", "project:1", 90, "r", "admin")
+    await store.add("alice", "project:1", 60, "r", "admin")
+    assert await store.check("alice", ("project:1",)) == (long.id, long.expires_at)
