@@ -16,18 +16,30 @@ and a scope hierarchy, in which a wider scope covers a narrower one:
       - scope: "recording:{project}/{recording}"
         covered_by: ["project:{project}"]
 
-Paths that match no route get the policy's `default` access.
+Paths that match no route get the policy's `default` access. Entitlements say who may
+request which scopes, for how long and approved how; the first rule whose scope template
+matches and whose `who` admits the requester applies:
+
+    entitlements:
+      - id: support-recordings
+        scopes: ["recording:{project}/{recording}"]
+        who: {groups: [support]}
+        durations: {offered: [15m, 1h], default: 1h, max: 1h}
+        approval: {mode: approvers, count: 1, approvers: {groups: [leads]}}
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 from .errors import ConfigError, ConfigErrors
+from .settings import parse_duration
 from .yamlsrc import Node, Seq, load_text
 
 
@@ -40,6 +52,7 @@ class Access(StrEnum):
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")
+_ID = re.compile(r"[A-Za-z0-9_.-]+")
 _MAX_SCOPE_DEPTH = 8
 
 
@@ -67,12 +80,67 @@ class _Cover:
 
 
 @dataclass(frozen=True)
+class Approval:
+    mode: str  # "auto" | "approvers"
+    count: int  # approvals needed; 0 for auto
+    groups: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Entitlement:
+    id: str
+    description: str
+    scopes: tuple[str, ...]  # the templates as written
+    any_user: bool
+    groups: frozenset[str]
+    users: frozenset[str]
+    durations: tuple[float, ...]  # offered, seconds, ascending
+    default_duration: float
+    max_duration: float
+    reason_required: bool
+    ticket_pattern: re.Pattern[str] | None
+    pending_ttl: float
+    approval: Approval
+    extend_requires_approval: bool
+    break_glass: bool
+    _regexes: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        regexes = tuple(re.compile(_scope_pattern(t)) for t in self.scopes)
+        object.__setattr__(self, "_regexes", regexes)
+
+    def admits(self, user: str, groups: Iterable[str]) -> bool:
+        """Return whether this person may request under this rule."""
+        if not user:
+            return False
+        return self.any_user or user in self.users or not self.groups.isdisjoint(groups)
+
+    def covers(self, scope: str) -> bool:
+        return any(r.fullmatch(scope) for r in self._regexes)
+
+    def may_approve(self, user: str, groups: Iterable[str]) -> bool:
+        """Return whether this person is an eligible approver (requester not excluded here)."""
+        approval = self.approval
+        if approval.mode != "approvers" or not user:
+            return False
+        return user in approval.users or not approval.groups.isdisjoint(groups)
+
+    def ticket_ok(self, ticket: str | None) -> bool:
+        """Return whether a ticket satisfies the rule (any or none when there is no pattern)."""
+        if self.ticket_pattern is None:
+            return True
+        return ticket is not None and self.ticket_pattern.fullmatch(ticket) is not None
+
+
+@dataclass(frozen=True)
 class Policy:
     file: str
     version: str
     default: Access
     routes: tuple[_Route, ...]
     covers: tuple[_Cover, ...]
+    entitlements: tuple[Entitlement, ...] = ()
 
     def match(self, method: str, path: str) -> Match:
         """Return the first route that matches a normalised path, or the default."""
@@ -113,6 +181,27 @@ class Policy:
     def route_ids(self) -> tuple[str, ...]:
         return (*(r.id for r in self.routes), "_default")
 
+    def entitlement_for(
+        self, scope: str, user: str, groups: Iterable[str], *, break_glass: bool | None = None
+    ) -> Entitlement | None:
+        """Return the first rule that covers the scope and admits the person, or None."""
+        # With `break_glass` given only rules with that flag count, so an ordinary request
+        # never lands on a break-glass rule, nor an emergency one on an ordinary rule.
+        member = frozenset(groups)
+        for ent in self.entitlements:
+            if break_glass is not None and ent.break_glass != break_glass:
+                continue
+            if ent.covers(scope) and ent.admits(user, member):
+                return ent
+        return None
+
+    def entitlements_for_scope(self, scope: str) -> tuple[Entitlement, ...]:
+        """Return every rule whose scope templates match, in policy order."""
+        return tuple(ent for ent in self.entitlements if ent.covers(scope))
+
+    def entitlement(self, entitlement_id: str) -> Entitlement | None:
+        return next((ent for ent in self.entitlements if ent.id == entitlement_id), None)
+
 
 def load(path: Path) -> Policy:
     """Read and compile a policy file; raise ConfigErrors naming file:line and field."""
@@ -149,11 +238,7 @@ class _Compiler:
     def compile(self, raw: object, version: str) -> Policy:
         if not isinstance(raw, Node):
             raise ConfigErrors([ConfigError("a policy must be a mapping", file=self.file, line=1)])
-        for key in raw:
-            if key not in ("version", "default", "routes", "hierarchy"):
-                self.err(
-                    raw, key, key, "unknown field (known: default, hierarchy, routes, version)"
-                )
+        self.unknown(raw, "", ("default", "entitlements", "hierarchy", "routes", "version"))
         if raw.get("version", 1) != 1:
             self.err(raw, "version", "version", "only version 1 is supported")
         default = self._access(raw, "default", "default", Access.IDENTITY)
@@ -161,9 +246,18 @@ class _Compiler:
             self.err(raw, "default", "default", "cannot be 'protected' (it has no scope)")
         routes = self._routes(raw)
         covers = self._hierarchy(raw)
+        entitlements = _EntitlementCompiler(self).compile(raw)
         if self.errors:
             raise ConfigErrors(self.errors)
-        return Policy(self.file, version, default, tuple(routes), tuple(covers))
+        return Policy(
+            self.file, version, default, tuple(routes), tuple(covers), tuple(entitlements)
+        )
+
+    def unknown(self, node: Node, where: str, known: tuple[str, ...]) -> None:
+        for key in node:
+            if key not in known:
+                at = f"{where}.{key}" if where else key
+                self.err(node, key, at, f"unknown field (known: {', '.join(sorted(known))})")
 
     def _access(self, node: Node, key: str, where: str, fallback: Access) -> Access:
         value = node.get(key, fallback.value)
@@ -196,17 +290,10 @@ class _Compiler:
         return out
 
     def _route(self, item: Node, where: str) -> _Route | None:
-        known = {"id", "methods", "path", "subpaths", "access", "scope", "description"}
-        for key in item:
-            if key not in known:
-                self.err(
-                    item,
-                    key,
-                    f"{where}.{key}",
-                    f"unknown field (known: {', '.join(sorted(known))})",
-                )
+        known = ("id", "methods", "path", "subpaths", "access", "scope", "description")
+        self.unknown(item, where, known)
         rid = item.get("id")
-        if not isinstance(rid, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", rid):
+        if not isinstance(rid, str) or not _ID.fullmatch(rid):
             self.err(item, "id", f"{where}.id", "is required: letters, digits, '.', '_' or '-'")
             rid = where
         path = item.get("path")
@@ -300,11 +387,7 @@ class _Compiler:
             if not isinstance(item, Node):
                 self.err(items, i, where, "must be a mapping")
                 continue
-            for key in item:
-                if key not in ("scope", "covered_by"):
-                    self.err(
-                        item, key, f"{where}.{key}", "unknown field (known: covered_by, scope)"
-                    )
+            self.unknown(item, where, ("scope", "covered_by"))
             scope = item.get("scope")
             covered_by = item.get("covered_by")
             if not isinstance(scope, str) or not scope:
@@ -342,3 +425,293 @@ def _scope_pattern(template: str) -> str:
 def _has_stray_braces(template: str) -> bool:
     stripped = _PARAM.sub("", template)
     return "{" in stripped or "}" in stripped
+
+
+def format_duration(seconds: float) -> str:
+    """Write seconds the way a policy would: 90 -> 1m30s, 14400 -> 4h."""
+    if seconds != int(seconds):
+        return f"{seconds:g}s"
+    rest, out = int(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            count, rest = divmod(rest, size)
+            out.append(f"{count}{unit}")
+    return "".join(out) or "0s"
+
+
+# --- entitlements -------------------------------------------------------------------------
+
+_ENTITLEMENT_FIELDS = (
+    "id", "description", "scopes", "who", "durations", "reason", "ticket", "pending_ttl",
+    "approval", "extend", "break_glass",
+)  # fmt: skip
+_PEOPLE = "{groups: [...], users: [...]}"
+
+
+class _EntitlementCompiler:
+    """Compile `entitlements:`, reporting through the policy compiler's error list."""
+
+    def __init__(self, compiler: _Compiler) -> None:
+        self.compiler = compiler
+        self.err = compiler.err
+
+    def compile(self, raw: Node) -> list[Entitlement]:
+        items = raw.get("entitlements")
+        if items is None:
+            return []
+        if not isinstance(items, Seq):
+            self.err(raw, "entitlements", "entitlements", "must be a list")
+            return []
+        out: list[Entitlement] = []
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            where = f"entitlements[{i}]"
+            if not isinstance(item, Node):
+                self.err(items, i, where, "must be a mapping")
+                continue
+            ent = self._entitlement(item, where, seen)
+            if ent is not None:
+                out.append(ent)
+        return out
+
+    def _entitlement(self, item: Node, where: str, seen: set[str]) -> Entitlement | None:
+        before = len(self.compiler.errors)
+        self.compiler.unknown(item, where, _ENTITLEMENT_FIELDS)
+        eid = item.get("id")
+        if not isinstance(eid, str) or not _ID.fullmatch(eid):
+            self.err(item, "id", f"{where}.id", "is required: letters, digits, '.', '_' or '-'")
+            eid = where
+        elif eid in seen:
+            self.err(item, "id", f"{where}.id", f"duplicate entitlement id {eid!r}")
+        seen.add(eid)
+        description = item.get("description", "")
+        if not isinstance(description, str):
+            self.err(item, "description", f"{where}.description", "must be a string")
+        scopes = self._scopes(item, where)
+        who = item.get("who")
+        if who == "any":
+            any_user, groups, users = True, frozenset[str](), frozenset[str]()
+        else:
+            any_user = False
+            groups, users = self._people(item, "who", f"{where}.who", "'any' or " + _PEOPLE)
+        durations = self._durations(item, where)
+        reason = item.get("reason", "required")
+        if reason not in ("required", "optional"):
+            self.err(item, "reason", f"{where}.reason", "must be 'required' or 'optional'")
+        ticket = self._ticket(item, where)
+        pending_ttl = self._duration(item, "pending_ttl", f"{where}.pending_ttl", 3600.0)
+        approval = self._approval(item, where)
+        extend = self._extend(item, where, approval)
+        break_glass = item.get("break_glass", False)
+        if not isinstance(break_glass, bool):
+            self.err(item, "break_glass", f"{where}.break_glass", "must be true or false")
+        elif break_glass and approval is not None and approval.mode == "auto":
+            # Auto approval already grants at once; break-glass exists to get an emergency
+            # grant past approvers and have one of them review it afterwards.
+            message = "needs approval mode approvers (they review the emergency access)"
+            self.err(item, "break_glass", f"{where}.break_glass", message)
+        elif break_glass and reason == "optional":
+            message = "must be 'required' for break-glass access (the review needs it)"
+            self.err(item, "reason", f"{where}.reason", message)
+        failed = len(self.compiler.errors) > before
+        if failed or durations is None or approval is None or pending_ttl is None:
+            return None
+        offered, default, maximum = durations
+        return Entitlement(
+            id=eid,
+            description=str(description),
+            scopes=scopes,
+            any_user=any_user,
+            groups=groups,
+            users=users,
+            durations=offered,
+            default_duration=default,
+            max_duration=maximum,
+            reason_required=reason == "required",
+            ticket_pattern=ticket,
+            pending_ttl=pending_ttl,
+            approval=approval,
+            extend_requires_approval=extend,
+            break_glass=bool(break_glass),
+        )
+
+    def _scopes(self, item: Node, where: str) -> tuple[str, ...]:
+        value = item.get("scopes")
+        if not isinstance(value, Seq) or not value:
+            message = "is required: a non-empty list of scope templates"
+            self.err(item, "scopes", f"{where}.scopes", message)
+            return ()
+        out: list[str] = []
+        for i, template in enumerate(value):
+            at = f"{where}.scopes[{i}]"
+            if not isinstance(template, str) or not template:
+                self.err(value, i, at, "must be a non-empty string")
+                continue
+            if _has_stray_braces(template):
+                message = "malformed braces: a parameter is {name} (letters, digits, '_')"
+                self.err(value, i, at, message)
+                continue
+            names = _PARAM.findall(template)
+            twice = next((n for n in names if names.count(n) > 1), None)
+            if twice is not None:
+                self.err(value, i, at, f"parameter {{{twice}}} appears twice")
+            elif template in out:
+                self.err(value, i, at, f"duplicate scope {template!r}")
+            else:
+                out.append(template)
+        return tuple(out)
+
+    def _people(
+        self, node: Node, key: str, where: str, shape: str
+    ) -> tuple[frozenset[str], frozenset[str]]:
+        value = node.get(key)
+        if not isinstance(value, Node):
+            self.err(node, key, where, f"{'must be' if key in node else 'is required:'} {shape}")
+            return frozenset(), frozenset()
+        self.compiler.unknown(value, where, ("groups", "users"))
+        before = len(self.compiler.errors)
+        groups = self._names(value, "groups", where)
+        users = self._names(value, "users", where)
+        if not groups and not users and len(self.compiler.errors) == before:
+            self.err(node, key, where, "must name at least one group or user")
+        return groups, users
+
+    def _names(self, node: Node, key: str, where: str) -> frozenset[str]:
+        value = node.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.err(node, key, f"{where}.{key}", "must be a list of names")
+            return frozenset()
+        return frozenset(value)
+
+    def _duration(
+        self, node: Node, key: str, where: str, fallback: float | None = None
+    ) -> float | None:
+        if key not in node:
+            return fallback
+        return self._seconds(node, key, where, node[key])
+
+    def _seconds(self, node: Node | Seq, key: str | int, where: str, value: object) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            self.err(node, key, where, "must be a duration such as 90s, 5m, 2h or 1d, or seconds")
+            return None
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            self.err(node, key, where, str(exc))
+            return None
+        if not math.isfinite(seconds):
+            self.err(node, key, where, "must be a finite duration")
+            return None
+        return seconds
+
+    def _durations(self, item: Node, where: str) -> tuple[tuple[float, ...], float, float] | None:
+        at = f"{where}.durations"
+        node = item.get("durations")
+        if not isinstance(node, Node):
+            self.err(item, "durations", at, "is required: {offered: [...], default: ..., max: ...}")
+            return None
+        self.compiler.unknown(node, at, ("offered", "default", "max"))
+        before = len(self.compiler.errors)
+        if "default" not in node:
+            self.err(item, "durations", f"{at}.default", "is required")
+        default = self._duration(node, "default", f"{at}.default")
+        maximum = self._duration(node, "max", f"{at}.max")
+        offered: dict[float, int] = {}  # seconds -> index, to place later errors
+        raw = node.get("offered")
+        if raw is not None and (not isinstance(raw, Seq) or not raw):
+            self.err(node, "offered", f"{at}.offered", "must be a non-empty list of durations")
+        elif raw is not None:
+            for i, value in enumerate(raw):
+                seconds = self._seconds(raw, i, f"{at}.offered[{i}]", value)
+                if seconds is not None and seconds in offered:
+                    message = f"duplicate duration {format_duration(seconds)}"
+                    self.err(raw, i, f"{at}.offered[{i}]", message)
+                elif seconds is not None:
+                    offered[seconds] = i
+        if default is None or len(self.compiler.errors) > before:
+            return None
+        if maximum is None:  # absent: the longest duration named
+            maximum = max([default, *offered])
+        limit = f"must not exceed max ({format_duration(maximum)})"
+        if default > maximum:
+            self.err(node, "default", f"{at}.default", limit)
+        for seconds, i in offered.items():
+            if seconds > maximum and isinstance(raw, Seq):
+                self.err(raw, i, f"{at}.offered[{i}]", limit)
+        if offered and default not in offered:
+            # The workflow offers exactly these; a default outside them could not be picked.
+            choices = ", ".join(format_duration(s) for s in sorted(offered))
+            message = f"must be one of the offered durations ({choices})"
+            self.err(node, "default", f"{at}.default", message)
+        if len(self.compiler.errors) > before:
+            return None
+        return tuple(sorted(offered)) or (default,), default, maximum
+
+    def _ticket(self, item: Node, where: str) -> re.Pattern[str] | None:
+        node = item.get("ticket")
+        if node is None:
+            return None
+        at = f"{where}.ticket"
+        if not isinstance(node, Node):
+            self.err(item, "ticket", at, "must be a mapping: {pattern: <regular expression>}")
+            return None
+        self.compiler.unknown(node, at, ("pattern",))
+        pattern = node.get("pattern")
+        if not isinstance(pattern, str) or not pattern:
+            message = "is required: a regular expression the whole ticket must match"
+            self.err(node, "pattern", f"{at}.pattern", message)
+            return None
+        try:
+            return re.compile(pattern)
+        except re.error as exc:
+            self.err(node, "pattern", f"{at}.pattern", f"invalid regular expression: {exc}")
+            return None
+
+    def _approval(self, item: Node, where: str) -> Approval | None:
+        at = f"{where}.approval"
+        node = item.get("approval")
+        if not isinstance(node, Node):
+            message = f"is required: {{mode: auto}} or {{mode: approvers, approvers: {_PEOPLE}}}"
+            self.err(item, "approval", at, message)
+            return None
+        self.compiler.unknown(node, at, ("mode", "count", "approvers"))
+        mode = node.get("mode")
+        if mode == "auto":
+            for key in ("count", "approvers"):
+                if key in node:
+                    self.err(node, key, f"{at}.{key}", "only for mode approvers")
+            return Approval("auto", 0)
+        if mode != "approvers":
+            got = "" if mode is None else f", got {mode!r}"
+            self.err(node, "mode", f"{at}.mode", f"must be 'auto' or 'approvers'{got}")
+            return None
+        count = node.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            self.err(node, "count", f"{at}.count", "must be an integer of at least 1")
+            return None
+        shape = f"{_PEOPLE} (needed for mode approvers)"
+        groups, users = self._people(node, "approvers", f"{at}.approvers", shape)
+        if users and not groups and count > len(users):
+            named = f"{len(users)} user" + ("" if len(users) == 1 else "s")
+            message = f"cannot be met: approvers names only {named}"
+            self.err(node, "count", f"{at}.count", message)
+        return Approval("approvers", count, groups, users)
+
+    def _extend(self, item: Node, where: str, approval: Approval | None) -> bool:
+        by_default = approval is not None and approval.mode == "approvers"
+        node = item.get("extend")
+        if node is None:
+            return by_default
+        at = f"{where}.extend"
+        if not isinstance(node, Node):
+            self.err(item, "extend", at, "must be a mapping: {requires_approval: true|false}")
+            return by_default
+        self.compiler.unknown(node, at, ("requires_approval",))
+        value: object = node.get("requires_approval", by_default)
+        if not isinstance(value, bool):
+            self.err(node, "requires_approval", f"{at}.requires_approval", "must be true or false")
+            return by_default
+        if value and approval is not None and approval.mode == "auto":
+            message = "needs approval mode approvers (auto approval has nobody to ask)"
+            self.err(node, "requires_approval", f"{at}.requires_approval", message)
+        return value
