@@ -14,9 +14,19 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from . import audit, metrics, ops, policy
+from . import api, audit, metrics, ops, policy
 from . import web as pages
-from .appkeys import AUDIT, AUTHORIZER, FORWARDER, GRANTS, LIVE, METRICS, REDIS, SETTINGS
+from .appkeys import (
+    AUDIT,
+    AUTHORIZER,
+    FORWARDER,
+    GRANTS,
+    LIVE,
+    METRICS,
+    REDIS,
+    SETTINGS,
+    WORKFLOW,
+)  # fmt: skip
 from .authorize import Authorizer
 from .forward import Forwarder, UpstreamConfig
 from .grants import RedisGrants
@@ -27,6 +37,7 @@ from .redisd import EmbeddedRedis
 from .reload import RELOADER, PolicyReloader
 from .settings import Settings
 from .web import views
+from .workflow import Workflow
 
 log = logging.getLogger("jitgate")
 
@@ -99,6 +110,7 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     own.router.add_post("/login", views.login)
     own.router.add_get("/logout", views.logout)
     own.router.add_static("/static", pages.STATIC_DIR)
+    api.add_routes(own)
     own.router.add_route("*", "/{tail:.*}", _not_found)
     app.add_subapp(settings.prefix, own)
     app.router.add_route("*", "/{tail:.*}", _gate_handler)
@@ -146,6 +158,7 @@ def _lifecycle(
         follower = asyncio.create_task(
             follow_revocations(grants.revocations, live), name="revocation-feed"
         )
+        app[WORKFLOW] = Workflow(lambda: slot[0].policy, grants, audit_log, settings.admins)
         app[GATE] = Gate(settings, lambda: slot[0], forwarder, audit_log, m, live)
         reloader = PolicyReloader(
             slot, settings.policy_file, m, audit_log, watch=settings.policy_watch

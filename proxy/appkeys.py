@@ -12,6 +12,7 @@ from .grants import RedisGrants
 from .live import LiveConnections
 from .metrics import Metrics
 from .settings import Settings
+from .workflow import Workflow
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -20,5 +21,6 @@ GRANTS = web.AppKey("grants", RedisGrants)
 AUDIT = web.AppKey("audit", AuditLog)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 LIVE = web.AppKey("live", LiveConnections)
+WORKFLOW = web.AppKey("workflow", Workflow)
 # One slot holding the current Authorizer: a reload swaps it whole.
 AUTHORIZER = web.AppKey("authorizer", list[Authorizer])

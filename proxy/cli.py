@@ -214,7 +214,9 @@ async def _grants(args: argparse.Namespace, settings: Settings) -> int:
             print(json.dumps(grant.to_dict()) if args.json else grant.id)
             return EXIT_OK
         if args.verb == "revoke":
-            revoked = await store.revoke(args.grant_id)
+            revoked = await store.revoke(
+                args.grant_id, by=_actor(args.by), comment=args.comment or ""
+            )
             if revoked is None:
                 print(f"no active grant {args.grant_id}", file=sys.stderr)
                 return EXIT_FINDING

@@ -118,6 +118,14 @@ class ForwardSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """Who may list every grant and revoke any (the security team)."""
+
+    groups: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class Settings:
     file: Path
     listen: ListenSettings = field(default_factory=ListenSettings)
@@ -131,6 +139,7 @@ class Settings:
     prefix: str = "/_jit"
     state_dir: Path = Path(".jitgate")
     grant_max_ttl: float = 7 * 24 * 3600.0
+    admins: AdminSettings = field(default_factory=AdminSettings)
 
 
 T = TypeVar("T")
@@ -278,7 +287,7 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
     r.known(
         raw,
         {"listen", "upstream", "redis", "identity", "audit", "forward", "policy", "prefix"}
-        | {"state_dir", "grant_max_ttl"},
+        | {"state_dir", "grant_max_ttl", "admins"},
         "",
     )
 
@@ -362,6 +371,13 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
         ),
     )
 
+    s = r.section(raw, "admins", "admins")
+    r.known(s, {"groups", "users"}, "admins")
+    admins = AdminSettings(
+        groups=frozenset(r.str_list(s, "groups", (), "admins.groups")),
+        users=frozenset(r.str_list(s, "users", (), "admins.users")),
+    )
+
     s = r.section(raw, "policy", "policy")
     r.known(s, {"file", "watch"}, "policy")
     policy_file = _resolve(base, r.get(s, "file", str, "policy.yaml", "policy.file"))
@@ -383,6 +399,7 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
         prefix=prefix,
         state_dir=_resolve(base, r.get(raw, "state_dir", str, "../.jitgate", "state_dir")),
         grant_max_ttl=r.positive(raw, "grant_max_ttl", float, 7 * 24 * 3600.0, "grant_max_ttl"),
+        admins=admins,
     )
     if r.errors:
         raise ConfigErrors(r.errors)

@@ -1,15 +1,17 @@
-"""The grant store against a real Redis."""
+"""The grant store and its lifecycle against a real Redis, races included."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from proxy.grants import RedisGrants
+from proxy.grants import Grant, GrantError, RedisGrants
 
 
 @pytest.fixture
@@ -19,16 +21,54 @@ async def store(redis_url: str) -> AsyncIterator[RedisGrants]:
     await client.aclose()
 
 
+@pytest.fixture
+async def replica(redis_url: str) -> AsyncIterator[RedisGrants]:
+    """The same store through a client of its own, as another replica would use it."""
+    client = Redis.from_url(redis_url)
+    yield RedisGrants(client, "jit:")
+    await client.aclose()
+
+
+async def request(store: RedisGrants, needed: int = 1, **kw: Any) -> Grant:
+    args: dict[str, Any] = {
+        "duration": 60, "reason": "INC-1", "ticket": "T-1", "entitlement": "oncall",
+        "needed": needed, "pending_ttl": 60,
+    }  # fmt: skip
+    args.update(kw)
+    user, scope = args.pop("user", "alice"), args.pop("scope", "project:1")
+    return await store.request(user, scope, **args)
+
+
+async def refused(code: str, call: Any) -> str:
+    with pytest.raises(GrantError) as info:
+        await call
+    assert info.value.code == code
+    return str(info.value)
+
+
+async def active_ids(store: RedisGrants, user: str = "alice", scope: str = "project:1") -> set[str]:
+    members = await store.redis.zrange(store._active_key(user, scope), 0, -1)
+    return {m.decode() for m in members if isinstance(m, bytes)}
+
+
+# --- admin grants: add, check, revoke ------------------------------------------------
+
+
 async def test_add_check_revoke(store: RedisGrants) -> None:
     g = await store.add("alice", "recording:1/demo-1", 60, "ticket 42", "admin")
     assert g.id.startswith("g-") and g.expires_at - g.created_at == pytest.approx(60, abs=0.01)
+    assert (g.state, g.granted_by, g.activated_at) == ("active", "admin", g.expires_at - 60)
     assert await store.check("alice", ("recording:1/demo-1",)) == (g.id, g.expires_at)
     assert await store.check("bob", ("recording:1/demo-1",)) is None
     assert await store.get(g.id) == g
-    assert await store.revoke(g.id) == g
+    revoked = await store.revoke(g.id, by="secops", comment="done")
+    assert revoked is not None and revoked.id == g.id
+    assert (revoked.state, revoked.ended_by, revoked.end_comment) == ("revoked", "secops", "done")
+    assert revoked.ended_at == pytest.approx(time.time(), abs=1)
     assert await store.check("alice", ("recording:1/demo-1",)) is None
     assert await store.revoke(g.id) is None
-    assert await store.get(g.id) is None
+    assert await store.get(g.id) == revoked
+    assert await store.expires_at(g.id) is None
 
 
 async def test_wider_scope_found_in_one_check(store: RedisGrants) -> None:
@@ -48,13 +88,20 @@ async def test_two_grants_same_scope_revoking_one_keeps_the_other(store: RedisGr
 async def test_expiry_is_redis_ttl(store: RedisGrants) -> None:
     g = await store.add("alice", "project:1", 0.3, "r", "admin")
     active_key = store._active_key("alice", "project:1")
-    assert 0 < await store.redis.pttl(f"jit:grant:{g.id}") <= 300
     assert 0 < await store.redis.pttl(active_key) <= 300
+    history_ms = store.history_ttl * 1000
+    assert history_ms < await store.redis.pttl(f"jit:grant:{g.id}") <= history_ms + 300
     await asyncio.sleep(0.45)
     assert await store.check("alice", ("project:1",)) is None
-    assert await store.redis.exists(f"jit:grant:{g.id}", active_key) == 0
+    assert await store.redis.exists(active_key) == 0
     assert await store.list() == []
     assert await store.count_active() == 0
+    expired = await store.get(g.id)
+    assert expired is not None and expired.state == "expired" and expired.remaining() == 0
+    assert [x.id for x in await store.list(states=["expired"])] == [g.id]
+    # An expired grant can be neither revoked nor extended.
+    assert await store.revoke(g.id) is None
+    assert "is expired" in await refused("not_active", store.extend(g.id, "alice", 10, 3600))
 
 
 async def test_user_and_scope_cannot_collide(store: RedisGrants) -> None:
@@ -92,11 +139,12 @@ async def test_check_is_one_round_trip(store: RedisGrants, monkeypatch: Any) -> 
         pipe.execute = execute  # type: ignore[method-assign]
         return pipe
 
+    await store.add("alice", "project:1", 60, "r", "admin")
     monkeypatch.setattr(store.redis, "execute_command", counted_command)
     monkeypatch.setattr(store.redis, "pipeline", counted_pipeline)
     await store.check("alice", ("recording:1/demo-1", "project:1", "org:1"))  # loads the script
     trips.clear()
-    await store.check("alice", ("recording:1/demo-1", "project:1", "org:1"))
+    assert await store.check("alice", ("recording:1/demo-1", "project:1", "org:1")) is not None
     assert trips == ["EVALSHA"]
 
 
@@ -114,3 +162,332 @@ async def test_check_returns_the_longest_lived_grant_of_a_scope(store: RedisGran
     long = await store.add("alice", "project:1", 90, "r", "admin")
     await store.add("alice", "project:1", 60, "r", "admin")
     assert await store.check("alice", ("project:1",)) == (long.id, long.expires_at)
+
+
+# --- the request lifecycle -------------------------------------------------------------
+
+
+async def test_lifecycle_request_approve_twice_extend_relinquish(store: RedisGrants) -> None:
+    g = await request(store, needed=2, duration=60)
+    assert (g.state, g.needed, g.approvals, g.expires_at, g.activated_at) == (
+        "pending", 2, (), 0.0, 0.0,
+    )  # fmt: skip
+    assert (g.ticket, g.entitlement, g.reason, g.duration) == ("T-1", "oncall", "INC-1", 60)
+    assert g.pending_until == pytest.approx(g.created_at + 60, abs=0.01)
+    assert await store.check("alice", ("project:1",)) is None
+    assert await store.expires_at(g.id) is None
+    assert [p.id for p in await store.list_pending()] == [g.id]
+
+    first, activated = await store.approve(g.id, "bob", "looks fine")
+    assert not activated and first.state == "pending"
+    assert [(a.by, a.comment) for a in first.approvals] == [("bob", "looks fine")]
+    assert await store.check("alice", ("project:1",)) is None
+
+    await asyncio.sleep(0.1)
+    g, activated = await store.approve(g.id, "carol", "")
+    assert activated and g.state == "active"
+    assert [a.by for a in g.approvals] == ["bob", "carol"] and g.granted_by == "bob,carol"
+    # The clock starts at the approval that activates it, not at the request.
+    assert g.activated_at - g.created_at >= 0.09
+    assert g.expires_at == pytest.approx(g.activated_at + 60, abs=0.002)
+    assert await store.check("alice", ("project:1",)) == (g.id, g.expires_at)
+    assert await store.expires_at(g.id) == g.expires_at
+    assert await store.list_pending() == []
+    assert await store.count_active() == 1
+    assert await refused("not_pending", store.approve(g.id, "dave"))
+
+    extended = await store.extend(g.id, "alice", 30, max_total=120)
+    assert extended.expires_at == pytest.approx(g.expires_at + 30, abs=0.002)
+    assert (extended.extensions, extended.extended_by) == (1, "alice")
+    assert await store.check("alice", ("project:1",)) == (g.id, extended.expires_at)
+    assert await store.expires_at(g.id) == extended.expires_at
+    assert await store.redis.pttl(store._active_key("alice", "project:1")) > 85_000
+    message = await refused("exceeds_max", store.extend(g.id, "alice", 60, max_total=120))
+    assert message == "a total of 150s exceeds the maximum of 120s"
+    assert (await store.get(g.id)) == extended
+
+    assert "holder" in await refused("not_holder", store.relinquish(g.id, "bob"))
+    ended = await store.relinquish(g.id, "alice", "done early")
+    assert (ended.state, ended.ended_by, ended.end_comment) == (
+        "relinquished",
+        "alice",
+        "done early",
+    )
+    assert await store.check("alice", ("project:1",)) is None
+    assert await store.redis.exists(store._active_key("alice", "project:1")) == 0
+    assert await store.get(g.id) == ended
+    assert await store.expires_at(g.id) is None
+    assert await store.count_active() == 0
+    assert await refused("not_active", store.relinquish(g.id, "alice"))
+
+
+async def test_self_approval_is_refused(store: RedisGrants) -> None:
+    g = await request(store)
+    assert await refused("self_approval", store.approve(g.id, "alice")) == (
+        "cannot approve your own request"
+    )
+    assert (await store.get(g.id)) == g
+
+
+async def test_duplicate_approval_is_refused(store: RedisGrants) -> None:
+    g = await request(store, needed=2)
+    await store.approve(g.id, "bob")
+    message = await refused("duplicate_approval", store.approve(g.id, "bob"))
+    assert message == "already approved by bob"
+    after = await store.get(g.id)
+    assert after is not None and after.state == "pending" and len(after.approvals) == 1
+
+
+async def test_deny_and_withdraw(store: RedisGrants) -> None:
+    g = await request(store)
+    denied = await store.deny(g.id, "bob", "not this one")
+    assert (denied.state, denied.ended_by, denied.end_comment) == ("denied", "bob", "not this one")
+    assert await store.list_pending() == []
+    assert "is denied" in await refused("not_pending", store.approve(g.id, "carol"))
+    assert await refused("not_pending", store.deny(g.id, "bob"))
+    assert await store.revoke(g.id) is None
+    # The requester withdrawing their own request is a deny by them.
+    mine = await request(store)
+    assert (await store.deny(mine.id, "alice", "not needed")).state == "denied"
+
+
+async def test_pending_request_lapses(store: RedisGrants) -> None:
+    g = await request(store, pending_ttl=0.3)
+    await asyncio.sleep(0.4)
+    lapsed = await store.get(g.id)
+    assert lapsed is not None and lapsed.state == "lapsed"
+    assert await store.list_pending() == []
+    assert [x.id for x in await store.list(states=["lapsed"])] == [g.id]
+    assert "is lapsed" in await refused("not_pending", store.approve(g.id, "bob"))
+    assert await refused("not_pending", store.deny(g.id, "bob"))
+    assert await store.check("alice", ("project:1",)) is None
+
+
+async def test_request_needing_no_approval_is_active_at_once(store: RedisGrants) -> None:
+    g = await request(store, needed=0, duration=30, break_glass=True)
+    assert g.state == "active" and g.break_glass and g.granted_by == ""
+    assert g.expires_at == pytest.approx(g.activated_at + 30, abs=0.002)
+    assert g.activated_at == pytest.approx(g.created_at, abs=0.002)
+    assert await store.check("alice", ("project:1",)) == (g.id, g.expires_at)
+    assert await store.list_pending() == []
+    d = g.to_dict()
+    assert d["pending_until"] is None and d["ended_at"] is None and d["break_glass"] is True
+
+
+async def test_revoking_a_pending_request_is_refused(store: RedisGrants) -> None:
+    g = await request(store)
+    assert await store.revoke(g.id, by="admin") is None
+    assert await refused("not_active", store.relinquish(g.id, "alice"))
+    assert await refused("not_active", store.extend(g.id, "alice", 10, 3600))
+    assert (await store.get(g.id)) == g
+    _, activated = await store.approve(g.id, "bob")
+    assert activated
+
+
+async def test_unknown_grant(store: RedisGrants) -> None:
+    assert await refused("not_found", store.approve("g-nope", "bob")) == "no grant g-nope"
+    assert await refused("not_found", store.deny("g-nope", "bob"))
+    assert await refused("not_found", store.relinquish("g-nope", "alice"))
+    assert await refused("not_found", store.extend("g-nope", "alice", 10, 60))
+    assert await store.revoke("g-nope") is None
+    assert await store.get("g-nope") is None
+    assert await store.expires_at("g-nope") is None
+
+
+async def test_bad_arguments(store: RedisGrants) -> None:
+    with pytest.raises(ValueError):
+        await request(store, duration=0)
+    with pytest.raises(ValueError):
+        await request(store, needed=-1)
+    with pytest.raises(ValueError):
+        await request(store, user="")
+    with pytest.raises(ValueError):
+        await store.add("alice", "project:1", 0, "r", "admin")
+    with pytest.raises(ValueError):
+        await store.list(states=["active", "gone"])
+    with pytest.raises(ValueError):
+        RedisGrants(store.redis, history_ttl=0)
+
+
+async def test_ending_announces_on_the_channel(store: RedisGrants, replica: RedisGrants) -> None:
+    feed = store.revocations()
+    assert await anext(feed) is None
+    kept = await store.add("alice", "project:1", 60, "r", "admin")
+    given = await request(store, needed=0)
+    await replica.extend(kept.id, "alice", 10, 3600)  # announced as "extended", not yielded
+    await replica.relinquish(given.id, "alice")
+    await replica.revoke(kept.id)
+    assert await asyncio.wait_for(anext(feed), 2) == given.id
+    assert await asyncio.wait_for(anext(feed), 2) == kept.id
+    await feed.aclose()  # type: ignore[attr-defined]
+
+
+async def test_extended_message_format(store: RedisGrants) -> None:
+    g = await store.add("alice", "project:1", 60, "r", "admin")
+    pubsub = store.redis.pubsub()
+    await pubsub.subscribe(store.channel)
+    await store.extend(g.id, "alice", 5, 3600)
+    await store.revoke(g.id)
+    seen: list[str] = []
+    while len(seen) < 2:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+        if msg is not None:
+            seen.append(msg["data"].decode())
+    assert seen == [f"extended {g.id}", f"revoked {g.id}"]
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_listing(store: RedisGrants) -> None:
+    pending = await request(store, user="bob")
+    admin = await store.add("alice", "project:2", 60, "r", "admin")
+    ended = await request(store, needed=0)
+    await store.relinquish(ended.id, "alice")
+    other = await request(store, user="carol")
+    everything = await store.list(states=None)
+    assert [g.id for g in everything] == [other.id, ended.id, admin.id, pending.id]
+    assert [g.state for g in everything] == ["pending", "relinquished", "active", "pending"]
+    assert [g.id for g in await store.list("alice")] == [admin.id]
+    assert [g.id for g in await store.list("alice", states=None)] == [ended.id, admin.id]
+    assert [g.id for g in await store.list(states=["pending"])] == [other.id, pending.id]
+    assert [g.id for g in await store.list_pending()] == [pending.id, other.id]
+    assert [g.id for g in await store.list_pending("carol")] == [other.id]
+    json.dumps([g.to_dict() for g in everything])
+
+
+# --- history -------------------------------------------------------------------------
+
+
+async def test_history_outlives_the_grant_then_goes(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    store = RedisGrants(client, "jit:", history_ttl=0.5)
+    g = await request(store, needed=1)
+    await store.approve(g.id, "bob", "ok")
+    await store.revoke(g.id, by="secops", comment="incident over")
+    assert await client.exists(store._active_key("alice", "project:1")) == 0
+    kept = await store.get(g.id)
+    assert kept is not None and kept.state == "revoked" and kept.approvals[0].comment == "ok"
+    assert 0 < await client.pttl(f"jit:grant:{g.id}") <= 500
+    assert [x.id for x in await store.list(states=None)] == [g.id]
+    await asyncio.sleep(0.6)
+    assert await store.get(g.id) is None
+    assert await store.list(states=None) == []
+    assert await client.keys("jit:*") == []  # the index sets expired by themselves too
+    await client.aclose()
+
+
+async def test_records_written_before_the_lifecycle_still_work(store: RedisGrants) -> None:
+    now = time.time()
+    key, active = "jit:grant:g-old", store._active_key("alice", "project:1")
+    await store.redis.hset(key, mapping={
+        "id": "g-old", "user": "alice", "scope": "project:1", "created_at": f"{now:.3f}",
+        "expires_at": f"{now + 60:.3f}", "reason": "r", "granted_by": "admin",
+    })  # fmt: skip
+    await store.redis.zadd(active, {"g-old": int((now + 60) * 1000)})
+    old = await store.get("g-old")
+    assert old is not None and (old.state, old.activated_at) == ("active", float(f"{now:.3f}"))
+    assert await store.expires_at("g-old") == float(f"{now + 60:.3f}")
+    extended = await store.extend("g-old", "alice", 10, 3600)
+    assert extended.expires_at == pytest.approx(now + 70, abs=0.01)
+    revoked = await store.revoke("g-old")
+    assert revoked is not None and revoked.state == "revoked"
+    assert await store.check("alice", ("project:1",)) is None
+
+
+# --- races: every transition is one script ---------------------------------------------
+
+
+async def test_concurrent_approvals_activate_exactly_once(
+    store: RedisGrants, replica: RedisGrants
+) -> None:
+    for i in range(50):
+        g = await request(store, needed=1, scope=f"project:{i}")
+        results = await asyncio.gather(
+            store.approve(g.id, "bob"), replica.approve(g.id, "carol"), return_exceptions=True
+        )
+        won = [r for r in results if isinstance(r, tuple)]
+        lost = [r for r in results if isinstance(r, GrantError)]
+        assert len(won) == 1 and won[0][1] is True, results
+        assert len(lost) == 1 and lost[0].code == "not_pending"
+        final = await store.get(g.id)
+        assert final is not None and final.state == "active" and len(final.approvals) == 1
+        assert final.granted_by == final.approvals[0].by
+        assert await active_ids(store, scope=f"project:{i}") == {g.id}
+    assert await store.count_active() == 50
+
+
+async def test_third_concurrent_approver_of_two_needed_is_refused(
+    store: RedisGrants, replica: RedisGrants
+) -> None:
+    for i in range(50):
+        g = await request(store, needed=2, scope=f"project:{i}")
+        results = await asyncio.gather(
+            store.approve(g.id, "bob"),
+            replica.approve(g.id, "carol"),
+            store.approve(g.id, "dave"),
+            return_exceptions=True,
+        )
+        won = [r for r in results if isinstance(r, tuple)]
+        assert sorted(activated for _, activated in won) == [False, True], results
+        assert [r.code for r in results if isinstance(r, GrantError)] == ["not_pending"]
+        final = await store.get(g.id)
+        assert final is not None and final.state == "active" and len(final.approvals) == 2
+        assert await active_ids(store, scope=f"project:{i}") == {g.id}
+
+
+async def test_approve_racing_revoke_ends_consistent(
+    store: RedisGrants, replica: RedisGrants
+) -> None:
+    outcomes = set()
+    for i in range(50):
+        g = await request(store, needed=1, scope=f"project:{i}")
+        approve, revoke = store.approve(g.id, "bob"), replica.revoke(g.id, by="admin")
+        calls = (approve, revoke) if i % 2 else (revoke, approve)
+        await asyncio.gather(*calls, return_exceptions=True)
+        if i % 2 == 0:  # also revoke right after the approval, as a second admin might
+            await replica.revoke(g.id)
+        final = await store.get(g.id)
+        assert final is not None and final.state in ("active", "revoked")
+        live = await active_ids(store, scope=f"project:{i}")
+        assert live == ({g.id} if final.state == "active" else set())
+        found = await store.check("alice", (f"project:{i}",))
+        assert (found is not None) == (final.state == "active")
+        outcomes.add(final.state)
+    assert outcomes <= {"active", "revoked"}
+    assert await store.count_active() == sum(
+        1 for g in await store.list(states=None) if g.state == "active"
+    )
+
+
+async def test_relinquish_racing_extend_ends_consistent(
+    store: RedisGrants, replica: RedisGrants
+) -> None:
+    for i in range(50):
+        g = await store.add("alice", f"project:{i}", 60, "r", "admin")
+        calls = (store.relinquish(g.id, "alice"), replica.extend(g.id, "alice", 30, 3600))
+        results = await asyncio.gather(*(calls if i % 2 else calls[::-1]), return_exceptions=True)
+        final = await store.get(g.id)
+        assert final is not None and final.state == "relinquished"
+        extended = [r for r in results if isinstance(r, Grant) and r.state == "active"]
+        refused_ = [r for r in results if isinstance(r, GrantError)]
+        assert len(extended) + len(refused_) == 1, results
+        assert all(r.code == "not_active" for r in refused_)
+        assert final.extensions == len(extended)
+        assert await active_ids(store, scope=f"project:{i}") == set()
+        assert await store.check("alice", (f"project:{i}",)) is None
+    assert await store.count_active() == 0
+
+
+async def test_concurrent_extensions_stop_at_the_maximum(
+    store: RedisGrants, replica: RedisGrants
+) -> None:
+    g = await store.add("alice", "project:1", 50, "r", "admin")
+    results = await asyncio.gather(
+        *((store, replica)[n % 2].extend(g.id, "alice", 10, 100) for n in range(20)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, Grant) for r in results) == 5
+    assert {r.code for r in results if isinstance(r, GrantError)} == {"exceeds_max"}
+    final = await store.get(g.id)
+    assert final is not None and final.extensions == 5
+    assert final.expires_at == pytest.approx(final.activated_at + 100, abs=0.002)
+    assert await store.check("alice", ("project:1",)) == (g.id, final.expires_at)

@@ -1,0 +1,318 @@
+"""The JSON API under `{prefix}/api/`: the access workflow for people and scripts.
+
+Callers authenticate like any request (bearer token or jitgate's cookie). A request
+that changes state and is authenticated by the cookie must come from jitgate's own
+origin (Origin or Sec-Fetch-Site), so another site cannot act for a signed-in browser.
+Errors are JSON: {"error": code, "message": text}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .appkeys import AUTHORIZER, SETTINGS, WORKFLOW
+from .grants import Grant
+from .identity import Identity, IdentityError
+from .settings import parse_duration
+from .workflow import WorkflowError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_STATES = ("pending", "active", "denied", "lapsed", "expired", "revoked", "relinquished")
+_ACTIONS = ("approve", "deny", "revoke", "relinquish", "extend")
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+def _grant(grant: Grant) -> dict[str, Any]:
+    return grant.to_dict()
+
+
+async def _identity(request: web.Request, *, changes_state: bool) -> Identity:
+    verifier = request.config_dict[AUTHORIZER][0].verifier
+    headers = request.headers
+    token = verifier.token_from(headers, {})
+    by_cookie = False
+    if token is None:
+        token = verifier.token_from({}, request.cookies)
+        by_cookie = token is not None
+    if token is None:
+        raise WorkflowError(401, "unauthenticated", "no credentials")
+    try:
+        ident = verifier.verify(token)
+    except IdentityError as exc:
+        raise WorkflowError(401, "unauthenticated", str(exc)) from None
+    if changes_state and by_cookie and not _same_origin(request):
+        raise WorkflowError(403, "cross_site", "cross-site request refused")
+    return ident
+
+
+def _same_origin(request: web.Request) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        return origin == str(request.url.origin())
+    return request.headers.get("Sec-Fetch-Site") == "same-origin"
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        data = json.loads(await request.read() or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise WorkflowError(400, "bad_request", "the body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise WorkflowError(400, "bad_request", "the body must be a JSON object")
+    return data
+
+
+def _str(data: dict[str, Any], key: str) -> str:
+    value = data.get(key, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise WorkflowError(400, "bad_request", f"{key} must be a string")
+    return value
+
+
+def _seconds(data: dict[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise WorkflowError(400, "bad_request", f"{key} must be a duration such as 1h or 900")
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise WorkflowError(400, "bad_request", f"{key}: {exc}") from None
+
+
+def _api(changes_state: bool) -> Callable[[Callable[..., Awaitable[Any]]], Handler]:
+    """Wrap a handler: identity first, WorkflowError as a JSON error, the result as JSON."""
+
+    def wrap(fn: Callable[..., Awaitable[Any]]) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                ident = await _identity(request, changes_state=changes_state)
+                result, status = await fn(request, ident)
+            except WorkflowError as exc:
+                return error(exc.status, exc.code, exc.message)
+            return web.json_response(result, status=status, headers={"Cache-Control": "no-store"})
+
+        return handler
+
+    return wrap
+
+
+@_api(changes_state=True)
+async def create_request(request: web.Request, ident: Identity) -> tuple[Any, int]:
+    data = await _body(request)
+    break_glass = data.get("break_glass", False)
+    if not isinstance(break_glass, bool):
+        raise WorkflowError(400, "bad_request", "break_glass must be true or false")
+    grant = await request.config_dict[WORKFLOW].request(
+        ident,
+        _str(data, "scope"),
+        reason=_str(data, "reason"),
+        duration=_seconds(data, "duration"),
+        ticket=_str(data, "ticket") or None,
+        break_glass=break_glass,
+    )
+    return _grant(grant), 201
+
+
+@_api(changes_state=True)
+async def act(request: web.Request, ident: Identity) -> tuple[Any, int]:
+    action = request.match_info["action"]
+    if action not in _ACTIONS:
+        raise WorkflowError(404, "not_found", f"no action {action!r}")
+    grant_id = request.match_info["grant_id"]
+    data = await _body(request)
+    comment = _str(data, "comment")
+    flow = request.config_dict[WORKFLOW]
+    if action == "extend":
+        extra = _seconds(data, "duration")
+        if extra is None:
+            raise WorkflowError(400, "bad_request", "duration is required")
+        grant = await flow.extend(ident, grant_id, extra, comment)
+    else:
+        grant = await getattr(flow, action)(ident, grant_id, comment)
+    return _grant(grant), 200
+
+
+@_api(changes_state=False)
+async def show(request: web.Request, ident: Identity) -> tuple[Any, int]:
+    grant = await request.config_dict[WORKFLOW].show(ident, request.match_info["grant_id"])
+    return _grant(grant), 200
+
+
+@_api(changes_state=False)
+async def mine(request: web.Request, ident: Identity) -> tuple[Any, int]:
+    grants = await request.config_dict[WORKFLOW].mine(ident)
+    return {"grants": [_grant(g) for g in grants]}, 200
+
+
+@_api(changes_state=False)
+async def pending(request: web.Request, ident: Identity) -> tuple[Any, int]:
+    grants = await request.config_dict[WORKFLOW].pending_for(ident)
+    return {"grants": [_grant(g) for g in grants]}, 200
+
+
+@_api(changes_state=False)
+async def list_all(request: web.Request, ident: Identity) -> tuple[Any, int]:
+    states = tuple(s for s in request.query.get("state", "").split(",") if s) or None
+    for state in states or ():
+        if state not in _STATES:
+            raise WorkflowError(400, "bad_request", f"unknown state {state!r}")
+    grants = await request.config_dict[WORKFLOW].all(
+        ident, user=request.query.get("user") or None, states=states
+    )
+    return {"grants": [_grant(g) for g in grants]}, 200
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(request.config_dict[SETTINGS].prefix))
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the API on jitgate's own sub-application (mounted at the prefix)."""
+    app.router.add_post("/api/requests", create_request)
+    app.router.add_get("/api/grants", list_all)
+    app.router.add_get("/api/grants/mine", mine)
+    app.router.add_get("/api/grants/pending", pending)
+    app.router.add_get("/api/grants/{grant_id}", show)
+    app.router.add_post("/api/grants/{grant_id}/{action}", act)
+    app.router.add_get("/api/openapi.json", openapi)
+
+
+def openapi_document(prefix: str) -> dict[str, Any]:
+    """Describe the API as OpenAPI 3.1."""
+    ref = {"$ref": "#/components/schemas/Grant"}
+    listing = {"type": "object", "properties": {"grants": {"type": "array", "items": ref}}}
+    err = {"description": "error", "content": _json({"$ref": "#/components/schemas/Error"})}
+    errors = {str(s): err for s in (400, 401, 403, 404, 409)}
+    grant_id = {"name": "grant_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    one = {"200": {"description": "the grant", "content": _json(ref)}, **errors}
+    many = {"200": {"description": "grants", "content": _json(listing)}, **errors}
+
+    def action(summary: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "post": {
+                "summary": summary,
+                "parameters": [grant_id],
+                "requestBody": {"content": _json(body)},
+                "responses": one,
+            }
+        }
+
+    comment = {"type": "object", "properties": {"comment": {"type": "string"}}}
+    duration: dict[str, Any] = {"oneOf": [{"type": "string"}, {"type": "number"}]}
+    extend = {
+        "type": "object",
+        "required": ["duration"],
+        "properties": {"duration": duration, "comment": {"type": "string"}},
+    }
+    paths: dict[str, Any] = {
+        "/api/requests": {
+            "post": {
+                "summary": "Request access to a scope",
+                "requestBody": {
+                    "required": True,
+                    "content": _json({"$ref": "#/components/schemas/AccessRequest"}),
+                },
+                "responses": {
+                    "201": {"description": "pending or active", "content": _json(ref)},
+                    **errors,
+                },
+            }
+        },
+        "/api/grants": {
+            "get": {
+                "summary": "List every grant (admins)",
+                "parameters": [
+                    {"name": "user", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "comma-separated states",
+                    },
+                ],
+                "responses": many,
+            }
+        },
+        "/api/grants/mine": {
+            "get": {
+                "summary": "My grants and requests",
+                "responses": many,
+            }
+        },
+        "/api/grants/pending": {
+            "get": {
+                "summary": "Pending requests I may decide",
+                "responses": many,
+            }
+        },
+        "/api/grants/{grant_id}": {
+            "get": {
+                "summary": "Show one grant",
+                "parameters": [grant_id],
+                "responses": one,
+            }
+        },
+        "/api/grants/{grant_id}/approve": action("Approve a pending request", comment),
+        "/api/grants/{grant_id}/deny": action("Deny (or withdraw) a pending request", comment),
+        "/api/grants/{grant_id}/revoke": action("Revoke an active grant (admins)", comment),
+        "/api/grants/{grant_id}/relinquish": action("Give up one's own active grant", comment),
+        "/api/grants/{grant_id}/extend": action(
+            "Extend one's own active grant within the maximum", extend
+        ),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "jitgate access API", "version": "1"},
+        "servers": [{"url": prefix}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "AccessRequest": {
+                    "type": "object",
+                    "required": ["scope"],
+                    "properties": {
+                        "scope": {"type": "string", "examples": ["recording:1/demo-1"]},
+                        "reason": {"type": "string"},
+                        "ticket": {"type": "string"},
+                        "duration": duration,
+                        "break_glass": {"type": "boolean"},
+                    },
+                },
+                "Grant": {
+                    "type": "object",
+                    "required": ["id", "user", "scope", "state"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "user": {"type": "string"},
+                        "scope": {"type": "string"},
+                        "state": {"type": "string", "enum": list(_STATES)},
+                    },
+                    "additionalProperties": True,
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "message"],
+                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+        },
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}

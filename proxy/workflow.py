@@ -1,0 +1,273 @@
+"""The access workflow: request, approve, deny, revoke, relinquish and extend, by policy.
+
+The policy's entitlements say who may request which scope, for how long and approved
+how; the grant store makes each transition atomic; every transition is audited with its
+actor and comment. Errors carry an HTTP status and a code for the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import audit
+from .grants import Grant, GrantError, RedisGrants
+from .identity import Identity
+from .policy import Entitlement, Policy
+from .settings import AdminSettings
+
+_MAX_TEXT = 1000
+
+
+class WorkflowError(Exception):
+    """A refused workflow step: status and code for the API, message for people."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+_GRANT_ERRORS = {
+    "not_found": 404,
+    "not_pending": 409,
+    "not_active": 409,
+    "self_approval": 403,
+    "duplicate_approval": 409,
+    "not_holder": 403,
+    "exceeds_max": 400,
+}
+
+
+@dataclass(frozen=True)
+class Workflow:
+    policy: Callable[[], Policy]
+    grants: RedisGrants
+    audit: audit.AuditLog
+    admins: AdminSettings
+
+    def is_admin(self, ident: Identity) -> bool:
+        return ident.subject in self.admins.users or bool(self.admins.groups & set(ident.groups))
+
+    async def request(
+        self,
+        ident: Identity,
+        scope: str,
+        *,
+        reason: str,
+        duration: float | None = None,
+        ticket: str | None = None,
+        break_glass: bool = False,
+    ) -> Grant:
+        """File a request; an auto-approved or break-glass one is active at once."""
+        scope = scope.strip()
+        if not scope:
+            raise WorkflowError(400, "bad_request", "a scope is required")
+        # Break-glass requests consider only break-glass rules, ordinary ones only the rest.
+        ent = self.policy().entitlement_for(
+            scope, ident.subject, ident.groups, break_glass=break_glass
+        )
+        if ent is None:
+            kind = "break-glass access to" if break_glass else "access to"
+            raise WorkflowError(
+                403, "not_entitled", f"no entitlement lets {ident.subject} request {kind} {scope}"
+            )
+        reason = _text(reason, "reason")
+        if ent.reason_required and not reason:
+            raise WorkflowError(400, "bad_request", "a reason is required")
+        ticket = _text(ticket, "ticket") or None
+        pattern = ent.ticket_pattern
+        if pattern is not None and (not ticket or pattern.fullmatch(ticket) is None):
+            message = f"a ticket matching {pattern.pattern} is required"
+            raise WorkflowError(400, "bad_request", message)
+        seconds = _duration(ent, duration)
+        needed = 0 if (ent.approval.mode == "auto" or ent.break_glass) else ent.approval.count
+        grant = await self.grants.request(
+            ident.subject,
+            scope,
+            duration=seconds,
+            reason=reason,
+            ticket=ticket,
+            entitlement=ent.id,
+            needed=needed,
+            pending_ttl=ent.pending_ttl,
+            break_glass=ent.break_glass,
+        )
+        self._audit("grant.requested", grant, actor=ident.subject)
+        if ent.break_glass:
+            self._audit("break_glass", grant, actor=ident.subject)
+        if grant.state == "active":
+            self._audit("grant.activated", grant, actor=ident.subject)
+        return grant
+
+    async def approve(self, ident: Identity, grant_id: str, comment: str = "") -> Grant:
+        """Add one approval; the last one needed activates the grant (its clock starts now)."""
+        grant = await self._get(grant_id)
+        ent = self._entitlement(grant)
+        if not ent.may_approve(ident.subject, ident.groups):
+            raise WorkflowError(
+                403, "not_approver", f"{ident.subject} may not approve requests for {ent.id!r}"
+            )
+        comment = _text(comment, "comment")
+        try:
+            grant, activated = await self.grants.approve(grant_id, ident.subject, comment)
+        except GrantError as exc:
+            raise _from(exc) from None
+        self._audit("grant.approved", grant, actor=ident.subject, comment=comment)
+        if activated:
+            self._audit("grant.activated", grant, actor=ident.subject)
+        return grant
+
+    async def deny(self, ident: Identity, grant_id: str, comment: str = "") -> Grant:
+        """Deny a pending request (an approver), or withdraw it (its requester)."""
+        grant = await self._get(grant_id)
+        if grant.user != ident.subject and not self.is_admin(ident):
+            ent = self._entitlement(grant)
+            if not ent.may_approve(ident.subject, ident.groups):
+                raise WorkflowError(
+                    403, "not_approver", f"{ident.subject} may not deny requests for {ent.id!r}"
+                )
+        return await self._end("deny", "grant.denied", ident, grant_id, comment)
+
+    async def revoke(self, ident: Identity, grant_id: str, comment: str = "") -> Grant:
+        """End an active grant at once (an admin)."""
+        if not self.is_admin(ident):
+            raise WorkflowError(403, "not_admin", "only an admin may revoke grants")
+        await self._get(grant_id)  # 404 for an unknown id, 409 below for one not active
+        return await self._end("revoke", "grant.revoked", ident, grant_id, comment)
+
+    async def relinquish(self, ident: Identity, grant_id: str, comment: str = "") -> Grant:
+        """End one's own active grant early."""
+        return await self._end("relinquish", "grant.relinquished", ident, grant_id, comment)
+
+    async def extend(
+        self, ident: Identity, grant_id: str, duration: float, comment: str = ""
+    ) -> Grant:
+        """Lengthen one's own active grant within the entitlement's maximum."""
+        grant = await self._get(grant_id)
+        if grant.user != ident.subject:
+            raise WorkflowError(403, "not_holder", "only the grant's holder may extend it")
+        ent = self._entitlement(grant)
+        if ent.extend_requires_approval:
+            raise WorkflowError(
+                409, "needs_approval",
+                f"extensions under {ent.id!r} need approval: request access again",
+            )  # fmt: skip
+        if duration <= 0:
+            raise WorkflowError(400, "bad_request", "the extension must be positive")
+        try:
+            grant = await self.grants.extend(grant_id, ident.subject, duration, ent.max_duration)
+        except GrantError as exc:
+            raise _from(exc) from None
+        self._audit("grant.extended", grant, actor=ident.subject, comment=_text(comment, "comment"))
+        return grant
+
+    async def show(self, ident: Identity, grant_id: str) -> Grant:
+        """Return one grant to its holder, an eligible approver or an admin."""
+        grant = await self._get(grant_id)
+        if grant.user == ident.subject or self.is_admin(ident):
+            return grant
+        ent = self.policy().entitlement(grant.entitlement) if grant.entitlement else None
+        if ent is not None and ent.may_approve(ident.subject, ident.groups):
+            return grant
+        raise WorkflowError(404, "not_found", f"no grant {grant_id}")  # don't reveal it exists
+
+    async def mine(self, ident: Identity) -> list[Grant]:
+        return await self.grants.list(ident.subject, states=None)
+
+    async def pending_for(self, ident: Identity) -> list[Grant]:
+        """Pending requests this person may decide, their own included (marked by the UI)."""
+        policy = self.policy()
+        out = []
+        for grant in await self.grants.list_pending():
+            ent = policy.entitlement(grant.entitlement) if grant.entitlement else None
+            if ent is not None and ent.may_approve(ident.subject, ident.groups):
+                out.append(grant)
+        return out
+
+    async def all(
+        self, ident: Identity, *, user: str | None = None, states: tuple[str, ...] | None = None
+    ) -> list[Grant]:
+        if not self.is_admin(ident):
+            raise WorkflowError(403, "not_admin", "only an admin may list every grant")
+        return await self.grants.list(user, states=states)
+
+    async def _end(
+        self, verb: str, event: str, ident: Identity, grant_id: str, comment: str
+    ) -> Grant:
+        comment = _text(comment, "comment")
+        try:
+            if verb == "deny":
+                grant = await self.grants.deny(grant_id, ident.subject, comment)
+            elif verb == "revoke":
+                found = await self.grants.revoke(grant_id, by=ident.subject, comment=comment)
+                if found is None:
+                    raise WorkflowError(409, "not_active", f"grant {grant_id} is not active")
+                grant = found
+            else:
+                grant = await self.grants.relinquish(grant_id, ident.subject, comment)
+        except GrantError as exc:
+            raise _from(exc) from None
+        self._audit(event, grant, actor=ident.subject, comment=comment)
+        return grant
+
+    async def _get(self, grant_id: str) -> Grant:
+        grant = await self.grants.get(grant_id)
+        if grant is None:
+            raise WorkflowError(404, "not_found", f"no grant {grant_id}")
+        return grant
+
+    def _entitlement(self, grant: Grant) -> Entitlement:
+        ent = self.policy().entitlement(grant.entitlement) if grant.entitlement else None
+        if ent is None:
+            raise WorkflowError(
+                409, "no_entitlement",
+                f"grant {grant.id} was not requested under an entitlement the policy still has",
+            )  # fmt: skip
+        return ent
+
+    def _audit(self, event: str, grant: Grant, **extra: object) -> None:
+        self.audit.emit(
+            audit.record(
+                event,
+                user=grant.user,
+                scope=grant.scope,
+                grant_id=grant.id,
+                state=grant.state,
+                reason=grant.reason,
+                ticket=grant.ticket,
+                entitlement=grant.entitlement,
+                expires_at=grant.expires_at or None,
+                break_glass=grant.break_glass or None,
+                policy_version=self.policy().version,
+                **extra,
+            )
+        )
+
+
+def _text(value: str | None, name: str) -> str:
+    text = (value or "").strip()
+    if len(text) > _MAX_TEXT:
+        raise WorkflowError(400, "bad_request", f"{name} is longer than {_MAX_TEXT} characters")
+    return text
+
+
+def _duration(ent: Entitlement, duration: float | None) -> float:
+    if duration is None:
+        return ent.default_duration
+    if duration not in ent.durations and duration != ent.default_duration:
+        offered = ", ".join(_human(d) for d in ent.durations)
+        raise WorkflowError(400, "bad_request", f"duration must be one of {offered}")
+    return duration
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _from(exc: GrantError) -> WorkflowError:
+    return WorkflowError(_GRANT_ERRORS.get(exc.code, 409), exc.code, str(exc))

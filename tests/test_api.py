@@ -1,0 +1,247 @@
+"""The access workflow through the JSON API, against a real proxy, Redis and upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from conftest import ROOT, ProxyFactory, Upstream, make_token
+
+from proxy.appkeys import AUDIT
+
+SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
+ENTITLEMENTS = r"""
+entitlements:
+  - id: self-service
+    scopes: ["recording:{project}/{recording}"]
+    who: any
+    durations: {offered: [5m, 15m, 1h], default: 15m, max: 1h}
+    reason: required
+    approval: {mode: auto}
+    extend: {requires_approval: false}
+  - id: break-glass
+    scopes: ["project:{project}"]
+    who: {groups: [oncall]}
+    durations: {offered: [30m], default: 30m, max: 1h}
+    approval: {mode: approvers, count: 1, approvers: {groups: [security]}}
+    break_glass: true
+  - id: project
+    scopes: ["project:{project}"]
+    who: {groups: [eng]}
+    durations: {offered: [15m, 1h], default: 1h, max: 4h}
+    ticket: {pattern: "^(INC|SUP)-\\d+$"}
+    pending_ttl: 1h
+    approval: {mode: approvers, count: 2, approvers: {groups: [approvers]}}
+  - id: short-wait
+    scopes: ["project:{project}"]
+    who: {users: [lara]}
+    durations: {offered: [15m], default: 15m, max: 15m}
+    pending_ttl: 1
+    approval: {mode: approvers, count: 1, approvers: {groups: [approvers]}}
+"""
+
+
+def who(sub: str, *groups: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_token(sub, groups=list(groups) or None)}"}
+
+
+ALICE = who("alice", "eng", "approvers")  # an engineer who is also an approver
+BOB = who("bob", "approvers")
+CAROL = who("carol", "approvers")
+MALLORY = who("mallory", "eng")
+ADMIN = who("sam", "security")
+
+
+@pytest.fixture
+async def api(make_proxy: ProxyFactory) -> TestClient:
+    policy = (ROOT / "config" / "policy.yaml").read_text()
+    policy = policy.split("\nentitlements:")[0] + ENTITLEMENTS
+    client: TestClient = await make_proxy(policy_text=policy, extra="admins: {groups: [security]}")
+    return client
+
+
+async def post(client: TestClient, path: str, headers: dict[str, str], **body: Any) -> Any:
+    r = await client.post(f"/_jit/api{path}", json=body, headers=headers)
+    return r.status, await r.json()
+
+
+async def get(client: TestClient, path: str, headers: dict[str, str]) -> Any:
+    r = await client.get(f"/_jit/api{path}", headers=headers)
+    return r.status, await r.json()
+
+
+async def audit_events(client: TestClient, tmp_path: Path) -> list[dict[str, Any]]:
+    await client.app[AUDIT].flush(force=True)
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if not r["event"].startswith("access.")]
+
+
+async def test_n_of_m_approval_lifecycle(
+    api: TestClient, upstream: Upstream, tmp_path: Path
+) -> None:
+    status, g = await post(
+        api, "/requests", ALICE, scope="project:1", reason="customer bug", ticket="INC-42",
+        duration="1h",
+    )  # fmt: skip
+    assert status == 201, g
+    assert g["state"] == "pending" and g["user"] == "alice" and g["entitlement"] == "project"
+    assert (await api.get(SNAPSHOTS, headers=ALICE)).status == 403
+
+    status, body = await post(api, f"/grants/{g['id']}/approve", ALICE, comment="me")
+    assert (status, body["error"]) == (403, "self_approval")
+    status, body = await post(api, f"/grants/{g['id']}/approve", MALLORY)
+    assert (status, body["error"]) == (403, "not_approver")
+    status, body = await post(api, f"/grants/{g['id']}/approve", BOB, comment="ok")
+    assert status == 200 and body["state"] == "pending"
+    status, body = await post(api, f"/grants/{g['id']}/approve", BOB)
+    assert (status, body["error"]) == (409, "duplicate_approval")
+    assert (await api.get(SNAPSHOTS, headers=ALICE)).status == 403
+
+    status, body = await post(api, f"/grants/{g['id']}/approve", CAROL, comment="fine")
+    assert status == 200 and body["state"] == "active"
+    assert body["expires_at"] - body["activated_at"] == pytest.approx(3600, abs=1)
+    assert (await api.get(SNAPSHOTS, headers=ALICE)).status == 200
+
+    status, body = await post(api, f"/grants/{g['id']}/relinquish", BOB)
+    assert status == 403
+    status, body = await post(api, f"/grants/{g['id']}/relinquish", ALICE, comment="done")
+    assert status == 200 and body["state"] == "relinquished"
+    assert (await api.get(SNAPSHOTS, headers=ALICE)).status == 403
+
+    events = await audit_events(api, tmp_path)
+    assert [(e["event"], e.get("actor")) for e in events] == [
+        ("grant.requested", "alice"),
+        ("grant.approved", "bob"),
+        ("grant.approved", "carol"),
+        ("grant.activated", "carol"),
+        ("grant.relinquished", "alice"),
+    ]
+    assert events[1]["comment"] == "ok" and events[0]["ticket"] == "INC-42"
+    assert all(e["policy_version"] for e in events)
+
+
+async def test_auto_approval_and_extension(api: TestClient, upstream: Upstream) -> None:
+    status, g = await post(
+        api, "/requests", MALLORY, scope="recording:1/demo-1", reason="debugging", duration="15m"
+    )
+    assert status == 201 and g["state"] == "active"
+    assert (await api.get(SNAPSHOTS, headers=MALLORY)).status == 200
+    status, body = await post(api, f"/grants/{g['id']}/extend", MALLORY, duration="30m")
+    assert status == 200 and body["expires_at"] - body["activated_at"] == pytest.approx(2700, 1)
+    status, body = await post(api, f"/grants/{g['id']}/extend", MALLORY, duration="30m")
+    assert (status, body["error"]) == (400, "exceeds_max")
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        ({"scope": "recording:1/demo-1", "reason": ""}, MALLORY, 400, "bad_request"),
+        ({"scope": "recording:1/demo-1", "reason": "x", "duration": "2h"}, MALLORY, 400,
+         "bad_request"),
+        ({"scope": "project:1", "reason": "x", "ticket": "JIRA-1"}, ALICE, 400, "bad_request"),
+        ({"scope": "project:1", "reason": "x"}, ALICE, 400, "bad_request"),
+        ({"scope": "project:1", "reason": "x", "ticket": "INC-1"}, BOB, 403, "not_entitled"),
+        ({"scope": "org:1", "reason": "x"}, ALICE, 403, "not_entitled"),
+        ({"scope": "recording:1/demo-1", "reason": "x", "break_glass": True}, MALLORY, 403,
+         "not_entitled"),
+        ({"reason": "x"}, MALLORY, 400, "bad_request"),
+    ],
+)  # fmt: skip
+async def test_bad_requests_change_nothing(
+    api: TestClient, body: dict[str, Any], headers: dict[str, str], status: int, code: str
+) -> None:
+    got, answer = await post(api, "/requests", headers, **body)
+    assert (got, answer["error"]) == (status, code), answer
+    assert answer["message"]
+    assert (await get(api, "/grants", ADMIN))[1]["grants"] == []
+
+
+async def test_pending_request_lapses(api: TestClient) -> None:
+    lara = who("lara")
+    status, g = await post(api, "/requests", lara, scope="project:2", reason="x")
+    assert status == 201 and g["state"] == "pending"
+    await asyncio.sleep(1.2)
+    status, body = await post(api, f"/grants/{g['id']}/approve", BOB)
+    assert (status, body["error"]) == (409, "not_pending")
+    assert (await get(api, f"/grants/{g['id']}", lara))[1]["state"] == "lapsed"
+
+
+async def test_break_glass_is_immediate_and_flagged(
+    api: TestClient, upstream: Upstream, tmp_path: Path
+) -> None:
+    oncall = who("olga", "oncall")
+    status, g = await post(
+        api, "/requests", oncall, scope="project:1", reason="outage", break_glass=True
+    )
+    assert status == 201 and g["state"] == "active" and g["break_glass"]
+    assert (await api.get(SNAPSHOTS, headers=oncall)).status == 200
+    events = [e["event"] for e in await audit_events(api, tmp_path)]
+    assert events == ["grant.requested", "break_glass", "grant.activated"]
+
+
+async def test_deny_and_admin_revoke(api: TestClient, upstream: Upstream) -> None:
+    _, g = await post(api, "/requests", ALICE, scope="project:1", reason="x", ticket="SUP-9")
+    status, body = await post(api, f"/grants/{g['id']}/deny", BOB, comment="not needed")
+    assert status == 200 and body["state"] == "denied"
+    status, body = await post(api, f"/grants/{g['id']}/approve", CAROL)
+    assert (status, body["error"]) == (409, "not_pending")
+
+    _, g = await post(api, "/requests", MALLORY, scope="recording:1/demo-1", reason="x")
+    assert (await api.get(SNAPSHOTS, headers=MALLORY)).status == 200
+    status, body = await post(api, f"/grants/{g['id']}/revoke", BOB)
+    assert (status, body["error"]) == (403, "not_admin")
+    status, body = await post(api, f"/grants/{g['id']}/revoke", ADMIN, comment="policy")
+    assert status == 200 and body["state"] == "revoked"
+    assert (await api.get(SNAPSHOTS, headers=MALLORY)).status == 403
+
+
+async def test_listings_and_visibility(api: TestClient) -> None:
+    _, mine = await post(api, "/requests", ALICE, scope="project:1", reason="x", ticket="INC-1")
+    _, other = await post(api, "/requests", MALLORY, scope="recording:1/demo-2", reason="y")
+    assert [g["id"] for g in (await get(api, "/grants/mine", ALICE))[1]["grants"]] == [mine["id"]]
+    pending = (await get(api, "/grants/pending", BOB))[1]["grants"]
+    assert [g["id"] for g in pending] == [mine["id"]]
+    assert (await get(api, "/grants/pending", MALLORY))[1]["grants"] == []
+    assert (await get(api, f"/grants/{mine['id']}", BOB))[0] == 200  # an eligible approver
+    assert (await get(api, f"/grants/{other['id']}", ALICE))[0] == 404  # not theirs
+    status, body = await get(api, "/grants", ALICE)
+    assert (status, body["error"]) == (403, "not_admin")
+    status, body = await get(api, "/grants?state=active", ADMIN)
+    assert [g["id"] for g in body["grants"]] == [other["id"]]
+
+
+async def test_api_needs_identity_and_same_origin_for_cookies(api: TestClient) -> None:
+    status, body = await get(api, "/grants/mine", {})
+    assert (status, body["error"]) == (401, "unauthenticated")
+    cookie = {"Cookie": f"jitgate_token={make_token('mallory')}"}
+    body = {"scope": "recording:1/demo-1", "reason": "x"}
+    r = await api.post("/_jit/api/requests", json=body, headers=cookie)
+    assert r.status == 403 and (await r.json())["error"] == "cross_site"
+    origin = str(api.make_url("")).rstrip("/")
+    r = await api.post("/_jit/api/requests", json=body, headers={**cookie, "Origin": origin})
+    assert r.status == 201
+    r = await api.post("/_jit/api/requests", data=b"[", headers=MALLORY)
+    assert r.status == 400 and (await r.json())["error"] == "bad_request"
+
+
+async def test_openapi_document(api: TestClient) -> None:
+    r = await api.get("/_jit/api/openapi.json")
+    assert r.status == 200
+    doc = await r.json()
+    assert doc["openapi"].startswith("3.1")
+    assert {"/api/requests", "/api/grants/{grant_id}/approve"} <= set(doc["paths"])
+    from openapi_spec_validator import validate
+
+    validate(doc)
+
+
+async def test_unknown_grant_is_404(api: TestClient) -> None:
+    for action in ("approve", "deny", "revoke", "relinquish"):
+        status, body = await post(api, f"/grants/g-0000000000000000/{action}", ADMIN)
+        assert (status, body["error"]) == (404, "not_found"), action
+    status, body = await post(api, "/grants/g-0/frobnicate", ADMIN)
+    assert status == 404
