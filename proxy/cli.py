@@ -11,6 +11,7 @@ import asyncio
 import getpass
 import json
 import logging
+import os
 import shutil
 import socket
 import sys
@@ -19,8 +20,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
 
 from . import audit, policy, policytest, redisd
+from .client import ApiClient, ApiError
 from .errors import BadPath, ConfigError, ConfigErrors
 from .grants import Grant, RedisGrants
 from .identity import Identity, MintError, mint
@@ -86,9 +91,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", default="", help="comma-separated groups")
     p.add_argument("--ttl", default=None, help="lifetime, e.g. 1h (default: identity.mint_ttl)")
 
-    gr = nouns.add_parser("grants", help="manage grants (admin, straight to Redis)")
+    gr = nouns.add_parser(
+        "grants",
+        help="request, approve and manage grants",
+        description="With a token (--token or $JITGATE_TOKEN) the commands go through "
+        "jitgate's API as that user; without one, add, revoke, list and show go straight "
+        "to Redis (admin access).",
+    )
     verbs = gr.add_subparsers(dest="verb", required=True, metavar="VERB")
-    p = verbs.add_parser("add", help="grant a user access to a scope for a limited time")
+    p = verbs.add_parser("request", help="ask for access to a scope (API)")
+    _api_args(p)
+    p.add_argument("--scope", required=True, help="e.g. recording:1/demo-1 or project:1")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--ticket", default=None)
+    p.add_argument("--duration", default=None, help="one the policy offers, e.g. 1h")
+    p.add_argument("--break-glass", action="store_true", help="emergency access (if allowed)")
+    for verb, text in (
+        ("approve", "approve a pending request"),
+        ("deny", "deny (or withdraw) a pending request"),
+        ("relinquish", "give up your own active grant"),
+    ):
+        p = verbs.add_parser(verb, help=f"{text} (API)")
+        _api_args(p)
+        p.add_argument("grant_id")
+        p.add_argument("--comment", default="")
+    p = verbs.add_parser("extend", help="extend your own active grant (API)")
+    _api_args(p)
+    p.add_argument("grant_id")
+    p.add_argument("--duration", required=True, help="how much longer, e.g. 30m")
+    p.add_argument("--comment", default="")
+    p = verbs.add_parser("show", help="show one grant")
+    _api_args(p)
+    p.add_argument("grant_id")
+    p = verbs.add_parser("add", help="grant a user access to a scope for a limited time (Redis)")
     _config_arg(p)
     p.add_argument("--user", required=True)
     p.add_argument("--scope", required=True, help="e.g. recording:1/demo-1 or project:1")
@@ -97,16 +132,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default=None, help="who grants it (default: the OS user)")
     p.add_argument("--json", action="store_true")
     p = verbs.add_parser("revoke", help="end a grant at once")
-    _config_arg(p)
+    _api_args(p)
     p.add_argument("grant_id")
-    p.add_argument("--by", default=None)
+    p.add_argument("--by", default=None, help="who revokes it (Redis mode; default: OS user)")
     p.add_argument("--comment", default=None)
-    p.add_argument("--json", action="store_true")
-    p = verbs.add_parser("list", help="list active grants")
-    _config_arg(p)
-    p.add_argument("--user", default=None)
-    p.add_argument("--json", action="store_true")
+    p = verbs.add_parser("list", help="list grants")
+    _api_args(p)
+    p.add_argument("--user", default=None, help="only this user's grants")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--pending", action="store_true", help="requests you may decide (API)")
+    which.add_argument("--all", action="store_true", help="every grant (API, admins)")
+    p.add_argument("--state", default=None, help="with --all: comma-separated states")
     return parser
+
+
+def _api_args(p: argparse.ArgumentParser) -> None:
+    _config_arg(p)
+    p.add_argument("--token", default=None, help="your token (default: $JITGATE_TOKEN)")
+    p.add_argument(
+        "--url", default=None, help="jitgate's URL (default: $JITGATE_URL, else from the config)"
+    )
+    p.add_argument("--json", action="store_true")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,7 +198,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         except MintError as exc:
             raise UsageError(str(exc)) from None
         return EXIT_OK
-    return asyncio.run(_grants(args, load(args.config)))
+    settings = load(args.config)
+    token = getattr(args, "token", None) or os.environ.get("JITGATE_TOKEN")
+    if token and args.verb != "add":  # add is an admin action straight on Redis
+        return asyncio.run(_grants_api(args, settings, token))
+    if args.verb not in ("add", "revoke", "list", "show"):
+        raise UsageError(f"grants {args.verb} acts as you: pass --token or set JITGATE_TOKEN")
+    if args.verb == "list" and (args.pending or args.all):
+        raise UsageError("--pending and --all need a token (they go through the API)")
+    return asyncio.run(_grants(args, settings))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -225,11 +279,15 @@ async def _grants(args: argparse.Namespace, settings: Settings) -> int:
             )
             print(json.dumps(revoked.to_dict()) if args.json else f"revoked {revoked.id}")
             return EXIT_OK
+        if args.verb == "show":
+            found = await store.get(args.grant_id)
+            if found is None:
+                print(f"no grant {args.grant_id}", file=sys.stderr)
+                return EXIT_FINDING
+            _show(found.to_dict(), args.json)
+            return EXIT_OK
         grants = await store.list(args.user)
-        if args.json:
-            print(json.dumps([g.to_dict() for g in grants], indent=2))
-        else:
-            _table(grants)
+        _listing([g.to_dict() for g in grants], args.json)
         return EXIT_OK
     finally:
         await audit_log.close()
@@ -308,6 +366,84 @@ async def _policy_test(args: argparse.Namespace) -> int:
     return EXIT_FINDING if failed else EXIT_OK
 
 
+def api_url(settings: Settings) -> str:
+    """Return the API base URL: $JITGATE_URL, else jitgate's own listen address."""
+    env = os.environ.get("JITGATE_URL")
+    if env:
+        return env.rstrip("/") + settings.prefix
+    host = settings.listen.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.listen.port}{settings.prefix}"
+
+
+async def _grants_api(args: argparse.Namespace, settings: Settings, token: str) -> int:
+    base = (args.url.rstrip("/") + settings.prefix) if args.url else api_url(settings)
+    verb, comment = args.verb, {"comment": getattr(args, "comment", None) or ""}
+    async with ApiClient(base, token) as api:
+        try:
+            if verb == "request":
+                body: dict[str, Any] = {"scope": args.scope, "reason": args.reason}
+                if args.ticket:
+                    body["ticket"] = args.ticket
+                if args.duration:
+                    body["duration"] = args.duration
+                if args.break_glass:
+                    body["break_glass"] = True
+                result = await api.call("POST", "/requests", body)
+            elif verb == "extend":
+                body = {**comment, "duration": args.duration}
+                result = await api.call("POST", f"/grants/{args.grant_id}/extend", body)
+            elif verb in ("approve", "deny", "relinquish", "revoke"):
+                result = await api.call("POST", f"/grants/{args.grant_id}/{verb}", comment)
+            elif verb == "show":
+                result = await api.call("GET", f"/grants/{args.grant_id}")
+            else:
+                path = "/grants/pending" if args.pending else "/grants/mine"
+                if args.all:
+                    query = {k: v for k, v in (("user", args.user), ("state", args.state)) if v}
+                    path = "/grants" + (f"?{urlencode(query)}" if query else "")
+                grants = (await api.call("GET", path))["grants"]
+                if args.user and not args.all:
+                    grants = [g for g in grants if g["user"] == args.user]
+                _listing(grants, args.json)
+                return EXIT_OK
+        except ApiError as exc:
+            print(f"jitgate: {exc}", file=sys.stderr)
+            return EXIT_USAGE if exc.status in (400, 401) else EXIT_FINDING
+        except aiohttp.ClientError as exc:
+            raise UsageError(f"cannot reach jitgate at {base}: {exc}") from None
+    if verb == "show" or args.json:
+        _show(result, args.json)
+    else:
+        print(f"{result['id']}  {result['state']}")
+    return EXIT_OK
+
+
+def _show(grant: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(grant, indent=2))
+        return
+    for key, value in grant.items():
+        if value in (None, "", [], 0, False) and key not in ("state",):
+            continue
+        if key.endswith("_at") or key == "pending_until":
+            value = _when(value)
+        elif key == "approvals":
+            value = ", ".join(f"{a['by']} ({_when(a['at'])})" for a in value)
+        print(f"{key:<14} {value}")
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _listing(grants: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(grants, indent=2))
+    else:
+        _table(grants)
+
+
 def _grant_record(event: str, grant: Grant, **extra: Any) -> audit.Record:
     return audit.record(
         event,
@@ -320,27 +456,31 @@ def _grant_record(event: str, grant: Grant, **extra: Any) -> audit.Record:
     )
 
 
-def _table(grants: list[Grant]) -> None:
+def _table(grants: list[dict[str, Any]]) -> None:
     now = time.time()
-    rows = [("ID", "USER", "SCOPE", "EXPIRES (UTC)", "LEFT", "GRANTED BY", "REASON")]
+    rows = [("ID", "USER", "SCOPE", "STATE", "EXPIRES (UTC)", "LEFT", "GRANTED BY", "REASON")]
     for g in grants:
-        left = int(g.remaining(now))
+        expires = g.get("expires_at") or 0
+        left = int(max(0, expires - now)) if g.get("state") == "active" else 0
         rows.append(
             (
-                g.id,
-                g.user,
-                g.scope,
-                datetime.fromtimestamp(g.expires_at, UTC).strftime("%Y-%m-%d %H:%M:%S"),
-                f"{left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s",
-                g.granted_by,
-                g.reason,
+                g["id"],
+                g["user"],
+                g["scope"],
+                g.get("state", ""),
+                datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%d %H:%M:%S")
+                if expires
+                else "-",
+                f"{left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s" if left else "-",
+                g.get("granted_by") or "-",
+                g.get("reason", ""),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     if len(rows) == 1:
-        print("(no active grants)")
+        print("(no grants)")
 
 
 if __name__ == "__main__":

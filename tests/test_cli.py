@@ -64,8 +64,8 @@ def test_grants_add_list_revoke_with_audit(tmp_path: Path, redis_url: str) -> No
     assert out.returncode == 0, out.stderr
     grant_id = out.stdout.strip()
     table = run("grants", "list", "--config", cfg).stdout.splitlines()
-    assert table[0].split() == ["ID", "USER", "SCOPE", "EXPIRES", "(UTC)", "LEFT", "GRANTED", "BY",
-                                "REASON"]  # fmt: skip
+    assert table[0].split() == ["ID", "USER", "SCOPE", "STATE", "EXPIRES", "(UTC)", "LEFT",
+                                "GRANTED", "BY", "REASON"]  # fmt: skip
     assert table[1].startswith(grant_id) and "secops" in table[1] and "INC-1" in table[1]
     assert (
         json.loads(run("grants", "list", "--config", cfg, "--user", "bob", "--json").stdout) == []
