@@ -261,6 +261,8 @@ class _Compiler:
 
     def _access(self, node: Node, key: str, where: str, fallback: Access) -> Access:
         value = node.get(key, fallback.value)
+        if value == "identity-only":
+            value = Access.IDENTITY.value
         try:
             return Access(value)
         except ValueError:
@@ -512,6 +514,10 @@ class _EntitlementCompiler:
             self.err(item, "break_glass", f"{where}.break_glass", message)
         elif break_glass and reason == "optional":
             message = "must be 'required' for break-glass access (the review needs it)"
+            self.err(item, "reason", f"{where}.reason", message)
+        elif approval is not None and approval.mode == "auto" and reason == "optional":
+            # Self-service is only acceptable with a stated purpose on record.
+            message = "must be 'required' with approval mode auto (self-service needs a purpose)"
             self.err(item, "reason", f"{where}.reason", message)
         failed = len(self.compiler.errors) > before
         if failed or durations is None or approval is None or pending_ttl is None:

@@ -118,7 +118,7 @@ entitlements:
     who: any
     durations: {offered: [5m], default: 5m}
     reason: optional
-    approval: {mode: auto}
+    approval: {mode: approvers, approvers: {users: [zed]}}
 """,
     "rules.yaml",
 )
@@ -219,8 +219,11 @@ def test_compiled_fields_and_defaults() -> None:
     anyone = RULES.entitlement("anyone")
     assert anyone is not None
     assert anyone.any_user and not anyone.reason_required
-    assert anyone.approval == Approval("auto", 0, frozenset(), frozenset())
-    assert anyone.extend_requires_approval is False  # the default for auto
+    assert anyone.approval == Approval("approvers", 1, frozenset(), frozenset({"zed"}))
+    carol = RULES.entitlement("p1-carol")
+    assert carol is not None and carol.reason_required  # the default, and a must for auto
+    assert carol.approval == Approval("auto", 0, frozenset(), frozenset())
+    assert carol.extend_requires_approval is False  # the default for auto
 
 
 @pytest.mark.parametrize(
@@ -486,3 +489,17 @@ def test_entitlement_list_errors(text: str, expected: list[str]) -> None:
     with pytest.raises(ConfigErrors) as exc:
         compile_text(text, "t.yaml")
     assert [str(e) for e in exc.value.errors] == expected
+
+
+def test_auto_approval_needs_a_reason_and_identity_only_is_accepted() -> None:
+    with pytest.raises(ConfigErrors) as exc:
+        compile_text(
+            "routes: []\nentitlements:\n  - id: a\n    scopes: [x]\n    who: any\n"
+            "    durations: {default: 5m}\n    reason: optional\n    approval: {mode: auto}\n",
+            "r.yaml",
+        )
+    assert "r.yaml:7: entitlements[0].reason: must be 'required' with approval mode auto" in str(
+        exc.value
+    )
+    p = compile_text("routes:\n  - {id: r, path: /x, access: identity-only}\n", "r.yaml")
+    assert p.match("GET", "/x").access is Access.IDENTITY
