@@ -22,7 +22,7 @@ from .workflow import WorkflowError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATES = ("pending", "active", "denied", "lapsed", "expired", "revoked", "relinquished")
-_ACTIONS = ("approve", "deny", "revoke", "relinquish", "extend")
+_ACTIONS = ("approve", "deny", "revoke", "relinquish", "extend", "review")
 
 
 def error(status: int, code: str, message: str) -> web.Response:
@@ -164,6 +164,12 @@ async def pending(request: web.Request, ident: Identity) -> tuple[Any, int]:
 
 
 @_api(changes_state=False)
+async def unreviewed(request: web.Request, ident: Identity) -> tuple[Any, int]:
+    grants = await request.config_dict[WORKFLOW].unreviewed(ident)
+    return {"grants": [_grant(g) for g in grants]}, 200
+
+
+@_api(changes_state=False)
 async def list_all(request: web.Request, ident: Identity) -> tuple[Any, int]:
     states = tuple(s for s in request.query.get("state", "").split(",") if s) or None
     for state in states or ():
@@ -185,6 +191,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/grants", list_all)
     app.router.add_get("/api/grants/mine", mine)
     app.router.add_get("/api/grants/pending", pending)
+    app.router.add_get("/api/grants/unreviewed", unreviewed)
     app.router.add_get("/api/grants/{grant_id}", show)
     app.router.add_post("/api/grants/{grant_id}/{action}", act)
     app.router.add_get("/api/openapi.json", openapi)
@@ -258,6 +265,12 @@ def openapi_document(prefix: str) -> dict[str, Any]:
                 "responses": many,
             }
         },
+        "/api/grants/unreviewed": {
+            "get": {
+                "summary": "Break-glass grants awaiting review that I may review",
+                "responses": many,
+            }
+        },
         "/api/grants/{grant_id}": {
             "get": {
                 "summary": "Show one grant",
@@ -271,6 +284,9 @@ def openapi_document(prefix: str) -> dict[str, Any]:
         "/api/grants/{grant_id}/relinquish": action("Give up one's own active grant", comment),
         "/api/grants/{grant_id}/extend": action(
             "Extend one's own active grant within the maximum", extend
+        ),
+        "/api/grants/{grant_id}/review": action(
+            "Review break-glass access afterwards (an approver of its rule or an admin)", comment
         ),
     }
     return {
@@ -299,6 +315,10 @@ def openapi_document(prefix: str) -> dict[str, Any]:
                         "user": {"type": "string"},
                         "scope": {"type": "string"},
                         "state": {"type": "string", "enum": list(_STATES)},
+                        "break_glass": {"type": "boolean"},
+                        "reviewed_by": {"type": "string"},
+                        "reviewed_at": {"type": ["number", "null"]},
+                        "review_comment": {"type": "string"},
                     },
                     "additionalProperties": True,
                 },

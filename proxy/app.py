@@ -23,6 +23,7 @@ from .appkeys import (
     GRANTS,
     LIVE,
     METRICS,
+    NOTIFIER,
     REDIS,
     SETTINGS,
     WORKFLOW,
@@ -33,6 +34,7 @@ from .grants import RedisGrants
 from .identity import Verifier
 from .live import LiveConnections, follow_revocations
 from .middleware import Gate
+from .notify import Notifier
 from .redisd import EmbeddedRedis
 from .reload import RELOADER, PolicyReloader
 from .settings import Settings
@@ -158,7 +160,20 @@ def _lifecycle(
         follower = asyncio.create_task(
             follow_revocations(grants.revocations, live), name="revocation-feed"
         )
-        app[WORKFLOW] = Workflow(lambda: slot[0].policy, grants, audit_log, settings.admins)
+        notifier = None
+        if settings.notifications.webhooks:
+            notifier = Notifier(
+                settings.notifications,
+                prefix=settings.prefix,
+                grants=grants,
+                policy_version=lambda: slot[0].policy.version,
+                metrics=m,
+            )
+            await notifier.start()
+            app[NOTIFIER] = notifier
+        app[WORKFLOW] = Workflow(
+            lambda: slot[0].policy, grants, audit_log, settings.admins, notifier
+        )
         app[GATE] = Gate(settings, lambda: slot[0], forwarder, audit_log, m, live)
         reloader = PolicyReloader(
             slot, settings.policy_file, m, audit_log, watch=settings.policy_watch
@@ -174,6 +189,8 @@ def _lifecycle(
                 await follower
             await live.close_all()
             await forwarder.close()
+            if notifier is not None:
+                await notifier.close()  # before the audit log and Redis it may still read
             await audit_log.close()
             await redis.aclose()
             if embedded is not None:

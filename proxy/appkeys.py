@@ -11,6 +11,7 @@ from .forward import Forwarder
 from .grants import RedisGrants
 from .live import LiveConnections
 from .metrics import Metrics
+from .notify import Notifier
 from .settings import Settings
 from .workflow import Workflow
 
@@ -22,5 +23,6 @@ AUDIT = web.AppKey("audit", AuditLog)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 LIVE = web.AppKey("live", LiveConnections)
 WORKFLOW = web.AppKey("workflow", Workflow)
+NOTIFIER = web.AppKey("notifier", Notifier)  # set only when webhooks are configured
 # One slot holding the current Authorizer: a reload swaps it whole.
 AUTHORIZER = web.AppKey("authorizer", list[Authorizer])

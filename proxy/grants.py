@@ -10,9 +10,10 @@ Keys (after the configured prefix, default `jit:`):
                              ticket, entitlement, duration, needed, approvals (JSON list of
                              {by, at, comment}), created_at, pending_until, activated_at,
                              expires_at, ended_at, ended_by, end_comment, granted_by,
-                             break_glass, extensions, extended_by; times in epoch seconds,
-                             "" while unset. Redis expires it history_ttl after its end (or
-                             after pending_until while pending)
+                             break_glass, extensions, extended_by, reviewed_by, reviewed_at,
+                             review_comment; times in epoch seconds, "" while unset. Redis
+                             expires it history_ttl after its end (or after pending_until
+                             while pending)
   active:{len(user)}:{user}:{scope}
                              sorted set of active grant ids scored by expiry (ms), expiring
                              with the last of them; a check reads these sets in one Lua call
@@ -23,6 +24,10 @@ Keys (after the configured prefix, default `jit:`):
                              approve and deny remove the id, a lapse leaves it for history_ttl
   history                    sorted set of every retained record, scored by when Redis
                              expires its hash (ms)
+  unreviewed                 sorted set of break-glass grants made active and not yet reviewed,
+                             scored like history; a review removes the id
+  notified:{kind}:{id}       string set once (SET NX) by the replica that sends a notice,
+                             e.g. kind "expiring"; expires by itself
   events                     pub/sub channel: "revoked {id}" (revoked or relinquished) and
                              "extended {id}" reach every replica at once
 The index sets expire by themselves after their last entry. Every change is one Lua script,
@@ -87,6 +92,11 @@ local function retain(rec, history, id, until_ms, now)
   index(history, until_ms, id, now, 0)
 end
 
+-- A break-glass grant awaiting review stays listed exactly as long as its record lives.
+local function follow(unreviewed, id, until_ms, now)
+  if redis.call('ZSCORE', unreviewed, id) then index(unreviewed, until_ms, id, now, 0) end
+end
+
 local function active_key(prefix, g)
   return prefix .. 'active:' .. string.len(g.user) .. ':' .. g.user .. ':' .. g.scope
 end
@@ -108,7 +118,7 @@ local function wrong(id, state, wanted)
 end
 """
 
-# KEYS: record, its active set, grants, pending, history.
+# KEYS: record, its active set, grants, pending, history, unreviewed.
 # ARGV: now ms, history ms, id, deadline ms (expiry if active, else pending_until), fields.
 _CREATE = (
     _LIB
@@ -120,6 +130,9 @@ redis.call('HSET', rec, unpack(ARGV, 5))
 if redis.call('HGET', rec, 'state') == 'active' then
   index(KEYS[2], deadline, id, now, 0)
   index(KEYS[3], deadline, id, now - keep, keep)
+  if redis.call('HGET', rec, 'break_glass') == '1' then
+    index(KEYS[6], deadline + keep, id, now, 0)
+  end
 else
   index(KEYS[4], deadline, id, now - keep, keep)
 end
@@ -128,8 +141,8 @@ return reply(rec, 'ok', '')
 """
 )
 
-# KEYS: record, grants, pending, history. ARGV: prefix, now ms, history ms, id, approver,
-# comment. Detail "1" when this approval activated the grant; its clock starts now.
+# KEYS: record, grants, pending, history, unreviewed. ARGV: prefix, now ms, history ms, id,
+# approver, comment. Detail "1" when this approval activated the grant; its clock starts now.
 _APPROVE = (
     _LIB
     + """
@@ -154,13 +167,14 @@ redis.call('HSET', rec, 'state', 'active', 'activated_at', secs(now), 'expires_a
 redis.call('ZREM', KEYS[3], id)
 activate(prefix, g, id, exp, now, KEYS[2], keep)
 retain(rec, KEYS[4], id, exp + keep, now)
+if g.break_glass == '1' then index(KEYS[5], exp + keep, id, now, 0) end
 return reply(rec, 'ok', '1')
 """
 )
 
-# KEYS: record, grants, pending, history, events channel. ARGV: prefix, now ms, history ms,
-# id, by, comment, verb: deny (pending -> denied), revoke or relinquish (active -> ended,
-# announced on the channel so live connections are cut everywhere at once).
+# KEYS: record, grants, pending, history, events channel, unreviewed. ARGV: prefix, now ms,
+# history ms, id, by, comment, verb: deny (pending -> denied), revoke or relinquish (active ->
+# ended, announced on the channel so live connections are cut everywhere at once).
 _END = (
     _LIB
     + """
@@ -186,12 +200,13 @@ end
 redis.call('HSET', rec, 'state', final, 'ended_at', secs(now), 'ended_by', by,
   'end_comment', ARGV[6])
 retain(rec, KEYS[4], id, now + keep, now)
+follow(KEYS[6], id, now + keep, now)
 return reply(rec, 'ok', '')
 """
 )
 
-# KEYS: record, grants, history, events channel. ARGV: prefix, now ms, history ms, id, by,
-# extra ms, longest total ms (from activation to the new expiry).
+# KEYS: record, grants, history, events channel, unreviewed. ARGV: prefix, now ms, history ms,
+# id, by, extra ms, longest total ms (from activation to the new expiry).
 _EXTEND = (
     _LIB
     + """
@@ -211,7 +226,33 @@ redis.call('HSET', rec, 'expires_at', secs(exp), 'extended_by', ARGV[5])
 redis.call('HINCRBY', rec, 'extensions', 1)
 activate(prefix, g, id, exp, now, KEYS[2], keep)
 retain(rec, KEYS[3], id, exp + keep, now)
+follow(KEYS[5], id, exp + keep, now)
 redis.call('PUBLISH', KEYS[4], 'extended ' .. id)
+return reply(rec, 'ok', '')
+"""
+)
+
+# KEYS: record, unreviewed. ARGV: now ms, id, reviewer, comment. The follow-up review of
+# break-glass access, once, by someone other than its holder, during the grant or after it.
+_REVIEW = (
+    _LIB
+    + """
+local rec, id, by = KEYS[1], ARGV[2], ARGV[3]
+local now = tonumber(ARGV[1])
+local g = load(rec, now)
+if not g then return missing(id) end
+if g.break_glass ~= '1' then
+  return {'not_break_glass', 'grant ' .. id .. ' is not break-glass access'}
+end
+if g.state == 'pending' or g.state == 'denied' or g.state == 'lapsed' then
+  return {'not_active', 'grant ' .. id .. ' is ' .. g.state .. ' and never gave access'}
+end
+if by == g.user then return {'self_review', 'cannot review your own break-glass access'} end
+if (g.reviewed_by or '') ~= '' then
+  return {'already_reviewed', 'grant ' .. id .. ' was already reviewed by ' .. g.reviewed_by}
+end
+redis.call('HSET', rec, 'reviewed_by', by, 'reviewed_at', secs(now), 'review_comment', ARGV[4])
+redis.call('ZREM', KEYS[2], id)
 return reply(rec, 'ok', '')
 """
 )
@@ -221,7 +262,7 @@ class GrantError(Exception):
     """A refused transition; `code` is one of the codes below, the message is for people.
 
     not_found, not_pending, not_active, self_approval, duplicate_approval, not_holder,
-    exceeds_max, exists.
+    exceeds_max, exists, not_break_glass, self_review, already_reviewed.
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -259,6 +300,9 @@ class Grant:
     break_glass: bool = False
     extensions: int = 0
     extended_by: str = ""
+    reviewed_by: str = ""  # break-glass only: who did the follow-up review
+    reviewed_at: float = 0.0
+    review_comment: str = ""
 
     def remaining(self, now: float | None = None) -> float:
         if self.state != "active":
@@ -269,7 +313,7 @@ class Grant:
         """Return the record for JSON; unset times are None."""
         d = asdict(self)
         d["approvals"] = [asdict(a) for a in self.approvals]
-        for name in ("expires_at", "pending_until", "activated_at", "ended_at"):
+        for name in ("expires_at", "pending_until", "activated_at", "ended_at", "reviewed_at"):
             d[name] = d[name] or None
         return d
 
@@ -312,6 +356,14 @@ class GrantStore(Protocol):
     async def get(self, grant_id: str) -> Grant | None: ...
 
     async def list_pending(self, user: str | None = None) -> list[Grant]: ...
+
+    async def review(self, grant_id: str, by: str, comment: str = "") -> Grant: ...
+
+    async def list_unreviewed(self) -> list[Grant]: ...
+
+    async def expiring_between(self, start: float, end: float) -> list[Grant]: ...
+
+    async def claim_notices(self, kind: str, items: Iterable[tuple[str, float]]) -> list[bool]: ...
 
     async def count_active(self) -> int: ...
 
@@ -374,6 +426,9 @@ def _grant(fields: dict[Any, Any] | list[Any], now_ms: int) -> Grant:
         break_glass=f.get("break_glass") == "1",
         extensions=int(f.get("extensions") or 0),
         extended_by=f.get("extended_by", ""),
+        reviewed_by=f.get("reviewed_by", ""),
+        reviewed_at=_num(f.get("reviewed_at")),
+        review_comment=f.get("review_comment", ""),
     )
 
 
@@ -399,12 +454,14 @@ class RedisGrants:
         self._index = prefix + "grants"
         self._pending = prefix + "pending"
         self._history = prefix + "history"
+        self._unreviewed = prefix + "unreviewed"
         self.channel = prefix + "events"
         self._check = redis.register_script(_CHECK)
         self._create = redis.register_script(_CREATE)
         self._approve = redis.register_script(_APPROVE)
         self._end = redis.register_script(_END)
         self._extend = redis.register_script(_EXTEND)
+        self._review = redis.register_script(_REVIEW)
 
     def _active_key(self, user: str, scope: str) -> str:
         # The length prefix keeps user and scope apart whatever characters they hold.
@@ -497,6 +554,9 @@ class RedisGrants:
             "break_glass": "1" if break_glass else "0",
             "extensions": "0",
             "extended_by": "",
+            "reviewed_by": "",
+            "reviewed_at": "",
+            "review_comment": "",
         }
         if needed:
             deadline = now_ms + round(pending_ttl * 1000)
@@ -516,6 +576,7 @@ class RedisGrants:
                 self._index,
                 self._pending,
                 self._history,
+                self._unreviewed,
             ],
             args=[now_ms, self._keep_ms, grant_id, deadline, *flat],
         )
@@ -524,7 +585,13 @@ class RedisGrants:
     async def approve(self, grant_id: str, approver: str, comment: str = "") -> tuple[Grant, bool]:
         """Record one approval; return the grant and whether this approval activated it."""
         reply = await self._approve(
-            keys=[self._grant_key(grant_id), self._index, self._pending, self._history],
+            keys=[
+                self._grant_key(grant_id),
+                self._index,
+                self._pending,
+                self._history,
+                self._unreviewed,
+            ],
             args=[self.prefix, _now_ms(), self._keep_ms, grant_id, approver, comment],
         )
         grant, activated = _outcome(reply)
@@ -548,7 +615,7 @@ class RedisGrants:
     async def _finish(self, verb: str, grant_id: str, by: str, comment: str) -> Grant:
         keys = [self._grant_key(grant_id), self._index, self._pending, self._history]
         reply = await self._end(
-            keys=[*keys, self.channel],
+            keys=[*keys, self.channel, self._unreviewed],
             args=[self.prefix, _now_ms(), self._keep_ms, grant_id, by, comment, verb],
         )
         return _outcome(reply)[0]
@@ -558,7 +625,13 @@ class RedisGrants:
         if extra_seconds <= 0:
             raise ValueError("extra_seconds must be positive")
         reply = await self._extend(
-            keys=[self._grant_key(grant_id), self._index, self._history, self.channel],
+            keys=[
+                self._grant_key(grant_id),
+                self._index,
+                self._history,
+                self.channel,
+                self._unreviewed,
+            ],
             args=[
                 self.prefix,
                 _now_ms(),
@@ -570,6 +643,45 @@ class RedisGrants:
             ],
         )
         return _outcome(reply)[0]
+
+    async def review(self, grant_id: str, by: str, comment: str = "") -> Grant:
+        """Record the follow-up review of break-glass access, once, by someone not its holder."""
+        reply = await self._review(
+            keys=[self._grant_key(grant_id), self._unreviewed],
+            args=[_now_ms(), grant_id, by, comment],
+        )
+        return _outcome(reply)[0]
+
+    async def list_unreviewed(self) -> list[Grant]:
+        """Return break-glass grants that gave access and await review, oldest first."""
+        now_ms = _now_ms()
+        ids = await self.redis.zrange(self._unreviewed, now_ms + 1, "+inf", byscore=True)
+        found = [g for g in await self._fetch(ids, now_ms) if g.break_glass and not g.reviewed_by]
+        return sorted(found, key=lambda g: g.created_at)
+
+    async def expiring_between(self, start: float, end: float) -> list[Grant]:
+        """Return active grants whose expiry lies in (start, end], soonest first."""
+        now_ms = _now_ms()
+        low, high = round(start * 1000), round(end * 1000)
+        ids = await self.redis.zrange(self._index, low + 1, high, byscore=True)
+        found = [
+            g
+            for g in await self._fetch(ids, now_ms)
+            if g.state == "active" and low < round(g.expires_at * 1000) <= high
+        ]
+        return sorted(found, key=lambda g: g.expires_at)
+
+    async def claim_notices(self, kind: str, items: Iterable[tuple[str, float]]) -> list[bool]:
+        """Mark (grant id, seconds to keep) as notified; True where this call set the mark."""
+        items = [*items]
+        if not items:
+            return []
+        # SET NX: of all the replicas that see a grant, exactly one wins and sends the notice.
+        pipe = self.redis.pipeline(transaction=False)
+        for grant_id, keep in items:
+            key = f"{self.prefix}notified:{kind}:{grant_id}"
+            pipe.set(key, "1", nx=True, px=max(1, round(keep * 1000)))
+        return [bool(done) for done in await pipe.execute()]
 
     async def get(self, grant_id: str) -> Grant | None:
         fields = await self.redis.hgetall(self._grant_key(grant_id))

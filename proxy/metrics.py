@@ -66,6 +66,23 @@ class Metrics:
             "jitgate_live_connections_cut", "Streams and WebSockets cut because their grant ended.",
             ["reason"], registry=r,
         )  # fmt: skip
+        self.notifications_sent = Counter(
+            "jitgate_notifications_sent", "Webhook notifications delivered, by event.", ["event"],
+            registry=r,
+        )  # fmt: skip
+        self.notifications_failed = Counter(
+            "jitgate_notifications_failed", "Webhook notifications that failed every attempt.",
+            ["event"], registry=r,
+        )  # fmt: skip
+        self.notifications_dropped = Counter(
+            "jitgate_notifications_dropped",
+            "Webhook notifications not sent: the queue was full, or still queued at shutdown.",
+            ["event"], registry=r,
+        )  # fmt: skip
+        self.notifications_backlog = Gauge(
+            "jitgate_notifications_backlog", "Webhook notifications queued or being delivered.",
+            registry=r,
+        )  # fmt: skip
         self._bound: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     def request(self, route: str, decision: str) -> tuple[Counter, Histogram]:

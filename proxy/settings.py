@@ -9,6 +9,7 @@ Values are parsed as YAML scalars, so `JITGATE_AUDIT__STDOUT=true` is a bool.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ from .yamlsrc import Node, Seq, load_file
 ENV_PREFIX = "JITGATE_"
 DEFAULT_CONFIG = Path("config/jitgate.yaml")
 SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384")
+NOTIFY_EVENTS = ("requested", "approved", "denied", "break_glass", "expiring")
+NOTIFY_FORMATS = ("json", "slack")
 
 
 class Secret:
@@ -126,6 +129,30 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    url: Secret  # a Slack webhook URL is a credential: its path is the key
+    format: str = "json"  # json | slack
+    events: frozenset[str] = frozenset(NOTIFY_EVENTS)
+    timeout: float = 5.0
+
+    @property
+    def origin(self) -> str:
+        """Return scheme://host[:port], safe to log."""
+        return str(URL(self.url.reveal()).origin())
+
+
+@dataclass(frozen=True)
+class NotificationSettings:
+    public_url: str | None = None  # jitgate's address as users reach it, for links
+    expiring_before: float = 300.0
+    check_interval: float = 10.0  # how often each replica looks for grants about to expire
+    retries: int = 4  # after the first attempt
+    backoff: float = 0.5  # seconds before the first retry, doubling each time
+    queue_max: int = 10_000
+    webhooks: tuple[WebhookSettings, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     file: Path
     listen: ListenSettings = field(default_factory=ListenSettings)
@@ -140,6 +167,7 @@ class Settings:
     state_dir: Path = Path(".jitgate")
     grant_max_ttl: float = 7 * 24 * 3600.0
     admins: AdminSettings = field(default_factory=AdminSettings)
+    notifications: NotificationSettings = field(default_factory=NotificationSettings)
 
 
 T = TypeVar("T")
@@ -154,10 +182,17 @@ class _Reader:
         self.errors: list[ConfigError] = []
 
     def error(self, node: Node | Seq | None, key: str | int, where: str, message: str) -> None:
-        if where in self.env_keys:
-            self.errors.append(
-                ConfigError(message, file=f"env {self.env_keys[where]}", field=where)
-            )
+        # A field inside a value set by one variable (e.g. a YAML list) is that variable's.
+        env = next(
+            (
+                name
+                for at, name in self.env_keys.items()
+                if where == at or where.startswith((at + ".", at + "["))
+            ),
+            None,
+        )
+        if env is not None:
+            self.errors.append(ConfigError(message, file=f"env {env}", field=where))
             return
         line = 0
         if isinstance(node, Node) and isinstance(key, str):
@@ -287,7 +322,7 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
     r.known(
         raw,
         {"listen", "upstream", "redis", "identity", "audit", "forward", "policy", "prefix"}
-        | {"state_dir", "grant_max_ttl", "admins"},
+        | {"state_dir", "grant_max_ttl", "admins", "notifications"},
         "",
     )
 
@@ -383,6 +418,8 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
     policy_file = _resolve(base, r.get(s, "file", str, "policy.yaml", "policy.file"))
     policy_watch = r.get(s, "watch", bool, True, "policy.watch")
 
+    notifications = _notifications(r, r.section(raw, "notifications", "notifications"))
+
     prefix = r.get(raw, "prefix", str, "/_jit", "prefix").rstrip("/")
     if not prefix.startswith("/") or len(prefix) < 2 or "//" in prefix:
         r.error(raw, "prefix", "prefix", "must be an absolute path such as /_jit")
@@ -400,6 +437,7 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
         state_dir=_resolve(base, r.get(raw, "state_dir", str, "../.jitgate", "state_dir")),
         grant_max_ttl=r.positive(raw, "grant_max_ttl", float, 7 * 24 * 3600.0, "grant_max_ttl"),
         admins=admins,
+        notifications=notifications,
     )
     if r.errors:
         raise ConfigErrors(r.errors)
@@ -464,6 +502,116 @@ def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
         dev_key_file=_resolve(base, dev_key_file) if dev_key_file else None,
         mint_ttl=r.positive(s, "mint_ttl", float, 3600.0, "identity.mint_ttl"),
     )
+
+
+def _notifications(r: _Reader, s: Node) -> NotificationSettings:
+    at = "notifications"
+    keys = {"public_url", "expiring_before", "check_interval", "retries", "backoff", "queue_max"}
+    r.known(s, keys | {"webhooks"}, at)
+    public_url = r.optional_str(s, "public_url", None, f"{at}.public_url") or None
+    if public_url is not None:
+        url = _url(public_url)
+        if url is None or url.query_string or url.fragment:
+            message = f"must be an http(s) URL with a host and no query, got {public_url!r}"
+            r.error(s, "public_url", f"{at}.public_url", message)
+        public_url = public_url.rstrip("/")
+    retries = r.get(s, "retries", int, 4, f"{at}.retries")
+    if retries < 0:
+        r.error(s, "retries", f"{at}.retries", "must not be negative")
+    defaults = NotificationSettings()
+    return NotificationSettings(
+        public_url=public_url,
+        expiring_before=_seconds(r, s, "expiring_before", defaults.expiring_before, at),
+        check_interval=_seconds(r, s, "check_interval", defaults.check_interval, at),
+        retries=max(0, retries),
+        backoff=r.positive(s, "backoff", float, defaults.backoff, f"{at}.backoff"),
+        queue_max=r.positive(s, "queue_max", int, defaults.queue_max, f"{at}.queue_max"),
+        webhooks=_webhooks(r, s),
+    )
+
+
+def _webhooks(r: _Reader, s: Node) -> tuple[WebhookSettings, ...]:
+    at = "notifications.webhooks"
+    raw = s.get("webhooks")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.error(s, "webhooks", at, "must be a list of {url, format, events, timeout}")
+        return ()
+    hooks = []
+    for i, item in enumerate(raw):
+        where = f"{at}[{i}]"
+        if not isinstance(item, dict):
+            if isinstance(raw, Seq):
+                r.error(raw, i, where, "must be a mapping with a url")
+            else:
+                r.error(s, "webhooks", where, "must be a mapping with a url")
+            continue
+        node = item if isinstance(item, Node) else _node(item, s.line_of("webhooks"))
+        r.known(node, {"url", "format", "events", "timeout"}, where)
+        url = r.get(node, "url", str, "", f"{where}.url")
+        if not url:
+            r.error(node, "url", f"{where}.url", "is required")
+        elif _url(url) is None:
+            # The URL itself may hold a secret (Slack's do), so only its scheme is shown.
+            scheme = url.partition(":")[0] if ":" in url else ""
+            message = f"must be an http(s) URL with a host, got scheme {scheme!r}"
+            r.error(node, "url", f"{where}.url", message)
+        fmt = r.get(node, "format", str, "json", f"{where}.format")
+        if fmt not in NOTIFY_FORMATS:
+            message = f"must be one of {', '.join(NOTIFY_FORMATS)}, got {fmt!r}"
+            r.error(node, "format", f"{where}.format", message)
+        events = r.str_list(node, "events", NOTIFY_EVENTS, f"{where}.events")
+        unknown = [e for e in events if e not in NOTIFY_EVENTS]
+        if unknown:
+            message = f"unknown event {unknown[0]!r} (events: {', '.join(NOTIFY_EVENTS)})"
+            r.error(node, "events", f"{where}.events", message)
+        elif not events:
+            r.error(node, "events", f"{where}.events", "must name at least one event")
+        hooks.append(
+            WebhookSettings(
+                url=Secret(url),
+                format=fmt,
+                events=frozenset(events),
+                timeout=r.positive(node, "timeout", float, 5.0, f"{where}.timeout"),
+            )
+        )
+    return tuple(hooks)
+
+
+def _url(text: str) -> URL | None:
+    """Return text as an http(s) URL with a host, or None."""
+    try:
+        url = URL(text)
+    except ValueError:
+        return None
+    return url if url.scheme in ("http", "https") and url.host else None
+
+
+def _node(mapping: Mapping[Any, Any], line: int) -> Node:
+    """Wrap a plain mapping (from an environment variable) so the reader can walk it."""
+    node = Node((str(k), v) for k, v in mapping.items())
+    node.line, node.key_lines = line, {}
+    return node
+
+
+def _seconds(r: _Reader, s: Node, key: str, default: float, at: str) -> float:
+    where = f"{at}.{key}"
+    if key not in s or s[key] is None:
+        return default
+    value = s[key]
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        r.error(s, key, where, "must be a duration such as 30s, 5m or 1h, or seconds")
+        return default
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        r.error(s, key, where, str(exc))
+        return default
+    if not math.isfinite(seconds):
+        r.error(s, key, where, "must be a finite duration")
+        return default
+    return seconds
 
 
 _DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

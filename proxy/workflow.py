@@ -1,8 +1,9 @@
-"""The access workflow: request, approve, deny, revoke, relinquish and extend, by policy.
+"""The access workflow: request, approve, deny, revoke, relinquish, extend and review.
 
 The policy's entitlements say who may request which scope, for how long and approved
 how; the grant store makes each transition atomic; every transition is audited with its
-actor and comment. Errors carry an HTTP status and a code for the API.
+actor and comment, and the ones people wait on are sent to webhooks when a notifier is
+configured. Errors carry an HTTP status and a code for the API.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from . import audit
 from .grants import Grant, GrantError, RedisGrants
 from .identity import Identity
+from .notify import Notifier
 from .policy import Entitlement, Policy
 from .settings import AdminSettings
 
@@ -37,6 +39,9 @@ _GRANT_ERRORS = {
     "duplicate_approval": 409,
     "not_holder": 403,
     "exceeds_max": 400,
+    "not_break_glass": 409,
+    "self_review": 403,
+    "already_reviewed": 409,
 }
 
 
@@ -46,6 +51,7 @@ class Workflow:
     grants: RedisGrants
     audit: audit.AuditLog
     admins: AdminSettings
+    notifier: Notifier | None = None  # None: no webhooks configured
 
     def is_admin(self, ident: Identity) -> bool:
         return ident.subject in self.admins.users or bool(self.admins.groups & set(ident.groups))
@@ -95,8 +101,10 @@ class Workflow:
             break_glass=ent.break_glass,
         )
         self._audit("grant.requested", grant, actor=ident.subject)
+        self._notify("requested", grant)
         if ent.break_glass:
             self._audit("break_glass", grant, actor=ident.subject)
+            self._notify("break_glass", grant)
         if grant.state == "active":
             self._audit("grant.activated", grant, actor=ident.subject)
         return grant
@@ -117,6 +125,7 @@ class Workflow:
         self._audit("grant.approved", grant, actor=ident.subject, comment=comment)
         if activated:
             self._audit("grant.activated", grant, actor=ident.subject)
+            self._notify("approved", grant)
         return grant
 
     async def deny(self, ident: Identity, grant_id: str, comment: str = "") -> Grant:
@@ -162,6 +171,36 @@ class Workflow:
             raise _from(exc) from None
         self._audit("grant.extended", grant, actor=ident.subject, comment=_text(comment, "comment"))
         return grant
+
+    async def review(self, ident: Identity, grant_id: str, comment: str = "") -> Grant:
+        """Record the follow-up review of break-glass access (an approver of its rule, an admin)."""
+        grant = await self._get(grant_id)
+        if not self.is_admin(ident):
+            ent = self._entitlement(grant)
+            if not ent.may_approve(ident.subject, ident.groups):
+                raise WorkflowError(
+                    403, "not_approver", f"{ident.subject} may not review grants under {ent.id!r}"
+                )
+        comment = _text(comment, "comment")
+        try:
+            grant = await self.grants.review(grant_id, ident.subject, comment)
+        except GrantError as exc:
+            raise _from(exc) from None
+        self._audit("grant.reviewed", grant, actor=ident.subject, comment=comment)
+        return grant
+
+    async def unreviewed(self, ident: Identity) -> list[Grant]:
+        """Return break-glass grants awaiting review that this person may review (admins: all)."""
+        grants = await self.grants.list_unreviewed()
+        if self.is_admin(ident):
+            return grants
+        policy = self.policy()
+        out = []
+        for grant in grants:
+            ent = policy.entitlement(grant.entitlement) if grant.entitlement else None
+            if ent is not None and ent.may_approve(ident.subject, ident.groups):
+                out.append(grant)
+        return out
 
     async def show(self, ident: Identity, grant_id: str) -> Grant:
         """Return one grant to its holder, an eligible approver or an admin."""
@@ -210,6 +249,8 @@ class Workflow:
         except GrantError as exc:
             raise _from(exc) from None
         self._audit(event, grant, actor=ident.subject, comment=comment)
+        if verb == "deny":
+            self._notify("denied", grant)
         return grant
 
     async def _get(self, grant_id: str) -> Grant:
@@ -226,6 +267,10 @@ class Workflow:
                 f"grant {grant.id} was not requested under an entitlement the policy still has",
             )  # fmt: skip
         return ent
+
+    def _notify(self, event: str, grant: Grant) -> None:
+        if self.notifier is not None:
+            self.notifier.notify(event, grant)
 
     def _audit(self, event: str, grant: Grant, **extra: object) -> None:
         self.audit.emit(

@@ -245,3 +245,46 @@ async def test_unknown_grant_is_404(api: TestClient) -> None:
         assert (status, body["error"]) == (404, "not_found"), action
     status, body = await post(api, "/grants/g-0/frobnicate", ADMIN)
     assert status == 404
+
+
+async def test_break_glass_follow_up_review(api: TestClient, tmp_path: Path) -> None:
+    olga, ivan = who("olga", "oncall"), who("ivan", "oncall", "security")
+    tess = who("tess", "security")
+    _, g = await post(api, "/requests", olga, scope="project:1", reason="outage", break_glass=True)
+    _, own = await post(api, "/requests", ivan, scope="project:2", reason="db", break_glass=True)
+    _, ordinary = await post(api, "/requests", MALLORY, scope="recording:1/demo-1", reason="x")
+    assert g["reviewed_by"] == "" and g["reviewed_at"] is None
+
+    status, body = await get(api, "/grants/unreviewed", ADMIN)
+    assert status == 200 and [x["id"] for x in body["grants"]] == [g["id"], own["id"]]
+    for outsider in (olga, MALLORY, BOB):
+        assert (await get(api, "/grants/unreviewed", outsider))[1]["grants"] == []
+
+    status, body = await post(api, f"/grants/{g['id']}/review", olga, comment="all fine")
+    assert (status, body["error"]) == (403, "not_approver")  # the requester is no reviewer
+    status, body = await post(api, f"/grants/{g['id']}/review", BOB)
+    assert (status, body["error"]) == (403, "not_approver")  # approves other rules only
+    status, body = await post(api, f"/grants/{own['id']}/review", ivan)
+    assert (status, body["error"]) == (403, "self_review")
+
+    status, body = await post(api, f"/grants/{g['id']}/review", ADMIN, comment="INC-7 justified")
+    assert status == 200 and body["state"] == "active"
+    assert (body["reviewed_by"], body["review_comment"]) == ("sam", "INC-7 justified")
+    status, body = await post(api, f"/grants/{g['id']}/review", tess)
+    assert (status, body["error"]) == (409, "already_reviewed")
+    status, body = await post(api, f"/grants/{ordinary['id']}/review", ADMIN)
+    assert (status, body["error"]) == (409, "not_break_glass")
+    status, body = await post(api, "/grants/g-0000000000000000/review", ADMIN)
+    assert (status, body["error"]) == (404, "not_found")
+
+    status, body = await get(api, "/grants/unreviewed", tess)
+    assert [x["id"] for x in body["grants"]] == [own["id"]]
+    status, body = await post(api, f"/grants/{own['id']}/review", tess)
+    assert status == 200 and (await get(api, "/grants/unreviewed", tess))[1]["grants"] == []
+
+    reviews = [e for e in await audit_events(api, tmp_path) if e["event"] == "grant.reviewed"]
+    assert [(e["grant_id"], e["actor"], e.get("comment")) for e in reviews] == [
+        (g["id"], "sam", "INC-7 justified"),
+        (own["id"], "tess", ""),
+    ]
+    assert reviews[0]["break_glass"] is True and reviews[0]["user"] == "olga"

@@ -491,3 +491,133 @@ async def test_concurrent_extensions_stop_at_the_maximum(
     assert final is not None and final.extensions == 5
     assert final.expires_at == pytest.approx(final.activated_at + 100, abs=0.002)
     assert await store.check("alice", ("project:1",)) == (g.id, final.expires_at)
+
+
+# --- break-glass review -----------------------------------------------------------------
+
+
+async def break_glass(store: RedisGrants, **kw: Any) -> Grant:
+    return await request(store, needed=0, break_glass=True, entitlement="break-glass", **kw)
+
+
+async def unreviewed_ids(store: RedisGrants) -> list[str]:
+    return [g.id for g in await store.list_unreviewed()]
+
+
+async def test_review_of_break_glass_access(store: RedisGrants) -> None:
+    g = await break_glass(store)
+    other = await break_glass(store, user="olga", scope="project:2")
+    assert await unreviewed_ids(store) == [g.id, other.id]
+    assert (g.reviewed_by, g.reviewed_at, g.review_comment) == ("", 0.0, "")
+    assert g.to_dict()["reviewed_at"] is None
+
+    assert await refused("self_review", store.review(g.id, "alice")) == (
+        "cannot review your own break-glass access"
+    )
+    reviewed = await store.review(g.id, "sam", "outage INC-7, access justified")
+    assert (reviewed.reviewed_by, reviewed.review_comment) == (
+        "sam",
+        "outage INC-7, access justified",
+    )
+    assert reviewed.reviewed_at == pytest.approx(time.time(), abs=1)
+    assert reviewed.state == "active"  # a review does not end the access
+    assert await store.check("alice", ("project:1",)) == (g.id, g.expires_at)
+    assert await store.get(g.id) == reviewed
+    assert await unreviewed_ids(store) == [other.id]
+    message = await refused("already_reviewed", store.review(g.id, "tess"))
+    assert message == f"grant {g.id} was already reviewed by sam"
+    assert await store.get(g.id) == reviewed
+
+
+async def test_review_after_the_grant_ended(store: RedisGrants) -> None:
+    revoked = await break_glass(store)
+    await store.revoke(revoked.id, by="sam")
+    relinquished = await break_glass(store, scope="project:2")
+    await store.relinquish(relinquished.id, "alice")
+    expired = await break_glass(store, scope="project:3", duration=0.2)
+    await asyncio.sleep(0.3)
+    assert await unreviewed_ids(store) == [revoked.id, relinquished.id, expired.id]
+    for grant_id, state in (
+        (revoked.id, "revoked"), (relinquished.id, "relinquished"), (expired.id, "expired")
+    ):  # fmt: skip
+        done = await store.review(grant_id, "sam")
+        assert (done.state, done.reviewed_by) == (state, "sam")
+    assert await unreviewed_ids(store) == []
+
+
+async def test_review_refuses_what_is_not_break_glass_access(store: RedisGrants) -> None:
+    ordinary = await request(store, needed=0)
+    assert await refused("not_break_glass", store.review(ordinary.id, "sam")) == (
+        f"grant {ordinary.id} is not break-glass access"
+    )
+    admin = await store.add("alice", "project:2", 60, "r", "admin")
+    assert await refused("not_break_glass", store.review(admin.id, "sam"))
+    # Break-glass that waits for approval never gave access until approved.
+    waiting = await request(store, needed=1, break_glass=True, scope="project:3")
+    assert "never gave access" in await refused("not_active", store.review(waiting.id, "sam"))
+    assert await unreviewed_ids(store) == []
+    _, activated = await store.approve(waiting.id, "bob")
+    assert activated and await unreviewed_ids(store) == [waiting.id]
+    assert await refused("not_found", store.review("g-nope", "sam"))
+
+
+async def test_unreviewed_entry_lives_as_long_as_the_record(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    store = RedisGrants(client, "jit:", history_ttl=0.5)
+    g = await break_glass(store, duration=60)
+    score = await client.zscore("jit:unreviewed", g.id)
+    assert score == await client.zscore("jit:history", g.id)
+    await store.extend(g.id, "alice", 30, 3600)
+    assert await client.zscore("jit:unreviewed", g.id) == await client.zscore("jit:history", g.id)
+    await store.revoke(g.id, by="sam")  # the record now goes history_ttl after the revocation
+    assert await client.zscore("jit:unreviewed", g.id) == await client.zscore("jit:history", g.id)
+    assert await unreviewed_ids(store) == [g.id]
+    await asyncio.sleep(0.6)
+    assert await unreviewed_ids(store) == []
+    assert await client.keys("jit:*") == []  # the unreviewed set expired with its last entry
+    await client.aclose()
+
+
+async def test_concurrent_reviews_one_wins(store: RedisGrants, replica: RedisGrants) -> None:
+    for i in range(30):
+        g = await break_glass(store, scope=f"project:{i}")
+        results = await asyncio.gather(
+            store.review(g.id, "sam", "first"),
+            replica.review(g.id, "tess", "second"),
+            return_exceptions=True,
+        )
+        won = [r for r in results if isinstance(r, Grant)]
+        lost = [r for r in results if isinstance(r, GrantError)]
+        assert len(won) == 1 and [e.code for e in lost] == ["already_reviewed"], results
+        final = await store.get(g.id)
+        assert final is not None and final.reviewed_by == won[0].reviewed_by
+        assert final.review_comment == {"sam": "first", "tess": "second"}[final.reviewed_by]
+    assert await store.list_unreviewed() == []
+
+
+# --- what notifications read: grants about to expire, and a mark set once ---------------
+
+
+async def test_expiring_between(store: RedisGrants) -> None:
+    now = time.time()
+    soon = await store.add("alice", "project:1", 30, "r", "admin")
+    sooner = await store.add("bob", "project:1", 10, "r", "admin")
+    later = await store.add("carol", "project:1", 600, "r", "admin")
+    ended = await store.add("dave", "project:1", 20, "r", "admin")
+    await store.revoke(ended.id)
+    await request(store, needed=1)  # pending: not in the index
+    assert [g.id for g in await store.expiring_between(now, now + 60)] == [sooner.id, soon.id]
+    assert [g.id for g in await store.expiring_between(now + 15, now + 700)] == [soon.id, later.id]
+    assert await store.expiring_between(now + 700, now + 800) == []
+
+
+async def test_claim_notices_is_won_once(store: RedisGrants, replica: RedisGrants) -> None:
+    assert await store.claim_notices("expiring", []) == []
+    results = await asyncio.gather(
+        *((store, replica)[n % 2].claim_notices("expiring", [("g-1", 60), ("g-2", 0.2)])
+          for n in range(10))
+    )  # fmt: skip
+    assert [sum(r[i] for r in results) for i in (0, 1)] == [1, 1]
+    assert 0 < await store.redis.pttl("jit:notified:expiring:g-2") <= 200
+    await asyncio.sleep(0.3)
+    assert await store.claim_notices("expiring", [("g-1", 60), ("g-2", 60)]) == [False, True]

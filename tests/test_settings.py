@@ -107,3 +107,100 @@ def test_production_example_is_valid(tmp_path: Path) -> None:
     assert s.redis.url == "redis://redis.internal:6379/3"
     assert s.identity.dev_key is None and s.identity.hs_secret is None
     assert s.identity.algorithms == ("RS256", "ES256")
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    cfg = tmp_path / "jitgate.yaml"
+    cfg.write_text(
+        f"upstream: {{url: 'http://127.0.0.1:8081'}}\nidentity: {{hs_secret: {'s' * 32}}}\n" + text
+    )
+    return cfg
+
+
+def test_notifications_defaults_and_fields(tmp_path: Path) -> None:
+    assert load(_config(tmp_path, ""), environ={}).notifications.webhooks == ()
+    cfg = _config(
+        tmp_path,
+        "notifications:\n"
+        "  public_url: https://jitgate.example.com/\n"
+        "  expiring_before: 10m\n"
+        "  check_interval: 2\n"
+        "  retries: 0\n"
+        "  webhooks:\n"
+        "    - url: https://hooks.slack.com/services/T0/B0/secret\n"
+        "      format: slack\n"
+        "      events: [break_glass, expiring]\n"
+        "      timeout: 2.5\n"
+        "    - url: http://127.0.0.1:9000/hook\n",
+    )
+    n = load(cfg, environ={}).notifications
+    assert (n.public_url, n.expiring_before, n.check_interval) == (
+        "https://jitgate.example.com", 600, 2,
+    )  # fmt: skip
+    assert (n.retries, n.backoff, n.queue_max) == (0, 0.5, 10_000)
+    slack, plain = n.webhooks
+    assert (slack.format, slack.events, slack.timeout) == (
+        "slack", {"break_glass", "expiring"}, 2.5,
+    )  # fmt: skip
+    assert slack.url.reveal().endswith("/secret") and "secret" not in repr(n)
+    assert slack.origin == "https://hooks.slack.com"
+    assert (plain.format, plain.timeout) == ("json", 5.0)
+    assert plain.events == {"requested", "approved", "denied", "break_glass", "expiring"}
+
+
+def test_notification_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    cfg = _config(
+        tmp_path,
+        "notifications:\n"  # 3
+        "  public_url: jitgate.example.com\n"  # 4
+        "  expiring_before: soon\n"  # 5
+        "  retries: -1\n"  # 6
+        "  backoff: 0\n"  # 7
+        "  webhooks:\n"  # 8
+        "    - url: ftp://x/secret-path\n"  # 9
+        "      format: teams\n"  # 10
+        "      events: [requested, revoked]\n"  # 11
+        "      timeout: 0\n"  # 12
+        "    - format: json\n"  # 13
+        "    - just-a-string\n"  # 14
+        "    - url: http://ok/\n"  # 15
+        "      events: []\n"  # 16
+        "      colour: red\n"  # 17
+        "  channel: '#ops'\n",  # 18
+    )
+    with pytest.raises(ConfigErrors) as exc:
+        load(cfg, environ={})
+    text = str(exc.value)
+    expected = [
+        f"{cfg}:4: notifications.public_url: must be an http(s) URL",
+        f"{cfg}:5: notifications.expiring_before: invalid duration 'soon'",
+        f"{cfg}:6: notifications.retries: must not be negative",
+        f"{cfg}:7: notifications.backoff: must be greater than 0",
+        f"{cfg}:9: notifications.webhooks[0].url: must be an http(s) URL with a host, got scheme"
+        " 'ftp'",
+        f"{cfg}:10: notifications.webhooks[0].format: must be one of json, slack, got 'teams'",
+        f"{cfg}:11: notifications.webhooks[0].events: unknown event 'revoked'",
+        f"{cfg}:12: notifications.webhooks[0].timeout: must be greater than 0",
+        f"{cfg}:13: notifications.webhooks[1].url: is required",
+        f"{cfg}:14: notifications.webhooks[2]: must be a mapping with a url",
+        f"{cfg}:16: notifications.webhooks[3].events: must name at least one event",
+        f"{cfg}:17: notifications.webhooks[3].colour: unknown field",
+        f"{cfg}:18: notifications.channel: unknown field",
+    ]
+    for line in expected:
+        assert line in text, f"{line}\n--- not in ---\n{text}"
+    assert "secret-path" not in text  # a webhook URL may be a credential
+
+
+def test_webhooks_from_the_environment(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "")
+    env = {"JITGATE_NOTIFICATIONS__WEBHOOKS": "[{url: 'http://hooks.internal/x', format: slack}]"}
+    (hook,) = load(cfg, environ=env).notifications.webhooks
+    assert (hook.url.reveal(), hook.format) == ("http://hooks.internal/x", "slack")
+    env = {"JITGATE_NOTIFICATIONS__WEBHOOKS": "[{url: 'http://hooks.internal/x', format: xml}]"}
+    with pytest.raises(ConfigErrors) as exc:
+        load(cfg, environ=env)
+    assert str(exc.value) == (
+        "env JITGATE_NOTIFICATIONS__WEBHOOKS: notifications.webhooks[0].format: "
+        "must be one of json, slack, got 'xml'"
+    )
