@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
         ("approve", "approve a pending request"),
         ("deny", "deny (or withdraw) a pending request"),
         ("relinquish", "give up your own active grant"),
+        ("review", "review break-glass access afterwards"),
     ):
         p = verbs.add_parser(verb, help=f"{text} (API)")
         _api_args(p)
@@ -142,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--pending", action="store_true", help="requests you may decide (API)")
     which.add_argument("--all", action="store_true", help="every grant (API, admins)")
+    which.add_argument(
+        "--unreviewed", action="store_true", help="break-glass grants awaiting review (API)"
+    )
     p.add_argument("--state", default=None, help="with --all: comma-separated states")
     return parser
 
@@ -204,8 +208,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(_grants_api(args, settings, token))
     if args.verb not in ("add", "revoke", "list", "show"):
         raise UsageError(f"grants {args.verb} acts as you: pass --token or set JITGATE_TOKEN")
-    if args.verb == "list" and (args.pending or args.all):
-        raise UsageError("--pending and --all need a token (they go through the API)")
+    if args.verb == "list" and (args.pending or args.all or args.unreviewed):
+        raise UsageError("--pending, --all and --unreviewed need a token (they use the API)")
     return asyncio.run(_grants(args, settings))
 
 
@@ -393,12 +397,14 @@ async def _grants_api(args: argparse.Namespace, settings: Settings, token: str) 
             elif verb == "extend":
                 body = {**comment, "duration": args.duration}
                 result = await api.call("POST", f"/grants/{args.grant_id}/extend", body)
-            elif verb in ("approve", "deny", "relinquish", "revoke"):
+            elif verb in ("approve", "deny", "relinquish", "revoke", "review"):
                 result = await api.call("POST", f"/grants/{args.grant_id}/{verb}", comment)
             elif verb == "show":
                 result = await api.call("GET", f"/grants/{args.grant_id}")
             else:
                 path = "/grants/pending" if args.pending else "/grants/mine"
+                if args.unreviewed:
+                    path = "/grants/unreviewed"
                 if args.all:
                     query = {k: v for k, v in (("user", args.user), ("state", args.state)) if v}
                     path = "/grants" + (f"?{urlencode(query)}" if query else "")

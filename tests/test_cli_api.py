@@ -127,3 +127,25 @@ async def test_cli_reports_bad_input_and_unreachable_proxy(proxy_api: TestClient
     )  # fmt: skip
     _, err_b = await proc.communicate()
     assert proc.returncode == 2 and b"pass --token" in err_b
+
+
+async def test_break_glass_and_review_from_the_cli(proxy_api: TestClient) -> None:
+    code, out, err = await jg(
+        proxy_api, "olga", ["oncall"], "request", "--scope", "project:1", "--reason", "outage",
+        "--break-glass",
+    )  # fmt: skip
+    assert code == 0, err
+    grant_id, state = out.split()
+    assert state == "active"
+    code, out, _ = await jg(proxy_api, "sam", ["security"], "list", "--unreviewed")
+    assert code == 0 and grant_id in out
+    code, _, err = await jg(proxy_api, "olga", ["oncall", "security"], "review", grant_id)
+    assert code == 1 and "self_review" in err
+    code, out, err = await jg(
+        proxy_api, "sam", ["security"], "review", grant_id, "--comment", "justified"
+    )
+    assert code == 0, err
+    code, out, _ = await jg(proxy_api, "sam", ["security"], "show", grant_id, "--json")
+    assert json.loads(out)["reviewed_by"] == "sam"
+    code, out, _ = await jg(proxy_api, "sam", ["security"], "list", "--unreviewed")
+    assert grant_id not in out
