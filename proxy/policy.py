@@ -31,7 +31,6 @@ matches and whose `who` admits the requester applies:
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from pathlib import Path
 
 from .errors import ConfigError, ConfigErrors
 from .settings import parse_duration
-from .yamlsrc import Node, Seq, load_text
+from .yamlsrc import Node, Seq, line_of, load_text
 
 
 class Access(StrEnum):
@@ -227,12 +226,7 @@ class _Compiler:
         self.errors: list[ConfigError] = []
 
     def err(self, node: Node | Seq, key: str | int, where: str, message: str) -> None:
-        if isinstance(node, Node) and isinstance(key, str):
-            line = node.line_of(key)
-        elif isinstance(node, Seq) and isinstance(key, int):
-            line = node.line_of(key)
-        else:
-            line = node.line
+        line = line_of(node, key)
         self.errors.append(ConfigError(message, file=self.file, line=line, field=where))
 
     def compile(self, raw: object, version: str) -> Policy:
@@ -601,14 +595,10 @@ class _EntitlementCompiler:
             self.err(node, key, where, "must be a duration such as 90s, 5m, 2h or 1d, or seconds")
             return None
         try:
-            seconds = parse_duration(value)
+            return parse_duration(value)
         except ValueError as exc:
             self.err(node, key, where, str(exc))
             return None
-        if not math.isfinite(seconds):
-            self.err(node, key, where, "must be a finite duration")
-            return None
-        return seconds
 
     def _durations(self, item: Node, where: str) -> tuple[tuple[float, ...], float, float] | None:
         at = f"{where}.durations"

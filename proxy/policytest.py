@@ -40,7 +40,7 @@ from .identity import Identity, Verifier
 from .paths import normalise, split_target
 from .policy import Access, Policy
 from .settings import IdentitySettings
-from .yamlsrc import Node, Seq, load_file
+from .yamlsrc import Node, Seq, line_of, load_file
 
 EXPECTS = ("allow", "deny", "blocked", "unauthenticated", "bad_request")
 METHOD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -374,12 +374,7 @@ class _SuiteReader:
         self.errors: list[ConfigError] = []
 
     def err(self, node: Node | Seq, key: str | int, where: str, message: str) -> None:
-        if isinstance(node, Node) and isinstance(key, str):
-            line = node.line_of(key)
-        elif isinstance(node, Seq) and isinstance(key, int):
-            line = node.line_of(key)
-        else:
-            line = node.line
+        line = line_of(node, key)
         self.errors.append(ConfigError(message, file=self.file, line=line, field=where))
 
     def read(self, raw: object, policy_file: Path | None) -> Suite:

@@ -21,7 +21,7 @@ import yaml
 from yarl import URL
 
 from .errors import ConfigError, ConfigErrors
-from .yamlsrc import Node, Seq, load_file
+from .yamlsrc import Node, Seq, line_of, load_file
 
 ENV_PREFIX = "JITGATE_"
 DEFAULT_CONFIG = Path("config/jitgate.yaml")
@@ -194,13 +194,7 @@ class _Reader:
         if env is not None:
             self.errors.append(ConfigError(message, file=f"env {env}", field=where))
             return
-        line = 0
-        if isinstance(node, Node) and isinstance(key, str):
-            line = node.line_of(key)
-        elif isinstance(node, Seq) and isinstance(key, int):
-            line = node.line_of(key)
-        elif node is not None:
-            line = node.line
+        line = line_of(node, key)
         self.errors.append(ConfigError(message, file=self.file, line=line, field=where))
 
     def section(self, node: Node, key: str, where: str) -> Node:
@@ -604,14 +598,10 @@ def _seconds(r: _Reader, s: Node, key: str, default: float, at: str) -> float:
         r.error(s, key, where, "must be a duration such as 30s, 5m or 1h, or seconds")
         return default
     try:
-        seconds = parse_duration(value)
+        return parse_duration(value)
     except ValueError as exc:
         r.error(s, key, where, str(exc))
         return default
-    if not math.isfinite(seconds):
-        r.error(s, key, where, "must be a finite duration")
-        return default
-    return seconds
 
 
 _DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -635,6 +625,8 @@ def parse_duration(text: str | float | int) -> float:
                 float(num) * _DURATION[unit]
                 for num, unit in re.findall(r"(\d+(?:\.\d+)?)([smhdw])", value)
             )
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration must be finite, got {text!r}")
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {text!r}")
     return seconds

@@ -30,6 +30,15 @@ class Seq(list[Any]):
         return self.item_lines[index] if index < len(self.item_lines) else self.line
 
 
+def line_of(node: Node | Seq | None, key: str | int) -> int:
+    """Return the line of a key (mapping) or item (sequence), else of the node itself."""
+    if isinstance(node, Node) and isinstance(key, str):
+        return node.line_of(key)
+    if isinstance(node, Seq) and isinstance(key, int):
+        return node.line_of(key)
+    return node.line if node is not None else 0
+
+
 class _Loader(yaml.SafeLoader):
     pass
 

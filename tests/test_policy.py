@@ -387,7 +387,7 @@ TICKET_REQUIRED = "ticket.pattern: is required: a regular expression the whole t
          [at(6, "durations.default: duration must be positive, got -30")]),
         ({"durations": "{default: true}"},
          [at(6, "durations.default: must be a duration such as 90s, 5m, 2h or 1d, or seconds")]),
-        ({"durations": "{default: .inf}"}, [at(6, "durations.default: must be a finite duration")]),
+        ({"durations": "{default: .inf}"}, [at(6, "durations.default: duration must be finite, got inf")]),
         ({"durations": "{default: 1h, max: 0s}"},
          [at(6, "durations.max: duration must be positive, got '0s'")]),
         ({"durations": "{offered: [], default: 1h}"},
