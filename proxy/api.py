@@ -15,13 +15,13 @@ from typing import Any
 from aiohttp import web
 
 from .appkeys import AUTHORIZER, SETTINGS, WORKFLOW
-from .grants import Grant
+from .grants import STATES, Grant
 from .identity import Identity, IdentityError
 from .settings import parse_duration
 from .workflow import WorkflowError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_STATES = ("pending", "active", "denied", "lapsed", "expired", "revoked", "relinquished")
+_STATES = STATES
 _ACTIONS = ("approve", "deny", "revoke", "relinquish", "extend", "review")
 
 
@@ -140,6 +140,8 @@ async def act(request: web.Request, ident: Identity) -> tuple[Any, int]:
         if extra is None:
             raise WorkflowError(400, "bad_request", "duration is required")
         grant = await flow.extend(ident, grant_id, extra, comment)
+        if grant.kind == "extension":  # needs approval: a pending extension request
+            return _grant(grant), 202
     else:
         grant = await getattr(flow, action)(ident, grant_id, comment)
     return _grant(grant), 200
@@ -207,13 +209,13 @@ def openapi_document(prefix: str) -> dict[str, Any]:
     one = {"200": {"description": "the grant", "content": _json(ref)}, **errors}
     many = {"200": {"description": "grants", "content": _json(listing)}, **errors}
 
-    def action(summary: str, body: dict[str, Any]) -> dict[str, Any]:
+    def action(summary: str, body: dict[str, Any], **more: Any) -> dict[str, Any]:
         return {
             "post": {
                 "summary": summary,
                 "parameters": [grant_id],
                 "requestBody": {"content": _json(body)},
-                "responses": one,
+                "responses": {**one, **more},
             }
         }
 
@@ -278,12 +280,19 @@ def openapi_document(prefix: str) -> dict[str, Any]:
                 "responses": one,
             }
         },
-        "/api/grants/{grant_id}/approve": action("Approve a pending request", comment),
+        "/api/grants/{grant_id}/approve": action(
+            "Approve a pending request; the last approval needed activates it, or applies an"
+            " extension request to its grant",
+            comment,
+        ),
         "/api/grants/{grant_id}/deny": action("Deny (or withdraw) a pending request", comment),
         "/api/grants/{grant_id}/revoke": action("Revoke an active grant (admins)", comment),
         "/api/grants/{grant_id}/relinquish": action("Give up one's own active grant", comment),
         "/api/grants/{grant_id}/extend": action(
-            "Extend one's own active grant within the maximum", extend
+            "Extend one's own active grant within the maximum; where extensions need approval,"
+            " file an extension request (202, kind extension, pending) that approvers decide",
+            extend,
+            **{"202": {"description": "the pending extension request", "content": _json(ref)}},
         ),
         "/api/grants/{grant_id}/review": action(
             "Review break-glass access afterwards (an approver of its rule or an admin)", comment
@@ -315,6 +324,11 @@ def openapi_document(prefix: str) -> dict[str, Any]:
                         "user": {"type": "string"},
                         "scope": {"type": "string"},
                         "state": {"type": "string", "enum": list(_STATES)},
+                        "kind": {"type": "string", "enum": ["grant", "extension"]},
+                        "extends": {
+                            "type": "string",
+                            "description": "an extension request's grant",
+                        },
                         "break_glass": {"type": "boolean"},
                         "reviewed_by": {"type": "string"},
                         "reviewed_at": {"type": ["number", "null"]},

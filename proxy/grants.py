@@ -5,15 +5,25 @@ relinquished. Expired and lapsed are derived on read from a passed deadline, so 
 is needed for them. Access is decided only by the `active:` sets, which Redis expires by
 itself at the grant's end; the record outlives the grant by `history_ttl` for history.
 
+An extension request (kind "extension") is a pending record of its own that lengthens an
+active grant (`extends`) by `duration` seconds once approved: pending -> applied | denied |
+lapsed. The approval that completes it moves the grant's expiry in the same script, never
+past `max_total` seconds from the grant's activation; if the grant is no longer active by
+then (or already lasts its maximum), that approval ends the request lapsed instead and the
+grant is left as it was. A grant has at most one extension request pending.
+
 Keys (after the configured prefix, default `jit:`):
   grant:{id}                 hash, one per request or grant: id, user, scope, state, reason,
                              ticket, entitlement, duration, needed, approvals (JSON list of
                              {by, at, comment}), created_at, pending_until, activated_at,
                              expires_at, ended_at, ended_by, end_comment, granted_by,
                              break_glass, extensions, extended_by, reviewed_by, reviewed_at,
-                             review_comment; times in epoch seconds, "" while unset. Redis
-                             expires it history_ttl after its end (or after pending_until
-                             while pending)
+                             review_comment, kind ("grant" or "extension"), extends and
+                             max_total (an extension request's grant and the longest total it
+                             may give it), extension_request (a grant's latest extension
+                             request); times in epoch seconds, "" while unset. Redis expires
+                             it history_ttl after its end (or after pending_until while
+                             pending)
   active:{len(user)}:{user}:{scope}
                              sorted set of active grant ids scored by expiry (ms), expiring
                              with the last of them; a check reads these sets in one Lua call
@@ -45,7 +55,9 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
-STATES = ("pending", "active", "denied", "lapsed", "expired", "revoked", "relinquished")
+STATES = (
+    "pending", "active", "denied", "lapsed", "expired", "revoked", "relinquished", "applied",
+)  # fmt: skip
 HISTORY_TTL = 7 * 86400.0
 
 # KEYS: the active sets of every covering scope, narrowest first. ARGV: now (ms).
@@ -112,6 +124,16 @@ local function reply(rec, status, detail)
   return out
 end
 
+-- An error if moving g's expiry to exp (ms) would make it last longer than most ms.
+local function too_long(g, exp, most)
+  local total = exp - ms(g.activated_at)
+  if total > most then
+    return {'exceeds_max', string.format('a total of %gs exceeds the maximum of %gs',
+      total / 1000, most / 1000)}
+  end
+  return nil
+end
+
 local function missing(id) return {'not_found', 'no grant ' .. id} end
 local function wrong(id, state, wanted)
   return {'not_' .. wanted, 'grant ' .. id .. ' is ' .. state .. ', not ' .. wanted}
@@ -141,8 +163,12 @@ return reply(rec, 'ok', '')
 """
 )
 
-# KEYS: record, grants, pending, history, unreviewed. ARGV: prefix, now ms, history ms, id,
-# approver, comment. Detail "1" when this approval activated the grant; its clock starts now.
+# KEYS: record, grants, pending, history, unreviewed, events channel. ARGV: prefix, now ms,
+# history ms, id, approver, comment. Detail "1" when this approval activated the grant (its
+# clock starts now) or applied the extension request (its grant's expiry moved, announced on
+# the channel). An extension request whose grant is no longer active, or already lasts its
+# maximum, ends lapsed with this approval: the reply is then an error code and message
+# followed by the request as it now is, and its grant is left untouched.
 _APPROVE = (
     _LIB
     + """
@@ -156,14 +182,61 @@ local approvals = cjson.decode(g.approvals)
 for _, a in ipairs(approvals) do
   if a.by == by then return {'duplicate_approval', 'already approved by ' .. by} end
 end
+
+local function moot(code, message)
+  redis.call('HSET', rec, 'state', 'lapsed', 'ended_at', secs(now), 'ended_by', by,
+    'end_comment', message)
+  redis.call('ZREM', KEYS[3], id)
+  retain(rec, KEYS[4], id, now + keep, now)
+  return reply(rec, code, message)
+end
+
+local parent, prec
+if g.kind == 'extension' then
+  prec = prefix .. 'grant:' .. g.extends
+  parent = load(prec, now)
+  if not parent then
+    return moot('not_active', 'grant ' .. g.extends .. ' no longer exists; extension ' .. id ..
+      ' was not applied')
+  end
+  if parent.state ~= 'active' then
+    return moot('not_active', 'grant ' .. g.extends .. ' is ' .. parent.state ..
+      ', not active; extension ' .. id .. ' was not applied')
+  end
+end
+
 table.insert(approvals, {by = by, at = now / 1000, comment = ARGV[6]})
 redis.call('HSET', rec, 'approvals', cjson.encode(approvals))
 if #approvals < tonumber(g.needed) then return reply(rec, 'ok', '0') end
-local exp = now + ms(g.duration)
 local names = {}
 for _, a in ipairs(approvals) do names[#names + 1] = a.by end
+names = table.concat(names, ',')
+
+if parent then
+  -- Lengthen the grant, never past the longest total recorded when the request was made.
+  local was = ms(parent.expires_at)
+  local exp = math.min(was + ms(g.duration), ms(parent.activated_at) + ms(g.max_total))
+  if exp <= was then
+    return moot('exceeds_max', string.format(
+      'grant %s already lasts its maximum of %gs; extension %s was not applied',
+      g.extends, ms(g.max_total) / 1000, id))
+  end
+  redis.call('HSET', prec, 'expires_at', secs(exp), 'extended_by', names)
+  redis.call('HINCRBY', prec, 'extensions', 1)
+  activate(prefix, parent, g.extends, exp, now, KEYS[2], keep)
+  retain(prec, KEYS[4], g.extends, exp + keep, now)
+  follow(KEYS[5], g.extends, exp + keep, now)
+  redis.call('PUBLISH', KEYS[6], 'extended ' .. g.extends)
+  redis.call('HSET', rec, 'state', 'applied', 'activated_at', secs(now), 'expires_at', secs(exp),
+    'granted_by', names)
+  redis.call('ZREM', KEYS[3], id)
+  retain(rec, KEYS[4], id, now + keep, now)
+  return reply(rec, 'ok', '1')
+end
+
+local exp = now + ms(g.duration)
 redis.call('HSET', rec, 'state', 'active', 'activated_at', secs(now), 'expires_at', secs(exp),
-  'granted_by', table.concat(names, ','))
+  'granted_by', names)
 redis.call('ZREM', KEYS[3], id)
 activate(prefix, g, id, exp, now, KEYS[2], keep)
 retain(rec, KEYS[4], id, exp + keep, now)
@@ -217,17 +290,51 @@ local g = load(rec, now)
 if not g then return missing(id) end
 if g.state ~= 'active' then return wrong(id, g.state, 'active') end
 local exp = ms(g.expires_at) + extra
-local total = exp - ms(g.activated_at)
-if total > most then
-  return {'exceeds_max', string.format('a total of %gs exceeds the maximum of %gs',
-    total / 1000, most / 1000)}
-end
+local err = too_long(g, exp, most)
+if err then return err end
 redis.call('HSET', rec, 'expires_at', secs(exp), 'extended_by', ARGV[5])
 redis.call('HINCRBY', rec, 'extensions', 1)
 activate(prefix, g, id, exp, now, KEYS[2], keep)
 retain(rec, KEYS[3], id, exp + keep, now)
 follow(KEYS[5], id, exp + keep, now)
 redis.call('PUBLISH', KEYS[4], 'extended ' .. id)
+return reply(rec, 'ok', '')
+"""
+)
+
+# KEYS: the request's record, its grant's record, pending, history. ARGV: prefix, now ms,
+# history ms, request id, grant id, holder, extra ms, longest total ms, pending_until ms,
+# comment, then the request's own fields. User, scope, entitlement and ticket are the
+# grant's; the reason is the comment, else the grant's.
+_REQUEST_EXTENSION = (
+    _LIB
+    + """
+local rec, prec, prefix = KEYS[1], KEYS[2], ARGV[1]
+local id, gid, by, comment = ARGV[4], ARGV[5], ARGV[6], ARGV[10]
+local now, keep, extra, most, deadline = tonumber(ARGV[2]), tonumber(ARGV[3]),
+  tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local g = load(prec, now)
+if not g then return missing(gid) end
+if g.state ~= 'active' then return wrong(gid, g.state, 'active') end
+if by ~= g.user then return {'not_holder', 'only its holder can extend grant ' .. gid} end
+local err = too_long(g, ms(g.expires_at) + extra, most)
+if err then return err end
+local last = g.extension_request or ''
+if last ~= '' then
+  local e = load(prefix .. 'grant:' .. last, now)
+  if e and e.state == 'pending' then
+    return {'extension_pending',
+      'grant ' .. gid .. ' already has extension request ' .. last .. ' pending'}
+  end
+end
+if redis.call('EXISTS', rec) == 1 then return {'exists', 'grant ' .. id .. ' exists'} end
+redis.call('HSET', rec, unpack(ARGV, 11))
+if comment == '' then comment = g.reason or '' end
+redis.call('HSET', rec, 'user', g.user, 'scope', g.scope, 'entitlement', g.entitlement or '',
+  'ticket', g.ticket or '', 'reason', comment)
+redis.call('HSET', prec, 'extension_request', id)
+index(KEYS[3], deadline, id, now - keep, keep)
+retain(rec, KEYS[4], id, deadline + keep, now)
 return reply(rec, 'ok', '')
 """
 )
@@ -262,12 +369,17 @@ class GrantError(Exception):
     """A refused transition; `code` is one of the codes below, the message is for people.
 
     not_found, not_pending, not_active, self_approval, duplicate_approval, not_holder,
-    exceeds_max, exists, not_break_glass, self_review, already_reviewed.
+    exceeds_max, exists, not_break_glass, self_review, already_reviewed, extension_pending.
+
+    `grant` is None when nothing was written. It is the record as it now is when the refusal
+    ended it: an extension request approved after its grant ended (or reached its maximum)
+    is lapsed by that approval.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, grant: Grant | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.grant = grant
 
 
 @dataclass(frozen=True)
@@ -303,6 +415,10 @@ class Grant:
     reviewed_by: str = ""  # break-glass only: who did the follow-up review
     reviewed_at: float = 0.0
     review_comment: str = ""
+    kind: str = "grant"  # "extension": a request to lengthen the grant `extends`
+    extends: str = ""  # an extension request's grant
+    max_total: float = 0.0  # an extension request's longest total for its grant, seconds
+    extension_request: str = ""  # a grant's latest extension request
 
     def remaining(self, now: float | None = None) -> float:
         if self.state != "active":
@@ -313,7 +429,8 @@ class Grant:
         """Return the record for JSON; unset times are None."""
         d = asdict(self)
         d["approvals"] = [asdict(a) for a in self.approvals]
-        for name in ("expires_at", "pending_until", "activated_at", "ended_at", "reviewed_at"):
+        unset = ("expires_at", "pending_until", "activated_at", "ended_at", "reviewed_at")
+        for name in (*unset, "max_total"):
             d[name] = d[name] or None
         return d
 
@@ -351,6 +468,18 @@ class GrantStore(Protocol):
 
     async def extend(
         self, grant_id: str, by: str, extra_seconds: float, max_total: float
+    ) -> Grant: ...
+
+    async def request_extension(
+        self,
+        grant_id: str,
+        user: str,
+        extra_seconds: float,
+        max_total: float,
+        *,
+        needed: int,
+        pending_ttl: float,
+        comment: str = "",
     ) -> Grant: ...
 
     async def get(self, grant_id: str) -> Grant | None: ...
@@ -429,14 +558,53 @@ def _grant(fields: dict[Any, Any] | list[Any], now_ms: int) -> Grant:
         reviewed_by=f.get("reviewed_by", ""),
         reviewed_at=_num(f.get("reviewed_at")),
         review_comment=f.get("review_comment", ""),
+        kind=f.get("kind") or "grant",
+        extends=f.get("extends", ""),
+        max_total=_num(f.get("max_total")),
+        extension_request=f.get("extension_request", ""),
     )
 
 
 def _outcome(reply: list[Any]) -> tuple[Grant, str]:
     status, detail, *fields = reply
     if _text(status) != "ok":
-        raise GrantError(_text(status), _text(detail))
+        raise GrantError(
+            _text(status), _text(detail), _grant(fields, _now_ms()) if fields else None
+        )
     return _grant(fields, _now_ms()), _text(detail)
+
+
+def _blank(grant_id: str, now: float) -> dict[str, str]:
+    """Return a new record's fields, every one of them unset."""
+    return {
+        "id": grant_id,
+        "kind": "grant",
+        "user": "",
+        "scope": "",
+        "reason": "",
+        "ticket": "",
+        "entitlement": "",
+        "duration": "",
+        "needed": "0",
+        "approvals": "[]",
+        "created_at": f"{now:.6f}",  # finer than ms, so newest-first is a strict order
+        "pending_until": "",
+        "activated_at": "",
+        "expires_at": "",
+        "ended_at": "",
+        "ended_by": "",
+        "end_comment": "",
+        "granted_by": "",
+        "break_glass": "0",
+        "extensions": "0",
+        "extended_by": "",
+        "reviewed_by": "",
+        "reviewed_at": "",
+        "review_comment": "",
+        "extends": "",
+        "max_total": "",
+        "extension_request": "",
+    }
 
 
 class RedisGrants:
@@ -461,6 +629,7 @@ class RedisGrants:
         self._approve = redis.register_script(_APPROVE)
         self._end = redis.register_script(_END)
         self._extend = redis.register_script(_EXTEND)
+        self._request_extension = redis.register_script(_REQUEST_EXTENSION)
         self._review = redis.register_script(_REVIEW)
 
     def _active_key(self, user: str, scope: str) -> str:
@@ -533,8 +702,7 @@ class RedisGrants:
         now = time.time()
         now_ms = int(now * 1000)
         grant_id = "g-" + secrets.token_hex(8)
-        fields = {
-            "id": grant_id,
+        fields = _blank(grant_id, now) | {
             "user": user,
             "scope": scope,
             "reason": reason,
@@ -542,21 +710,8 @@ class RedisGrants:
             "entitlement": entitlement,
             "duration": repr(float(duration)),
             "needed": str(needed),
-            "approvals": "[]",
-            "created_at": f"{now:.6f}",  # finer than ms, so newest-first is a strict order
-            "pending_until": "",
-            "activated_at": "",
-            "expires_at": "",
-            "ended_at": "",
-            "ended_by": "",
-            "end_comment": "",
             "granted_by": granted_by,
             "break_glass": "1" if break_glass else "0",
-            "extensions": "0",
-            "extended_by": "",
-            "reviewed_by": "",
-            "reviewed_at": "",
-            "review_comment": "",
         }
         if needed:
             deadline = now_ms + round(pending_ttl * 1000)
@@ -583,7 +738,13 @@ class RedisGrants:
         return _outcome(reply)[0]
 
     async def approve(self, grant_id: str, approver: str, comment: str = "") -> tuple[Grant, bool]:
-        """Record one approval; return the grant and whether this approval activated it."""
+        """Record one approval; return the record and whether this approval completed it.
+
+        The last approval a request needs activates it; the last one an extension request
+        needs applies it to its grant (state "applied"). An extension request whose grant is
+        no longer active ends lapsed instead: GrantError not_active (or exceeds_max when the
+        grant already lasts its maximum), with the lapsed request as `grant`.
+        """
         reply = await self._approve(
             keys=[
                 self._grant_key(grant_id),
@@ -591,6 +752,7 @@ class RedisGrants:
                 self._pending,
                 self._history,
                 self._unreviewed,
+                self.channel,
             ],
             args=[self.prefix, _now_ms(), self._keep_ms, grant_id, approver, comment],
         )
@@ -640,6 +802,65 @@ class RedisGrants:
                 by,
                 round(extra_seconds * 1000),
                 round(max_total * 1000),
+            ],
+        )
+        return _outcome(reply)[0]
+
+    async def request_extension(
+        self,
+        grant_id: str,
+        user: str,
+        extra_seconds: float,
+        max_total: float,
+        *,
+        needed: int,
+        pending_ttl: float,
+        comment: str = "",
+    ) -> Grant:
+        """File a request, pending `needed` approvals, to lengthen an active grant of the user's.
+
+        Refused unless the grant is active, held by `user`, has no extension request pending,
+        and would not last longer than max_total seconds from its activation with the extra.
+        """
+        if extra_seconds <= 0:
+            raise ValueError("extra_seconds must be positive")
+        if needed < 1:
+            raise ValueError("an extension request needs at least one approval")
+        if pending_ttl <= 0:
+            raise ValueError("pending_ttl must be positive")
+        now = time.time()
+        now_ms = int(now * 1000)
+        request_id = "g-" + secrets.token_hex(8)
+        deadline = now_ms + round(pending_ttl * 1000)
+        fields = _blank(request_id, now) | {
+            "kind": "extension",
+            "extends": grant_id,
+            "state": "pending",
+            "duration": repr(float(extra_seconds)),
+            "needed": str(needed),
+            "pending_until": _secs(deadline),
+            "max_total": repr(float(max_total)),
+        }
+        flat = [item for pair in fields.items() for item in pair]
+        reply = await self._request_extension(
+            keys=[
+                self._grant_key(request_id),
+                self._grant_key(grant_id),
+                self._pending,
+                self._history,
+            ],
+            args=[
+                self.prefix,
+                now_ms,
+                self._keep_ms,
+                request_id,
+                grant_id,
+                user,
+                round(extra_seconds * 1000),
+                round(max_total * 1000),
+                deadline,
+                comment,
+                *flat,
             ],
         )
         return _outcome(reply)[0]

@@ -251,10 +251,16 @@ def slack_message(
     """Return a Slack incoming-webhook message: a plain summary and Block Kit blocks."""
     user, scope = _esc(grant.user), _esc(grant.scope)
     headline, summary = _headline(event, grant, user, scope, now)
+    extension = grant.kind == "extension"
     fields = [("User", user), ("Scope", f"`{scope}`"), ("Reason", _esc(grant.reason) or "-")]
+    if extension:
+        fields.append(("Extends", f"`{_esc(grant.extends)}`"))
     if grant.ticket:
         fields.append(("Ticket", _esc(grant.ticket)))
-    fields.append(("Duration", format_duration(grant.duration) if grant.duration else "-"))
+    if extension:
+        fields.append(("Extra time", f"+{format_duration(grant.duration)}"))
+    else:
+        fields.append(("Duration", format_duration(grant.duration) if grant.duration else "-"))
     fields.append(("State", grant.state + (" (break-glass)" if grant.break_glass else "")))
     if grant.entitlement:
         fields.append(("Entitlement", _esc(grant.entitlement)))
@@ -262,6 +268,8 @@ def slack_message(
         fields.append(("Decide by", _clock(grant.pending_until)))
     elif event == "approved":
         fields.append(("Approved by", _esc(grant.granted_by)))
+        if extension:
+            fields.append(("Now expires", _clock(grant.expires_at)))
     elif event == "denied":
         fields.append(("Denied by", _esc(grant.ended_by)))
         if grant.end_comment:
@@ -274,7 +282,9 @@ def slack_message(
     details = f"Reason: {_esc(grant.reason) or '-'}"
     if grant.ticket:
         details += f"; ticket {_esc(grant.ticket)}"
-    if grant.duration:
+    if extension:
+        details += f"; {format_duration(grant.duration)} more"
+    elif grant.duration:
         details += f"; for {format_duration(grant.duration)}"
     context = f"jitgate · grant {ref}" + (f" · policy {version}" if version else "")
     return {
@@ -292,6 +302,8 @@ def slack_message(
 
 def _headline(event: str, grant: Grant, user: str, scope: str, now: float) -> tuple[str, str]:
     """Return the message's first line with emoji and emphasis, and the same in plain words."""
+    if grant.kind == "extension" and event in ("requested", "approved", "denied"):
+        return _extension_headline(event, grant, user, scope)
     if event == "requested":
         if grant.state == "pending":
             n = grant.needed
@@ -317,6 +329,22 @@ def _headline(event: str, grant: Grant, user: str, scope: str, now: float) -> tu
     left = format_duration(max(0, round(grant.expires_at - now)))
     said = f"{user}'s access to {scope} expires in {left}"
     return f":hourglass_flowing_sand: {said}", said
+
+
+def _extension_headline(event: str, grant: Grant, user: str, scope: str) -> tuple[str, str]:
+    what = f"{_esc(grant.extends)} by +{format_duration(grant.duration)} on {scope}"
+    if event == "requested":
+        n = grant.needed
+        said = f"{user} requested an extension of {what}; needs {n} approval{'s' * (n != 1)}"
+        return f":inbox_tray: {said}", said
+    if event == "approved":
+        said = f"{user}'s extension of {what} was approved by {_esc(grant.granted_by)}"
+        return f":white_check_mark: {said}", said
+    if grant.ended_by == grant.user:
+        said = f"{user} withdrew the request for an extension of {what}"
+    else:
+        said = f"{user}'s request for an extension of {what} was denied by {_esc(grant.ended_by)}"
+    return f":no_entry_sign: {said}", said
 
 
 def _esc(text: str) -> str:

@@ -4,6 +4,10 @@ The policy's entitlements say who may request which scope, for how long and appr
 how; the grant store makes each transition atomic; every transition is audited with its
 actor and comment, and the ones people wait on are sent to webhooks when a notifier is
 configured. Errors carry an HTTP status and a code for the API.
+
+Extending a grant under an entitlement with `extend.requires_approval` files an extension
+request: a pending record of its own that approvers decide like any request; the last
+approval it needs lengthens the grant.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ _GRANT_ERRORS = {
     "not_break_glass": 409,
     "self_review": 403,
     "already_reviewed": 409,
+    "extension_pending": 409,
 }
 
 
@@ -110,7 +115,11 @@ class Workflow:
         return grant
 
     async def approve(self, ident: Identity, grant_id: str, comment: str = "") -> Grant:
-        """Add one approval; the last one needed activates the grant (its clock starts now)."""
+        """Add one approval; the last one needed activates the grant (its clock starts now).
+
+        For an extension request the last approval lengthens its grant instead; if that grant
+        has ended meanwhile, the request ends lapsed and the approval is refused (409).
+        """
         grant = await self._get(grant_id)
         ent = self._entitlement(grant)
         if not ent.may_approve(ident.subject, ident.groups):
@@ -119,11 +128,27 @@ class Workflow:
             )
         comment = _text(comment, "comment")
         try:
-            grant, activated = await self.grants.approve(grant_id, ident.subject, comment)
+            grant, done = await self.grants.approve(grant_id, ident.subject, comment)
         except GrantError as exc:
-            raise _from(exc) from None
+            if exc.grant is None:
+                raise _from(exc) from None
+            # An extension request that can no longer apply ended with this approval.
+            lapsed = exc.grant
+            self._audit("grant.lapsed", lapsed, actor=ident.subject, comment=lapsed.end_comment)
+            raise WorkflowError(409, exc.code, str(exc)) from None
         self._audit("grant.approved", grant, actor=ident.subject, comment=comment)
-        if activated:
+        if done and grant.kind == "extension":
+            parent = await self.grants.get(grant.extends)
+            self._audit(
+                "grant.extended",
+                parent if parent is not None else grant,
+                actor=ident.subject,
+                extension=grant.id,
+                extra_seconds=grant.duration,
+                comment=comment,
+            )
+            self._notify("approved", grant)
+        elif done:
             self._audit("grant.activated", grant, actor=ident.subject)
             self._notify("approved", grant)
         return grant
@@ -153,24 +178,46 @@ class Workflow:
     async def extend(
         self, ident: Identity, grant_id: str, duration: float, comment: str = ""
     ) -> Grant:
-        """Lengthen one's own active grant within the entitlement's maximum."""
+        """Lengthen one's own active grant within the entitlement's maximum.
+
+        Where the entitlement's extensions need approval, file an extension request instead
+        and return it (kind "extension", state pending); its approvers decide it like any
+        request.
+        """
         grant = await self._get(grant_id)
         if grant.user != ident.subject:
             raise WorkflowError(403, "not_holder", "only the grant's holder may extend it")
         ent = self._entitlement(grant)
-        if ent.extend_requires_approval:
-            raise WorkflowError(
-                409, "needs_approval",
-                f"extensions under {ent.id!r} need approval: request access again",
-            )  # fmt: skip
         if duration <= 0:
             raise WorkflowError(400, "bad_request", "the extension must be positive")
+        comment = _text(comment, "comment")
+        if ent.extend_requires_approval:
+            return await self._request_extension(ident, ent, grant_id, duration, comment)
         try:
             grant = await self.grants.extend(grant_id, ident.subject, duration, ent.max_duration)
         except GrantError as exc:
             raise _from(exc) from None
-        self._audit("grant.extended", grant, actor=ident.subject, comment=_text(comment, "comment"))
+        self._audit("grant.extended", grant, actor=ident.subject, comment=comment)
         return grant
+
+    async def _request_extension(
+        self, ident: Identity, ent: Entitlement, grant_id: str, duration: float, comment: str
+    ) -> Grant:
+        try:
+            request = await self.grants.request_extension(
+                grant_id,
+                ident.subject,
+                duration,
+                ent.max_duration,
+                needed=ent.approval.count,
+                pending_ttl=ent.pending_ttl,
+                comment=comment,
+            )
+        except GrantError as exc:
+            raise _from(exc) from None
+        self._audit("grant.extension_requested", request, actor=ident.subject, comment=comment)
+        self._notify("requested", request)
+        return request
 
     async def review(self, ident: Identity, grant_id: str, comment: str = "") -> Grant:
         """Record the follow-up review of break-glass access (an approver of its rule, an admin)."""
@@ -285,6 +332,7 @@ class Workflow:
                 entitlement=grant.entitlement,
                 expires_at=grant.expires_at or None,
                 break_glass=grant.break_glass or None,
+                extends=grant.extends or None,
                 policy_version=self.policy().version,
                 **extra,
             )

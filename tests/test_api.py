@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import ROOT, ProxyFactory, Upstream, make_token
 
-from proxy.appkeys import AUDIT
+from proxy.appkeys import AUDIT, GRANTS
 
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 ENTITLEMENTS = r"""
@@ -41,6 +42,12 @@ entitlements:
     who: {users: [lara]}
     durations: {offered: [15m], default: 15m, max: 15m}
     pending_ttl: 1
+    approval: {mode: approvers, count: 1, approvers: {groups: [approvers]}}
+  - id: brief
+    scopes: ["project:{project}"]
+    who: {users: [erin]}
+    durations: {offered: [2], default: 2, max: 5}
+    reason: optional
     approval: {mode: approvers, count: 1, approvers: {groups: [approvers]}}
 """
 
@@ -288,3 +295,203 @@ async def test_break_glass_follow_up_review(api: TestClient, tmp_path: Path) -> 
         (own["id"], "tess", ""),
     ]
     assert reviews[0]["break_glass"] is True and reviews[0]["user"] == "olga"
+
+
+# --- extensions that need approval -------------------------------------------------------
+
+
+async def active_grant(client: TestClient, headers: dict[str, str], **body: Any) -> Any:
+    """Request access and have it approved by whoever the entitlement needs."""
+    status, g = await post(client, "/requests", headers, **body)
+    assert status == 201 and g["state"] == "pending", g
+    for approver in (BOB, CAROL)[: g["needed"]]:
+        status, g = await post(client, f"/grants/{g['id']}/approve", approver)
+        assert status == 200, g
+    assert g["state"] == "active"
+    return g
+
+
+async def test_extension_request_approved_moves_the_grant(
+    api: TestClient, upstream: Upstream, tmp_path: Path
+) -> None:
+    g = await active_grant(
+        api, ALICE, scope="project:1", reason="customer bug", ticket="INC-42", duration="1h"
+    )
+    status, ext = await post(
+        api, f"/grants/{g['id']}/extend", ALICE, duration="30m", comment="need more time"
+    )
+    assert status == 202, ext
+    assert (ext["kind"], ext["extends"], ext["state"], ext["needed"], ext["duration"]) == (
+        "extension", g["id"], "pending", 2, 1800,
+    )  # fmt: skip
+    assert (ext["user"], ext["scope"], ext["reason"], ext["ticket"], ext["max_total"]) == (
+        "alice", "project:1", "need more time", "INC-42", 4 * 3600,
+    )  # fmt: skip
+    assert ext["pending_until"] == pytest.approx(ext["created_at"] + 3600, abs=1)
+    assert (await get(api, f"/grants/{g['id']}", ALICE))[1] == {**g, "extension_request": ext["id"]}
+
+    status, body = await post(api, f"/grants/{g['id']}/extend", ALICE, duration="15m")
+    assert (status, body["error"]) == (409, "extension_pending")
+    status, body = await post(api, f"/grants/{g['id']}/extend", MALLORY, duration="15m")
+    assert (status, body["error"]) == (403, "not_holder")
+    pending = (await get(api, "/grants/pending", BOB))[1]["grants"]
+    assert [x["id"] for x in pending] == [ext["id"]]
+    assert (await get(api, f"/grants/{ext['id']}", CAROL))[0] == 200  # an eligible approver
+
+    status, body = await post(api, f"/grants/{ext['id']}/approve", ALICE)
+    assert (status, body["error"]) == (403, "self_approval")
+    status, body = await post(api, f"/grants/{ext['id']}/approve", MALLORY)
+    assert (status, body["error"]) == (403, "not_approver")
+    status, body = await post(api, f"/grants/{ext['id']}/approve", BOB, comment="ok")
+    assert status == 200 and body["state"] == "pending"
+    _, still = await get(api, f"/grants/{g['id']}", ALICE)
+    assert still["expires_at"] == g["expires_at"] and still["extensions"] == 0
+    status, done = await post(api, f"/grants/{ext['id']}/approve", CAROL, comment="fine")
+    assert status == 200 and (done["state"], done["granted_by"]) == ("applied", "bob,carol")
+
+    _, after = await get(api, f"/grants/{g['id']}", ALICE)
+    assert after["state"] == "active" and after["extensions"] == 1
+    assert after["expires_at"] == pytest.approx(g["expires_at"] + 1800, abs=0.002)
+    assert done["expires_at"] == after["expires_at"]
+    assert (await api.get(SNAPSHOTS, headers=ALICE)).status == 200
+    assert (await get(api, "/grants/pending", BOB))[1]["grants"] == []
+    _, listed = await get(api, "/grants?state=applied", ADMIN)
+    assert [x["id"] for x in listed["grants"]] == [ext["id"]]
+    mine = (await get(api, "/grants/mine", ALICE))[1]["grants"]
+    assert [(x["id"], x["state"]) for x in mine] == [(ext["id"], "applied"), (g["id"], "active")]
+
+    events = await audit_events(api, tmp_path)
+    events = events[[e["event"] for e in events].index("grant.extension_requested") :]
+    assert [(e["event"], e["actor"], e["grant_id"]) for e in events] == [
+        ("grant.extension_requested", "alice", ext["id"]),
+        ("grant.approved", "bob", ext["id"]),
+        ("grant.approved", "carol", ext["id"]),
+        ("grant.extended", "carol", g["id"]),
+    ]
+    requested, _, _, extended = events
+    assert (requested["extends"], requested["comment"]) == (g["id"], "need more time")
+    assert (extended["extension"], extended["extra_seconds"], extended["comment"]) == (
+        ext["id"], 1800, "fine",
+    )  # fmt: skip
+    assert extended["expires_at"] == after["expires_at"] and "extends" not in extended
+
+
+async def test_extension_request_refusals_and_deny(api: TestClient, upstream: Upstream) -> None:
+    g = await active_grant(api, ALICE, scope="project:1", reason="x", ticket="INC-1")
+    status, body = await post(api, f"/grants/{g['id']}/extend", ALICE, duration="3h30m")
+    assert (status, body["error"]) == (400, "exceeds_max")
+    assert body["message"] == "a total of 16200s exceeds the maximum of 14400s"
+    status, body = await post(api, f"/grants/{g['id']}/extend", ALICE, duration=0)
+    assert (status, body["error"]) == (400, "bad_request")
+    assert (await get(api, "/grants/pending", BOB))[1]["grants"] == []
+    _, before = await get(api, f"/grants/{g['id']}", ALICE)
+
+    _, ext = await post(api, f"/grants/{g['id']}/extend", ALICE, duration="1h")
+    assert ext["reason"] == "x"  # no comment: the grant's reason
+    status, denied = await post(api, f"/grants/{ext['id']}/deny", BOB, comment="wrap it up")
+    assert status == 200 and (denied["state"], denied["ended_by"]) == ("denied", "bob")
+    _, after = await get(api, f"/grants/{g['id']}", ALICE)
+    assert after == {**before, "extension_request": ext["id"]}
+    status, body = await post(api, f"/grants/{ext['id']}/approve", CAROL)
+    assert (status, body["error"]) == (409, "not_pending")
+
+    status, ext = await post(api, f"/grants/{g['id']}/extend", ALICE, duration="1h")
+    assert status == 202  # the denied one no longer blocks another
+    status, body = await post(api, f"/grants/{ext['id']}/deny", ALICE, comment="never mind")
+    assert status == 200 and body["state"] == "denied"  # withdrawn by its requester
+    assert (await get(api, f"/grants/{g['id']}", ALICE))[1] == {
+        **before,
+        "extension_request": ext["id"],
+    }
+    status, body = await post(api, f"/grants/{ext['id']}/extend", ALICE, duration="1h")
+    assert (status, body["error"]) == (409, "not_active")  # a request is not a grant
+
+
+async def test_extension_request_of_an_ended_grant_lapses(
+    api: TestClient, upstream: Upstream, tmp_path: Path
+) -> None:
+    g = await active_grant(api, ALICE, scope="project:1", reason="x", ticket="INC-1")
+    _, ext = await post(api, f"/grants/{g['id']}/extend", ALICE, duration="30m")
+    _, ended = await post(api, f"/grants/{g['id']}/relinquish", ALICE)
+    # Any approval from now on ends the request: it can never apply.
+    status, body = await post(api, f"/grants/{ext['id']}/approve", BOB)
+    assert (status, body["error"]) == (409, "not_active")
+    assert body["message"] == (
+        f"grant {g['id']} is relinquished, not active; extension {ext['id']} was not applied"
+    )
+    _, lapsed = await get(api, f"/grants/{ext['id']}", ALICE)
+    assert (lapsed["state"], lapsed["ended_by"], lapsed["approvals"]) == ("lapsed", "bob", [])
+    assert lapsed["end_comment"] == body["message"]
+    status, body = await post(api, f"/grants/{ext['id']}/approve", CAROL)
+    assert (status, body["error"]) == (409, "not_pending")
+    assert (await get(api, f"/grants/{g['id']}", ALICE))[1] == ended
+    assert (await api.get(SNAPSHOTS, headers=ALICE)).status == 403
+    last = (await audit_events(api, tmp_path))[-1]
+    assert (last["event"], last["actor"], last["grant_id"]) == ("grant.lapsed", "bob", ext["id"])
+    assert last["comment"] == lapsed["end_comment"] and last["extends"] == g["id"]
+
+
+async def test_extension_request_past_the_maximum_at_approval_lapses(
+    api: TestClient, upstream: Upstream
+) -> None:
+    g = await active_grant(api, ALICE, scope="project:1", reason="x", ticket="INC-1", duration="1h")
+    _, ext = await post(api, f"/grants/{g['id']}/extend", ALICE, duration="3h")  # 4h of 4h
+    # Meanwhile the grant got longer another way (say under a policy since changed).
+    await api.app[GRANTS].extend(g["id"], "alice", 3 * 3600, 10 * 3600)
+    _, before = await get(api, f"/grants/{g['id']}", ALICE)
+    await post(api, f"/grants/{ext['id']}/approve", BOB)
+    status, body = await post(api, f"/grants/{ext['id']}/approve", CAROL)
+    assert (status, body["error"]) == (409, "exceeds_max")
+    assert body["message"] == (
+        f"grant {g['id']} already lasts its maximum of 14400s; "
+        f"extension {ext['id']} was not applied"
+    )
+    assert (await get(api, f"/grants/{ext['id']}", ALICE))[1]["state"] == "lapsed"
+    assert (await get(api, f"/grants/{g['id']}", ALICE))[1] == before
+
+
+@pytest.fixture
+async def live_api(make_proxy: ProxyFactory, aiohttp_server: Any) -> TestClient:
+    from test_live_gate import live_upstream
+
+    server = await aiohttp_server(live_upstream())
+    policy = (ROOT / "config" / "policy.yaml").read_text()
+    policy = policy.split("\nentitlements:")[0] + ENTITLEMENTS
+    client: TestClient = await make_proxy(
+        policy_text=policy,
+        extra="admins: {groups: [security]}",
+        upstream_url=str(server.make_url("")).rstrip("/"),
+    )
+    return client
+
+
+async def test_approved_extension_keeps_live_connections_past_the_old_end(
+    live_api: TestClient,
+) -> None:
+    from test_live_gate import STREAM, WS, ws_closed_within
+
+    erin = who("erin")
+    g = await active_grant(live_api, erin, scope="project:1", reason="x", duration=2)
+    async with live_api.ws_connect(WS, headers=erin) as ws:
+        await ws.send_str("hello")
+        assert await ws.receive_str() == "hello"
+        status, ext = await post(live_api, f"/grants/{g['id']}/extend", erin, duration=2)
+        assert status == 202
+        status, done = await post(live_api, f"/grants/{ext['id']}/approve", BOB)
+        assert status == 200 and done["state"] == "applied"
+        new_end = done["expires_at"]
+        assert new_end == pytest.approx(g["expires_at"] + 2, abs=0.002)
+
+        await asyncio.sleep(max(0.0, g["expires_at"] + 0.5 - time.time()))  # past the old end
+        await ws.send_str("still here")
+        assert await asyncio.wait_for(ws.receive_str(), 1) == "still here"
+        r = await live_api.get(STREAM, headers=erin)
+        assert r.status == 200
+        r.close()
+
+        await asyncio.sleep(max(0.0, new_end - 0.3 - time.time()))
+        _, code = await ws_closed_within(ws, 2.0)  # cut at the new end
+        assert code == 1008
+        assert time.time() - new_end < 1.0
+    r = await live_api.get(STREAM, headers=erin)
+    assert r.status == 403

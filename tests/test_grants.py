@@ -621,3 +621,243 @@ async def test_claim_notices_is_won_once(store: RedisGrants, replica: RedisGrant
     assert 0 < await store.redis.pttl("jit:notified:expiring:g-2") <= 200
     await asyncio.sleep(0.3)
     assert await store.claim_notices("expiring", [("g-1", 60), ("g-2", 60)]) == [False, True]
+
+
+# --- extension requests: approved like a request, applied to their grant atomically ----------
+
+
+async def granted(store: RedisGrants, **kw: Any) -> Grant:
+    """An active grant of alice's, requested and approved by bob."""
+    g, activated = await store.approve((await request(store, **kw)).id, "bob")
+    assert activated
+    return g
+
+
+async def extension(
+    store: RedisGrants, grant: Grant, extra: float = 30, *, max_total: float = 120, **kw: Any
+) -> Grant:
+    args: dict[str, Any] = {"needed": 1, "pending_ttl": 60}
+    args.update(kw)
+    user = args.pop("user", grant.user)
+    return await store.request_extension(grant.id, user, extra, max_total, **args)
+
+
+async def test_extension_request_applied_to_its_grant(store: RedisGrants) -> None:
+    g = await granted(store, duration=60)
+    pubsub = store.redis.pubsub()
+    await pubsub.subscribe(store.channel)
+    ext = await extension(store, g, 30, needed=2, comment="still debugging")
+    assert (ext.kind, ext.extends, ext.state, ext.needed, ext.duration, ext.max_total) == (
+        "extension", g.id, "pending", 2, 30, 120,
+    )  # fmt: skip
+    assert (ext.user, ext.scope, ext.entitlement, ext.ticket, ext.reason) == (
+        "alice", "project:1", "oncall", "T-1", "still debugging",
+    )  # fmt: skip
+    assert ext.id != g.id and (ext.expires_at, ext.activated_at) == (0.0, 0.0)
+    assert ext.pending_until == pytest.approx(ext.created_at + 60, abs=0.01)
+    assert ext.to_dict()["max_total"] == 120 and g.to_dict()["max_total"] is None
+    assert [p.id for p in await store.list_pending()] == [ext.id]
+    parent = await store.get(g.id)
+    assert parent is not None and parent.extension_request == ext.id
+    assert parent.expires_at == g.expires_at and parent.extensions == 0
+    assert await store.check("alice", ("project:1",)) == (g.id, g.expires_at)
+
+    first, applied = await store.approve(ext.id, "bob", "ok")
+    assert not applied and first.state == "pending"
+    assert await store.get(g.id) == parent  # one approval of two changes nothing of the grant
+    assert await refused("self_approval", store.approve(ext.id, "alice"))
+
+    done, applied = await store.approve(ext.id, "carol", "fine")
+    assert applied and (done.state, done.granted_by) == ("applied", "bob,carol")
+    assert done.activated_at == pytest.approx(time.time(), abs=1)
+    new_end = g.expires_at + 30
+    assert done.expires_at == pytest.approx(new_end, abs=0.002)
+    after = await store.get(g.id)
+    assert after is not None and after.state == "active"
+    assert after.expires_at == pytest.approx(new_end, abs=0.002)
+    assert (after.extensions, after.extended_by, after.activated_at) == (
+        1, "bob,carol", g.activated_at,
+    )  # fmt: skip
+    # Every index moved with it, in the same script.
+    assert await store.check("alice", ("project:1",)) == (g.id, after.expires_at)
+    assert await store.expires_at(g.id) == after.expires_at
+    active_key = store._active_key("alice", "project:1")
+    expiry_ms = round(after.expires_at * 1000)
+    assert await store.redis.zscore(active_key, g.id) == expiry_ms
+    assert await store.redis.pttl(active_key) > 85_000
+    assert await store.redis.zscore("jit:grants", g.id) == expiry_ms
+    assert await store.redis.zscore("jit:history", g.id) == expiry_ms + store._keep_ms
+    assert await store.redis.pttl(f"jit:grant:{g.id}") > store._keep_ms + 85_000
+    assert [x.id for x in await store.expiring_between(g.expires_at, new_end)] == [g.id]
+    msg = None
+    while msg is None:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+    assert msg["data"].decode() == f"extended {g.id}"
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # The request is done: not pending, not a grant, kept for history as "applied".
+    assert await store.list_pending() == []
+    assert await store.count_active() == 1
+    assert [x.id for x in await store.list()] == [g.id]
+    assert [x.id for x in await store.list(states=["applied"])] == [ext.id]
+    assert await store.expires_at(ext.id) is None
+    assert await refused("not_pending", store.approve(ext.id, "dave"))
+    assert await refused("not_active", store.relinquish(ext.id, "alice"))
+    assert await refused("not_active", store.extend(ext.id, "alice", 10, 3600))
+    # Another may follow; without a comment it carries the grant's reason.
+    again = await extension(store, g, 10)
+    assert again.reason == "INC-1" and again.state == "pending"
+
+
+async def test_extension_request_is_checked_when_made(store: RedisGrants) -> None:
+    g = await granted(store, duration=60)
+    assert await refused("not_holder", extension(store, g, user="bob")) == (
+        f"only its holder can extend grant {g.id}"
+    )
+    message = await refused("exceeds_max", extension(store, g, 61, max_total=120))
+    assert message == "a total of 121s exceeds the maximum of 120s"
+    waiting = await request(store, scope="project:2")
+    assert await refused("not_active", extension(store, waiting))
+    nope = store.request_extension("g-nope", "alice", 1, 60, needed=1, pending_ttl=60)
+    assert await refused("not_found", nope)
+    with pytest.raises(ValueError):
+        await extension(store, g, 0)
+    with pytest.raises(ValueError):
+        await extension(store, g, needed=0)
+    with pytest.raises(ValueError):
+        await extension(store, g, pending_ttl=0)
+    assert await store.list_pending() == [waiting]
+
+    first = await extension(store, g, 30)
+    message = await refused("extension_pending", extension(store, g, 10))
+    assert message == f"grant {g.id} already has extension request {first.id} pending"
+    assert await refused("not_active", extension(store, first))  # no extending a request
+    await store.deny(first.id, "bob")
+    second = await extension(store, g, 10)  # the denied one no longer counts
+    assert second.state == "pending"
+    assert [p.id for p in await store.list_pending()] == [waiting.id, second.id]
+
+
+async def test_deny_withdraw_and_lapse_leave_the_grant_alone(store: RedisGrants) -> None:
+    g = await granted(store, duration=60)
+    for ender in ("bob", "alice"):  # denied by an approver, withdrawn by its requester
+        ext = await extension(store, g)
+        before = await store.get(g.id)
+        denied = await store.deny(ext.id, ender, "no")
+        assert (denied.state, denied.ended_by, denied.kind) == ("denied", ender, "extension")
+        assert await store.get(g.id) == before
+        assert await refused("not_pending", store.approve(ext.id, "carol"))
+    ext = await extension(store, g, pending_ttl=0.3)
+    before = await store.get(g.id)
+    await asyncio.sleep(0.4)
+    lapsed = await store.get(ext.id)
+    assert lapsed is not None and lapsed.state == "lapsed"
+    assert await refused("not_pending", store.approve(ext.id, "bob"))
+    assert await store.get(g.id) == before
+    assert await store.check("alice", ("project:1",)) == (g.id, g.expires_at)
+    assert (await extension(store, g)).state == "pending"  # a lapsed one no longer counts
+
+
+@pytest.mark.parametrize("end", ["relinquish", "revoke", "expire"])
+async def test_extension_of_a_grant_that_ended_is_not_applied(store: RedisGrants, end: str) -> None:
+    g = await granted(store, duration=0.3 if end == "expire" else 60)
+    ext = await extension(store, g)
+    if end == "relinquish":
+        await store.relinquish(g.id, "alice")
+    elif end == "revoke":
+        await store.revoke(g.id, by="sam")
+    else:
+        await asyncio.sleep(0.4)
+    ended = await store.get(g.id)
+    states = {"relinquish": "relinquished", "revoke": "revoked", "expire": "expired"}
+    assert ended is not None and ended.state == states[end]
+    with pytest.raises(GrantError) as info:
+        await store.approve(ext.id, "bob", "sure")
+    state = ended.state
+    assert (info.value.code, str(info.value)) == (
+        "not_active", f"grant {g.id} is {state}, not active; extension {ext.id} was not applied"
+    )  # fmt: skip
+    lapsed = info.value.grant
+    assert lapsed is not None and (lapsed.id, lapsed.state, lapsed.ended_by) == (
+        ext.id, "lapsed", "bob",
+    )  # fmt: skip
+    assert lapsed.approvals == () and lapsed.end_comment == str(info.value)
+    assert await store.get(ext.id) == lapsed
+    assert await store.get(g.id) == ended  # untouched
+    assert await store.check("alice", ("project:1",)) is None
+    assert await store.list_pending() == []
+    assert await refused("not_pending", store.approve(ext.id, "carol"))
+
+
+async def test_extension_of_a_grant_gone_from_redis(store: RedisGrants) -> None:
+    g = await granted(store)
+    ext = await extension(store, g)
+    await store.redis.delete(f"jit:grant:{g.id}")
+    message = await refused("not_active", store.approve(ext.id, "bob"))
+    assert message == f"grant {g.id} no longer exists; extension {ext.id} was not applied"
+
+
+async def test_applied_extension_is_capped_at_the_recorded_maximum(store: RedisGrants) -> None:
+    g = await granted(store, duration=60)
+    ext = await extension(store, g, 50, max_total=120)  # 110 of 120 when requested
+    await store.extend(g.id, "alice", 30, max_total=3600)  # e.g. under a policy since changed
+    done, applied = await store.approve(ext.id, "bob")
+    assert applied and done.state == "applied"
+    after = await store.get(g.id)
+    assert after is not None and after.extensions == 2
+    assert after.expires_at == pytest.approx(g.activated_at + 120, abs=0.002)
+    assert done.expires_at == after.expires_at
+    assert await store.check("alice", ("project:1",)) == (g.id, after.expires_at)
+
+    # Already at its maximum: the request ends lapsed and the grant stays as it is.
+    short = await granted(store, duration=60, scope="project:2")
+    ext = await extension(store, short, 10, max_total=70)
+    await store.extend(short.id, "alice", 10, max_total=3600)
+    before = await store.get(short.id)
+    message = await refused("exceeds_max", store.approve(ext.id, "bob"))
+    assert message == (
+        f"grant {short.id} already lasts its maximum of 70s; extension {ext.id} was not applied"
+    )
+    assert await store.get(short.id) == before
+    lapsed = await store.get(ext.id)
+    assert lapsed is not None and lapsed.state == "lapsed"
+
+
+async def test_concurrent_final_approvals_apply_an_extension_once(
+    store: RedisGrants, replica: RedisGrants
+) -> None:
+    for i in range(30):
+        g = await granted(store, duration=60, scope=f"project:{i}")
+        ext = await extension(store, g, 30, max_total=3600)
+        results = await asyncio.gather(
+            store.approve(ext.id, "carol"), replica.approve(ext.id, "dave"), return_exceptions=True
+        )
+        won = [r for r in results if isinstance(r, tuple)]
+        lost = [r for r in results if isinstance(r, GrantError)]
+        assert len(won) == 1 and won[0][1] is True and won[0][0].state == "applied", results
+        assert [e.code for e in lost] == ["not_pending"] and lost[0].grant is None
+        final = await store.get(g.id)
+        assert final is not None and final.extensions == 1
+        assert final.expires_at == pytest.approx(g.expires_at + 30, abs=0.002)
+        assert final.extended_by == won[0][0].granted_by
+        done = await store.get(ext.id)
+        assert done is not None and len(done.approvals) == 1
+        assert await store.check("alice", (f"project:{i}",)) == (g.id, final.expires_at)
+    assert await store.count_active() == 30
+    assert await store.list_pending() == []
+
+
+async def test_extension_approval_racing_revoke_ends_consistent(
+    store: RedisGrants, replica: RedisGrants
+) -> None:
+    for i in range(30):
+        g = await granted(store, duration=60, scope=f"project:{i}")
+        ext = await extension(store, g, 30, max_total=3600)
+        calls = (store.approve(ext.id, "carol"), replica.revoke(g.id, by="sam"))
+        await asyncio.gather(*(calls if i % 2 else calls[::-1]), return_exceptions=True)
+        final, request_ = await store.get(g.id), await store.get(ext.id)
+        assert final is not None and final.state == "revoked"
+        assert request_ is not None and request_.state in ("applied", "lapsed")
+        assert final.extensions == (request_.state == "applied")
+        assert await active_ids(store, scope=f"project:{i}") == set()
+    assert await store.count_active() == 0

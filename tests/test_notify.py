@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -380,3 +380,74 @@ async def test_no_webhooks_no_notifier(start: Start) -> None:
     assert NOTIFIER not in proxy.app
     status, _ = await get(proxy, "/grants/unreviewed", ADMIN)
     assert status == 200
+
+
+async def test_extension_request_and_its_approval(start: Start, receiver: Receiver) -> None:
+    proxy = await start(
+        f"{{url: '{receiver.url('/slack')}', format: slack}}",
+        f"{{url: '{receiver.url('/json')}', events: [requested, approved]}}",
+        public_url="https://jitgate.example.com",
+        **FAST,
+    )
+    _, g = await post(
+        proxy, "/requests", ALICE, scope="project:1", reason="customer bug", ticket="INC-42",
+        duration="1h",
+    )  # fmt: skip
+    await post(proxy, f"/grants/{g['id']}/approve", BOB)
+    await post(proxy, f"/grants/{g['id']}/approve", CAROL)
+    await receiver.wait(2, "/slack")
+
+    status, ext = await post(
+        proxy, f"/grants/{g['id']}/extend", ALICE, duration="30m", comment="need more time"
+    )
+    assert status == 202
+    slack = (await receiver.wait(3, "/slack"))[2]
+    plain = (await receiver.wait(3, "/json"))[2]
+    link = f"https://jitgate.example.com/_jit/api/grants/{ext['id']}"
+    assert slack["text"] == (
+        f"alice requested an extension of {g['id']} by +30m on project:1; needs 2 approvals. "
+        f"Reason: need more time; ticket INC-42; 30m more. Grant <{link}|{ext['id']}>"
+    )
+    assert slack["blocks"][0]["text"]["text"].startswith(":inbox_tray: alice requested an ext")
+    fields = {
+        f["text"].split("\n")[0]: f["text"].split("\n")[1] for f in slack["blocks"][1]["fields"]
+    }
+    assert (fields["*Extends*"], fields["*Extra time*"], fields["*State*"]) == (
+        f"`{g['id']}`", "+30m", "pending",
+    )  # fmt: skip
+    assert fields["*Decide by*"].endswith(" UTC") and "*Duration*" not in fields
+    assert (plain["event"], plain["grant"]) == ("requested", ext)
+    assert (plain["grant"]["kind"], plain["grant"]["extends"]) == ("extension", g["id"])
+
+    await post(proxy, f"/grants/{ext['id']}/approve", BOB)  # one of two: no message yet
+    status, done = await post(proxy, f"/grants/{ext['id']}/approve", CAROL)
+    assert status == 200 and done["state"] == "applied"
+    slack = (await receiver.wait(4, "/slack"))[3]
+    plain = (await receiver.wait(4, "/json"))[3]
+    assert slack["text"].startswith(
+        f"alice's extension of {g['id']} by +30m on project:1 was approved by bob,carol. "
+    )
+    fields = {
+        f["text"].split("\n")[0]: f["text"].split("\n")[1] for f in slack["blocks"][1]["fields"]
+    }
+    assert fields["*Approved by*"] == "bob,carol" and fields["*Now expires*"].endswith(" UTC")
+    assert (plain["event"], plain["grant"]) == ("approved", done)
+    await asyncio.sleep(0.1)
+    assert len(receiver.calls) == 8
+
+
+def test_slack_messages_for_a_denied_or_withdrawn_extension() -> None:
+    now = time.time()
+    ext = Grant(
+        "g-2", "alice", "project:1", now, 0.0, "more", "", state="denied", duration=1800,
+        needed=1, kind="extension", extends="g-1", ended_by="bob", end_comment="wrap up",
+    )  # fmt: skip
+    msg = slack_message("denied", ext, link=None, now=now)
+    assert msg["text"].startswith(
+        "alice's request for an extension of g-1 by +30m on project:1 was denied by bob. "
+    )
+    assert "*Comment*\nwrap up" in [f["text"] for f in msg["blocks"][1]["fields"]]
+    withdrawn = slack_message("denied", replace(ext, ended_by="alice"), link=None, now=now)
+    assert withdrawn["text"].startswith(
+        "alice withdrew the request for an extension of g-1 by +30m on project:1. "
+    )
