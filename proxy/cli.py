@@ -420,6 +420,8 @@ async def _grants_api(args: argparse.Namespace, settings: Settings, token: str) 
             raise UsageError(f"cannot reach jitgate at {base}: {exc}") from None
     if verb == "show" or args.json:
         _show(result, args.json)
+    elif result.get("kind") == "extension":
+        print(f"{result['id']}  {result['state']}  (extension of {result['extends']})")
     else:
         print(f"{result['id']}  {result['state']}")
     return EXIT_OK
@@ -431,6 +433,8 @@ def _show(grant: dict[str, Any], as_json: bool) -> None:
         return
     for key, value in grant.items():
         if value in (None, "", [], 0, False) and key not in ("state",):
+            continue
+        if key == "kind" and value == "grant":
             continue
         if key.endswith("_at") or key == "pending_until":
             value = _when(value)
