@@ -149,3 +149,18 @@ async def test_break_glass_and_review_from_the_cli(proxy_api: TestClient) -> Non
     assert json.loads(out)["reviewed_by"] == "sam"
     code, out, _ = await jg(proxy_api, "sam", ["security"], "list", "--unreviewed")
     assert grant_id not in out
+
+
+async def test_extend_from_the_cli(proxy_api: TestClient) -> None:
+    _, out, _ = await jg(
+        proxy_api, "mallory", [], "request", "--scope", "recording:1/demo-1", "--reason", "x",
+        "--duration", "15m",
+    )  # fmt: skip
+    grant_id = out.split()[0]
+    code, out, err = await jg(proxy_api, "mallory", [], "extend", grant_id, "--duration", "15m")
+    assert code == 0 and out.split() == [grant_id, "active"], err
+    code, out, _ = await jg(proxy_api, "mallory", [], "show", grant_id, "--json")
+    g = json.loads(out)
+    assert g["expires_at"] - g["activated_at"] == pytest.approx(1800, abs=1)
+    code, _, err = await jg(proxy_api, "mallory", [], "extend", grant_id, "--duration", "1h")
+    assert code == 2 and "exceeds_max" in err
