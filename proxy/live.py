@@ -1,9 +1,9 @@
 """Open streams and WebSockets that depend on a grant, and cutting them when it ends.
 
-Every forwarded request under a grant registers a stop event here. The events of a
-grant are set when it is revoked (a message on Redis pub/sub reaches every replica),
-when it expires (a timer per grant, confirmed against Redis before cutting, so an
-extended grant lives on), and, failing closed, when the pub/sub connection is lost,
+Every forwarded request under a grant registers here and gets the grant's stop event,
+which is set when the grant is revoked (a message on Redis pub/sub reaches every
+replica), when it expires (a timer per grant, confirmed against Redis before cutting, so
+an extended grant lives on), and, failing closed, when the pub/sub connection is lost,
 since a revocation may have been missed meanwhile.
 """
 
@@ -21,10 +21,17 @@ ExpiryLookup = Callable[[str], Awaitable[float | None]]
 
 
 class _Grant:
-    __slots__ = ("events", "expires_at", "timer")
+    """The connections under one grant share one stop event and one expiry timer.
+
+    The entry lives until the grant ends, even while no connection is open, so a busy
+    grant costs a counter update per request rather than an event and a timer each.
+    """
+
+    __slots__ = ("expires_at", "open", "stop", "timer")
 
     def __init__(self, expires_at: float) -> None:
-        self.events: set[asyncio.Event] = set()
+        self.stop = asyncio.Event()
+        self.open = 0
         self.expires_at = expires_at
         self.timer: asyncio.TimerHandle | None = None
 
@@ -42,28 +49,22 @@ class LiveConnections:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
-        return sum(len(g.events) for g in self._grants.values())
+        return sum(g.open for g in self._grants.values())
 
     def open(self, grant_id: str, expires_at: float) -> asyncio.Event:
-        """Register one connection under a grant; its event is set when the grant ends."""
-        stop = asyncio.Event()
+        """Register one connection under a grant; the event is set when the grant ends."""
         entry = self._grants.get(grant_id)
         if entry is None:
             entry = self._grants[grant_id] = _Grant(expires_at)
             self._schedule(grant_id, entry)
-        entry.events.add(stop)
-        return stop
+        entry.open += 1
+        return entry.stop
 
     def close(self, grant_id: str, stop: asyncio.Event) -> None:
         """Forget a connection that has ended."""
         entry = self._grants.get(grant_id)
-        if entry is None:
-            return
-        entry.events.discard(stop)
-        if not entry.events:
-            if entry.timer is not None:
-                entry.timer.cancel()
-            del self._grants[grant_id]
+        if entry is not None and entry.stop is stop:  # not a newer entry after a cut
+            entry.open -= 1
 
     def cut(self, grant_id: str, reason: str) -> int:
         """Stop every connection under a grant at once; return how many."""
@@ -72,9 +73,8 @@ class LiveConnections:
             return 0
         if entry.timer is not None:
             entry.timer.cancel()
-        for stop in entry.events:
-            stop.set()
-        n = len(entry.events)
+        entry.stop.set()
+        n = entry.open
         if n:
             self._on_cut(reason, n)
             log.info("cut %d live connection(s) of grant %s: %s", n, grant_id, reason)
