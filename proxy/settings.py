@@ -73,7 +73,7 @@ class RedisSettings:
     url: str | None = None  # None: jitgate runs its own redis-server in state_dir
     timeout: float = 1.0
     key_prefix: str = "jit:"
-    max_connections: int = 64
+    max_connections: int = 512
 
 
 @dataclass(frozen=True)
@@ -354,7 +354,7 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
         url=redis_url,
         timeout=r.positive(s, "timeout", float, 1.0, "redis.timeout"),
         key_prefix=r.get(s, "key_prefix", str, "jit:", "redis.key_prefix"),
-        max_connections=r.positive(s, "max_connections", int, 64, "redis.max_connections"),
+        max_connections=r.positive(s, "max_connections", int, 512, "redis.max_connections"),
     )
 
     identity = _identity(r, r.section(raw, "identity", "identity"), base)
