@@ -24,13 +24,14 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from . import audit, policy, policytest, redisd
+from . import policy, policytest, redisd
 from .client import ApiClient, ApiError
 from .errors import BadPath, ConfigError, ConfigErrors
-from .grants import Grant, RedisGrants
+from .grants import RedisGrants
 from .identity import Identity, MintError, mint
 from .paths import normalise, split_target
 from .settings import Settings, load, parse_duration
+from .workflow import grant_record
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 
@@ -255,6 +256,7 @@ async def _grants(args: argparse.Namespace, settings: Settings) -> int:
     from .app import connect_redis, make_audit_log
     from .metrics import Metrics
 
+    version = policy.load(settings.policy_file).version  # every audit record names it
     redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
     store = RedisGrants(redis, settings.redis.key_prefix)
     audit_log = make_audit_log(settings, redis, Metrics())
@@ -268,7 +270,11 @@ async def _grants(args: argparse.Namespace, settings: Settings) -> int:
             if not args.reason.strip():
                 raise UsageError("--reason must not be empty")
             grant = await store.add(args.user, args.scope, ttl, args.reason, _actor(args.by))
-            audit_log.emit(_grant_record("grant.activated", grant, actor=grant.granted_by))
+            audit_log.emit(
+                grant_record(
+                    "grant.activated", grant, actor=grant.granted_by, policy_version=version
+                )
+            )
             print(json.dumps(grant.to_dict()) if args.json else grant.id)
             return EXIT_OK
         if args.verb == "revoke":
@@ -279,7 +285,13 @@ async def _grants(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"no active grant {args.grant_id}", file=sys.stderr)
                 return EXIT_FINDING
             audit_log.emit(
-                _grant_record("grant.revoked", revoked, actor=_actor(args.by), comment=args.comment)
+                grant_record(
+                    "grant.revoked",
+                    revoked,
+                    actor=_actor(args.by),
+                    comment=args.comment,
+                    policy_version=version,
+                )
             )
             print(json.dumps(revoked.to_dict()) if args.json else f"revoked {revoked.id}")
             return EXIT_OK
@@ -452,18 +464,6 @@ def _listing(grants: list[dict[str, Any]], as_json: bool) -> None:
         print(json.dumps(grants, indent=2))
     else:
         _table(grants)
-
-
-def _grant_record(event: str, grant: Grant, **extra: Any) -> audit.Record:
-    return audit.record(
-        event,
-        user=grant.user,
-        scope=grant.scope,
-        grant_id=grant.id,
-        reason=grant.reason,
-        expires_at=grant.expires_at,
-        **extra,
-    )
 
 
 def _table(grants: list[dict[str, Any]]) -> None:

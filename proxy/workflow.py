@@ -320,23 +320,25 @@ class Workflow:
             self.notifier.notify(event, grant)
 
     def _audit(self, event: str, grant: Grant, **extra: object) -> None:
-        self.audit.emit(
-            audit.record(
-                event,
-                user=grant.user,
-                scope=grant.scope,
-                grant_id=grant.id,
-                state=grant.state,
-                reason=grant.reason,
-                ticket=grant.ticket,
-                entitlement=grant.entitlement,
-                expires_at=grant.expires_at or None,
-                break_glass=grant.break_glass or None,
-                extends=grant.extends or None,
-                policy_version=self.policy().version,
-                **extra,
-            )
-        )
+        self.audit.emit(grant_record(event, grant, policy_version=self.policy().version, **extra))
+
+
+def grant_record(event: str, grant: Grant, **extra: object) -> audit.Record:
+    """Build the audit record of one grant transition."""
+    return audit.record(
+        event,
+        user=grant.user,
+        scope=grant.scope,
+        grant_id=grant.id,
+        state=grant.state,
+        reason=grant.reason,
+        ticket=grant.ticket or None,
+        entitlement=grant.entitlement or None,
+        expires_at=grant.expires_at or None,
+        break_glass=grant.break_glass or None,
+        extends=grant.extends or None,
+        **extra,
+    )
 
 
 def _text(value: str | None, name: str) -> str:

@@ -78,6 +78,7 @@ def test_grants_add_list_revoke_with_audit(tmp_path: Path, redis_url: str) -> No
         events = [json.loads(e[1][b"record"]) for e in r.xrange("jit:audit")]
     assert [e["event"] for e in events] == ["grant.activated", "grant.revoked"]
     assert events[0]["actor"] == "secops" and events[0]["reason"] == "INC-1"
+    assert all(e["policy_version"] for e in events)
     assert events[1]["comment"] == "done" and events[1]["grant_id"] == grant_id
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
     assert [json.loads(x)["id"] for x in lines] == [e["id"] for e in events]
