@@ -175,6 +175,9 @@ def _lifecycle(
             lambda: slot[0].policy, grants, audit_log, settings.admins, notifier
         )
         app[GATE] = Gate(settings, lambda: slot[0], forwarder, audit_log, m, live)
+        sweeper = asyncio.create_task(
+            _sweep_forever(app[WORKFLOW], settings.sweep_interval, m), name="grant-sweeper"
+        )
         reloader = PolicyReloader(
             slot, settings.policy_file, m, audit_log, watch=settings.policy_watch
         )
@@ -184,9 +187,10 @@ def _lifecycle(
             yield
         finally:
             await reloader.stop()  # before the audit log closes: a reload writes to it
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+            for task in (follower, sweeper):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await live.close_all()
             await forwarder.close()
             if notifier is not None:
@@ -197,6 +201,17 @@ def _lifecycle(
                 await embedded.stop()
 
     return ctx
+
+
+async def _sweep_forever(workflow: Workflow, interval: float, m: metrics.Metrics) -> None:
+    """Write down expiries and lapses as they happen; Redis drops the keys by itself."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await workflow.sweep()
+        except Exception as exc:  # Redis trouble: try again next time, nothing is lost
+            m.redis_errors.labels("sweep").inc()
+            log.warning("expiry sweep failed: %r", exc)
 
 
 async def _not_found(request: web.Request) -> web.Response:

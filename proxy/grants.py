@@ -339,6 +339,37 @@ return reply(rec, 'ok', '')
 """
 )
 
+# KEYS: grants index, pending index, sweep cursor hash. ARGV: prefix, now ms, limit.
+# Write down the grants that expired and the requests that lapsed since the last sweep,
+# each exactly once whichever replica sweeps: the cursor moves in the same step.
+_SWEEP = (
+    _LIB
+    + """
+local prefix, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+local function sweep(idx, field, from, to, deadline)
+  local since = tonumber(redis.call('HGET', KEYS[3], field) or '0')
+  local found = redis.call('ZRANGEBYSCORE', idx, '(' .. since, now, 'WITHSCORES', 'LIMIT', 0, limit)
+  local upto = now
+  if #found >= 2 * limit then upto = tonumber(found[#found]) end
+  for i = 1, #found, 2 do
+    local id = found[i]
+    local rec = prefix .. 'grant:' .. id
+    if redis.call('HGET', rec, 'state') == from then
+      redis.call('HSET', rec, 'state', to, 'ended_at', redis.call('HGET', rec, deadline),
+                 'ended_by', 'jitgate')
+      out[#out + 1] = to
+      out[#out + 1] = id
+    end
+  end
+  redis.call('HSET', KEYS[3], field, upto)
+end
+sweep(KEYS[1], 'expired', 'active', 'expired', 'expires_at')
+sweep(KEYS[2], 'lapsed', 'pending', 'lapsed', 'pending_until')
+return out
+"""
+)
+
 # KEYS: record, unreviewed. ARGV: now ms, id, reviewer, comment. The follow-up review of
 # break-glass access, once, by someone other than its holder, during the grant or after it.
 _REVIEW = (
@@ -631,6 +662,7 @@ class RedisGrants:
         self._extend = redis.register_script(_EXTEND)
         self._request_extension = redis.register_script(_REQUEST_EXTENSION)
         self._review = redis.register_script(_REVIEW)
+        self._sweep = redis.register_script(_SWEEP)
 
     def _active_key(self, user: str, scope: str) -> str:
         # The length prefix keeps user and scope apart whatever characters they hold.
@@ -957,6 +989,16 @@ class RedisGrants:
 
     async def count_active(self) -> int:
         return int(await self.redis.zcount(self._index, _now_ms() + 1, "+inf"))
+
+    async def sweep(self, limit: int = 500) -> list[Grant]:
+        """Mark grants that expired and requests that lapsed since the last sweep (once)."""
+        out = await self._sweep(
+            keys=[self._index, self._pending, self.prefix + "swept"],
+            args=[self.prefix, _now_ms(), limit],
+        )
+        ids = [_text(x) for x in out[1::2]]
+        found = [await self.get(grant_id) for grant_id in ids]
+        return [g for g in found if g is not None]
 
     # Last: below it, `list` in annotations would name this method, not the builtin.
     async def list(

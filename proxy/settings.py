@@ -167,6 +167,7 @@ class Settings:
     state_dir: Path = Path(".jitgate")
     grant_max_ttl: float = 7 * 24 * 3600.0
     admins: AdminSettings = field(default_factory=AdminSettings)
+    sweep_interval: float = 5.0  # how often expiries and lapses are written down
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
 
 
@@ -316,7 +317,7 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
     r.known(
         raw,
         {"listen", "upstream", "redis", "identity", "audit", "forward", "policy", "prefix"}
-        | {"state_dir", "grant_max_ttl", "admins", "notifications"},
+        | {"state_dir", "grant_max_ttl", "admins", "notifications", "sweep_interval"},
         "",
     )
 
@@ -431,6 +432,7 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
         state_dir=_resolve(base, r.get(raw, "state_dir", str, "../.jitgate", "state_dir")),
         grant_max_ttl=r.positive(raw, "grant_max_ttl", float, 7 * 24 * 3600.0, "grant_max_ttl"),
         admins=admins,
+        sweep_interval=r.positive(raw, "sweep_interval", float, 5.0, "sweep_interval"),
         notifications=notifications,
     )
     if r.errors:

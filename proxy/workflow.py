@@ -300,6 +300,13 @@ class Workflow:
             self._notify("denied", grant)
         return grant
 
+    async def sweep(self) -> int:
+        """Audit grants that expired and requests that lapsed; once across all replicas."""
+        ended = await self.grants.sweep()
+        for grant in ended:
+            self._audit(f"grant.{grant.state}", grant, actor="jitgate")
+        return len(ended)
+
     async def _get(self, grant_id: str) -> Grant:
         grant = await self.grants.get(grant_id)
         if grant is None:

@@ -495,3 +495,19 @@ async def test_approved_extension_keeps_live_connections_past_the_old_end(
         assert time.time() - new_end < 1.0
     r = await live_api.get(STREAM, headers=erin)
     assert r.status == 403
+
+
+async def test_expiry_and_lapse_are_audited_once(make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    policy = (ROOT / "config" / "policy.yaml").read_text().split("\nentitlements:")[0]
+    client: TestClient = await make_proxy(
+        policy_text=policy + ENTITLEMENTS, extra="sweep_interval: 0.1"
+    )
+    _, g = await post(client, "/requests", who("lara"), scope="project:3", reason="x")
+    assert g["state"] == "pending"
+    await client.app[GRANTS].add("mallory", "project:1", 0.3, "test", "admin")
+    await asyncio.sleep(1.5)
+    events = await audit_events(client, tmp_path)
+    ended = [
+        (e["event"], e["actor"]) for e in events if e["event"] in ("grant.expired", "grant.lapsed")
+    ]
+    assert sorted(ended) == [("grant.expired", "jitgate"), ("grant.lapsed", "jitgate")]

@@ -861,3 +861,27 @@ async def test_extension_approval_racing_revoke_ends_consistent(
         assert final.extensions == (request_.state == "applied")
         assert await active_ids(store, scope=f"project:{i}") == set()
     assert await store.count_active() == 0
+
+
+async def test_sweep_writes_each_expiry_and_lapse_once(
+    store: RedisGrants, replica: RedisGrants
+) -> None:
+    short = await store.add("alice", "project:1", 0.2, "r", "admin")
+    long = await store.add("alice", "project:2", 60, "r", "admin")
+    pending = await store.request(
+        "bob", "project:1", duration=60, reason="r", needed=1, pending_ttl=0.2
+    )
+    revoked = await store.add("carol", "project:1", 0.2, "r", "admin")
+    await store.revoke(revoked.id)
+    await asyncio.sleep(0.3)
+    # Two replicas sweep at once: each ending is written down by exactly one of them.
+    a, b = await asyncio.gather(store.sweep(), replica.sweep())
+    ended = sorted((g.id, g.state) for g in [*a, *b])
+    assert ended == sorted([(short.id, "expired"), (pending.id, "lapsed")])
+    again = await asyncio.gather(store.sweep(), replica.sweep())
+    assert again == [[], []]
+    swept = await store.get(short.id)
+    assert swept is not None and swept.state == "expired" and swept.ended_by == "jitgate"
+    assert swept.ended_at == pytest.approx(short.expires_at, abs=0.01)
+    still = await store.get(long.id)
+    assert still is not None and still.state == "active"
