@@ -155,6 +155,7 @@ class Gate:
                 bytes=0,
                 client_ip=request.remote,
                 user_agent=request.headers.get("User-Agent"),
+                policy_version=self.authorizer().policy.version,
             )
         )
         return web.Response(status=400, text=f"jitgate: bad request path: {reason}\n")

@@ -254,6 +254,7 @@ async def test_audit_records_every_decision(proxy: TestClient, tmp_path: Path) -
     assert "no active grant" in deny["reasons"][0]
     assert unauth["status"] == 401 and "user" not in unauth
     assert bad["status"] == 400 and bad["route"] == "_invalid"
+    assert all(x["policy_version"] == allow["policy_version"] for x in lines)
     stream = redis_sync.Redis.from_url(proxy.app[SETTINGS].redis.url or "")
     with stream:
         entries = stream.xrange("jit:audit")
