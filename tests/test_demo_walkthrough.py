@@ -98,6 +98,16 @@ def test_readme_walkthrough(demo: tuple[str, dict[str, str]]) -> None:
 
     cli(env, "grants", "revoke", grant_id)
     assert get(base + SNAPSHOTS, token)[0] == 403
+
+    # Self-service, as the quick start shows it.
+    other = SNAPSHOTS.replace("demo-1", "demo-2")
+    assert get(base + other, token)[0] == 403
+    out = cli(
+        env, "grants", "request", "--token", token, "--scope", "recording:1/demo-2",
+        "--reason", "checking ticket 42", "--duration", "15m",
+    )  # fmt: skip
+    assert out.split()[1] == "active"
+    assert get(base + other, token)[0] == 200
     # The replay app's own pages work through the proxy with identity only.
     assert get(base + "/replay/demo-1", token)[0] == 200
 
