@@ -88,6 +88,10 @@ def make_audit_log(settings: Settings, redis: Redis | None, m: metrics.Metrics) 
         on_written=lambda sink, n: m.audit_written.labels(sink).inc(n),
         on_failed=lambda sink, n: m.audit_failed.labels(sink).inc(n),
         on_dropped=lambda sink, n: m.audit_dropped.labels(sink).inc(n),
+        hmac_key=a.hmac_key.reveal().encode() if a.hmac_key else None,
+        key_id=a.key_id,
+        checkpoint_every=a.checkpoint_every,
+        checkpoint_interval=a.checkpoint_interval,
     )
 
 

@@ -4,12 +4,18 @@
 JSON line to each sink's queue. A background
 task flushes batches; a sink that fails keeps its batch and is retried with backoff. If a
 queue is full the record cannot be kept: that is counted and logged, never silent.
+
+With an HMAC key each AuditLog is one writer of a hash chain (see auditchain.py): every
+record carries writer, seq, prev, kid and mac, and signed checkpoints mark how far the
+chain went, so `jitgate audit verify` can tell edits, deletions, insertions and truncation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -25,6 +31,8 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 
 log = logging.getLogger("jitgate.audit")
+
+CHECKPOINT = "audit.checkpoint"
 
 Record = dict[str, Any]
 
@@ -135,6 +143,10 @@ class AuditLog:
         on_written: Callable[[str, int], None] | None = None,
         on_failed: Callable[[str, int], None] | None = None,
         on_dropped: Callable[[str, int], None] | None = None,
+        hmac_key: bytes | None = None,
+        key_id: str = "k1",
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 60.0,
     ) -> None:
         self.lanes = [_Lane(s) for s in sinks]
         self.batch_size = batch_size
@@ -147,10 +159,28 @@ class AuditLog:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._flushing = asyncio.Lock()  # one writer per lane: a batch is popped only once
+        self._key = hmac_key
+        self.key_id = key_id
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval = checkpoint_interval
+        # Random per start: two processes (or two logs in one) never share a chain.
+        self.writer = secrets.token_hex(6)
+        self._seq = 0
+        self._prev = ""
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._final = False
+
+    @property
+    def chained(self) -> bool:
+        return self._key is not None
 
     def emit(self, rec: Record) -> None:
         """Queue one record for every sink; never blocks."""
-        line = json.dumps(rec, separators=(",", ":"))
+        if self._key is None:
+            line = json.dumps(rec, separators=(",", ":"))
+        else:
+            line = self._chain(rec, self._key)
         for lane in self.lanes:
             if len(lane.queue) >= self.queue_max:
                 self._on_dropped(lane.sink.name, 1)
@@ -162,6 +192,30 @@ class AuditLog:
             lane.queue.append(line)
             if len(lane.queue) >= self.batch_size:
                 self._wake.set()
+        if self._since_checkpoint >= self.checkpoint_every:
+            self.checkpoint()
+
+    def _chain(self, rec: Record, key: bytes) -> str:
+        self._seq += 1
+        rec = {**rec, "writer": self.writer, "seq": self._seq, "prev": self._prev}
+        rec["kid"] = self.key_id
+        rec.pop("mac", None)
+        body = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+        mac = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+        self._prev = mac
+        if rec.get("event") == CHECKPOINT:
+            self._since_checkpoint = 0
+            self._last_checkpoint = time.monotonic()
+        else:
+            self._since_checkpoint += 1
+        # The canonical body with mac appended: the same bytes verify re-creates, one dumps.
+        return f'{body[:-1]},"mac":"{mac}"}}'
+
+    def checkpoint(self, *, final: bool = False) -> None:
+        """Emit a signed checkpoint: how far this writer's chain went (final at shutdown)."""
+        if self._key is None:
+            return
+        self.emit(record(CHECKPOINT, checkpoint_seq=self._seq + 1, head=self._prev, final=final))
 
     def backlog(self) -> int:
         return sum(len(lane.queue) for lane in self.lanes)
@@ -176,6 +230,9 @@ class AuditLog:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._seq and not self._final:
+            self._final = True
+            self.checkpoint(final=True)  # a clean end: verify sees nothing was cut off
         deadline = time.monotonic() + grace
         while self.backlog() and time.monotonic() < deadline:
             if not await self.flush(force=True):
@@ -194,6 +251,11 @@ class AuditLog:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.flush_interval)
             self._wake.clear()
+            if (
+                self._since_checkpoint
+                and time.monotonic() - self._last_checkpoint >= self.checkpoint_interval
+            ):
+                self.checkpoint()
             await self.flush()
 
     async def flush(self, *, force: bool = False) -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+from redis.exceptions import RedisError
 
 from . import policy, policytest, redisd
 from .client import ApiClient, ApiError
@@ -148,6 +149,29 @@ def _parser() -> argparse.ArgumentParser:
         "--unreviewed", action="store_true", help="break-glass grants awaiting review (API)"
     )
     p.add_argument("--state", default=None, help="with --all: comma-separated states")
+
+    aud = nouns.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="verb", required=True, metavar="VERB"
+    )
+    p = aud.add_parser(
+        "verify",
+        help="check the audit trail's HMAC chains for edits, deletions and insertions",
+        description="Exit 0 if every chain is intact, 1 if a problem is found, 2 if the "
+        "trail cannot be read or no audit.hmac_key is configured.",
+    )
+    _config_arg(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file", type=Path, default=None, help="a JSON-lines audit file")
+    src.add_argument("--redis", action="store_true", help="the Redis audit stream")
+    p.add_argument(
+        "--stream", default=None, help="stream key (default: redis.key_prefix + audit.redis_stream)"
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="every writer has shut down: a chain without a closing checkpoint is an error",
+    )
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -194,6 +218,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         compiled = policy.load(args.file)
         print(f"ok: {args.file}: {len(compiled.routes)} routes, version {compiled.version}")
         return EXIT_OK
+    if args.noun == "audit":
+        return asyncio.run(_audit_verify(args, load(args.config)))
     if args.noun == "token":
         settings = load(args.config)
         ttl = _duration(args.ttl) if args.ttl else None
@@ -246,6 +272,41 @@ def redis_url_for(settings: Settings) -> str:
             "start `jitgate serve` first, or set redis.url in the config"
         )
     return redisd.redis_url(settings.state_dir)
+
+
+async def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from .app import connect_redis
+    from .auditchain import Verifier, file_lines, stream_entries
+
+    a = settings.audit
+    if a.hmac_key is None:
+        raise UsageError(f"no audit.hmac_key in {settings.file}: the audit trail is not chained")
+    if args.stream and not args.redis:
+        raise UsageError("--stream goes with --redis")
+    v = Verifier(a.hmac_key.reveal().encode(), a.key_id, a.checkpoint_interval, args.strict)
+    if args.file is not None:
+        source = str(args.file)
+        try:
+            for loc, text in file_lines(args.file):
+                v.feed(loc, text)
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    else:
+        source = args.stream or settings.redis.key_prefix + (a.redis_stream or "audit")
+        redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
+        try:
+            async for loc, text in stream_entries(redis, source):
+                v.feed(loc, text)
+        except RedisError as exc:
+            raise UsageError(f"cannot read the stream {source}: {exc}") from None
+        finally:
+            await redis.aclose()
+    v.finish()
+    if args.json:
+        print(json.dumps(v.report(source), indent=2))
+    else:
+        print("\n".join(v.text(source)))
+    return EXIT_FINDING if v.errors else EXIT_OK
 
 
 def _actor(by: str | None) -> str:

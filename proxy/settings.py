@@ -104,6 +104,10 @@ class AuditSettings:
     batch_size: int = 256
     flush_interval: float = 0.25
     queue_max: int = 100_000
+    hmac_key: Secret | None = None  # set: records form a tamper-evident HMAC chain
+    key_id: str = "k1"
+    checkpoint_every: int = 1000  # records between signed checkpoints
+    checkpoint_interval: float = 60.0  # or seconds, whichever comes first
 
 
 @dataclass(frozen=True)
@@ -364,10 +368,20 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
     r.known(
         s,
         {"redis_stream", "stream_maxlen", "file", "stdout", "batch_size", "flush_interval"}
-        | {"queue_max"},
+        | {"queue_max", "hmac_key", "key_id", "checkpoint_every", "checkpoint_interval"},
         "audit",
     )
     audit_file = r.optional_str(s, "file", None, "audit.file")
+    hmac_key = s.get("hmac_key")
+    if hmac_key is not None and not isinstance(hmac_key, str):
+        # Never echo the value: it is a secret (an all-digit key parses as a number).
+        r.error(s, "hmac_key", "audit.hmac_key", "must be a string (quote it)")
+        hmac_key = None
+    elif hmac_key is not None and len(hmac_key) < 32:
+        r.error(s, "hmac_key", "audit.hmac_key", "must be at least 32 characters")
+    key_id = r.get(s, "key_id", str, "k1", "audit.key_id")
+    if not key_id:
+        r.error(s, "key_id", "audit.key_id", "must not be empty")
     audit = AuditSettings(
         redis_stream=r.optional_str(s, "redis_stream", "audit", "audit.redis_stream") or None,
         stream_maxlen=r.positive(s, "stream_maxlen", int, 1_000_000, "audit.stream_maxlen"),
@@ -376,6 +390,12 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
         batch_size=r.positive(s, "batch_size", int, 256, "audit.batch_size"),
         flush_interval=r.positive(s, "flush_interval", float, 0.25, "audit.flush_interval"),
         queue_max=r.positive(s, "queue_max", int, 100_000, "audit.queue_max"),
+        hmac_key=Secret(hmac_key) if hmac_key else None,
+        key_id=key_id,
+        checkpoint_every=r.positive(s, "checkpoint_every", int, 1000, "audit.checkpoint_every"),
+        checkpoint_interval=r.positive(
+            s, "checkpoint_interval", float, 60.0, "audit.checkpoint_interval"
+        ),
     )
 
     s = r.section(raw, "forward", "forward")

@@ -204,3 +204,30 @@ def test_webhooks_from_the_environment(tmp_path: Path) -> None:
         "env JITGATE_NOTIFICATIONS__WEBHOOKS: notifications.webhooks[0].format: "
         "must be one of json, slack, got 'xml'"
     )
+
+
+def test_audit_hmac_key_defaults_and_fields(tmp_path: Path) -> None:
+    a = load(_config(tmp_path, ""), environ={}).audit
+    assert a.hmac_key is None and a.key_id == "k1"
+    assert (a.checkpoint_every, a.checkpoint_interval) == (1000, 60.0)
+    key = "k" * 32
+    text = f"audit:\n  hmac_key: {key}\n  key_id: k2\n  checkpoint_every: 50\n"
+    a = load(_config(tmp_path, text + "  checkpoint_interval: 5\n"), environ={}).audit
+    assert a.hmac_key == Secret(key) and key not in repr(a)
+    assert (a.key_id, a.checkpoint_every, a.checkpoint_interval) == ("k2", 50, 5.0)
+
+
+def test_audit_hmac_key_errors_name_file_line_and_never_the_key(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "audit:\n  hmac_key: too-short-key\n  checkpoint_every: 0\n")
+    with pytest.raises(ConfigErrors) as exc:
+        load(cfg, environ={})
+    text = str(exc.value)
+    assert f"{cfg}:4: audit.hmac_key: must be at least 32 characters" in text
+    assert f"{cfg}:5: audit.checkpoint_every: must be greater than 0" in text
+    assert "too-short-key" not in text
+    digits = "1234567890" * 4
+    with pytest.raises(ConfigErrors) as exc:
+        load(_config(tmp_path, ""), environ={"JITGATE_AUDIT__HMAC_KEY": digits})
+    text = str(exc.value)
+    assert "env JITGATE_AUDIT__HMAC_KEY: audit.hmac_key: must be a string" in text
+    assert digits not in text
