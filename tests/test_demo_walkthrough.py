@@ -108,6 +108,12 @@ def test_readme_walkthrough(demo: tuple[str, dict[str, str]]) -> None:
     )  # fmt: skip
     assert out.split()[1] == "active"
     assert get(base + other, token)[0] == 200
+
+    # The trail so far (jitgate and the two CLI writers) verifies clean; jitgate is still
+    # running, so its open tail is only a warning.
+    time.sleep(0.5)  # the audit batch reaches the file
+    trail = env["JITGATE_AUDIT__FILE"]
+    assert "3 writers: clean" in cli(env, "audit", "verify", "--file", trail)
     # The replay app's own pages work through the proxy with identity only.
     assert get(base + "/replay/demo-1", token)[0] == 200
 
