@@ -296,7 +296,9 @@ def _env_overrides(raw: Node, environ: Mapping[str, str]) -> dict[str, str]:
 
 def _resolve(base: Path, value: str) -> Path:
     path = Path(value).expanduser()
-    return path if path.is_absolute() else (base / path)
+    # normpath, not resolve: "config/../.jitgate" reads better as ".jitgate" in logs, and
+    # symlinks are left as the operator wrote them.
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
 def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
