@@ -171,10 +171,6 @@ class AuditLog:
         self._last_checkpoint = time.monotonic()
         self._final = False
 
-    @property
-    def chained(self) -> bool:
-        return self._key is not None
-
     def emit(self, rec: Record) -> None:
         """Queue one record for every sink; never blocks."""
         if self._key is None:

@@ -527,6 +527,8 @@ class GrantStore(Protocol):
 
     async def count_active(self) -> int: ...
 
+    async def sweep(self, limit: int = 500) -> list[Grant]: ...
+
     # Last, as in RedisGrants.
     async def list(
         self, user: str | None = None, states: Collection[str] | None = ("active",)

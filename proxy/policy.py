@@ -176,10 +176,6 @@ class Policy:
             frontier = nxt
         return tuple(found)
 
-    @property
-    def route_ids(self) -> tuple[str, ...]:
-        return (*(r.id for r in self.routes), "_default")
-
     def entitlement_for(
         self, scope: str, user: str, groups: Iterable[str], *, break_glass: bool | None = None
     ) -> Entitlement | None:

@@ -85,7 +85,7 @@ class PolicyReloader:
         self._signalled.add(task)
         task.add_done_callback(self._signalled.discard)
 
-    def _is_policy_file(self, change: Change, path: str) -> bool:
+    def _is_policy_file(self, _change: Change, path: str) -> bool:
         return Path(path).name == self.path.name
 
     async def _watch(self) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import audit
-from .grants import Grant, GrantError, RedisGrants
+from .grants import Grant, GrantError, GrantStore
 from .identity import Identity
 from .notify import Notifier
 from .policy import Entitlement, Policy
@@ -53,7 +53,7 @@ _GRANT_ERRORS = {
 @dataclass(frozen=True)
 class Workflow:
     policy: Callable[[], Policy]
-    grants: RedisGrants
+    grants: GrantStore
     audit: audit.AuditLog
     admins: AdminSettings
     notifier: Notifier | None = None  # None: no webhooks configured
@@ -88,9 +88,9 @@ class Workflow:
         if ent.reason_required and not reason:
             raise WorkflowError(400, "bad_request", "a reason is required")
         ticket = _text(ticket, "ticket") or None
-        pattern = ent.ticket_pattern
-        if pattern is not None and (not ticket or pattern.fullmatch(ticket) is None):
-            message = f"a ticket matching {pattern.pattern} is required"
+        if not ent.ticket_ok(ticket):
+            pattern = ent.ticket_pattern.pattern if ent.ticket_pattern else ""
+            message = f"a ticket matching {pattern} is required"
             raise WorkflowError(400, "bad_request", message)
         seconds = _duration(ent, duration)
         needed = 0 if (ent.approval.mode == "auto" or ent.break_glass) else ent.approval.count

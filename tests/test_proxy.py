@@ -109,9 +109,14 @@ async def test_refusal_page_for_browsers(proxy: TestClient) -> None:
     assert "default-src 'none'" in r.headers["Content-Security-Policy"]
     r = await proxy.get("/_jit/request", params={"scope": "recording:1/demo-1"}, headers=headers)
     assert r.status == 200
-    assert "jitgate grants add --user alice --scope recording:1/demo-1" in await r.text()
-    r = await proxy.get("/_jit/request", params={"scope": "project:1"})
-    assert "--user YOUR-USER --scope project:1" in await r.text()
+    page = await r.text()
+    assert "demo-recordings" in page and "you may request it" in page
+    assert 'jitgate grants request --token "$TOKEN" --scope recording:1/demo-1' in page
+    r = await proxy.get("/_jit/request", params={"scope": "project:1"}, headers=headers)
+    page = await r.text()
+    assert "project-wide" in page and "needs 1 approval" in page and "not open to you" in page
+    r = await proxy.get("/_jit/request", params={"scope": "org:1"})
+    assert "--user YOUR-USER --scope org:1" in await r.text()
 
 
 async def test_refusal_page_escapes_the_path(proxy: TestClient) -> None:

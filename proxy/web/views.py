@@ -5,7 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..appkeys import AUTHORIZER, SETTINGS
-from ..identity import IdentityError
+from ..identity import Identity, IdentityError
+from ..policy import format_duration
 from . import CSP, render
 
 
@@ -28,22 +29,39 @@ def page(request: web.Request, template: str, status: int = 200, **context: obje
     )
 
 
-def signed_in_user(request: web.Request) -> str | None:
-    """Return the verified user of a request, if it carries a valid token."""
+def signed_in(request: web.Request) -> Identity | None:
+    """Return the verified identity of a request, if it carries a valid token."""
     verifier = request.config_dict[AUTHORIZER][0].verifier
     token = verifier.token_from(request.headers, request.cookies)
     if token is None:
         return None
     try:
-        return verifier.verify(token).subject
+        return verifier.verify(token)
     except IdentityError:
         return None
 
 
 async def request_access(request: web.Request) -> web.Response:
-    """Explain how to obtain a grant for the scope a refusal named."""
-    user = signed_in_user(request)
-    return page(request, "request.html", user=user, scope=request.query.get("scope"))
+    """Explain how to obtain a grant for the scope a refusal named, and under which rules."""
+    ident = signed_in(request)
+    scope = request.query.get("scope")
+    policy = request.config_dict[AUTHORIZER][0].policy
+    rules = []
+    for ent in policy.entitlements_for_scope(scope) if scope else ():
+        rules.append(
+            {
+                "ent": ent,
+                "yours": ident is not None and ent.admits(ident.subject, ident.groups),
+                "durations": ", ".join(format_duration(d) for d in ent.durations),
+            }
+        )
+    return page(
+        request,
+        "request.html",
+        user=ident.subject if ident else None,
+        scope=scope,
+        rules=rules,
+    )
 
 
 async def login_form(request: web.Request) -> web.Response:
