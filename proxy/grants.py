@@ -994,13 +994,12 @@ class RedisGrants:
 
     async def sweep(self, limit: int = 500) -> list[Grant]:
         """Mark grants that expired and requests that lapsed since the last sweep (once)."""
+        now_ms = _now_ms()
         out = await self._sweep(
             keys=[self._index, self._pending, self.prefix + "swept"],
-            args=[self.prefix, _now_ms(), limit],
+            args=[self.prefix, now_ms, limit],
         )
-        ids = [_text(x) for x in out[1::2]]
-        found = [await self.get(grant_id) for grant_id in ids]
-        return [g for g in found if g is not None]
+        return await self._fetch(out[1::2], now_ms)
 
     # Last: below it, `list` in annotations would name this method, not the builtin.
     async def list(
