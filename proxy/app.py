@@ -19,7 +19,6 @@ from . import web as pages
 from .appkeys import (
     AUDIT,
     AUTHORIZER,
-    FORWARDER,
     GRANTS,
     LIVE,
     METRICS,
@@ -149,7 +148,6 @@ def _lifecycle(
             )
         )
         await forwarder.start()
-        app[FORWARDER] = forwarder
 
         def grant_error(exc: BaseException) -> None:
             m.redis_errors.labels("grant_check").inc()

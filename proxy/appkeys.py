@@ -7,7 +7,6 @@ from redis.asyncio import Redis
 
 from .audit import AuditLog
 from .authorize import Authorizer
-from .forward import Forwarder
 from .grants import RedisGrants
 from .live import LiveConnections
 from .metrics import Metrics
@@ -20,7 +19,6 @@ METRICS = web.AppKey("metrics", Metrics)
 REDIS = web.AppKey("redis", Redis)
 GRANTS = web.AppKey("grants", RedisGrants)
 AUDIT = web.AppKey("audit", AuditLog)
-FORWARDER = web.AppKey("forwarder", Forwarder)
 LIVE = web.AppKey("live", LiveConnections)
 WORKFLOW = web.AppKey("workflow", Workflow)
 NOTIFIER = web.AppKey("notifier", Notifier)  # set only when webhooks are configured

@@ -29,6 +29,7 @@ class Decision:
     grant_id: str | None = None
     identity: Identity | None = None
     grant_expires_at: float | None = None
+    wider: tuple[str, ...] = ()  # scopes covering `scope`, as the policy matched them
 
 
 @dataclass(frozen=True)
@@ -84,20 +85,37 @@ class Authorizer:
             return Decision(True, 0, "allow", reasons, route, access, identity=ident)
 
         assert match.scope is not None
+        wider = match.scopes[1:]
         try:
             found = await self.grants.check(ident.subject, match.scopes)
         except Exception as exc:  # fail closed on any grant-store trouble
             self.on_grant_error(exc)
             reason = f"grant store unavailable ({type(exc).__name__}); failing closed"
             return Decision(
-                False, 503, "unavailable", (reason,), route, access, match.scope, identity=ident
+                False,
+                503,
+                "unavailable",
+                (reason,),
+                route,
+                access,
+                match.scope,
+                identity=ident,
+                wider=wider,
             )
         if found is None:
             reason = f"no active grant for {match.scope}"
-            if len(match.scopes) > 1:
-                reason += f" (or {', '.join(match.scopes[1:])})"
+            if wider:
+                reason += f" (or {', '.join(wider)})"
             return Decision(
-                False, 403, "deny", (reason,), route, access, match.scope, identity=ident
+                False,
+                403,
+                "deny",
+                (reason,),
+                route,
+                access,
+                match.scope,
+                identity=ident,
+                wider=wider,
             )
         grant_id, expires_at = found
         reason = f"active grant {grant_id} covers {match.scope}"

@@ -188,7 +188,7 @@ class Gate:
                 heading=_HEADINGS.get(error, "Access refused"),
                 kind="recording" if decision.scope and "/" in decision.scope else "resource",
                 scope=decision.scope,
-                wider=_wider(self.authorizer(), decision),
+                wider=decision.wider,
                 reasons=decision.reasons,
                 request_url=request_url,
                 login_url=login_url,
@@ -217,7 +217,3 @@ _HEADINGS = {
     "blocked": "Blocked by policy",
     "unavailable": "Access check unavailable",
 }
-
-
-def _wider(authorizer: Authorizer, decision: Decision) -> tuple[str, ...]:
-    return authorizer.policy.covering(decision.scope)[1:] if decision.scope else ()
