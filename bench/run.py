@@ -406,8 +406,7 @@ identity:
   issuer: {ISSUER}
   audience: {AUDIENCE}
 audit:
-  redis_stream: audit
-  stream_maxlen: 200000
+  redis: {stream: audit, maxlen: 200000}
   file: audit.jsonl
 """
     )

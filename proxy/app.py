@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from . import api, audit, metrics, ops, policy
+from . import api, audit, auditsinks, metrics, ops, policy
 from . import web as pages
 from .appkeys import (
     AUDIT,
@@ -67,13 +67,33 @@ def audit_sinks(settings: Settings, redis: Redis | None) -> list[audit.Sink]:
     """Build the configured audit sinks."""
     a = settings.audit
     sinks: list[audit.Sink] = []
-    if a.redis_stream and redis is not None:
-        key = settings.redis.key_prefix + a.redis_stream
-        sinks.append(audit.RedisStreamSink(redis, key, a.stream_maxlen))
+    if a.redis is not None and redis is not None:
+        key = settings.redis.key_prefix + a.redis.stream
+        sinks.append(audit.RedisStreamSink(redis, key, a.redis.maxlen or 10**12))
     if a.file is not None:
-        sinks.append(audit.JsonlFileSink(a.file))
+        f = a.file
+        sinks.append(
+            auditsinks.JsonlFileSink(
+                f.path,
+                rotate_bytes=f.rotate_bytes,
+                rotate_daily=f.rotate_daily,
+                retention=f.retention,
+                fsync=f.fsync,
+            )
+        )
     if a.stdout:
-        sinks.append(audit.StdoutSink())
+        sinks.append(auditsinks.StdoutSink())
+    for h in a.http:
+        sinks.append(
+            auditsinks.HttpSink(
+                f"http:{h.name}",
+                h.url,
+                format=h.format,
+                headers=h.headers,
+                timeout=h.timeout,
+                gzip=h.gzip,
+            )
+        )
     return sinks
 
 
@@ -91,6 +111,9 @@ def make_audit_log(settings: Settings, redis: Redis | None, m: metrics.Metrics) 
         key_id=a.key_id,
         checkpoint_every=a.checkpoint_every,
         checkpoint_interval=a.checkpoint_interval,
+        spool_dir=a.spool_dir if a.spool else None,
+        spool_max_bytes=a.spool_max_bytes,
+        maintain_interval=a.maintain_interval,
     )
 
 

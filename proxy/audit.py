@@ -20,7 +20,6 @@ import itertools
 import json
 import logging
 import secrets
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
+
+from .auditspool import Spool
 
 log = logging.getLogger("jitgate.audit")
 
@@ -64,6 +65,9 @@ class Sink(Protocol):
     async def write(self, lines: list[str]) -> None:
         """Write serialised records (JSON without newline), in order, or raise."""
 
+    async def maintain(self) -> None:
+        """Trim, rotate or expire old records as the sink's retention says."""
+
     async def close(self) -> None: ...
 
 
@@ -82,56 +86,37 @@ class RedisStreamSink:
             pipe.xadd(self.key, {"record": line}, maxlen=self.maxlen, approximate=True)
         await pipe.execute()
 
-    async def close(self) -> None:
+    async def maintain(self) -> None:
         return None
-
-
-class JsonlFileSink:
-    """Append records as JSON lines to a file, writing from a worker thread."""
-
-    def __init__(self, path: Path) -> None:
-        self.name = "file"
-        self.path = path
-
-    def _append(self, lines: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(lines)
-            fh.flush()
-
-    async def write(self, lines: list[str]) -> None:
-        await asyncio.to_thread(self._append, "\n".join(lines) + "\n")
-
-    async def close(self) -> None:
-        return None
-
-
-class StdoutSink:
-    """Print records as JSON lines on standard output."""
-
-    def __init__(self) -> None:
-        self.name = "stdout"
-
-    async def write(self, lines: list[str]) -> None:
-        sys.stdout.write("\n".join(lines) + "\n")
-        sys.stdout.flush()
 
     async def close(self) -> None:
         return None
 
 
 class _Lane:
-    """One sink with its own queue, so a slow or failing sink holds up nobody else."""
+    """One sink with its own queue and cursor, so a slow or failing sink holds up nobody else.
+
+    Records reach a sink from, in order: spools adopted from earlier runs, then this run's
+    records in memory (each with its spool line number, -1 if the spool refused it), then,
+    once memory held `queue_max`, this run's spool from the cursor on.
+    """
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
-        self.queue: deque[str] = deque()
+        self.name = sink.name
+        self.queue: deque[tuple[int, str]] = deque()
+        self.on_disk = False  # newer records are only in the spool
+        self.cursor = 0  # own spool: line number of the first record not yet taken
+        self.adopted: list[Spool] = []
+        self.inflight: list[str] | None = None  # a batch read from a spool, kept for retry
         self.failures = 0
         self.retry_at = 0.0
+        self.lost = 0  # records this sink will never get, not yet told in an audit.gap
+        self.lost_since: float | None = None
 
 
 class AuditLog:
-    """Fan records out to sinks in batches, off the request path."""
+    """Fan records out to sinks in batches, off the request path, through a spool."""
 
     def __init__(
         self,
@@ -147,6 +132,9 @@ class AuditLog:
         key_id: str = "k1",
         checkpoint_every: int = 1000,
         checkpoint_interval: float = 60.0,
+        spool_dir: Path | None = None,
+        spool_max_bytes: int = 1 << 30,
+        maintain_interval: float = 60.0,
     ) -> None:
         self.lanes = [_Lane(s) for s in sinks]
         self.batch_size = batch_size
@@ -158,11 +146,13 @@ class AuditLog:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._flushing = asyncio.Lock()  # one writer per lane: a batch is popped only once
+        self._flushing = asyncio.Lock()  # one writer per lane: a batch is taken only once
         self._key = hmac_key
         self.key_id = key_id
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
+        self.maintain_interval = maintain_interval
+        self._last_maintain = time.monotonic()
         # Random per start: two processes (or two logs in one) never share a chain.
         self.writer = secrets.token_hex(6)
         self._seq = 0
@@ -170,26 +160,68 @@ class AuditLog:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._final = False
+        self.spool_dir = spool_dir
+        self.spool_max_bytes = spool_max_bytes
+        self.spool: Spool | None = None
+        self.spool_error: str | None = None  # why the last append failed; None when fine
+        self.spool_errors = 0
 
     def emit(self, rec: Record) -> None:
-        """Queue one record for every sink; never blocks."""
+        """Spool one record and queue it for every sink; never blocks."""
         if self._key is None:
             line = json.dumps(rec, separators=(",", ":"))
         else:
             line = self._chain(rec, self._key)
+        lineno = self._spool(line, rec)
         for lane in self.lanes:
-            if len(lane.queue) >= self.queue_max:
-                self._on_dropped(lane.sink.name, 1)
-                log.error(
-                    "audit queue for sink %s is full (%d records): record %s event %s lost",
-                    lane.sink.name, self.queue_max, rec.get("id"), rec.get("event"),
-                )  # fmt: skip
+            if lane.on_disk and lineno >= 0:
+                continue  # the lane reads this from the spool when it gets there
+            if lane.on_disk or len(lane.queue) >= self.queue_max:
+                if lineno >= 0:
+                    lane.on_disk = True
+                    continue
+                self._lose(lane, 1, rec)
                 continue
-            lane.queue.append(line)
+            lane.queue.append((lineno, line))
             if len(lane.queue) >= self.batch_size:
                 self._wake.set()
         if self._since_checkpoint >= self.checkpoint_every:
             self.checkpoint()
+
+    def _spool(self, line: str, rec: Record) -> int:
+        if self.spool is None:
+            return -1
+        try:
+            lineno = self.spool.append(line)
+        except OSError as exc:
+            self.spool_errors += 1
+            if self.spool_error is None:
+                log.error(
+                    "audit spool %s cannot be written (%s): records are held in memory only",
+                    self.spool.dir, exc,
+                )  # fmt: skip
+            self.spool_error = str(exc)
+            return -1
+        if self.spool_error is not None:
+            log.warning("audit spool %s writable again", self.spool.dir)
+            self.spool_error = None
+        return lineno
+
+    def _lose(self, lane: _Lane, count: int, rec: Record | None = None) -> None:
+        self._on_dropped(lane.name, count)
+        if lane.lost == 0:
+            lane.lost_since = time.time()
+        lane.lost += count
+        log.error(
+            "audit sink %s: %d record(s) lost (queue full and no spool)%s",
+            lane.name, count, f": {rec.get('id')} {rec.get('event')}" if rec else "",
+        )  # fmt: skip
+
+    def writable(self) -> bool:
+        """Return whether records can be kept now (what strict mode asks before forwarding)."""
+        if self.spool_dir is not None:
+            return self.spool is not None and self.spool_error is None
+        return all(lane.failures == 0 and lane.lost == 0 for lane in self.lanes)
 
     def _chain(self, rec: Record, key: bytes) -> str:
         self._seq += 1
@@ -213,14 +245,65 @@ class AuditLog:
             return
         self.emit(record(CHECKPOINT, checkpoint_seq=self._seq + 1, head=self._prev, final=final))
 
+    def stats(self) -> dict[str, tuple[int, int]]:
+        """Return, per sink, (records not yet delivered, of those held only in a spool)."""
+        out = {}
+        for lane in self.lanes:
+            spooled = sum(s.pending(lane.name) for s in lane.adopted)
+            if lane.on_disk and self.spool is not None:
+                own = self.spool.total - lane.cursor
+                spooled += own - len(lane.queue)
+            out[lane.name] = (len(lane.queue) + spooled, spooled)
+        return out
+
     def backlog(self) -> int:
-        return sum(len(lane.queue) for lane in self.lanes)
+        return sum(total for total, _ in self.stats().values())
 
     async def start(self) -> None:
+        """Open the spool, adopt what earlier runs left, and start flushing."""
+        if self.spool_dir is not None:
+            names = [lane.name for lane in self.lanes]
+            for directory in Spool.leftovers(self.spool_dir, self.writer):
+                self._adopt(directory, names)
+            try:
+                self.spool = Spool.create(
+                    self.spool_dir, self.writer, names, max_bytes=self.spool_max_bytes
+                )
+            except OSError as exc:
+                self.spool_error = str(exc)
+                log.error("audit spool cannot be created in %s: %s", self.spool_dir, exc)
         self._task = asyncio.create_task(self._run(), name="audit-flush")
 
+    def _adopt(self, directory: Path, names: list[str]) -> None:
+        try:
+            old = Spool.adopt(directory, names, max_bytes=self.spool_max_bytes)
+        except OSError as exc:
+            log.error("audit spool %s left by an earlier run cannot be read: %s", directory, exc)
+            return
+        if old is None:
+            return  # another live process owns it
+        waiting = {lane.name: old.pending(lane.name) for lane in self.lanes}
+        log.warning(
+            "audit spool %s left by writer %s: replaying %s",
+            directory, old.writer, ", ".join(f"{n} to {k}" for k, n in waiting.items()) or "none",
+        )  # fmt: skip
+        for lane in self.lanes:
+            if old.pending(lane.name):
+                lane.adopted.append(old)
+        if old.torn:
+            self.emit(
+                record(
+                    "audit.gap",
+                    writer=old.writer,
+                    lost=old.torn,
+                    reasons=["the last record of a writer that crashed was cut short"],
+                )
+            )
+        if old.done():
+            old.close()
+
     async def close(self, grace: float = 10.0) -> None:
-        """Stop the flusher and write out everything still queued, within grace seconds."""
+        """Stop flushing and deliver everything, within grace seconds; keep the rest spooled."""
         self._closing = True
         self._wake.set()
         if self._task is not None:
@@ -233,13 +316,24 @@ class AuditLog:
         while self.backlog() and time.monotonic() < deadline:
             if not await self.flush(force=True):
                 await asyncio.sleep(0.1)
-        for lane in self.lanes:
-            if lane.queue:
-                self._on_dropped(lane.sink.name, len(lane.queue))
-                log.error(
-                    "audit sink %s still failing at shutdown: %d records not written",
-                    lane.sink.name, len(lane.queue),
+        for name, (left, _) in self.stats().items():
+            if not left:
+                continue
+            if self.spool is not None and self.spool_error is None:
+                log.warning(
+                    "audit sink %s still failing at shutdown: %d records stay in the spool "
+                    "for the next start", name, left,
                 )  # fmt: skip
+            else:
+                self._on_dropped(name, left)
+                log.error(
+                    "audit sink %s still failing at shutdown: %d records not written", name, left
+                )
+        for spool in {id(s): s for lane in self.lanes for s in lane.adopted}.values():
+            spool.close()
+        if self.spool is not None:
+            self.spool.close()
+        for lane in self.lanes:
             await lane.sink.close()
 
     async def _run(self) -> None:
@@ -252,35 +346,110 @@ class AuditLog:
                 and time.monotonic() - self._last_checkpoint >= self.checkpoint_interval
             ):
                 self.checkpoint()
+            if self.spool is not None:
+                try:
+                    await asyncio.to_thread(self.spool.sync)
+                except OSError as exc:
+                    self.spool_error = f"fsync: {exc}"
+                    log.error("audit spool %s cannot be synced: %s", self.spool.dir, exc)
             await self.flush()
+            self._report_gaps()
+            if time.monotonic() - self._last_maintain >= self.maintain_interval:
+                self._last_maintain = time.monotonic()
+                await self.maintain()
+
+    async def maintain(self) -> None:
+        """Let each sink trim, rotate and apply its retention."""
+        for lane in self.lanes:
+            try:
+                await lane.sink.maintain()
+            except Exception as exc:  # a sink's housekeeping never stops the others
+                log.warning("audit sink %s maintenance failed: %s", lane.name, exc)
+
+    def _report_gaps(self) -> None:
+        for lane in self.lanes:
+            if lane.lost and lane.failures == 0:
+                lost, since = lane.lost, lane.lost_since
+                lane.lost, lane.lost_since = 0, None
+                self.emit(
+                    record(
+                        "audit.gap",
+                        sink=lane.name,
+                        lost=lost,
+                        since=since,
+                        until=round(time.time(), 3),
+                        reasons=["records could be neither delivered nor spooled"],
+                    )
+                )
 
     async def flush(self, *, force: bool = False) -> bool:
-        """Write every queued batch now; return True if all sinks took their records."""
+        """Deliver every queued and spooled batch now; return True if all sinks took theirs."""
         async with self._flushing:
-            return await self._flush(force)
+            results = [await self._flush_lane(lane, force) for lane in self.lanes]
+            return all(results)
 
-    async def _flush(self, force: bool) -> bool:
-        ok = True
-        for lane in self.lanes:
-            while lane.queue:
-                if not force and time.monotonic() < lane.retry_at:
-                    ok = False
-                    break
-                batch = [lane.queue[i] for i in range(min(self.batch_size, len(lane.queue)))]
-                try:
-                    await lane.sink.write(batch)
-                except Exception as exc:  # any sink error: keep the batch and retry later
-                    ok = False
-                    lane.failures += 1
-                    lane.retry_at = time.monotonic() + min(5.0, 0.1 * 2 ** min(lane.failures, 6))
-                    self._on_failed(lane.sink.name, len(batch))
-                    log.warning(
-                        "audit sink %s failed (%s); %d records kept for retry",
-                        lane.sink.name, exc, len(lane.queue),
-                    )  # fmt: skip
-                    break
-                for _ in batch:
-                    lane.queue.popleft()
-                lane.failures = 0
-                self._on_written(lane.sink.name, len(batch))
-        return ok
+    async def _flush_lane(self, lane: _Lane, force: bool) -> bool:
+        while True:
+            if not force and time.monotonic() < lane.retry_at:
+                return False
+            source, batch = self._next_batch(lane)
+            if not batch:
+                return True
+            try:
+                await lane.sink.write(batch)
+            except Exception as exc:  # any sink error: keep the batch and retry later
+                lane.failures += 1
+                lane.retry_at = time.monotonic() + min(5.0, 0.1 * 2 ** min(lane.failures, 6))
+                self._on_failed(lane.name, len(batch))
+                log.warning(
+                    "audit sink %s failed (%s); %d records kept for retry",
+                    lane.name, exc, self.stats()[lane.name][0],
+                )  # fmt: skip
+                return False
+            lane.failures = 0
+            lane.inflight = None
+            self._on_written(lane.name, len(batch))
+            self._advance(lane, source, len(batch))
+
+    def _next_batch(self, lane: _Lane) -> tuple[Spool | None, list[str]]:
+        """Return where the next batch comes from (a spool, or None for memory) and it."""
+        while lane.adopted:
+            old = lane.adopted[0]
+            if lane.inflight is None:
+                lane.inflight = old.read(lane.name, old.cursors[lane.name], self.batch_size)
+            if lane.inflight:
+                return old, lane.inflight
+            lane.inflight = None
+            lane.adopted.pop(0)
+            if old.done() or not any(old in other.adopted for other in self.lanes):
+                old.close()
+        if lane.queue:
+            return None, [lane.queue[i][1] for i in range(min(self.batch_size, len(lane.queue)))]
+        if lane.on_disk and self.spool is not None:
+            if lane.inflight is None:
+                lane.inflight = self.spool.read(lane.name, lane.cursor, self.batch_size)
+            if lane.inflight:
+                return self.spool, lane.inflight
+            lane.inflight = None
+            lane.on_disk = False  # caught up: new records go through memory again
+        return None, []
+
+    def _advance(self, lane: _Lane, source: Spool | None, count: int) -> None:
+        if source is None:
+            last = -1
+            for _ in range(count):
+                lineno, _line = lane.queue.popleft()
+                last = max(last, lineno)
+            if last < 0 or self.spool is None:
+                return
+            lane.cursor = last + 1
+            source = self.spool
+        elif source is self.spool:
+            lane.cursor += count
+        else:
+            source.commit(lane.name, source.cursors[lane.name] + count)
+            return
+        try:
+            source.commit(lane.name, lane.cursor)
+        except OSError as exc:  # the records went out; at worst they are sent again
+            log.warning("audit spool cursor for %s not saved: %s", lane.name, exc)

@@ -164,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--file", type=Path, default=None, help="a JSON-lines audit file")
     src.add_argument("--redis", action="store_true", help="the Redis audit stream")
     p.add_argument(
-        "--stream", default=None, help="stream key (default: redis.key_prefix + audit.redis_stream)"
+        "--stream", default=None, help="stream key (default: redis.key_prefix + audit.redis.stream)"
     )
     p.add_argument(
         "--strict",
@@ -292,7 +292,7 @@ async def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
         except OSError as exc:
             raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
     else:
-        source = args.stream or settings.redis.key_prefix + (a.redis_stream or "audit")
+        source = args.stream or settings.redis.key_prefix + (a.redis.stream if a.redis else "audit")
         redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
         try:
             async for loc, text in stream_entries(redis, source):

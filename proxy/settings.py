@@ -28,6 +28,7 @@ DEFAULT_CONFIG = Path("config/jitgate.yaml")
 SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384")
 NOTIFY_EVENTS = ("requested", "approved", "denied", "break_glass", "expiring")
 NOTIFY_FORMATS = ("json", "slack")
+AUDIT_HTTP_FORMATS = ("jsonl", "splunk", "elastic", "loki")
 
 
 class Secret:
@@ -96,11 +97,42 @@ class IdentitySettings:
 
 
 @dataclass(frozen=True)
+class RedisSinkSettings:
+    stream: str = "audit"  # key after redis.key_prefix; its indexes live under <key>:idx:
+    maxlen: int | None = 1_000_000  # oldest records (and their index entries) trimmed beyond
+    retention: float | None = None  # seconds a record is kept; None: until maxlen trims it
+
+
+@dataclass(frozen=True)
+class FileSinkSettings:
+    path: Path
+    rotate_bytes: int | None = None  # rotate when the file would grow past this size
+    rotate_daily: bool = False  # rotate when the UTC day changes
+    retention: float | None = None  # delete rotated files older than this many seconds
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class HttpSinkSettings:
+    name: str
+    url: Secret  # an ingest URL may carry a token
+    format: str = "jsonl"  # jsonl | splunk | elastic | loki
+    headers: tuple[tuple[str, Secret], ...] = ()
+    timeout: float = 10.0
+    gzip: bool = False
+
+
+@dataclass(frozen=True)
 class AuditSettings:
-    redis_stream: str | None = "audit"  # key (after redis.key_prefix); None disables the sink
-    stream_maxlen: int = 1_000_000
-    file: Path | None = None
+    redis: RedisSinkSettings | None = field(default_factory=RedisSinkSettings)  # None: off
+    file: FileSinkSettings | None = None
     stdout: bool = False
+    http: tuple[HttpSinkSettings, ...] = ()
+    spool_dir: Path | None = None  # default: <state_dir>/audit-spool; `spool: null` turns it off
+    spool: bool = True
+    spool_max_bytes: int = 1 << 30
+    strict: bool = False  # refuse protected requests with 503 while audit cannot be written
+    maintain_interval: float = 60.0  # seconds between trims, rotations and retention runs
     batch_size: int = 256
     flush_interval: float = 0.25
     queue_max: int = 100_000
@@ -181,9 +213,10 @@ T = TypeVar("T")
 class _Reader:
     """Walk a parsed YAML tree, collecting every error with its file:line."""
 
-    def __init__(self, file: str, env_keys: Mapping[str, str]) -> None:
+    def __init__(self, file: str, env_keys: Mapping[str, str], environ: Mapping[str, str]) -> None:
         self.file = file
         self.env_keys = env_keys
+        self.environ = environ  # for ${VAR} in audit.http headers
         self.errors: list[ConfigError] = []
 
     def error(self, node: Node | Seq | None, key: str | int, where: str, message: str) -> None:
@@ -313,12 +346,17 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
     if not isinstance(raw, Node):
         raise ConfigError("the config file must be a mapping", file=str(path), line=1)
     env_keys = _env_overrides(raw, environ)
-    return validate(raw, path, env_keys)
+    return validate(raw, path, env_keys, environ)
 
 
-def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -> Settings:
+def validate(
+    raw: Node,
+    path: Path,
+    env_keys: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
     """Turn a parsed config tree into Settings, or raise ConfigErrors listing every problem."""
-    r = _Reader(str(path), env_keys or {})
+    r = _Reader(str(path), env_keys or {}, os.environ if environ is None else environ)
     base = path.parent
     r.known(
         raw,
@@ -366,39 +404,8 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
 
     identity = _identity(r, r.section(raw, "identity", "identity"), base)
 
-    s = r.section(raw, "audit", "audit")
-    r.known(
-        s,
-        {"redis_stream", "stream_maxlen", "file", "stdout", "batch_size", "flush_interval"}
-        | {"queue_max", "hmac_key", "key_id", "checkpoint_every", "checkpoint_interval"},
-        "audit",
-    )
-    audit_file = r.optional_str(s, "file", None, "audit.file")
-    hmac_key = s.get("hmac_key")
-    if hmac_key is not None and not isinstance(hmac_key, str):
-        # Never echo the value: it is a secret (an all-digit key parses as a number).
-        r.error(s, "hmac_key", "audit.hmac_key", "must be a string (quote it)")
-        hmac_key = None
-    elif hmac_key is not None and len(hmac_key) < 32:
-        r.error(s, "hmac_key", "audit.hmac_key", "must be at least 32 characters")
-    key_id = r.get(s, "key_id", str, "k1", "audit.key_id")
-    if not key_id:
-        r.error(s, "key_id", "audit.key_id", "must not be empty")
-    audit = AuditSettings(
-        redis_stream=r.optional_str(s, "redis_stream", "audit", "audit.redis_stream") or None,
-        stream_maxlen=r.positive(s, "stream_maxlen", int, 1_000_000, "audit.stream_maxlen"),
-        file=_resolve(base, audit_file) if audit_file else None,
-        stdout=r.get(s, "stdout", bool, False, "audit.stdout"),
-        batch_size=r.positive(s, "batch_size", int, 256, "audit.batch_size"),
-        flush_interval=r.positive(s, "flush_interval", float, 0.25, "audit.flush_interval"),
-        queue_max=r.positive(s, "queue_max", int, 100_000, "audit.queue_max"),
-        hmac_key=Secret(hmac_key) if hmac_key else None,
-        key_id=key_id,
-        checkpoint_every=r.positive(s, "checkpoint_every", int, 1000, "audit.checkpoint_every"),
-        checkpoint_interval=r.positive(
-            s, "checkpoint_interval", float, 60.0, "audit.checkpoint_interval"
-        ),
-    )
+    state_dir = _resolve(base, r.get(raw, "state_dir", str, "../.jitgate", "state_dir"))
+    audit = _audit(r, r.section(raw, "audit", "audit"), base, state_dir)
 
     s = r.section(raw, "forward", "forward")
     r.known(
@@ -451,7 +458,7 @@ def validate(raw: Node, path: Path, env_keys: Mapping[str, str] | None = None) -
         policy_file=policy_file,
         policy_watch=policy_watch,
         prefix=prefix,
-        state_dir=_resolve(base, r.get(raw, "state_dir", str, "../.jitgate", "state_dir")),
+        state_dir=state_dir,
         grant_max_ttl=r.positive(raw, "grant_max_ttl", float, 7 * 24 * 3600.0, "grant_max_ttl"),
         admins=admins,
         sweep_interval=r.positive(raw, "sweep_interval", float, 5.0, "sweep_interval"),
@@ -520,6 +527,193 @@ def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
         dev_key_file=_resolve(base, dev_key_file) if dev_key_file else None,
         mint_ttl=r.positive(s, "mint_ttl", float, 3600.0, "identity.mint_ttl"),
     )
+
+
+def _audit(r: _Reader, s: Node, base: Path, state_dir: Path) -> AuditSettings:
+    at = "audit"
+    r.known(
+        s,
+        {"redis", "file", "stdout", "http", "spool", "strict", "maintain_interval"}
+        | {"batch_size", "flush_interval", "queue_max", "hmac_key", "key_id"}
+        | {"checkpoint_every", "checkpoint_interval"},
+        at,
+    )
+    hmac_key = s.get("hmac_key")
+    if hmac_key is not None and not isinstance(hmac_key, str):
+        # Never echo the value: it is a secret (an all-digit key parses as a number).
+        r.error(s, "hmac_key", f"{at}.hmac_key", "must be a string (quote it)")
+        hmac_key = None
+    elif hmac_key is not None and len(hmac_key) < 32:
+        r.error(s, "hmac_key", f"{at}.hmac_key", "must be at least 32 characters")
+    key_id = r.get(s, "key_id", str, "k1", f"{at}.key_id")
+    if not key_id:
+        r.error(s, "key_id", f"{at}.key_id", "must not be empty")
+
+    redis: RedisSinkSettings | None = RedisSinkSettings()
+    if "redis" in s and s["redis"] is None:
+        redis = None
+    else:
+        node = r.section(s, "redis", f"{at}.redis")
+        r.known(node, {"stream", "maxlen", "retention"}, f"{at}.redis")
+        stream = r.get(node, "stream", str, "audit", f"{at}.redis.stream")
+        if not stream:
+            r.error(node, "stream", f"{at}.redis.stream", "must not be empty")
+        maxlen = None if "maxlen" in node and node["maxlen"] is None else (
+            r.positive(node, "maxlen", int, 1_000_000, f"{at}.redis.maxlen")
+        )  # fmt: skip
+        redis = RedisSinkSettings(
+            stream=stream,
+            maxlen=maxlen,
+            retention=_seconds(r, node, "retention", None, f"{at}.redis"),
+        )
+
+    file: FileSinkSettings | None = None
+    raw_file = s.get("file")
+    if isinstance(raw_file, str):  # a bare path: no rotation
+        file = FileSinkSettings(path=_resolve(base, raw_file))
+    elif raw_file is not None:
+        node = r.section(s, "file", f"{at}.file")
+        r.known(node, {"path", "rotate_bytes", "rotate_daily", "retention", "fsync"}, f"{at}.file")
+        path = r.get(node, "path", str, "", f"{at}.file.path")
+        if not path:
+            r.error(node, "path", f"{at}.file.path", "is required")
+        retention = _seconds(r, node, "retention", None, f"{at}.file")
+        rotate_bytes = _size(r, node, "rotate_bytes", None, f"{at}.file")
+        rotate_daily = r.get(node, "rotate_daily", bool, False, f"{at}.file.rotate_daily")
+        if retention is not None and rotate_bytes is None and not rotate_daily:
+            message = "needs rotate_bytes or rotate_daily: only rotated files are deleted"
+            r.error(node, "retention", f"{at}.file.retention", message)
+        file = FileSinkSettings(
+            path=_resolve(base, path or "audit.jsonl"),
+            rotate_bytes=rotate_bytes,
+            rotate_daily=rotate_daily,
+            retention=retention,
+            fsync=r.get(node, "fsync", bool, True, f"{at}.file.fsync"),
+        )
+
+    spool, spool_dir, spool_max = True, state_dir / "audit-spool", 1 << 30
+    if "spool" in s and s["spool"] is None:
+        spool = False
+    else:
+        node = r.section(s, "spool", f"{at}.spool")
+        r.known(node, {"dir", "max_bytes"}, f"{at}.spool")
+        spool_path = r.optional_str(node, "dir", None, f"{at}.spool.dir")
+        if spool_path:
+            spool_dir = _resolve(base, spool_path)
+        spool_max = _size(r, node, "max_bytes", spool_max, f"{at}.spool") or spool_max
+
+    defaults = AuditSettings()
+    return AuditSettings(
+        redis=redis,
+        file=file,
+        stdout=r.get(s, "stdout", bool, False, f"{at}.stdout"),
+        http=_http_sinks(r, s),
+        spool=spool,
+        spool_dir=spool_dir,
+        spool_max_bytes=spool_max,
+        strict=r.get(s, "strict", bool, False, f"{at}.strict"),
+        maintain_interval=_seconds(r, s, "maintain_interval", defaults.maintain_interval, at),
+        batch_size=r.positive(s, "batch_size", int, 256, f"{at}.batch_size"),
+        flush_interval=r.positive(s, "flush_interval", float, 0.25, f"{at}.flush_interval"),
+        queue_max=r.positive(s, "queue_max", int, 100_000, f"{at}.queue_max"),
+        hmac_key=Secret(hmac_key) if hmac_key else None,
+        key_id=key_id,
+        checkpoint_every=r.positive(s, "checkpoint_every", int, 1000, f"{at}.checkpoint_every"),
+        checkpoint_interval=r.positive(
+            s, "checkpoint_interval", float, 60.0, f"{at}.checkpoint_interval"
+        ),
+    )
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _http_sinks(r: _Reader, s: Node) -> tuple[HttpSinkSettings, ...]:
+    at = "audit.http"
+    raw = s.get("http")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.error(s, "http", at, "must be a list of {name, url, format, headers, timeout, gzip}")
+        return ()
+    sinks: list[HttpSinkSettings] = []
+    for i, item in enumerate(raw):
+        where = f"{at}[{i}]"
+        if not isinstance(item, dict):
+            r.error(raw if isinstance(raw, Seq) else s, i if isinstance(raw, Seq) else "http",
+                    where, "must be a mapping with a name and a url")  # fmt: skip
+            continue
+        node = item if isinstance(item, Node) else _node(item, s.line_of("http"))
+        r.known(node, {"name", "url", "format", "headers", "timeout", "gzip"}, where)
+        name = r.get(node, "name", str, "", f"{where}.name")
+        if not _ID_RE.fullmatch(name):
+            message = "is required: letters, digits, '.', '_' or '-' (it names the metrics)"
+            r.error(node, "name", f"{where}.name", message)
+        elif any(x.name == name for x in sinks):
+            r.error(node, "name", f"{where}.name", f"{name!r} is used twice")
+        url = r.get(node, "url", str, "", f"{where}.url")
+        if _url(url) is None:
+            scheme = url.partition(":")[0] if ":" in url else ""
+            r.error(node, "url", f"{where}.url", f"must be an http(s) URL, got scheme {scheme!r}")
+        fmt = r.get(node, "format", str, "jsonl", f"{where}.format")
+        if fmt not in AUDIT_HTTP_FORMATS:
+            message = f"must be one of {', '.join(AUDIT_HTTP_FORMATS)}, got {fmt!r}"
+            r.error(node, "format", f"{where}.format", message)
+        headers: list[tuple[str, Secret]] = []
+        raw_headers = node.get("headers") or {}
+        if not isinstance(raw_headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in raw_headers.items()
+        ):
+            r.error(node, "headers", f"{where}.headers", "must map header names to strings")
+            raw_headers = {}
+        for key, value in raw_headers.items():
+            # ${VAR} takes the value from the environment: header values are credentials.
+            missing = [v for v in _ENV_REF.findall(value) if v not in r.environ]
+            if missing:
+                message = f"header {key}: environment variable {missing[0]} is not set"
+                r.error(node, "headers", f"{where}.headers", message)
+                continue
+            headers.append((key, Secret(_ENV_REF.sub(lambda m: r.environ[m[1]], value))))
+        sinks.append(
+            HttpSinkSettings(
+                name=name,
+                url=Secret(url),
+                format=fmt,
+                headers=tuple(headers),
+                timeout=r.positive(node, "timeout", float, 10.0, f"{where}.timeout"),
+                gzip=r.get(node, "gzip", bool, False, f"{where}.gzip"),
+            )
+        )
+    return tuple(sinks)
+
+
+_ID_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(r: _Reader, s: Node, key: str, default: int | None, at: str) -> int | None:
+    where = f"{at}.{key}"
+    if key not in s or s[key] is None:
+        return default
+    try:
+        return parse_size(s[key])
+    except ValueError as exc:
+        r.error(s, key, where, str(exc))
+        return default
+
+
+def parse_size(value: object) -> int:
+    """Parse 1048576, '512KB', '100MB' or '1GiB' (1024-based) into bytes; raise ValueError."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
+        if m is None or isinstance(value, bool):
+            raise ValueError(f"invalid size {value!r} (use e.g. 512KB, 100MB, 1GB)")
+        size = int(m[1]) * _SIZE_UNITS[m[2].lower()]
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
 
 
 def _notifications(r: _Reader, s: Node) -> NotificationSettings:
@@ -613,7 +807,7 @@ def _node(mapping: Mapping[Any, Any], line: int) -> Node:
     return node
 
 
-def _seconds(r: _Reader, s: Node, key: str, default: float, at: str) -> float:
+def _seconds(r: _Reader, s: Node, key: str, default: T, at: str) -> float | T:
     where = f"{at}.{key}"
     if key not in s or s[key] is None:
         return default

@@ -170,7 +170,6 @@ identity:
   issuer: {ISSUER}
   audience: {AUDIENCE}
 audit:
-  redis_stream: audit
   file: audit.jsonl
   flush_interval: 0.05
 {extra}

@@ -11,7 +11,8 @@ import redis as redis_sync
 from conftest import RedisServer
 from redis.asyncio import Redis
 
-from proxy.audit import AuditLog, JsonlFileSink, RedisStreamSink, record
+from proxy.audit import AuditLog, RedisStreamSink, record
+from proxy.auditsinks import JsonlFileSink
 
 
 class Counters:

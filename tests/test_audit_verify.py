@@ -17,7 +17,8 @@ from test_cli import run
 
 from proxy import settings as settings_mod
 from proxy.app import make_audit_log
-from proxy.audit import CHECKPOINT, AuditLog, JsonlFileSink, record
+from proxy.audit import CHECKPOINT, AuditLog, record
+from proxy.auditsinks import JsonlFileSink
 from proxy.metrics import Metrics
 
 KEY = "audit-chain-key-0123456789abcdef-0123456789"
@@ -33,7 +34,6 @@ upstream: {{url: "http://127.0.0.1:1"}}
 redis: {{url: {f'"{redis_url}"' if redis_url else "null"}}}
 identity: {{hs_secret: {SECRET}}}
 audit:
-  redis_stream: audit
   file: audit.jsonl
   flush_interval: 0.05
   key_id: {key_id}

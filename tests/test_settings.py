@@ -102,9 +102,11 @@ def test_production_example_is_valid(tmp_path: Path) -> None:
     key.write_text("placeholder")  # settings only check the file exists
     s = load(
         ROOT / "config" / "production.example.yaml",
-        environ={"JITGATE_IDENTITY__PUBLIC_KEY_FILES": f"[{key}]"},
+        environ={"JITGATE_IDENTITY__PUBLIC_KEY_FILES": f"[{key}]", "SPLUNK_HEC_TOKEN": "t0k"},
     )
     assert s.redis.url == "redis://redis.internal:6379/3"
+    assert s.audit.http[0].headers == (("Authorization", Secret("Splunk t0k")),)
+    assert s.audit.strict and s.audit.file and s.audit.file.rotate_daily
     assert s.identity.dev_key is None and s.identity.hs_secret is None
     assert s.identity.algorithms == ("RS256", "ES256")
 
