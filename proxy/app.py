@@ -104,7 +104,7 @@ def make_audit_log(settings: Settings, redis: Redis | None, m: metrics.Metrics) 
         batch_size=a.batch_size,
         flush_interval=a.flush_interval,
         queue_max=a.queue_max,
-        on_written=lambda sink, n: m.audit_written.labels(sink).inc(n),
+        on_written=lambda sink, n: m.audit_delivered.labels(sink).inc(n),
         on_failed=lambda sink, n: m.audit_failed.labels(sink).inc(n),
         on_dropped=lambda sink, n: m.audit_dropped.labels(sink).inc(n),
         hmac_key=a.hmac_key.reveal().encode() if a.hmac_key else None,

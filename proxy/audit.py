@@ -223,6 +223,13 @@ class AuditLog:
             return self.spool is not None and self.spool_error is None
         return all(lane.failures == 0 and lane.lost == 0 for lane in self.lanes)
 
+    def why_unwritable(self) -> str:
+        """Say why writable() is False, for refusals and readiness."""
+        if self.spool_dir is not None:
+            return f"spool: {self.spool_error or 'not open'}"
+        failing = [lane.name for lane in self.lanes if lane.failures or lane.lost]
+        return f"sink {', '.join(failing) or 'none'} failing and no spool"
+
     def _chain(self, rec: Record, key: bytes) -> str:
         self._seq += 1
         rec = {**rec, "writer": self.writer, "seq": self._seq, "prev": self._prev}

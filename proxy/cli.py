@@ -317,10 +317,11 @@ async def _grants(args: argparse.Namespace, settings: Settings) -> int:
     from .app import connect_redis, make_audit_log
     from .metrics import Metrics
 
-    version = policy.load(settings.policy_file).version  # every audit record names it
+    compiled = policy.load(settings.policy_file)  # every audit record names its version
     redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
     store = RedisGrants(redis, settings.redis.key_prefix)
     audit_log = make_audit_log(settings, redis, Metrics())
+    await audit_log.start()  # through the spool: a record survives Redis failing right after
     try:
         if args.verb == "add":
             ttl = _duration(args.ttl)
@@ -333,7 +334,11 @@ async def _grants(args: argparse.Namespace, settings: Settings) -> int:
             grant = await store.add(args.user, args.scope, ttl, args.reason, _actor(args.by))
             audit_log.emit(
                 grant_record(
-                    "grant.activated", grant, actor=grant.granted_by, policy_version=version
+                    "grant.activated",
+                    grant,
+                    actor=grant.granted_by,
+                    policy_version=compiled.version,
+                    recording=compiled.recording_of(grant.scope),
                 )
             )
             print(json.dumps(grant.to_dict()) if args.json else grant.id)
@@ -351,7 +356,8 @@ async def _grants(args: argparse.Namespace, settings: Settings) -> int:
                     revoked,
                     actor=_actor(args.by),
                     comment=args.comment,
-                    policy_version=version,
+                    policy_version=compiled.version,
+                    recording=compiled.recording_of(revoked.scope),
                 )
             )
             print(json.dumps(revoked.to_dict()) if args.json else f"revoked {revoked.id}")

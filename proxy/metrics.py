@@ -36,8 +36,8 @@ class Metrics:
         self.active_grants = Gauge(
             "jitgate_active_grants", "Grants active now, as last counted.", registry=r
         )
-        self.audit_written = Counter(
-            "jitgate_audit_records_written", "Audit records written by sink.", ["sink"], registry=r
+        self.audit_delivered = Counter(
+            "jitgate_audit_records_delivered", "Audit records a sink took.", ["sink"], registry=r
         )
         self.audit_failed = Counter(
             "jitgate_audit_write_failures", "Audit records whose write failed (kept for retry).",
@@ -48,7 +48,21 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.audit_backlog = Gauge(
-            "jitgate_audit_backlog", "Audit records queued and not yet written.", registry=r
+            "jitgate_audit_backlog", "Audit records not yet delivered, by sink.", ["sink"],
+            registry=r,
+        )  # fmt: skip
+        self.audit_spooled = Gauge(
+            "jitgate_audit_spooled",
+            "Audit records waiting for a sink only in the spool (not in memory), by sink.",
+            ["sink"], registry=r,
+        )  # fmt: skip
+        self.audit_spool_bytes = Gauge(
+            "jitgate_audit_spool_bytes", "Size of this process's audit spool.", registry=r
+        )
+        self.audit_writable = Gauge(
+            "jitgate_audit_writable",
+            "1 while audit records can be kept (spool writable), 0 when not: strict mode refuses.",
+            registry=r,
         )
         self.policy_reloads = Counter(
             "jitgate_policy_reloads", "Policy reloads by result (ok, error or unchanged).",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -46,6 +47,7 @@ class Gate:
         self.metrics = metrics
         self.live = live
         self.prefix = settings.prefix
+        self.strict = settings.audit.strict
         fwd = settings.forward
         drop = set(fwd.identity_headers)
         if not fwd.pass_authorization:
@@ -71,6 +73,8 @@ class Gate:
         decision = await self.authorizer().decide(
             request.method, path, request.headers, request.cookies
         )
+        if decision.allow and decision.scope is not None and self.strict:
+            decision = self._strict(decision)
         if not decision.allow:
             refusal = self._refuse(request, decision, path)
             self._finish(request, decision, path, refusal.status, 0, None, started)
@@ -119,11 +123,13 @@ class Gate:
         reasons = list(decision.reasons)
         if upstream_error:
             reasons.append(f"upstream error: {upstream_error}")
+        policy = self.authorizer().policy
         self.audit.emit(
             audit.record(
                 "access.allow" if decision.allow else "access.deny",
                 user=decision.identity.subject if decision.identity else None,
                 scope=decision.scope,
+                recording=policy.recording_of(decision.scope),
                 grant_id=decision.grant_id,
                 decision=decision.outcome,
                 reasons=reasons,
@@ -135,8 +141,21 @@ class Gate:
                 duration_ms=round(elapsed * 1000, 3),
                 client_ip=request.remote,
                 user_agent=request.headers.get("User-Agent"),
-                policy_version=self.authorizer().policy.version,
+                policy_version=policy.version,
             )
+        )
+
+    def _strict(self, decision: Decision) -> Decision:
+        """In strict audit mode, refuse a protected request whose record could not be kept."""
+        if self.audit.writable():
+            return decision
+        reason = f"audit trail cannot be written ({self.audit.why_unwritable()}); strict mode"
+        return replace(
+            decision,
+            allow=False,
+            status=503,
+            outcome="unavailable",
+            reasons=(*decision.reasons, reason),
         )
 
     def _bad_path(self, request: web.Request, reason: str, started: float) -> web.Response:

@@ -16,7 +16,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Answer 200 only if Redis answers PING and the upstream accepts a connection."""
+    """Answer 200 only if Redis answers PING, the upstream accepts a connection and, in
+    strict audit mode, audit records can be kept."""
     settings = request.config_dict[SETTINGS]
     checks: dict[str, str] = {}
     try:
@@ -35,6 +36,9 @@ async def readyz(request: web.Request) -> web.Response:
         checks["upstream"] = "ok"
     except (OSError, TimeoutError) as exc:
         checks["upstream"] = f"failed: {type(exc).__name__}"
+    audit_log = request.config_dict[AUDIT]
+    if settings.audit.strict:
+        checks["audit"] = "ok" if audit_log.writable() else f"failed: {audit_log.why_unwritable()}"
     ok = all(v == "ok" for v in checks.values())
     return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
 
@@ -46,6 +50,11 @@ async def metrics_view(request: web.Request) -> web.Response:
         m.active_grants.set(await request.config_dict[GRANTS].count_active())
     except Exception:
         m.redis_errors.labels("count_active").inc()
-    m.audit_backlog.set(request.config_dict[AUDIT].backlog())
+    audit_log = request.config_dict[AUDIT]
+    for sink, (backlog, spooled) in audit_log.stats().items():
+        m.audit_backlog.labels(sink).set(backlog)
+        m.audit_spooled.labels(sink).set(spooled)
+    m.audit_spool_bytes.set(audit_log.spool.bytes() if audit_log.spool else 0)
+    m.audit_writable.set(1 if audit_log.writable() else 0)
     m.live_connections.set(len(request.config_dict[LIVE]))
     return web.Response(body=m.render(), headers={"Content-Type": metrics.CONTENT_TYPE})

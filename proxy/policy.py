@@ -140,6 +140,24 @@ class Policy:
     routes: tuple[_Route, ...]
     covers: tuple[_Cover, ...]
     entitlements: tuple[Entitlement, ...] = ()
+    _recording: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Every scope template with a {recording} variable, so audit records can name the
+        # recording a scope is about, whichever route, cover or rule wrote the scope.
+        templates = {r.scope for r in self.routes if r.scope}
+        templates.update(t for e in self.entitlements for t in e.scopes)
+        regexes = [re.compile(_scope_pattern(t)) for t in sorted(templates) if "{recording}" in t]
+        object.__setattr__(self, "_recording", tuple(regexes))
+
+    def recording_of(self, scope: str | None) -> str | None:
+        """Return the {recording} a scope names (e.g. demo-1 for recording:1/demo-1), if any."""
+        if scope:
+            for regex in self._recording:
+                m = regex.fullmatch(scope)
+                if m is not None:
+                    return m["recording"]
+        return None
 
     def match(self, method: str, path: str) -> Match:
         """Return the first route that matches a normalised path, or the default."""

@@ -327,7 +327,16 @@ class Workflow:
             self.notifier.notify(event, grant)
 
     def _audit(self, event: str, grant: Grant, **extra: object) -> None:
-        self.audit.emit(grant_record(event, grant, policy_version=self.policy().version, **extra))
+        policy = self.policy()
+        self.audit.emit(
+            grant_record(
+                event,
+                grant,
+                policy_version=policy.version,
+                recording=policy.recording_of(grant.scope),
+                **extra,
+            )
+        )
 
 
 def grant_record(event: str, grant: Grant, **extra: object) -> audit.Record:
@@ -341,6 +350,8 @@ def grant_record(event: str, grant: Grant, **extra: object) -> audit.Record:
         reason=grant.reason,
         ticket=grant.ticket or None,
         entitlement=grant.entitlement or None,
+        duration=grant.duration or None,
+        approvers=[a.by for a in grant.approvals] or None,
         expires_at=grant.expires_at or None,
         break_glass=grant.break_glass or None,
         extends=grant.extends or None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import jwt
 import pytest
 import redis as redis_sync
@@ -36,10 +38,11 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free TCP port, which a test may stop and start again."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, persist: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="jitgate-redis-"))
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.persist = persist  # an append-only file, fsync'd always: kill loses nothing
 
     @property
     def url(self) -> str:
@@ -50,7 +53,8 @@ class RedisServer:
         assert binary, "redis-server is required for the tests (.ci/run installs it)"
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--notify-keyspace-events", "Ex"],
+             "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
+             "--dir", str(self.dir), "--notify-keyspace-events", "Ex"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis_sync.Redis(port=self.port, socket_connect_timeout=0.2)
@@ -197,10 +201,14 @@ ProxyFactory = Callable[..., Any]
 
 
 @pytest.fixture
-def make_proxy(
+async def make_proxy(
     aiohttp_client: Any, tmp_path: Path, upstream: Upstream, redis_url: str
-) -> ProxyFactory:
-    """Start jitgate in front of the recording upstream; keyword args change the config."""
+) -> AsyncIterator[ProxyFactory]:
+    """Start jitgate in front of the recording upstream; keyword args change the config.
+
+    At the end every audit record the proxies wrote is checked against the JSON Schema.
+    """
+    clients: list[TestClient] = []
 
     async def factory(
         *, extra: str = "", upstream_url: str | None = None, redis: str | None = None,
@@ -215,9 +223,28 @@ def make_proxy(
         )
         settings = settings_mod.load(cfg, environ={})
         client: TestClient = await aiohttp_client(build_app(settings))
+        clients.append(client)
         return client
 
-    return factory
+    yield factory
+    for client in clients:
+        await client.close()  # flushes the audit log
+    check_audit_file(tmp_path / "audit.jsonl")
+
+
+AUDIT_SCHEMA = json.loads((ROOT / "config" / "audit-record.schema.json").read_text())
+
+
+def check_audit_file(path: Path) -> None:
+    """Assert that every record in an audit file fits config/audit-record.schema.json."""
+    if not path.exists():
+        return
+    validator = jsonschema.Draft202012Validator(
+        AUDIT_SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        errors = sorted(validator.iter_errors(json.loads(line)), key=str)
+        assert not errors, f"{path.name}:{n}: {errors[0].message} in {line}"
 
 
 @pytest.fixture

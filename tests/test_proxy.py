@@ -218,7 +218,7 @@ async def test_readyz_fails_when_upstream_down(make_proxy: ProxyFactory) -> None
 
 
 async def test_redis_down_fails_closed(
-    make_proxy: ProxyFactory, own_redis: RedisServer, upstream: Upstream
+    own_redis: RedisServer, make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
     client = await make_proxy(redis=own_redis.url)
     await add_grant(client, "alice", "recording:1/demo-1", 60)
@@ -280,7 +280,7 @@ async def test_concurrent_requests_each_get_one_audit_record(
 
 
 async def test_audit_sink_outage_is_counted_and_recovered(
-    make_proxy: ProxyFactory, own_redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
     client = await make_proxy(redis=own_redis.url)
     own_redis.kill()
@@ -289,7 +289,7 @@ async def test_audit_sink_outage_is_counted_and_recovered(
     await client.app[AUDIT].flush(force=True)
     metrics = await (await client.get("/_jit/metrics")).text()
     assert 'jitgate_audit_write_failures_total{sink="redis"}' in metrics
-    assert 'jitgate_audit_records_written_total{sink="file"} 3.0' in metrics
+    assert 'jitgate_audit_records_delivered_total{sink="file"} 3.0' in metrics
     own_redis.start()
     await client.app[AUDIT].flush(force=True)
     with own_redis.client() as c:

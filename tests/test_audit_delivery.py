@@ -1,0 +1,290 @@
+"""Nothing lost: outages of Redis and of an HTTP collector under load, SIGKILL, strict mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from conftest import (
+    ROOT,
+    ProxyFactory,
+    RedisServer,
+    Upstream,
+    bearer,
+    free_port,
+    write_config,
+)
+
+from proxy.appkeys import AUDIT, GRANTS
+
+JITGATE = str(Path(sys.executable).parent / "jitgate")
+SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
+
+
+class Collector:
+    """A real HTTP collector for JSON lines that can go down and come back on its port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.lines: list[dict[str, object]] = []
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/ingest"
+
+    async def start(self) -> None:
+        async def ingest(request: web.Request) -> web.Response:
+            body = await request.text()
+            self.lines.extend(json.loads(x) for x in body.splitlines() if x)
+            return web.Response(status=204)
+
+        app = web.Application()
+        app.router.add_post("/ingest", ingest)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    def ids(self) -> list[str]:
+        return [str(x["id"]) for x in self.lines]
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[Collector]:
+    c = Collector()
+    await c.start()
+    yield c
+    await c.stop()
+
+
+@pytest.fixture
+def aof_redis() -> Iterator[RedisServer]:
+    """A Redis that keeps its data across kill and restart (append-only file, fsync always)."""
+    server = RedisServer(persist=True)
+    server.start()
+    yield server
+    server.close()
+
+
+def file_ids(path: Path) -> list[str]:
+    return [json.loads(x)["id"] for x in path.read_text().splitlines()]
+
+
+def sink_config(collector: Collector, *more: str) -> str:
+    return "\n".join(
+        [f"  http: [{{name: siem, url: '{collector.url}', format: jsonl, timeout: 1}}]", *more]
+    )
+
+
+async def test_outages_under_load_lose_nothing_and_keep_order(
+    aof_redis: RedisServer, make_proxy: ProxyFactory, collector: Collector, tmp_path: Path
+) -> None:
+    client = await make_proxy(redis=aof_redis.url, extra=sink_config(collector))
+    sent = 0
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            # Public and protected paths: each gives one record, whatever Redis does.
+            responses = await asyncio.gather(
+                client.get("/static/app.css"), client.get(SNAPSHOTS, headers=bearer())
+            )
+            sent += len(responses)
+
+    task = asyncio.create_task(load())
+    await asyncio.sleep(0.5)
+    aof_redis.kill()  # the grant store and the audit stream go down together
+    await asyncio.sleep(0.5)
+    await collector.stop()
+    await asyncio.sleep(0.7)
+    aof_redis.start()
+    await asyncio.sleep(0.5)
+    await collector.start()
+    await asyncio.sleep(0.5)
+    stop.set()
+    await task
+
+    log = client.app[AUDIT]
+    deadline = time.monotonic() + 15
+    while log.backlog() and time.monotonic() < deadline:
+        await log.flush(force=True)
+        await asyncio.sleep(0.05)
+    assert log.backlog() == 0
+
+    reference = file_ids(tmp_path / "audit.jsonl")  # the file sink never went down
+    access = [
+        json.loads(x)
+        for x in (tmp_path / "audit.jsonl").read_text().splitlines()
+        if json.loads(x)["event"].startswith("access.")
+    ]
+    assert len(access) == sent
+    assert collector.ids() == reference
+    with aof_redis.client() as r:
+        stream = [json.loads(e[1][b"record"])["id"] for e in r.xrange("jit:audit")]
+    assert stream == reference
+
+
+async def test_strict_mode_refuses_protected_requests_while_audit_cannot_be_kept(
+    make_proxy: ProxyFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    client = await make_proxy(extra="  strict: true\n  spool: {max_bytes: 4KB}")
+    await client.app[GRANTS].add("alice", "recording:1/demo-1", 60, "INC-1", "pytest")
+    assert (await client.get(SNAPSHOTS, headers=bearer())).status == 200
+    for _ in range(40):  # fill the spool: each record is a few hundred bytes
+        await client.get("/static/app.css")
+    before = len(upstream.hits)
+    r = await client.get(SNAPSHOTS, headers=bearer())
+    assert r.status == 503
+    body = await r.json()
+    assert body["error"] == "unavailable" and "audit trail cannot be written" in body["reasons"][-1]
+    assert len(upstream.hits) == before  # never forwarded
+    assert (await client.get("/static/app.css")).status == 200  # public paths carry on
+    ready = await client.get("/_jit/readyz")
+    assert ready.status == 503 and "spool" in (await ready.json())["checks"]["audit"]
+    metrics = await (await client.get("/_jit/metrics")).text()
+    assert "jitgate_audit_writable 0.0" in metrics
+
+
+async def test_without_strict_mode_a_full_spool_does_not_refuse(
+    make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    client = await make_proxy(extra="  spool: {max_bytes: 4KB}")
+    await client.app[GRANTS].add("alice", "recording:1/demo-1", 60, "INC-1", "pytest")
+    for _ in range(40):
+        await client.get("/static/app.css")
+    assert (await client.get(SNAPSHOTS, headers=bearer())).status == 200
+
+
+async def test_metrics_show_backlog_and_spool_per_sink(
+    make_proxy: ProxyFactory, collector: Collector
+) -> None:
+    client = await make_proxy(extra=sink_config(collector, "  queue_max: 5"))
+    await collector.stop()
+    for _ in range(12):
+        await client.get("/static/app.css")
+    await client.app[AUDIT].flush(force=True)
+    metrics = await (await client.get("/_jit/metrics")).text()
+    assert 'jitgate_audit_backlog{sink="http:siem"} 12.0' in metrics
+    assert 'jitgate_audit_spooled{sink="http:siem"} 7.0' in metrics  # beyond queue_max
+    assert 'jitgate_audit_backlog{sink="file"} 0.0' in metrics
+    assert 'jitgate_audit_records_delivered_total{sink="file"} 12.0' in metrics
+    assert 'jitgate_audit_write_failures_total{sink="http:siem"}' in metrics
+    assert "jitgate_audit_writable 1.0" in metrics
+    await collector.start()
+    await client.app[AUDIT].flush(force=True)
+    assert len(collector.lines) == 12
+
+
+def test_sigkill_then_restart_replays_the_spool(
+    tmp_path: Path, aof_redis: RedisServer, upstream_process: str
+) -> None:
+    collector_port = free_port()
+    cfg = write_config(
+        tmp_path,
+        upstream_url=upstream_process,
+        redis_url=aof_redis.url,
+        extra=f"  http: [{{name: siem, url: 'http://127.0.0.1:{collector_port}/ingest'}}]",
+    )
+    port = free_port()
+    env = {**os.environ, "JITGATE_LISTEN__PORT": str(port), "JITGATE_AUDIT__FLUSH_INTERVAL": "30"}
+
+    def serve() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [JITGATE, "serve", "--config", str(cfg)], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        wait_ready(port, proc)
+        return proc
+
+    first = serve()
+    for _ in range(30):
+        assert http_get(port, "/static/app.css") == 404  # public, answered by the replay app
+    time.sleep(0.3)  # each record is written after its response
+    first.send_signal(signal.SIGKILL)  # nothing flushed: the flusher waits 30 s
+    first.wait()
+    assert not (tmp_path / "audit.jsonl").exists() or not file_ids(tmp_path / "audit.jsonl")
+
+    # The collector is up now; a new process adopts the dead one's spool and replays it.
+    collector = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "collector.py"), str(collector_port)],
+        stdout=subprocess.PIPE,
+    )
+    env["JITGATE_AUDIT__FLUSH_INTERVAL"] = "0.05"
+    second = serve()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            path = tmp_path / "audit.jsonl"
+            if path.exists() and len(file_ids(path)) >= 30:
+                break
+            time.sleep(0.1)
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=20)
+    finally:
+        if second.poll() is None:
+            second.kill()
+        collector.terminate()
+        out, _ = collector.communicate(timeout=10)
+    lines = [json.loads(x) for x in out.decode().splitlines() if x]
+    replayed = file_ids(tmp_path / "audit.jsonl")
+    assert [str(x["id"]) for x in lines] == replayed  # same records, same order, everywhere
+    with aof_redis.client() as r:
+        stream = [json.loads(e[1][b"record"])["id"] for e in r.xrange("jit:audit")]
+    assert stream == replayed
+    events = [json.loads(x)["event"] for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert events[:30] == ["access.allow"] * 30
+    assert not list((tmp_path / "state" / "audit-spool").iterdir())  # all delivered
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while http_get(port, "/_jit/healthz") != 200:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read().decode() if proc.stderr else "exited")
+        assert time.monotonic() < deadline, "jitgate did not start"
+        time.sleep(0.1)
+
+
+def http_get(port: int, path: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except urllib.error.URLError:
+        return 0
+
+
+@pytest.fixture
+def upstream_process() -> Iterator[str]:
+    """The demo replay app as a process (a SIGKILLed jitgate must not take it along)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "deploy" / "demo" / "replay_app.py"), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while http_get(port, "/") == 0:
+        assert time.monotonic() < deadline and proc.poll() is None, "replay app did not start"
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
