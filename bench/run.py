@@ -406,7 +406,7 @@ identity:
   issuer: {ISSUER}
   audience: {AUDIENCE}
 audit:
-  redis: {stream: audit, maxlen: 200000}
+  redis: {{stream: audit, maxlen: 200000}}
   file: audit.jsonl
 """
     )

@@ -13,8 +13,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
-from .appkeys import AUTHORIZER, SETTINGS, WORKFLOW
+from . import auditquery
+from .appkeys import AUDIT_STORE, AUTHORIZER, SETTINGS, WORKFLOW
+from .auditstore import AuditStore
 from .grants import STATES, Grant
 from .identity import Identity, IdentityError
 from .settings import parse_duration
@@ -102,6 +105,8 @@ def _api(changes_state: bool) -> Callable[[Callable[..., Awaitable[Any]]], Handl
                 result, status = await fn(request, ident)
             except WorkflowError as exc:
                 return error(exc.status, exc.code, exc.message)
+            if isinstance(result, web.StreamResponse):  # CSV or JSON lines, made by the handler
+                return result
             return web.json_response(result, status=status, headers={"Cache-Control": "no-store"})
 
         return handler
@@ -183,6 +188,54 @@ async def list_all(request: web.Request, ident: Identity) -> tuple[Any, int]:
     return {"grants": [_grant(g) for g in grants]}, 200
 
 
+def _audit_store(request: web.Request, ident: Identity) -> AuditStore:
+    if not request.config_dict[WORKFLOW].is_admin(ident):
+        raise WorkflowError(403, "forbidden", "the audit trail is for admins")
+    store = request.config_dict.get(AUDIT_STORE)
+    if store is None:
+        raise WorkflowError(404, "not_found", "the Redis audit stream is off (audit.redis: null)")
+    return store
+
+
+@_api(changes_state=False)
+async def audit_query(request: web.Request, ident: Identity) -> tuple[Any, int]:
+    store = _audit_store(request, ident)
+    query = request.query
+    fmt = query.get("format", "json")
+    if fmt not in ("json", "jsonl", "csv"):
+        raise WorkflowError(400, "bad_request", "format must be json, jsonl or csv")
+    try:
+        q = auditquery.parse(query.get, lambda name: query.getall(name, []))
+        page = await store.query(q)
+        why = await store.grant_reasons(str(r["grant_id"]) for r in page.records if "grant_id" in r)
+    except ValueError as exc:  # a bad filter or cursor
+        raise WorkflowError(400, "bad_request", str(exc)) from None
+    except RedisError as exc:
+        raise WorkflowError(503, "unavailable", f"audit store unavailable: {exc}") from None
+    auditquery.annotate(page.records, why)
+    if fmt == "json":
+        return {"records": page.records, "next": page.next}, 200
+    headers = {"Cache-Control": "no-store"}
+    if page.next:
+        headers["X-Next-Cursor"] = page.next
+    content_type = "text/csv" if fmt == "csv" else "application/x-ndjson"
+    text = auditquery.render(page.records, fmt)
+    return web.Response(text=text, content_type=content_type, headers=headers), 200
+
+
+@_api(changes_state=False)
+async def audit_summary(request: web.Request, ident: Identity) -> tuple[Any, int]:
+    store = _audit_store(request, ident)
+    grant_id = request.match_info["grant_id"]
+    try:
+        summary = await store.summary(grant_id)
+    except RedisError as exc:
+        raise WorkflowError(503, "unavailable", f"audit store unavailable: {exc}") from None
+    if summary is None:
+        raise WorkflowError(404, "not_found", f"no audit records for grant {grant_id}")
+    return summary, 200
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document(request.config_dict[SETTINGS].prefix))
 
@@ -196,6 +249,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/grants/unreviewed", unreviewed)
     app.router.add_get("/api/grants/{grant_id}", show)
     app.router.add_post("/api/grants/{grant_id}/{action}", act)
+    app.router.add_get("/api/audit", audit_query)
+    app.router.add_get("/api/audit/grants/{grant_id}/summary", audit_summary)
     app.router.add_get("/api/openapi.json", openapi)
 
 
@@ -297,6 +352,71 @@ def openapi_document(prefix: str) -> dict[str, Any]:
         "/api/grants/{grant_id}/review": action(
             "Review break-glass access afterwards (an approver of its rule or an admin)", comment
         ),
+        "/api/audit": {
+            "get": {
+                "summary": "Query the audit trail (admins); every given filter must hold",
+                "parameters": [
+                    *(
+                        {
+                            "name": name,
+                            "in": "query",
+                            "schema": {"type": "string"},
+                            "description": text,
+                        }
+                        for name, text in _AUDIT_FILTERS
+                    ),
+                    {
+                        "name": "event",
+                        "in": "query",
+                        "description": "event type; repeat or comma-separate",
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "explode": True,
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": auditquery.MAX_LIMIT,
+                        },
+                    },
+                    {
+                        "name": "order",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["asc", "desc"]},
+                    },
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["json", "jsonl", "csv"]},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "records; the next page's cursor in `next` (json)"
+                        " or the X-Next-Cursor header (jsonl, csv)",
+                        "content": {
+                            **_json({"$ref": "#/components/schemas/AuditPage"}),
+                            "application/x-ndjson": {"schema": {"type": "string"}},
+                            "text/csv": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **errors,
+                },
+            }
+        },
+        "/api/audit/grants/{grant_id}/summary": {
+            "get": {
+                "summary": "What was done under one grant: lifecycle, requests, bytes,"
+                " resources (admins)",
+                "parameters": [grant_id],
+                "responses": {
+                    "200": {"description": "the summary", "content": _json({"type": "object"})},
+                    **errors,
+                },
+            }
+        },
     }
     return {
         "openapi": "3.1.0",
@@ -336,6 +456,14 @@ def openapi_document(prefix: str) -> dict[str, Any]:
                     },
                     "additionalProperties": True,
                 },
+                "AuditPage": {
+                    "type": "object",
+                    "required": ["records", "next"],
+                    "properties": {
+                        "records": {"type": "array", "items": {"type": "object"}},
+                        "next": {"type": ["string", "null"]},
+                    },
+                },
                 "Error": {
                     "type": "object",
                     "required": ["error", "message"],
@@ -346,6 +474,17 @@ def openapi_document(prefix: str) -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": paths,
     }
+
+
+_AUDIT_FILTERS = (
+    ("user", "whose access (the subject)"),
+    ("scope", "exact scope, e.g. recording:1/demo-1"),
+    ("recording", "recording id"),
+    ("grant", "grant id"),
+    ("since", "from: 2026-10-01, ISO time, unix seconds or a duration ago (30d)"),
+    ("until", "before: same forms as since"),
+    ("cursor", "the next cursor of the previous page"),
+)
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:

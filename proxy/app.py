@@ -18,6 +18,7 @@ from . import api, audit, auditsinks, metrics, ops, policy
 from . import web as pages
 from .appkeys import (
     AUDIT,
+    AUDIT_STORE,
     AUTHORIZER,
     GRANTS,
     LIVE,
@@ -27,6 +28,7 @@ from .appkeys import (
     SETTINGS,
     WORKFLOW,
 )  # fmt: skip
+from .auditstore import AuditStore
 from .authorize import Authorizer
 from .forward import Forwarder, UpstreamConfig
 from .grants import RedisGrants
@@ -63,13 +65,22 @@ def connect_redis(url: str, timeout: float, max_connections: int = 512) -> Redis
     return Redis(connection_pool=pool)
 
 
+def audit_store(settings: Settings, redis: Redis) -> AuditStore | None:
+    """Return the Redis audit trail (the sink queries read), or None when it is off."""
+    a = settings.audit.redis
+    if a is None:
+        return None
+    key = settings.redis.key_prefix + a.stream
+    return AuditStore(redis, key, maxlen=a.maxlen, retention=a.retention)
+
+
 def audit_sinks(settings: Settings, redis: Redis | None) -> list[audit.Sink]:
     """Build the configured audit sinks."""
     a = settings.audit
     sinks: list[audit.Sink] = []
-    if a.redis is not None and redis is not None:
-        key = settings.redis.key_prefix + a.redis.stream
-        sinks.append(audit.RedisStreamSink(redis, key, a.redis.maxlen or 10**12))
+    store = audit_store(settings, redis) if redis is not None else None
+    if store is not None:
+        sinks.append(store)
     if a.file is not None:
         f = a.file
         sinks.append(
@@ -164,6 +175,9 @@ def _lifecycle(
         audit_log = make_audit_log(settings, redis, m)
         await audit_log.start()
         app[AUDIT] = audit_log
+        store = next((x.sink for x in audit_log.lanes if isinstance(x.sink, AuditStore)), None)
+        if store is not None:
+            app[AUDIT_STORE] = store
         up = settings.upstream
         forwarder = Forwarder(
             UpstreamConfig(

@@ -6,6 +6,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from .audit import AuditLog
+from .auditstore import AuditStore
 from .authorize import Authorizer
 from .grants import RedisGrants
 from .live import LiveConnections
@@ -19,6 +20,7 @@ METRICS = web.AppKey("metrics", Metrics)
 REDIS = web.AppKey("redis", Redis)
 GRANTS = web.AppKey("grants", RedisGrants)
 AUDIT = web.AppKey("audit", AuditLog)
+AUDIT_STORE = web.AppKey("audit_store", AuditStore)  # set when the Redis audit sink is on
 LIVE = web.AppKey("live", LiveConnections)
 WORKFLOW = web.AppKey("workflow", Workflow)
 NOTIFIER = web.AppKey("notifier", Notifier)  # set only when webhooks are configured

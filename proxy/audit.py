@@ -27,8 +27,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
-
 from .auditspool import Spool
 
 log = logging.getLogger("jitgate.audit")
@@ -65,32 +63,10 @@ class Sink(Protocol):
     async def write(self, lines: list[str]) -> None:
         """Write serialised records (JSON without newline), in order, or raise."""
 
-    async def maintain(self) -> None:
+    async def maintain(self) -> object:
         """Trim, rotate or expire old records as the sink's retention says."""
 
     async def close(self) -> None: ...
-
-
-class RedisStreamSink:
-    """Append records to a Redis stream, trimmed to about maxlen entries."""
-
-    def __init__(self, redis: Redis, key: str, maxlen: int) -> None:
-        self.name = "redis"
-        self.redis = redis
-        self.key = key
-        self.maxlen = maxlen
-
-    async def write(self, lines: list[str]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for line in lines:
-            pipe.xadd(self.key, {"record": line}, maxlen=self.maxlen, approximate=True)
-        await pipe.execute()
-
-    async def maintain(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
 
 
 class _Lane:

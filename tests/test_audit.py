@@ -11,8 +11,9 @@ import redis as redis_sync
 from conftest import RedisServer
 from redis.asyncio import Redis
 
-from proxy.audit import AuditLog, RedisStreamSink, record
+from proxy.audit import AuditLog, record
 from proxy.auditsinks import JsonlFileSink
+from proxy.auditstore import AuditStore
 
 
 class Counters:
@@ -45,7 +46,7 @@ async def test_batches_reach_file_and_stream_in_order(tmp_path: Path, redis_url:
     client = Redis.from_url(redis_url)
     c = Counters()
     log = c.log(
-        [RedisStreamSink(client, "jit:audit", 1000), JsonlFileSink(tmp_path / "a" / "audit.jsonl")],
+        [AuditStore(client, "jit:audit"), JsonlFileSink(tmp_path / "a" / "audit.jsonl")],
         batch_size=7,
         flush_interval=0.05,
     )
@@ -70,7 +71,7 @@ async def test_failing_sink_keeps_records_and_retries(
     client = Redis.from_url(own_redis.url, socket_timeout=0.3, socket_connect_timeout=0.3)
     c = Counters()
     log = c.log(
-        [RedisStreamSink(client, "jit:audit", 1000), JsonlFileSink(tmp_path / "audit.jsonl")],
+        [AuditStore(client, "jit:audit"), JsonlFileSink(tmp_path / "audit.jsonl")],
         flush_interval=0.02,
     )
     await log.start()

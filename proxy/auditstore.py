@@ -1,0 +1,769 @@
+"""The audit trail in Redis: a stream of records with indexes, trimming, queries and summaries.
+
+`AuditStore` is the Redis audit sink (`write`, `maintain`, `close`) and the reader behind
+`jitgate audit` queries and grant summaries (`query`, `summary`, `grant_reasons`). Records
+are the JSON lines the audit log serialises; this module reads only the fields it indexes
+and never changes a line.
+
+Keys (`key` is the stream key, e.g. `jit:audit`):
+  {key}                          stream, one entry per record, field `record` = the JSON line
+  {key}:idx:t                    sorted set of every entry
+  {key}:idx:user:{user}          entries whose `user` is that string
+  {key}:idx:scope:{scope}        ... `scope`
+  {key}:idx:recording:{id}       ... `recording`
+  {key}:idx:grant:{grant_id}     ... `grant_id`
+  {key}:idx:event:{event}        ... `event`
+  {key}:idx:lifecycle:{grant_id} the grant's own events (`grant.*` and `break_glass`)
+  {key}:w:{token}                marks a batch as written for 10 minutes (see `write`)
+Values go into key names raw: the kind before them keeps kinds apart, and only string
+values are indexed. Index members are entry ids with the sequence zero-padded to ten
+digits (`1764424800123-0000000002`), so records of the same millisecond sort in stream
+order; the score is the record's `ts` in milliseconds (a float), or the entry id's time
+when `ts` is missing or not a finite number.
+
+An entry and its index members are added by one Lua script and removed by one Lua script,
+so an index member never points at a trimmed entry. A line that is not a JSON object is
+still stored (nothing is dropped), indexed only in `{key}:idx:t` at the time it was written,
+and read back as `{"malformed": true, "raw": line, "ts": ..., "time": ...}`.
+
+The index keys are computed inside the scripts, so on Redis Cluster `key` must carry a hash
+tag (e.g. `{jit}:audit`) that puts every key of the trail in one slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import json
+import logging
+import math
+import re
+import secrets
+from collections.abc import AsyncGenerator, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+log = logging.getLogger("jitgate.auditstore")
+
+Record = dict[str, Any]
+
+# Events that belong to a grant's own lifecycle, as opposed to accesses made under it.
+_LIFECYCLE_PREFIX = "grant."
+_BREAK_GLASS = "break_glass"
+_ALLOW = "access.allow"
+_DENY = "access.deny"
+
+# Fields copied from each lifecycle record into a summary's `events`.
+_STEP_FIELDS = (
+    "event", "time", "ts", "actor", "comment", "reason", "ticket", "approvers", "expires_at",
+    "state", "entitlement", "break_glass", "extends",
+)  # fmt: skip
+
+_BATCH_TTL = 600
+_SEQ_WIDTH = 10
+# Entries read per script call at most: about 8 ms of Redis time, so a long scan never
+# holds up the grant checks for long.
+_MAX_BATCH = 2000
+_LIFECYCLE_MAX = 10_000
+# Index ranges are widened by a millisecond on each side and the exact [since, until) test
+# is made on the decoded record, so float rounding of ts * 1000 can never lose a record.
+_SLACK_MS = 1.0
+_MEMBER = re.compile(r"(\d+)-(\d+)")
+
+# Shared by every script that adds or removes index members, so that trimming removes
+# exactly the members that writing added.
+_INDEX_LUA = r"""
+local FIELDS = {
+  {'user', 'user:'}, {'scope', 'scope:'}, {'recording', 'recording:'},
+  {'grant_id', 'grant:'}, {'event', 'event:'},
+}
+
+local function member_of(id)
+  local ms, seq = string.match(id, '^(%d+)%-(%d+)$')
+  if #seq < SEQ_WIDTH then seq = string.rep('0', SEQ_WIDTH - #seq) .. seq end
+  return ms .. '-' .. seq
+end
+
+local function entry_of(member)
+  return (string.gsub(member, '%-0+(%d)', '-%1'))
+end
+
+-- The index score (nil: use the entry's time), the index keys, and whether the line
+-- is a JSON object.
+local function index_of(prefix, line)
+  local keys = {prefix .. 't'}
+  if type(line) ~= 'string' then return nil, keys, false end
+  local ok, rec = pcall(cjson.decode, line)
+  -- cjson decodes arrays to tables too; only an object is a record.
+  if not ok or type(rec) ~= 'table' or not string.find(line, '^%s*{') then
+    return nil, keys, false
+  end
+  local score = nil
+  local ts = rec['ts']
+  if type(ts) == 'number' and ts == ts and ts ~= math.huge and ts ~= -math.huge then
+    score = string.format('%.17g', ts * 1000)
+  end
+  for _, f in ipairs(FIELDS) do
+    local v = rec[f[1]]
+    if type(v) == 'string' then keys[#keys + 1] = prefix .. f[2] .. v end
+  end
+  local event, grant = rec['event'], rec['grant_id']
+  if type(event) == 'string' and type(grant) == 'string'
+      and (string.sub(event, 1, 6) == 'grant.' or event == 'break_glass') then
+    keys[#keys + 1] = prefix .. 'lifecycle:' .. grant
+  end
+  return score, keys, true
+end
+
+local function record_of(fields)
+  for j = 1, #fields, 2 do
+    if fields[j] == 'record' then return fields[j + 1] end
+  end
+  return nil
+end
+""".replace("SEQ_WIDTH", str(_SEQ_WIDTH))
+
+# KEYS: stream, batch marker. ARGV: index prefix, the marker's lifetime in seconds, the lines.
+# Returns -1 when the batch marker was already set, else how many lines were not JSON objects.
+_WRITE = (
+    "#!lua\n"
+    + _INDEX_LUA
+    + r"""
+local stream, prefix = KEYS[1], ARGV[1]
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return -1 end
+local malformed = 0
+for i = 3, #ARGV do
+  local line = ARGV[i]
+  local score, keys, ok = index_of(prefix, line)
+  if not ok then malformed = malformed + 1 end
+  local id = redis.call('XADD', stream, '*', 'record', line)
+  local member = member_of(id)
+  score = score or string.match(id, '^(%d+)')
+  for _, k in ipairs(keys) do redis.call('ZADD', k, score, member) end
+end
+return malformed
+"""
+)
+
+# KEYS: stream. ARGV: index prefix, maxlen (-1: none), retention in ms (-1: none), chunk.
+# Returns how many entries were removed.
+_TRIM = (
+    "#!lua\n"
+    + _INDEX_LUA
+    + r"""
+local stream, prefix = KEYS[1], ARGV[1]
+local maxlen, retention, chunk = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local excess = 0
+if maxlen >= 0 then excess = redis.call('XLEN', stream) - maxlen end
+local cutoff = -1
+if retention >= 0 then
+  local now = redis.call('TIME')
+  cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - retention
+end
+local entries = redis.call('XRANGE', stream, '-', '+', 'COUNT', chunk + 1)
+local removed, boundary = 0, nil
+for i, e in ipairs(entries) do
+  local id = e[1]
+  local ms = tonumber(string.match(id, '^(%d+)'))
+  if i > chunk or not (i <= excess or ms < cutoff) then
+    boundary = id
+    break
+  end
+  local _, keys = index_of(prefix, record_of(e[2]))
+  local member = member_of(id)
+  for _, k in ipairs(keys) do redis.call('ZREM', k, member) end
+  removed = removed + 1
+end
+if removed > 0 then
+  if boundary then
+    redis.call('XTRIM', stream, 'MINID', boundary)
+  else
+    redis.call('XTRIM', stream, 'MAXLEN', 0)
+  end
+end
+return removed
+"""
+)
+
+# KEYS: stream. ARGV: index prefix, the last entry id done ('' to start), chunk.
+# Returns {entries indexed, last entry id or ''}.
+_REINDEX = (
+    "#!lua\n"
+    + _INDEX_LUA
+    + r"""
+local stream, prefix, after, chunk = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local start = '-'
+if after ~= '' then start = '(' .. after end
+local entries = redis.call('XRANGE', stream, start, '+', 'COUNT', chunk)
+local last = ''
+for _, e in ipairs(entries) do
+  local id = e[1]
+  local score, keys = index_of(prefix, record_of(e[2]))
+  score = score or string.match(id, '^(%d+)')
+  local member = member_of(id)
+  for _, k in ipairs(keys) do redis.call('ZADD', k, score, member) end
+  last = id
+end
+return {#entries, last}
+"""
+)
+
+# KEYS: index, stream. ARGV: min score, max score, count, '1' for newest first, and the
+# member to continue after with its score ('' '' to start at the range's end).
+# Returns flat {member, score, line or false, ...}; false where the entry is gone.
+_PAGE = (
+    "#!lua flags=no-writes\n"
+    + _INDEX_LUA
+    + r"""
+local index, stream = KEYS[1], KEYS[2]
+local lo, hi, count, rev = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local after, after_score = ARGV[5], ARGV[6]
+local function num(s)
+  if s == '+inf' then return math.huge elseif s == '-inf' then return -math.huge end
+  return tonumber(s)
+end
+local rank = false
+if after ~= '' then
+  rank = redis.call(rev and 'ZREVRANK' or 'ZRANK', index, after)
+end
+local members
+if rank then
+  -- Continue by rank right after the member: as cheap inside a millisecond holding
+  -- thousands of members as anywhere else.
+  if rev then
+    members = redis.call('ZRANGE', index, rank + 1, rank + count, 'REV', 'WITHSCORES')
+  else
+    members = redis.call('ZRANGE', index, rank + 1, rank + count, 'WITHSCORES')
+  end
+else
+  -- A fresh start, or the member is gone: start at its score; the caller skips the
+  -- members up to it.
+  if after ~= '' then
+    if rev then hi = after_score else lo = after_score end
+  end
+  if rev then
+    members = redis.call('ZRANGE', index, hi, lo, 'BYSCORE', 'REV', 'LIMIT', 0, count, 'WITHSCORES')
+  else
+    members = redis.call('ZRANGE', index, lo, hi, 'BYSCORE', 'LIMIT', 0, count, 'WITHSCORES')
+  end
+end
+local stop = num(rev and lo or hi)
+local out = {}
+for i = 1, #members, 2 do
+  local score = tonumber(members[i + 1])
+  if (rev and score < stop) or (not rev and score > stop) then break end
+  local id = entry_of(members[i])
+  local found = redis.call('XRANGE', stream, id, id)
+  local line = false
+  if found[1] then line = record_of(found[1][2]) or false end
+  out[#out + 1] = members[i]
+  out[#out + 1] = members[i + 1]
+  out[#out + 1] = line
+end
+return out
+"""
+)
+
+
+@dataclass(frozen=True)
+class Query:
+    """Which records to read: every given filter must hold."""
+
+    user: str | None = None
+    scope: str | None = None
+    recording: str | None = None
+    grant: str | None = None
+    events: tuple[str, ...] = ()
+    since: float | None = None
+    until: float | None = None
+    limit: int = 1000
+    cursor: str | None = None
+    order: str = "asc"
+
+    def __post_init__(self) -> None:
+        if self.order not in ("asc", "desc"):
+            raise ValueError(f"order must be asc or desc, not {self.order!r}")
+        if self.limit < 1:
+            raise ValueError(f"limit must be at least 1, not {self.limit}")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and math.isnan(value):
+                raise ValueError(f"{name} must be a number of seconds, not NaN")
+
+
+@dataclass(frozen=True)
+class Page:
+    """Records in the query's order, and the cursor that continues after them (None: done)."""
+
+    records: list[Record]
+    next: str | None
+
+
+Position = tuple[float, str]
+Hit = tuple[float, str, Any]
+
+
+class AuditStore:
+    """Keep the audit trail in a Redis stream with indexes; trim it; answer queries."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        redis: Redis,
+        key: str,
+        *,
+        maxlen: int | None = 1_000_000,
+        retention: float | None = None,
+        trim_chunk: int = 1000,
+    ) -> None:
+        if trim_chunk < 1:
+            raise ValueError("trim_chunk must be at least 1")
+        self.redis = redis
+        self.key = key
+        self.maxlen = maxlen
+        self.retention = retention
+        self.trim_chunk = trim_chunk
+        self.prefix = f"{key}:idx:"
+        self._write = redis.register_script(_WRITE)
+        self._trim = redis.register_script(_TRIM)
+        self._reindex = redis.register_script(_REINDEX)
+        self._page = redis.register_script(_PAGE)
+
+    def index_key(self, kind: str, value: str | None = None) -> str:
+        """Return the key of one index: kind `t` (all records), or a kind and a value."""
+        return self.prefix + kind if value is None else f"{self.prefix}{kind}:{value}"
+
+    async def write(self, lines: list[str]) -> None:
+        """Append the lines in order with their index entries, in one script, or raise.
+
+        A batch marker makes the script a no-op when the client library re-sends the same
+        call after a timeout, so only a failed `write` can lead to records written twice.
+        """
+        if not lines:
+            return
+        marker = f"{self.key}:w:{secrets.token_hex(12)}"
+        malformed = int(
+            await self._write(keys=[self.key, marker], args=[self.prefix, _BATCH_TTL, *lines])
+        )
+        if malformed > 0:
+            log.warning(
+                "audit store: %d of %d lines were not JSON objects; stored unindexed",
+                malformed,
+                len(lines),
+            )
+
+    async def maintain(self) -> int:
+        """Trim entries beyond maxlen and older than retention with their index members."""
+        if self.maxlen is None and self.retention is None:
+            return 0
+        maxlen = -1 if self.maxlen is None else max(self.maxlen, 0)
+        retention = -1 if self.retention is None else max(int(self.retention * 1000), 0)
+        total = 0
+        while True:
+            # One chunk per call keeps each script short, so Redis serves others in between;
+            # each chunk is atomic, so replicas trimming at once never remove twice.
+            removed = int(
+                await self._trim(
+                    keys=[self.key], args=[self.prefix, maxlen, retention, self.trim_chunk]
+                )
+            )
+            total += removed
+            if removed < self.trim_chunk:
+                return total
+
+    async def reindex(self, chunk: int = 1000) -> int:
+        """Index every entry of the stream again, e.g. one written by an older sink."""
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
+        after, total = "", 0
+        while True:
+            count, last = await self._reindex(keys=[self.key], args=[self.prefix, after, chunk])
+            total += int(count)
+            if int(count) < chunk:
+                return total
+            after = _text(last)
+
+    async def close(self) -> None:
+        """Leave the Redis client to its owner, who closes it."""
+        return None
+
+    async def query(self, q: Query) -> Page:
+        """Return one page of the records that match every filter of the query."""
+        desc = q.order == "desc"
+        after = _parse_cursor(q.cursor, desc)
+        if q.since is not None and q.until is not None and q.since >= q.until:
+            return Page([], None)
+        lo = "-inf" if q.since is None else repr(q.since * 1000 - _SLACK_MS)
+        hi = "+inf" if q.until is None else repr(q.until * 1000 + _SLACK_MS)
+        keys = await self._choose(q, lo, hi)
+        if not keys:
+            return Page([], None)
+        records: list[Record] = []
+        last: Position | None = None
+        seen = 0
+
+        def batch() -> int:
+            # Read about as many entries as the page still needs at the match rate so far:
+            # a filter on top of the index is rarely more than a few times less selective.
+            need = q.limit + 1 - len(records)
+            if not seen:
+                return min(need + 16, _MAX_BATCH)
+            rate = max(len(records) / seen, 0.05)
+            return max(min(int(need / rate * 1.2) + 16, _MAX_BATCH), 16)
+
+        async with contextlib.aclosing(self._merged(keys, lo, hi, after, desc, batch)) as hits:
+            async for score, member, line in hits:
+                seen += 1
+                rec = _decode(member, line)
+                if rec is None or not _matches(rec, q, _effective_ts(rec, member)):
+                    continue
+                if len(records) == q.limit:
+                    # One match past the limit: there is a next page.
+                    assert last is not None
+                    return Page(records, _cursor(desc, last))
+                records.append(rec)
+                last = (score, member)
+        return Page(records, None)
+
+    async def summary(self, grant_id: str) -> dict[str, Any] | None:
+        """Return what happened under a grant: its lifecycle, requests, bytes and resources."""
+        out: dict[str, Any] = {
+            "grant_id": grant_id,
+            "user": None,
+            "scope": None,
+            "entitlement": None,
+            "state": None,
+            "reason": None,
+            "ticket": None,
+            "break_glass": False,
+            "approvers": [],
+            "events": [],
+            "requests": {"allowed": 0, "denied": 0},
+            "bytes": 0,
+            "first_access": None,
+            "last_access": None,
+            "resources": [],
+            "recordings": [],
+        }
+        seen = False
+        requested: Record | None = None
+        resources: dict[tuple[str, str], dict[str, Any]] = {}
+        recordings: dict[str, None] = {}
+        index = self.index_key("grant", grant_id)
+        hits = self._scan(index, "-inf", "+inf", None, False, lambda: _MAX_BATCH)
+        async with contextlib.aclosing(hits):
+            async for _, member, line in hits:
+                rec = _decode(member, line)
+                if rec is None or rec.get("grant_id") != grant_id:
+                    continue
+                seen = True
+                event = rec.get("event")
+                for name in ("user", "scope"):
+                    if out[name] is None and isinstance(rec.get(name), str):
+                        out[name] = rec[name]
+                if _is_lifecycle(event):
+                    out["events"].append({k: rec[k] for k in _STEP_FIELDS if k in rec})
+                    requested = _note_lifecycle(out, rec, requested)
+                elif event in (_ALLOW, _DENY):
+                    _note_access(out, resources, recordings, rec, member)
+        if not seen:
+            return None
+        _prefer_request(out, requested)
+        out["resources"] = list(resources.values())
+        out["recordings"] = list(recordings)
+        return out
+
+    async def grant_reasons(self, grant_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Return why each grant was given: user, scope, reason, ticket, approvers.
+
+        Read from each grant's lifecycle records; grants with none in the trail are left out.
+        """
+        ids = [g for g in dict.fromkeys(grant_ids) if isinstance(g, str)]
+        if not ids:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for grant_id in ids:
+            await self._page(
+                keys=[self.index_key("lifecycle", grant_id), self.key],
+                args=["-inf", "+inf", _LIFECYCLE_MAX, "0", "", ""],
+                client=pipe,
+            )
+        replies = await pipe.execute()
+        out: dict[str, dict[str, Any]] = {}
+        for grant_id, flat in zip(ids, replies, strict=True):
+            why: dict[str, Any] = {
+                "user": None, "scope": None, "entitlement": None, "reason": None,
+                "ticket": None, "approvers": [], "break_glass": False, "state": None,
+            }  # fmt: skip
+            found = False
+            requested: Record | None = None
+            for _, member, line in _triples(flat):
+                rec = _decode(member, line)
+                if rec is None or rec.get("grant_id") != grant_id:
+                    continue
+                found = True
+                requested = _note_lifecycle(why, rec, requested)
+            if found:
+                _prefer_request(why, requested)
+                out[grant_id] = why
+        return out
+
+    async def _choose(self, q: Query, lo: str, hi: str) -> list[str]:
+        """Return the index keys to scan: those of the filter with the fewest entries in range."""
+        candidates: list[list[str]] = []
+        for kind, value in (
+            ("grant", q.grant), ("recording", q.recording), ("scope", q.scope), ("user", q.user),
+        ):  # fmt: skip
+            if value is not None:
+                candidates.append([self.index_key(kind, value)])
+        if q.events:
+            candidates.append([self.index_key("event", e) for e in dict.fromkeys(q.events)])
+        if not candidates:
+            return [self.index_key("t")]
+        pipe = self.redis.pipeline(transaction=False)
+        for keys in candidates:
+            for key in keys:
+                pipe.zcount(key, lo, hi)
+        counts = iter(await pipe.execute())
+        sizes = [sum(int(next(counts)) for _ in keys) for keys in candidates]
+        best = min(range(len(candidates)), key=sizes.__getitem__)  # first of equals: priority
+        return candidates[best] if sizes[best] > 0 else []
+
+    async def _merged(
+        self,
+        keys: list[str],
+        lo: str,
+        hi: str,
+        after: Position | None,
+        desc: bool,
+        batch: Callable[[], int],
+    ) -> AsyncGenerator[Hit, None]:
+        """Yield the entries of several indexes in one order (the indexes do not overlap)."""
+        if len(keys) == 1:
+            async with contextlib.aclosing(self._scan(keys[0], lo, hi, after, desc, batch)) as it:
+                async for hit in it:
+                    yield hit
+            return
+        scans = [self._scan(k, lo, hi, after, desc, batch) for k in keys]
+        try:
+            heap: list[tuple[Any, int, Hit]] = []
+            for i, scan in enumerate(scans):
+                first = await anext(scan, None)
+                if first is not None:
+                    heapq.heappush(heap, (_order_key(first, desc), i, first))
+            while heap:
+                _, i, hit = heapq.heappop(heap)
+                yield hit
+                following = await anext(scans[i], None)
+                if following is not None:
+                    heapq.heappush(heap, (_order_key(following, desc), i, following))
+        finally:
+            for scan in scans:
+                await scan.aclose()
+
+    async def _scan(
+        self,
+        index: str,
+        lo: str,
+        hi: str,
+        after: Position | None,
+        desc: bool,
+        batch: Callable[[], int],
+    ) -> AsyncGenerator[Hit, None]:
+        """Yield (score, member, line) of one index in order, strictly after `after`.
+
+        `batch` says how many entries to read in the next call.
+        """
+        resume = after
+        while True:
+            size = batch()
+            flat = await self._page(
+                keys=[index, self.key],
+                args=[
+                    lo, hi, size, "1" if desc else "0",
+                    "" if resume is None else resume[1], "" if resume is None else repr(resume[0]),
+                ],
+            )  # fmt: skip
+            hits = list(_triples(flat))
+            for hit in hits:
+                position = (hit[0], hit[1])
+                # Only a start from a score (the cursor's member is gone, or it is in another
+                # index of a merge) returns members up to the cursor again.
+                if after is not None and (position >= after if desc else position <= after):
+                    continue
+                after = position
+                yield hit
+            if len(hits) < size:
+                return
+            # The last member read is in this index, so the next call continues by its rank.
+            resume = (hits[-1][0], hits[-1][1])
+
+
+class _Reversed:
+    """Order a key the other way round, for merging newest-first scans."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Position) -> None:
+        self.key = key
+
+    def __lt__(self, other: _Reversed) -> bool:
+        return other.key < self.key
+
+
+def _order_key(hit: Hit, desc: bool) -> Any:
+    position = (hit[0], hit[1])
+    return _Reversed(position) if desc else position
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _triples(flat: list[Any]) -> Iterable[Hit]:
+    for i in range(0, len(flat), 3):
+        yield float(flat[i + 1]), _text(flat[i]), flat[i + 2]
+
+
+def _member_ms(member: str) -> int:
+    return int(member.split("-", 1)[0])
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def _decode(member: str, line: Any) -> Record | None:
+    """Return the record of a line, a stand-in for a malformed line, or None for a gone entry."""
+    if line is None:
+        return None
+    try:
+        rec = json.loads(line.decode() if isinstance(line, bytes) else line)
+    except ValueError:
+        rec = None
+    if isinstance(rec, dict):
+        return rec
+    ts = _member_ms(member) / 1000
+    raw = line.decode("utf-8", "replace") if isinstance(line, bytes) else str(line)
+    return {"malformed": True, "raw": raw, "ts": ts, "time": _iso(ts)}
+
+
+def _effective_ts(rec: Record, member: str) -> float:
+    """Return the record's ts, or the entry's time where ts is unusable (as the index does)."""
+    ts = rec.get("ts")
+    if isinstance(ts, int | float) and not isinstance(ts, bool):
+        try:
+            value = float(ts)
+        except OverflowError:
+            value = math.inf
+        if math.isfinite(value):
+            return value
+    return _member_ms(member) / 1000
+
+
+def _matches(rec: Record, q: Query, ts: float) -> bool:
+    for name, value in (
+        ("grant_id", q.grant), ("recording", q.recording), ("scope", q.scope), ("user", q.user),
+    ):  # fmt: skip
+        if value is not None and rec.get(name) != value:
+            return False
+    if q.events and rec.get("event") not in q.events:
+        return False
+    if q.since is not None and ts < q.since:
+        return False
+    return q.until is None or ts < q.until
+
+
+def _cursor(desc: bool, position: Position) -> str:
+    return f"{'d' if desc else 'a'}:{position[0]!r}:{position[1]}"
+
+
+def _parse_cursor(cursor: str | None, desc: bool) -> Position | None:
+    if cursor is None:
+        return None
+    try:
+        direction, score, member = cursor.split(":", 2)
+        value = float(score)
+    except ValueError:
+        raise ValueError(f"bad cursor {cursor!r}") from None
+    if direction != ("d" if desc else "a"):
+        raise ValueError("cursor belongs to a query in the other order")
+    if math.isnan(value) or not _MEMBER.fullmatch(member):
+        raise ValueError(f"bad cursor {cursor!r}")
+    return value, member
+
+
+def _is_lifecycle(event: Any) -> bool:
+    return isinstance(event, str) and (event.startswith(_LIFECYCLE_PREFIX) or event == _BREAK_GLASS)
+
+
+def _note_lifecycle(out: dict[str, Any], rec: Record, requested: Record | None) -> Record | None:
+    """Fold one lifecycle record into a summary; return the grant.requested record so far."""
+    event = rec.get("event")
+    for name in ("user", "scope", "entitlement", "reason", "ticket"):
+        if out[name] is None and rec.get(name) is not None:
+            out[name] = rec[name]
+    if isinstance(rec.get("state"), str):
+        out["state"] = rec["state"]
+    if event == _BREAK_GLASS or rec.get("break_glass") is True:
+        out["break_glass"] = True
+    if event == "grant.approved":
+        listed = rec.get("approvers")
+        names = listed if isinstance(listed, list) else [rec.get("actor")]
+        for approver in names:
+            if isinstance(approver, str) and approver not in out["approvers"]:
+                out["approvers"].append(approver)
+    if event == "grant.requested" and requested is None:
+        return rec
+    return requested
+
+
+def _prefer_request(out: dict[str, Any], requested: Record | None) -> None:
+    """Take user, scope, reason and ticket from the request itself, where it is in the trail."""
+    if requested is None:
+        return
+    for name in ("user", "scope", "reason", "ticket", "entitlement"):
+        if requested.get(name) is not None:
+            out[name] = requested[name]
+
+
+def _note_access(
+    out: dict[str, Any],
+    resources: dict[tuple[str, str], dict[str, Any]],
+    recordings: dict[str, None],
+    rec: Record,
+    member: str,
+) -> None:
+    """Fold one access record into a summary's counts and its per-resource totals."""
+    allowed = rec.get("event") == _ALLOW
+    size = rec.get("bytes")
+    size = size if isinstance(size, int) and not isinstance(size, bool) and allowed else 0
+    stamp = rec.get("time")
+    when = stamp if isinstance(stamp, str) else _iso(_effective_ts(rec, member))
+    if allowed:
+        out["requests"]["allowed"] += 1
+        out["bytes"] += size
+        out["first_access"] = out["first_access"] or when
+        out["last_access"] = when
+        if isinstance(rec.get("recording"), str):
+            recordings.setdefault(rec["recording"])
+    else:
+        out["requests"]["denied"] += 1
+    path, method = rec.get("path"), rec.get("method")
+    key = (str(method) if method is not None else "", str(path) if path is not None else "")
+    res = resources.get(key)
+    if res is None:
+        res = resources[key] = {
+            "path": key[1], "method": key[0], "requests": 0, "denied": 0, "bytes": 0,
+            "first": when, "last": when, "statuses": {},
+        }  # fmt: skip
+    res["requests"] += 1
+    res["denied"] += 0 if allowed else 1
+    res["bytes"] += size
+    res["last"] = when
+    status = str(rec.get("status"))
+    res["statuses"][status] = res["statuses"].get(status, 0) + 1
