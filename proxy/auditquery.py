@@ -112,6 +112,21 @@ def from_mapping(params: Mapping[str, Any], *, now: float | None = None) -> Quer
     return parse(get, get_all, now=now)
 
 
+def to_params(q: Query) -> list[tuple[str, str]]:
+    """Return a Query as the URL parameters `parse` reads back (times as unix seconds)."""
+    out = [
+        (name, str(value))
+        for name, value in (
+            ("user", q.user), ("scope", q.scope), ("recording", q.recording),
+            ("grant", q.grant), ("since", q.since), ("until", q.until),
+            ("limit", q.limit), ("order", q.order), ("cursor", q.cursor),
+        )
+        if value is not None
+    ]  # fmt: skip
+    out.extend(("event", e) for e in q.events)
+    return out
+
+
 def annotate(records: list[dict[str, Any]], why: Mapping[str, Mapping[str, Any]]) -> None:
     """Add `why` (the grant's reason and ticket) to each record made under a known grant."""
     for rec in records:

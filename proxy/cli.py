@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
-from redis.exceptions import RedisError
 
 from . import policy, policytest, redisd
 from .client import ApiClient, ApiError
@@ -41,7 +40,7 @@ class UsageError(Exception):
     """Bad arguments or an unusable environment; exit code 2."""
 
 
-def _config_arg(p: argparse.ArgumentParser) -> None:
+def config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         type=Path,
@@ -51,15 +50,17 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import auditcli  # it builds on this module
+
     parser = argparse.ArgumentParser(prog="jitgate", description=__doc__)
     nouns = parser.add_subparsers(dest="noun", required=True, metavar="COMMAND")
 
     p = nouns.add_parser("serve", help="run the proxy")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("--log-level", default="INFO")
 
     p = nouns.add_parser("check", help="validate the config and its policy")
-    _config_arg(p)
+    config_arg(p)
 
     pol = nouns.add_parser("policy", help="policy files").add_subparsers(
         dest="verb", required=True, metavar="VERB"
@@ -67,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     p = pol.add_parser("check", help="validate a policy file")
     p.add_argument("file", type=Path)
     p = pol.add_parser("explain", help="show how the config's policy decides one request")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("--user", default=None, help="who asks (default: an anonymous request)")
     p.add_argument("--groups", default="", help="comma-separated groups")
     p.add_argument("--no-redis", action="store_true", help="do not read grants from Redis")
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="verb", required=True, metavar="VERB"
     )
     p = tok.add_parser("mint", help="sign a token with the configured dev key")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("--sub", required=True, help="subject (user name)")
     p.add_argument("--groups", default="", help="comma-separated groups")
     p.add_argument("--ttl", default=None, help="lifetime, e.g. 1h (default: identity.mint_ttl)")
@@ -102,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     verbs = gr.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = verbs.add_parser("request", help="ask for access to a scope (API)")
-    _api_args(p)
+    api_args(p)
     p.add_argument("--scope", required=True, help="e.g. recording:1/demo-1 or project:1")
     p.add_argument("--reason", required=True)
     p.add_argument("--ticket", default=None)
@@ -115,19 +116,19 @@ def _parser() -> argparse.ArgumentParser:
         ("review", "review break-glass access afterwards"),
     ):
         p = verbs.add_parser(verb, help=f"{text} (API)")
-        _api_args(p)
+        api_args(p)
         p.add_argument("grant_id")
         p.add_argument("--comment", default="")
     p = verbs.add_parser("extend", help="extend your own active grant (API)")
-    _api_args(p)
+    api_args(p)
     p.add_argument("grant_id")
     p.add_argument("--duration", required=True, help="how much longer, e.g. 30m")
     p.add_argument("--comment", default="")
     p = verbs.add_parser("show", help="show one grant")
-    _api_args(p)
+    api_args(p)
     p.add_argument("grant_id")
     p = verbs.add_parser("add", help="grant a user access to a scope for a limited time (Redis)")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("--user", required=True)
     p.add_argument("--scope", required=True, help="e.g. recording:1/demo-1 or project:1")
     p.add_argument("--ttl", required=True, help="e.g. 30m, 2h")
@@ -135,12 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default=None, help="who grants it (default: the OS user)")
     p.add_argument("--json", action="store_true")
     p = verbs.add_parser("revoke", help="end a grant at once")
-    _api_args(p)
+    api_args(p)
     p.add_argument("grant_id")
     p.add_argument("--by", default=None, help="who revokes it (Redis mode; default: OS user)")
     p.add_argument("--comment", default=None)
     p = verbs.add_parser("list", help="list grants")
-    _api_args(p)
+    api_args(p)
     p.add_argument("--user", default=None, help="only this user's grants")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--pending", action="store_true", help="requests you may decide (API)")
@@ -150,33 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--state", default=None, help="with --all: comma-separated states")
 
-    aud = nouns.add_parser("audit", help="the audit trail").add_subparsers(
-        dest="verb", required=True, metavar="VERB"
-    )
-    p = aud.add_parser(
-        "verify",
-        help="check the audit trail's HMAC chains for edits, deletions and insertions",
-        description="Exit 0 if every chain is intact, 1 if a problem is found, 2 if the "
-        "trail cannot be read or no audit.hmac_key is configured.",
-    )
-    _config_arg(p)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--file", type=Path, default=None, help="a JSON-lines audit file")
-    src.add_argument("--redis", action="store_true", help="the Redis audit stream")
-    p.add_argument(
-        "--stream", default=None, help="stream key (default: redis.key_prefix + audit.redis.stream)"
-    )
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="every writer has shut down: a chain without a closing checkpoint is an error",
-    )
-    p.add_argument("--json", action="store_true")
+    auditcli.add_parser(nouns)
     return parser
 
 
-def _api_args(p: argparse.ArgumentParser) -> None:
-    _config_arg(p)
+def api_args(p: argparse.ArgumentParser) -> None:
+    config_arg(p)
     p.add_argument("--token", default=None, help="your token (default: $JITGATE_TOKEN)")
     p.add_argument(
         "--url", default=None, help="jitgate's URL (default: $JITGATE_URL, else from the config)"
@@ -203,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from . import auditcli  # it builds on this module
+
     if args.noun == "serve":
         return _serve(args)
     if args.noun == "check":
@@ -219,7 +201,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"ok: {args.file}: {len(compiled.routes)} routes, version {compiled.version}")
         return EXIT_OK
     if args.noun == "audit":
-        return asyncio.run(_audit_verify(args, load(args.config)))
+        return asyncio.run(auditcli.run(args, load(args.config)))
     if args.noun == "token":
         settings = load(args.config)
         ttl = _duration(args.ttl) if args.ttl else None
@@ -272,41 +254,6 @@ def redis_url_for(settings: Settings) -> str:
             "start `jitgate serve` first, or set redis.url in the config"
         )
     return redisd.redis_url(settings.state_dir)
-
-
-async def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from .app import connect_redis
-    from .auditchain import Verifier, file_lines, stream_entries
-
-    a = settings.audit
-    if a.hmac_key is None:
-        raise UsageError(f"no audit.hmac_key in {settings.file}: the audit trail is not chained")
-    if args.stream and not args.redis:
-        raise UsageError("--stream goes with --redis")
-    v = Verifier(a.hmac_key.reveal().encode(), a.key_id, a.checkpoint_interval, args.strict)
-    if args.file is not None:
-        source = str(args.file)
-        try:
-            for loc, text in file_lines(args.file):
-                v.feed(loc, text)
-        except OSError as exc:
-            raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
-    else:
-        source = args.stream or settings.redis.key_prefix + (a.redis.stream if a.redis else "audit")
-        redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
-        try:
-            async for loc, text in stream_entries(redis, source):
-                v.feed(loc, text)
-        except RedisError as exc:
-            raise UsageError(f"cannot read the stream {source}: {exc}") from None
-        finally:
-            await redis.aclose()
-    v.finish()
-    if args.json:
-        print(json.dumps(v.report(source), indent=2))
-    else:
-        print("\n".join(v.text(source)))
-    return EXIT_FINDING if v.errors else EXIT_OK
 
 
 def _actor(by: str | None) -> str:

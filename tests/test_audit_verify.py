@@ -306,3 +306,24 @@ async def test_a_record_signed_with_another_key_id_is_reported(tmp_path: Path) -
     out = verify(cfg, "--file", str(tmp_path / "audit.jsonl"))
     assert out.returncode == 1
     assert "signed with key id 'k1', not the configured 'k2'" in out.stdout
+
+
+async def test_a_rotated_trail_verifies_across_its_files(tmp_path: Path) -> None:
+    sink = JsonlFileSink(tmp_path / "audit.jsonl", rotate_bytes=2000)
+    log = AuditLog([sink], hmac_key=KEY.encode(), batch_size=3, flush_interval=0.01)
+    await log.start()
+    for i in range(30):
+        log.emit(record("access.allow", user=f"u{i}", scope="recording:1/demo-1"))
+        await log.flush()
+    await log.close()
+    files = [str(f) for f in sink.files()]
+    assert len(files) >= 4
+    cfg = config(tmp_path, None)
+    out = verify(cfg, "--file", *files)
+    assert out.returncode == 0 and not errors(out), out.stdout
+    # Only the newest file: its chain starts part-way, as after retention; not an error.
+    alone = verify(cfg, "--file", files[-1])
+    assert alone.returncode == 0, alone.stdout
+    # A rotated file in the middle deleted: the records it held are missing.
+    gap = verify(cfg, "--file", *files[:1], *files[2:])
+    assert gap.returncode == 1 and any("deleted records" in x for x in errors(gap)), gap.stdout

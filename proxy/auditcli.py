@@ -1,0 +1,235 @@
+"""`jitgate audit verify | query | summary`: prove the trail untouched and ask it questions.
+
+`query` and `summary` read the Redis audit stream directly, or, given a token, go through
+`GET {prefix}/api/audit` as an admin; both ways take the same filters (auditquery.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+from redis.exceptions import RedisError
+
+from . import auditquery
+from .auditstore import AuditStore, Page, Query
+from .cli import EXIT_FINDING, EXIT_OK, UsageError, api_args, api_url, config_arg, redis_url_for
+from .client import ApiClient, ApiError
+from .settings import Settings
+
+
+def add_parser(nouns: Any) -> None:
+    """Add `audit` and its verbs to the command-line parser."""
+    aud = nouns.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="verb", required=True, metavar="VERB"
+    )
+    p = aud.add_parser(
+        "verify",
+        help="check the audit trail's HMAC chains for edits, deletions and insertions",
+        description="Exit 0 if every chain is intact, 1 if a problem is found, 2 if the "
+        "trail cannot be read or no audit.hmac_key is configured.",
+    )
+    config_arg(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--file",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="JSON-lines audit files, oldest first (rotated files, then the live one)",
+    )
+    src.add_argument("--redis", action="store_true", help="the Redis audit stream")
+    p.add_argument(
+        "--stream", default=None, help="stream key (default: redis.key_prefix + audit.redis.stream)"
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="every writer has shut down: a chain without a closing checkpoint is an error",
+    )
+    p.add_argument("--json", action="store_true")
+
+    p = aud.add_parser(
+        "query",
+        help="find audit records: who viewed a recording, what a user viewed, and why",
+        description="Every given filter must hold. Times: 2026-10-01, 2026-10-01T12:00:00Z, "
+        "unix seconds, or a duration ago (30d). Exit 0 with records, 1 with none.",
+    )
+    api_args(p)
+    p.add_argument("--user", help="whose access (the subject)")
+    p.add_argument("--scope", help="exact scope, e.g. recording:1/demo-1")
+    p.add_argument("--recording", help="recording id")
+    p.add_argument("--grant", help="grant id")
+    p.add_argument("--event", action="append", help="event type (repeat for several)")
+    p.add_argument("--since", help="from this time on")
+    p.add_argument("--until", help="before this time")
+    p.add_argument("--limit", type=int, default=1000, help="records per page (default 1000)")
+    p.add_argument("--order", choices=("asc", "desc"), default="asc")
+    p.add_argument("--cursor", help="continue after a previous page")
+    p.add_argument("--all", action="store_true", help="follow every page to the end")
+    p.add_argument("--format", choices=auditquery.FORMATS, default=None, help="default: table")
+
+    p = aud.add_parser(
+        "summary",
+        help="what was done under one grant: requests, resources, bytes, first and last access",
+    )
+    api_args(p)
+    p.add_argument("grant_id")
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.verb == "verify":
+        return await _verify(args, settings)
+    token = args.token or os.environ.get("JITGATE_TOKEN")
+    base = (args.url.rstrip("/") + settings.prefix) if args.url else api_url(settings)
+    if args.verb == "query":
+        fmt = args.format or ("json" if args.json else "table")
+        try:
+            q = auditquery.from_mapping(vars(args))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if token:
+            return await _query(_ApiSource(base, token), q, fmt, args.all)
+        async with _RedisSource(settings) as source:
+            return await _query(source, q, fmt, args.all)
+    if token:
+        summary = await _ApiSource(base, token).summary(args.grant_id)
+    else:
+        async with _RedisSource(settings) as source:
+            summary = await source.summary(args.grant_id)
+    if summary is None:
+        print(f"no audit records for grant {args.grant_id}", file=sys.stderr)
+        return EXIT_FINDING
+    print(json.dumps(summary, indent=2) if args.json else auditquery.summary_text(summary), end="")
+    return EXIT_OK
+
+
+async def _query(source: _RedisSource | _ApiSource, q: Query, fmt: str, follow: bool) -> int:
+    records: list[dict[str, Any]] = []
+    count, first = 0, True
+    while True:
+        page: Page = await source.page(q)
+        count += len(page.records)
+        if fmt in ("jsonl", "csv"):  # streamed page by page: an export of any size
+            text = auditquery.render(page.records, fmt)
+            if fmt == "csv" and not first:
+                text = text.split("\n", 1)[1]  # the header once
+            sys.stdout.write(text)
+        else:
+            records.extend(page.records)
+        first = False
+        if not (follow and page.next):
+            break
+        q = dataclasses.replace(q, cursor=page.next)
+    if fmt in ("table", "json"):
+        sys.stdout.write(auditquery.render(records, fmt, page.next))
+    return EXIT_OK if count else EXIT_FINDING
+
+
+class _RedisSource:
+    """Read the trail straight from Redis (for operators with access to it)."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.audit.redis is None:
+            raise UsageError("the Redis audit stream is off (audit.redis: null): nothing to query")
+        from .app import audit_store, connect_redis
+
+        self.redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
+        store = audit_store(settings, self.redis)
+        assert store is not None
+        self.store: AuditStore = store
+
+    async def __aenter__(self) -> _RedisSource:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.redis.aclose()
+
+    async def page(self, q: Query) -> Page:
+        try:
+            page = await self.store.query(q)
+            ids = (str(r["grant_id"]) for r in page.records if "grant_id" in r)
+            auditquery.annotate(page.records, await self.store.grant_reasons(ids))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        except RedisError as exc:
+            raise UsageError(f"cannot read the audit stream: {exc}") from None
+        return page
+
+    async def summary(self, grant_id: str) -> dict[str, Any] | None:
+        try:
+            return await self.store.summary(grant_id)
+        except RedisError as exc:
+            raise UsageError(f"cannot read the audit stream: {exc}") from None
+
+
+class _ApiSource:
+    """Read the trail through jitgate's API, as the admin the token names."""
+
+    def __init__(self, base: str, token: str) -> None:
+        self.base = base
+        self.token = token
+
+    async def _call(self, path: str) -> Any:
+        try:
+            async with ApiClient(self.base, self.token) as api:
+                return await api.call("GET", path)
+        except ApiError as exc:
+            if exc.status == 404 and exc.code == "not_found" and "/summary" in path:
+                return None
+            raise UsageError(str(exc)) from None
+        except aiohttp.ClientError as exc:
+            raise UsageError(f"cannot reach jitgate at {self.base}: {exc}") from None
+
+    async def page(self, q: Query) -> Page:
+        data = await self._call("/audit?" + urlencode(auditquery.to_params(q), doseq=True))
+        return Page(data["records"], data.get("next"))
+
+    async def summary(self, grant_id: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = await self._call(
+            f"/audit/grants/{quote(grant_id, safe='')}/summary"
+        )
+        return result
+
+
+async def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from .app import connect_redis
+    from .auditchain import Verifier, file_lines, stream_entries
+
+    a = settings.audit
+    if a.hmac_key is None:
+        raise UsageError(f"no audit.hmac_key in {settings.file}: the audit trail is not chained")
+    if args.stream and not args.redis:
+        raise UsageError("--stream goes with --redis")
+    v = Verifier(a.hmac_key.reveal().encode(), a.key_id, a.checkpoint_interval, args.strict)
+    if args.file is not None:
+        source = " ".join(str(f) for f in args.file)
+        for path in args.file:  # one trail across rotated files: chains continue between them
+            try:
+                for loc, text in file_lines(path):
+                    v.feed(loc, text)
+            except OSError as exc:
+                raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    else:
+        source = args.stream or settings.redis.key_prefix + (a.redis.stream if a.redis else "audit")
+        redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
+        try:
+            async for loc, text in stream_entries(redis, source):
+                v.feed(loc, text)
+        except RedisError as exc:
+            raise UsageError(f"cannot read the stream {source}: {exc}") from None
+        finally:
+            await redis.aclose()
+    v.finish()
+    if args.json:
+        print(json.dumps(v.report(source), indent=2))
+    else:
+        print("\n".join(v.text(source)))
+    return EXIT_FINDING if v.errors else EXIT_OK
