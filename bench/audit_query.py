@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from proxy import auditquery  # noqa: E402
 from proxy.auditstore import AuditStore, Query  # noqa: E402
 
 DAY = 86_400.0
@@ -280,6 +281,13 @@ async def bench(url: str, n: int, batch: int, runs: int, own: bool) -> None:
         async def count(q: Query) -> int:
             return len((await store.query(q)).records)
 
+        async def answered(q: Query) -> int:
+            # What GET /_jit/api/audit does: the page, then each grant's reason as `why`.
+            page = await store.query(q)
+            ids = (str(r["grant_id"]) for r in page.records if "grant_id" in r)
+            auditquery.annotate(page.records, await store.grant_reasons(ids))
+            return len(page.records)
+
         async def grant_records(gid: str) -> int:
             s = await store.summary(gid)
             assert s is not None
@@ -291,6 +299,10 @@ async def bench(url: str, n: int, batch: int, runs: int, own: bool) -> None:
             (f"who viewed recording {viewed} (most viewed)",
              lambda: count(Query(recording=viewed))),
             (f"what user viewed last month ({heavy_user}, busiest)", lambda: count(month)),
+            ("  the same, with each grant's reason (as the API answers)",
+             lambda: answered(month)),
+            ("  most viewed recording, with reasons (as the API answers)",
+             lambda: answered(Query(recording=viewed))),
             (f"grant summary (typical, {typical_count} records)",
              lambda: grant_records(typical_grant)),
             (f"grant summary (largest, {big_count} records)", lambda: grant_records(big_grant)),

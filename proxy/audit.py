@@ -1,9 +1,11 @@
 """Audit records: one per decision and per grant change, written in batches to every sink.
 
-`AuditLog.emit` never blocks the request: it serialises the record once and appends the
-JSON line to each sink's queue. A background
-task flushes batches; a sink that fails keeps its batch and is retried with backoff. If a
-queue is full the record cannot be kept: that is counted and logged, never silent.
+`AuditLog.emit` never blocks the request: it serialises the record once, appends it to
+the spool (auditspool.py: a write-ahead file that survives a crash) and to each sink's
+queue. A background task fsyncs the spool and flushes batches; a sink that fails keeps
+its batch and is retried with backoff, and beyond `queue_max` reads the spool instead of
+memory. A record that can be neither delivered nor spooled is counted, logged and told
+in an `audit.gap` record: never lost silently.
 
 With an HMAC key each AuditLog is one writer of a hash chain (see auditchain.py): every
 record carries writer, seq, prev, kid and mac, and signed checkpoints mark how far the

@@ -207,7 +207,7 @@ def summary_text(s: Mapping[str, Any]) -> str:
         f"access    first {s.get('first_access') or '-'}, last {s.get('last_access') or '-'}",
     ]
     if s.get("recordings"):
-        lines.append(f"recordings {', '.join(s['recordings'])}")
+        lines.append(f"viewed    {', '.join(s['recordings'])}")
     lines.append("")
     lines.append("lifecycle")
     for step in s.get("events") or []:
