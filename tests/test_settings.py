@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 from proxy.errors import ConfigErrors
-from proxy.settings import Secret, load, parse_duration
+from proxy.settings import Secret, load, parse_duration, parse_size
 
 
 def test_example_config_loads() -> None:
@@ -233,3 +233,90 @@ def test_audit_hmac_key_errors_name_file_line_and_never_the_key(tmp_path: Path) 
     text = str(exc.value)
     assert "env JITGATE_AUDIT__HMAC_KEY: audit.hmac_key: must be a string" in text
     assert digits not in text
+
+
+def test_audit_sinks_defaults_and_shapes(tmp_path: Path) -> None:
+    a = load(_config(tmp_path, ""), environ={}).audit
+    assert a.redis is not None and (a.redis.stream, a.redis.maxlen, a.redis.retention) == (
+        "audit",
+        1_000_000,
+        None,
+    )
+    assert a.file is None and a.http == () and not a.strict
+    assert a.spool and a.spool_dir == tmp_path.parent / ".jitgate" / "audit-spool"
+    text = (
+        "audit:\n"
+        "  redis: {stream: trail, maxlen: null, retention: 90d}\n"
+        "  file: {path: logs/a.jsonl, rotate_bytes: 100MB, rotate_daily: true, retention: 1w}\n"
+        "  spool: {dir: sp, max_bytes: 2GiB}\n"
+        "  strict: true\n"
+        "  http:\n"
+        "    - {name: loki, url: 'http://loki:3100/loki/api/v1/push', format: loki, gzip: true}\n"
+        "    - name: splunk\n"
+        "      url: https://hec:8088/services/collector/event\n"
+        "      format: splunk\n"
+        "      headers: {Authorization: 'Splunk ${HEC}'}\n"
+    )
+    a = load(_config(tmp_path, text), environ={"HEC": "s3cret"}).audit
+    assert a.redis is not None and (a.redis.stream, a.redis.maxlen) == ("trail", None)
+    assert a.redis.retention == 90 * 86400
+    assert a.file is not None and a.file.path == tmp_path / "logs" / "a.jsonl"
+    assert (a.file.rotate_bytes, a.file.rotate_daily, a.file.retention) == (
+        100 << 20,
+        True,
+        7 * 86400,
+    )
+    assert a.spool_dir == tmp_path / "sp" and a.spool_max_bytes == 2 << 30 and a.strict
+    assert [(h.name, h.format, h.gzip) for h in a.http] == [
+        ("loki", "loki", True),
+        ("splunk", "splunk", False),
+    ]
+    assert a.http[1].headers == (("Authorization", Secret("Splunk s3cret")),)
+    assert "s3cret" not in repr(a)
+    a = load(
+        _config(tmp_path, "audit: {redis: null, spool: null, file: x.jsonl}\n"), environ={}
+    ).audit
+    assert a.redis is None and not a.spool and a.file is not None and a.file.rotate_bytes is None
+
+
+def test_audit_sink_errors_name_the_field(tmp_path: Path) -> None:
+    text = (
+        "audit:\n"
+        "  redis: {maxlen: 0}\n"
+        "  file: {path: a.jsonl, retention: 30d}\n"
+        "  spool: {max_bytes: lots}\n"
+        "  http:\n"
+        "    - {name: a, url: 'ftp://x', format: xml}\n"
+        "    - {name: a, url: 'http://x', headers: {Authorization: '${NOPE}'}}\n"
+        "    - {url: 'http://x'}\n"
+    )
+    cfg = _config(tmp_path, text)
+    with pytest.raises(ConfigErrors) as exc:
+        load(cfg, environ={})
+    text = str(exc.value)
+    for line, message in (
+        (4, "audit.redis.maxlen: must be greater than 0"),
+        (5, "audit.file.retention: needs rotate_bytes or rotate_daily"),
+        (6, "audit.spool.max_bytes: invalid size 'lots'"),
+        (8, "audit.http[0].url: must be an http(s) URL, got scheme 'ftp'"),
+        (8, "audit.http[0].format: must be one of jsonl, splunk, elastic, loki, got 'xml'"),
+        (9, "audit.http[1].name: 'a' is used twice"),
+        (9, "audit.http[1].headers: header Authorization: environment variable NOPE is not set"),
+        (10, "audit.http[2].name: is required"),
+    ):
+        assert f"{cfg}:{line}: {message}" in text, (message, text)
+
+
+def test_parse_size() -> None:
+    assert [parse_size(x) for x in (512, "512", "4KB", "4k", "100MB", "1GiB", "2 gb")] == [
+        512,
+        512,
+        4096,
+        4096,
+        100 << 20,
+        1 << 30,
+        2 << 30,
+    ]
+    for bad in ("", "1.5GB", "-1", "0", "ten", True, "5PB"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
