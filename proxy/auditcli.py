@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import aiohttp
 from redis.exceptions import RedisError
 
 from . import auditquery
 from .auditstore import AuditStore, Page, Query
 from .cli import EXIT_FINDING, EXIT_OK, UsageError, api_args, api_url, config_arg, redis_url_for
-from .client import ApiClient, ApiError
 from .settings import Settings
 
 
@@ -178,6 +176,10 @@ class _ApiSource:
         self.token = token
 
     async def _call(self, path: str) -> Any:
+        import aiohttp  # only this way needs it
+
+        from .client import ApiClient, ApiError
+
         try:
             async with ApiClient(self.base, self.token) as api:
                 return await api.call("GET", path)
