@@ -142,7 +142,6 @@ class AuditLog:
         self.spool_max_bytes = spool_max_bytes
         self.spool: Spool | None = None
         self.spool_error: str | None = None  # why the last append failed; None when fine
-        self.spool_errors = 0
 
     def emit(self, rec: Record) -> None:
         """Spool one record and queue it for every sink; never blocks."""
@@ -158,7 +157,7 @@ class AuditLog:
                 if lineno >= 0:
                     lane.on_disk = True
                     continue
-                self._lose(lane, 1, rec)
+                self._lose(lane, rec)
                 continue
             lane.queue.append((lineno, line))
             if len(lane.queue) >= self.batch_size:
@@ -172,7 +171,6 @@ class AuditLog:
         try:
             lineno = self.spool.append(line)
         except OSError as exc:
-            self.spool_errors += 1
             if self.spool_error is None:
                 log.error(
                     "audit spool %s cannot be written (%s): records are held in memory only",
@@ -185,14 +183,14 @@ class AuditLog:
             self.spool_error = None
         return lineno
 
-    def _lose(self, lane: _Lane, count: int, rec: Record | None = None) -> None:
-        self._on_dropped(lane.name, count)
+    def _lose(self, lane: _Lane, rec: Record) -> None:
+        self._on_dropped(lane.name, 1)
         if lane.lost == 0:
             lane.lost_since = time.time()
-        lane.lost += count
+        lane.lost += 1
         log.error(
-            "audit sink %s: %d record(s) lost (queue full and no spool)%s",
-            lane.name, count, f": {rec.get('id')} {rec.get('event')}" if rec else "",
+            "audit sink %s: record %s (%s) lost: its queue is full and the spool refused it",
+            lane.name, rec.get("id"), rec.get("event"),
         )  # fmt: skip
 
     def writable(self) -> bool:

@@ -75,6 +75,14 @@ def add_parser(nouns: Any) -> None:
     p.add_argument("--format", choices=auditquery.FORMATS, default=None, help="default: table")
 
     p = aud.add_parser(
+        "reindex",
+        help="index stream records that have no index entries yet (safe to run again)",
+        description="Records written to the stream by jitgate before its audit indexes "
+        "existed, or by another tool, are not found by queries until indexed.",
+    )
+    config_arg(p)
+
+    p = aud.add_parser(
         "summary",
         help="what was done under one grant: requests, resources, bytes, first and last access",
     )
@@ -85,6 +93,11 @@ def add_parser(nouns: Any) -> None:
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.verb == "verify":
         return await _verify(args, settings)
+    if args.verb == "reindex":
+        async with _RedisSource(settings) as source:
+            count = await source.store.reindex()
+        print(f"indexed {count} records")
+        return EXIT_OK
     token = args.token or os.environ.get("JITGATE_TOKEN")
     base = (args.url.rstrip("/") + settings.prefix) if args.url else api_url(settings)
     if args.verb == "query":

@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import ProxyFactory, make_token
 
-from proxy.appkeys import AUDIT, SETTINGS
+from proxy.appkeys import AUDIT, AUDIT_STORE, SETTINGS
 
 JITGATE = str(Path(sys.executable).parent / "jitgate")
 RECORDING = "/api/projects/1/session_recordings/{}/snapshots"
@@ -221,3 +221,19 @@ async def test_cli_summary(trail: tuple[TestClient, dict[str, str]]) -> None:
     assert code == 0 and json.loads(out)["requests"]["allowed"] == 1
     code, _, err = await jg(client, "summary", "g-missing")
     assert code == 1 and "no audit records" in err
+
+
+async def test_cli_reindex_makes_unindexed_records_findable(
+    trail: tuple[TestClient, dict[str, str]],
+) -> None:
+    client, _ = trail
+    stream = client.app[AUDIT_STORE]
+    rec = {"id": "old-1", "ts": 1.0, "event": "access.allow", "user": "olga"}
+    line = json.dumps({**rec, "time": "1970-01-01T00:00:01+00:00", "scope": "recording:1/old"})
+    await stream.redis.xadd(stream.key, {"record": line})  # as a writer without indexes did
+    code, out, _ = await jg(client, "query", "--user", "olga")
+    assert code == 1
+    code, out, err = await jg(client, "reindex")
+    assert code == 0 and out.startswith("indexed "), err
+    code, out, _ = await jg(client, "query", "--user", "olga", "--format", "jsonl")
+    assert code == 0 and [json.loads(x)["id"] for x in out.splitlines()] == ["old-1"]
