@@ -1,8 +1,9 @@
 """The JSON API under `{prefix}/api/`: the access workflow for people and scripts.
 
-Callers authenticate like any request (bearer token or jitgate's cookie). A request
-that changes state and is authenticated by the cookie must come from jitgate's own
-origin (Origin or Sec-Fetch-Site), so another site cannot act for a signed-in browser.
+Callers authenticate like any request (bearer token, jitgate's cookie, or a trusted SSO
+proxy's headers). A request that changes state and is authenticated by the cookie or by
+SSO headers must come from jitgate's own origin (Origin or Sec-Fetch-Site), so another
+site cannot act for a signed-in browser.
 Errors are JSON: {"error": code, "message": text}.
 """
 
@@ -38,21 +39,17 @@ def _grant(grant: Grant) -> dict[str, Any]:
 
 async def _identity(request: web.Request, *, changes_state: bool) -> Identity:
     verifier = request.config_dict[AUTHORIZER][0].verifier
-    headers = request.headers
-    token = verifier.token_from(headers, {})
-    by_cookie = False
-    if token is None:
-        token = verifier.token_from({}, request.cookies)
-        by_cookie = token is not None
-    if token is None:
-        raise WorkflowError(401, "unauthenticated", "no credentials")
     try:
-        ident = verifier.verify(token)
+        found = await verifier.identify(request.headers, request.cookies, request.remote)
     except IdentityError as exc:
         raise WorkflowError(401, "unauthenticated", str(exc)) from None
-    if changes_state and by_cookie and not _same_origin(request):
+    if found is None:
+        reason = verifier.no_identity_reason(request.headers, request.remote)
+        raise WorkflowError(401, "unauthenticated", reason)
+    # The cookie, and an SSO proxy's headers, come with any request the browser makes.
+    if changes_state and found.ambient and not _same_origin(request):
         raise WorkflowError(403, "cross_site", "cross-site request refused")
-    return ident
+    return found.identity
 
 
 def _same_origin(request: web.Request) -> bool:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 from aiohttp import web
 from redis.asyncio import ConnectionPool, Redis
 from redis.backoff import NoBackoff
@@ -17,6 +18,7 @@ from redis.retry import Retry
 from . import api, audit, auditsinks, metrics, ops, policy
 from . import web as pages
 from .appkeys import (
+    ASSERTION,
     AUDIT,
     AUDIT_STORE,
     AUTHORIZER,
@@ -28,6 +30,7 @@ from .appkeys import (
     SETTINGS,
     WORKFLOW,
 )  # fmt: skip
+from .assertion import AssertionSigner
 from .auditstore import AuditStore
 from .authorize import Authorizer
 from .forward import Forwarder, UpstreamConfig
@@ -134,8 +137,7 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     app[SETTINGS] = settings
     app[METRICS] = metrics.Metrics()
     compiled = compiled or policy.load(settings.policy_file)
-    verifier = Verifier(settings.identity)
-    app.cleanup_ctx.append(_lifecycle(compiled, verifier))
+    app.cleanup_ctx.append(_lifecycle(compiled))
 
     # jitgate's own endpoints live in a sub-application under the prefix (its handlers
     # reach the shared state through request.config_dict). Routing checks that one
@@ -144,6 +146,7 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     own.router.add_get("/healthz", ops.healthz)
     own.router.add_get("/readyz", ops.readyz)
     own.router.add_get("/metrics", ops.metrics_view)
+    own.router.add_get("/.well-known/jwks.json", ops.jwks_view)
     own.router.add_get("/request", views.request_access)
     own.router.add_get("/login", views.login_form)
     own.router.add_post("/login", views.login)
@@ -156,12 +159,34 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     return app
 
 
-def _lifecycle(
-    compiled: policy.Policy, verifier: Verifier
-) -> Callable[[web.Application], AsyncIterator[None]]:
+async def start_verifier(settings: Settings, http: aiohttp.ClientSession) -> Verifier:
+    """Return the identity verifier with every issuer's keys fetched, if they can be now.
+
+    An issuer that cannot be reached does not stop jitgate: its tokens are refused until
+    its keys load (each refused token may retry, within jwks_min_refetch_interval).
+    """
+    verifier = Verifier(settings.identity, session=http)
+    for issuer, reason in (await verifier.warm_up()).items():
+        log.warning("identity: keys of %s not loaded (%s); its tokens are refused", issuer, reason)
+    return verifier
+
+
+def _lifecycle(compiled: policy.Policy) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         m = app[METRICS]
+        signer = None
+        if settings.forward.assertion is not None:
+            # Before anything starts: a bad key file stops jitgate here.
+            signer = AssertionSigner.from_settings(settings.forward.assertion)
+            app[ASSERTION] = signer
+        # One session for discovery and JWKS fetches, apart from the upstream pool.
+        http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        try:
+            verifier = await start_verifier(settings, http)
+        except BaseException:  # a bad key file: nothing else has started yet
+            await http.close()
+            raise
         embedded: EmbeddedRedis | None = None
         url = settings.redis.url
         if url is None:
@@ -213,7 +238,7 @@ def _lifecycle(
         app[WORKFLOW] = Workflow(
             lambda: slot[0].policy, grants, audit_log, settings.admins, notifier
         )
-        app[GATE] = Gate(settings, lambda: slot[0], forwarder, audit_log, m, live)
+        app[GATE] = Gate(settings, lambda: slot[0], forwarder, audit_log, m, live, signer)
         sweeper = asyncio.create_task(
             _sweep_forever(app[WORKFLOW], settings.sweep_interval, m), name="grant-sweeper"
         )
@@ -238,6 +263,8 @@ def _lifecycle(
             await redis.aclose()
             if embedded is not None:
                 await embedded.stop()
+            await verifier.close()
+            await http.close()
 
     return ctx
 

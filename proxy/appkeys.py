@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis
 
+from .assertion import AssertionSigner
 from .audit import AuditLog
 from .auditstore import AuditStore
 from .authorize import Authorizer
@@ -24,5 +25,6 @@ AUDIT_STORE = web.AppKey("audit_store", AuditStore)  # set when the Redis audit 
 LIVE = web.AppKey("live", LiveConnections)
 WORKFLOW = web.AppKey("workflow", Workflow)
 NOTIFIER = web.AppKey("notifier", Notifier)  # set only when webhooks are configured
+ASSERTION = web.AppKey("assertion", AssertionSigner)  # set when forward.assertion is on
 # One slot holding the current Authorizer: a reload swaps it whole.
 AUTHORIZER = web.AppKey("authorizer", list[Authorizer])

@@ -42,19 +42,27 @@ class Authorizer:
     on_grant_error: Callable[[BaseException], None] = lambda exc: None
 
     async def decide(
-        self, method: str, path: str, headers: Mapping[str, str], cookies: Mapping[str, str]
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        cookies: Mapping[str, str],
+        peer: str | None = None,
     ) -> Decision:
-        """Decide a request from the token it carries."""
+        """Decide a request from what it carries; `peer` is its TCP peer's address."""
         match = self.policy.match(method, path)
         ident, why = None, "no credentials"
         if match.access is not Access.PUBLIC and match.access is not Access.BLOCKED:
             # Only here does identity matter: public and blocked routes skip the token.
-            token = self.verifier.token_from(headers, cookies)
-            if token is not None:
-                try:
-                    ident = self.verifier.verify(token)
-                except IdentityError as exc:
-                    why = str(exc)
+            try:
+                found = await self.verifier.identify(headers, cookies, peer)
+            except IdentityError as exc:
+                why = str(exc)
+            else:
+                if found is not None:
+                    ident = found.identity
+                else:
+                    why = self.verifier.no_identity_reason(headers, peer)
         return await self._decide(ident, match, why)
 
     async def decide_for(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import logging
 import re
@@ -25,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import yarl
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 log = logging.getLogger("jitgate.jwks")
@@ -71,6 +73,24 @@ class TokenError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def secure_url(url: str) -> bool:
+    """Whether keys may be fetched from url: https, or http to a loopback address only."""
+    try:
+        parsed = yarl.URL(url)
+    except ValueError:
+        return False
+    if parsed.scheme == "https" and parsed.host:
+        return True
+    if parsed.scheme != "http" or parsed.host is None:
+        return False
+    if parsed.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parsed.host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_kid(kid: object) -> str | None:
@@ -388,7 +408,11 @@ class IssuerConfig:
     jwks_uri: str | None = None  # None: taken from the issuer's discovery document
 
     def __post_init__(self) -> None:
-        if not self.issuer.startswith(("https://", "http://")):
+        # Discovery needs an issuer URL. With a jwks_uri the issuer is only compared with
+        # `iss`, which some proxies set to a bare host name (Pomerium's assertions).
+        if not self.issuer or (
+            self.jwks_uri is None and not self.issuer.startswith(("https://", "http://"))
+        ):
             raise ValueError(f"issuer {self.issuer!r} must be an http(s) URL")
         if isinstance(self.audience, list):
             object.__setattr__(self, "audience", tuple(self.audience))
@@ -468,11 +492,17 @@ class MultiVerifier:
         max_age: float = 3600.0,
         timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        https_only: bool = False,
     ) -> None:
+        self.https_only = https_only  # key sets only over https (or http to loopback)
         self.issuers: dict[str, IssuerConfig] = {}
         for cfg in issuers:
             if cfg.issuer in self.issuers:
                 raise ValueError(f"issuer {cfg.issuer} is listed twice")
+            if https_only and cfg.jwks_uri is not None and not secure_url(cfg.jwks_uri):
+                raise ValueError(f"issuer {cfg.issuer}: jwks_uri must use https")
+            if https_only and cfg.jwks_uri is None and not secure_url(cfg.issuer):
+                raise ValueError(f"issuer {cfg.issuer}: discovery must use https")
             self.issuers[cfg.issuer] = cfg
         if not self.issuers:
             raise ValueError("name at least one issuer")
@@ -611,9 +641,16 @@ class MultiVerifier:
                 self._discovery_failed[cfg.issuer] = (self._clock(), exc.reason)
                 log.warning("%s", exc.reason)
                 raise
+            jwks_uri = str(doc["jwks_uri"])
+            if self.https_only and not secure_url(jwks_uri):
+                # A discovery document could otherwise send us to fetch keys in clear.
+                reason = f"discovery for {cfg.issuer}: jwks_uri {_safe(jwks_uri)} is not https"
+                self._discovery_failed[cfg.issuer] = (self._clock(), reason)
+                log.warning("%s", reason)
+                raise TokenError(reason)
             self._discovery_failed.pop(cfg.issuer, None)
             self.documents[cfg.issuer] = doc  # the login flow needs its endpoints too
-            keys = self._new_key_set(str(doc["jwks_uri"]))
+            keys = self._new_key_set(jwks_uri)
             self.key_sets[cfg.issuer] = keys
             return keys
 

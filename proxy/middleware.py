@@ -13,6 +13,7 @@ from yarl import URL
 
 from . import audit
 from . import web as pages
+from .assertion import AssertionSigner
 from .authorize import Authorizer, Decision
 from .errors import BadPath
 from .forward import Forwarder, Outcome
@@ -39,6 +40,7 @@ class Gate:
         audit_log: audit.AuditLog,
         metrics: Metrics,
         live: LiveConnections,
+        assertion: AssertionSigner | None = None,
     ) -> None:
         self.settings = settings
         self.authorizer = authorizer
@@ -46,13 +48,25 @@ class Gate:
         self.audit = audit_log
         self.metrics = metrics
         self.live = live
+        self.assertion = assertion
         self.prefix = settings.prefix
         self.strict = settings.audit.strict
         fwd = settings.forward
-        drop = set(fwd.identity_headers)
+        self.reject_underscores = fwd.reject_underscore_headers
+        self.user_headers = fwd.user_headers
+        # Every header jitgate reads or sets for identity: a client's copy never goes up.
+        names = set(fwd.identity_headers)
+        trusted = settings.identity.trusted_headers
+        if trusted is not None:
+            names.update(trusted.names())
+        if fwd.assertion is not None:
+            names.add(fwd.assertion.header)
+        if fwd.user_headers:
+            names.update(_USER_HEADERS)
         if not fwd.pass_authorization:
-            drop.add("authorization")
-        self.drop_headers = frozenset(drop)
+            names.add("authorization")
+        # Compared as the forwarder compares them: lower case, "_" read as "-".
+        self.drop_headers = frozenset(n.lower().replace("_", "-") for n in names)
         cookie = settings.identity.cookie
         self.drop_cookies: frozenset[str] = frozenset()
         if cookie is not None and not fwd.pass_identity_cookie:
@@ -60,18 +74,27 @@ class Gate:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        if self.reject_underscores:
+            # Many servers (CGI, WSGI, PHP) read X_Forwarded_User as X-Forwarded-User, so a
+            # name with "_" could smuggle an identity past a check made on "-" names. The
+            # wire names (raw_headers) are checked, exactly as the client sent them.
+            odd = next((k for k, _ in request.raw_headers if b"_" in k), None)
+            if odd is not None:
+                name = odd.decode("latin-1")[:64]
+                reason = f"header name {name!r} has '_' (forward.reject_underscore_headers)"
+                return self._bad_request(request, reason, started, "header")
         try:
             raw_path, query = split_target(request.raw_path)
             path = normalise(raw_path, reject_semicolons=self.settings.forward.reject_semicolons)
         except BadPath as exc:
-            return self._bad_path(request, str(exc), started)
+            return self._bad_request(request, str(exc), started, "path")
         low = path.lower()
         if low == self.prefix.lower() or low.startswith(self.prefix.lower() + "/"):
             # The prefix belongs to jitgate: never forward it, however it was spelled.
             raise web.HTTPNotFound(text=f"jitgate: no such endpoint under {self.prefix}\n")
 
         decision = await self.authorizer().decide(
-            request.method, path, request.headers, request.cookies
+            request.method, path, request.headers, request.cookies, request.remote
         )
         if decision.allow and decision.scope is not None and self.strict:
             decision = self._strict(decision)
@@ -92,6 +115,7 @@ class Gate:
                 query,
                 drop_headers=self.drop_headers,
                 drop_cookies=self.drop_cookies,
+                set_headers=self._identity_headers(decision),
                 stop=stop,
             )
             return response
@@ -158,7 +182,25 @@ class Gate:
             reasons=(*decision.reasons, reason),
         )
 
-    def _bad_path(self, request: web.Request, reason: str, started: float) -> web.Response:
+    def _identity_headers(self, decision: Decision) -> dict[str, str] | None:
+        """The identity jitgate vouches for upstream: its assertion, plain headers if asked."""
+        ident = decision.identity
+        if ident is None:
+            return None
+        out: dict[str, str] = {}
+        if self.assertion is not None:
+            out[self.assertion.header] = self.assertion.sign(ident)
+        if self.user_headers:
+            out["X-Forwarded-User"] = ident.subject
+            if ident.email:
+                out["X-Forwarded-Email"] = ident.email
+            if ident.groups:
+                out["X-Forwarded-Groups"] = ",".join(ident.groups)
+        return out or None
+
+    def _bad_request(
+        self, request: web.Request, reason: str, started: float, what: str
+    ) -> web.Response:
         counter, histogram = self.metrics.request("_invalid", "bad_request")
         counter.inc()
         histogram.observe(time.perf_counter() - started)
@@ -177,7 +219,7 @@ class Gate:
                 policy_version=self.authorizer().policy.version,
             )
         )
-        return web.Response(status=400, text=f"jitgate: bad request path: {reason}\n")
+        return web.Response(status=400, text=f"jitgate: bad request {what}: {reason}\n")
 
     def _refuse(self, request: web.Request, decision: Decision, path: str) -> web.Response:
         request_url = None
@@ -230,6 +272,7 @@ class Gate:
         )
 
 
+_USER_HEADERS = ("X-Forwarded-User", "X-Forwarded-Email", "X-Forwarded-Groups")
 _HEADINGS = {
     "unauthenticated": "Sign-in required",
     "access_denied": "Access needed",

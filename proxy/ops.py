@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from . import metrics
-from .appkeys import AUDIT, GRANTS, LIVE, METRICS, REDIS, SETTINGS
+from .appkeys import ASSERTION, AUDIT, GRANTS, LIVE, METRICS, REDIS, SETTINGS
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -58,3 +58,16 @@ async def metrics_view(request: web.Request) -> web.Response:
     m.audit_writable.set(1 if audit_log.writable() else 0)
     m.live_connections.set(len(request.config_dict[LIVE]))
     return web.Response(body=m.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+async def jwks_view(request: web.Request) -> web.Response:
+    """Serve the public key the upstream verifies jitgate's identity assertions with."""
+    signer = request.config_dict.get(ASSERTION)
+    if signer is None:
+        raise web.HTTPNotFound(text="jitgate: forward.assertion is off: no keys to publish\n")
+    # Short caching: a replaced key file shows up at the upstream within minutes.
+    return web.json_response(
+        signer.jwks(),
+        content_type="application/jwk-set+json",
+        headers={"Cache-Control": "public, max-age=300"},
+    )

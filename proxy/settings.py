@@ -9,11 +9,13 @@ Values are parsed as YAML scalars, so `JITGATE_AUDIT__STDOUT=true` is a bool.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +28,11 @@ from .yamlsrc import Node, Seq, line_of, load_file
 ENV_PREFIX = "JITGATE_"
 DEFAULT_CONFIG = Path("config/jitgate.yaml")
 SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384")
+# Keys from a JWKS are public, so only asymmetric algorithms (proxy.jwks checks the same).
+JWKS_ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+ASSERTION_MAX_TTL = 300.0
 NOTIFY_EVENTS = ("requested", "approved", "denied", "break_glass", "expiring")
 NOTIFY_FORMATS = ("json", "slack")
 AUDIT_HTTP_FORMATS = ("jsonl", "splunk", "elastic", "loki")
@@ -77,17 +84,61 @@ class RedisSettings:
     max_connections: int = 512
 
 
+# Where a claim is found: a string is a dotted path ("realm_access.roles"); a tuple (a
+# YAML list) names one key per level, for claim names that contain dots themselves
+# (["https://example.com/groups"]).
+ClaimPath = str | tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class IssuerSettings:
+    """An identity provider whose keys come from its JWKS (jwks_uri, or OIDC discovery)."""
+
+    issuer: str
+    audience: tuple[str, ...]
+    algorithms: tuple[str, ...] = ("RS256",)
+    jwks_uri: str | None = None  # None: from the issuer's discovery document
+    subject_claim: ClaimPath | None = None  # None: identity.subject_claim, and so on
+    email_claim: ClaimPath | None = None
+    groups_claim: ClaimPath | None = None
+
+
+@dataclass(frozen=True)
+class TrustedHeadersSettings:
+    """Identity set by an SSO proxy in front of jitgate, believed only from `sources`."""
+
+    sources: tuple[IPv4Network | IPv6Network, ...]
+    user: str = "X-Forwarded-User"
+    email: str | None = "X-Forwarded-Email"
+    groups: str | None = "X-Forwarded-Groups"
+    groups_delimiter: str = ","
+    # When set, identity comes only from this signed JWT (Pomerium, IAP), not plain headers.
+    assertion_header: str | None = None
+    assertion: IssuerSettings | None = None
+
+    def names(self) -> tuple[str, ...]:
+        """Every header this mode reads."""
+        return tuple(h for h in (self.user, self.email, self.groups, self.assertion_header) if h)
+
+
 @dataclass(frozen=True)
 class IdentitySettings:
     bearer: bool = True
     cookie: str | None = "jitgate_token"
-    algorithms: tuple[str, ...] = ("HS256",)
+    algorithms: tuple[str, ...] = ("HS256",)  # the local keys': hs_secret, public_key_files
     hs_secret: Secret | None = None
     public_key_files: tuple[Path, ...] = ()
     issuer: str | None = None
     audience: str | None = None
-    subject_claim: str = "sub"
-    groups_claim: str = "groups"
+    issuers: tuple[IssuerSettings, ...] = ()
+    jwks_min_refetch_interval: float = 30.0  # at most one JWKS fetch per issuer this often
+    jwks_max_age: float = 3600.0  # refresh a key set after this long (or its Cache-Control)
+    subject_claim: ClaimPath = "sub"
+    email_claim: ClaimPath = "email"
+    groups_claim: ClaimPath = "groups"
+    groups_delimiter: str | None = None  # None: commas or whitespace
+    group_aliases: tuple[tuple[str, str], ...] = ()  # IdP group name -> the policy's name
+    trusted_headers: TrustedHeadersSettings | None = None
     leeway: float = 30.0
     max_token_bytes: int = 8192
     cache_size: int = 10_000  # verified tokens remembered until their exp (LRU)
@@ -143,10 +194,25 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class AssertionSettings:
+    """A signed JWT naming the user, sent upstream with every request that has one."""
+
+    key_file: Path  # PEM private key (EC P-256: ES256, RSA: RS256)
+    generate: bool  # key_file was not configured: made at start if missing (in state_dir)
+    audience: str  # default: upstream.url
+    header: str = "X-Jitgate-Assertion"
+    ttl: float = 60.0  # at most 300
+    issuer: str = "jitgate"
+
+
+@dataclass(frozen=True)
 class ForwardSettings:
     pass_authorization: bool = False
     pass_identity_cookie: bool = False
     reject_semicolons: bool = True
+    reject_underscore_headers: bool = True  # 400 for X_Forwarded_User and its kind
+    assertion: AssertionSettings | None = None
+    user_headers: bool = False  # also send X-Forwarded-User, -Email and -Groups
     identity_headers: tuple[str, ...] = (
         "x-forwarded-user",
         "x-forwarded-email",
@@ -407,28 +473,7 @@ def validate(
     state_dir = _resolve(base, r.get(raw, "state_dir", str, "../.jitgate", "state_dir"))
     audit = _audit(r, r.section(raw, "audit", "audit"), base, state_dir)
 
-    s = r.section(raw, "forward", "forward")
-    r.known(
-        s,
-        {"pass_authorization", "pass_identity_cookie", "reject_semicolons", "identity_headers"},
-        "forward",
-    )
-    defaults = ForwardSettings()
-    forward = ForwardSettings(
-        pass_authorization=r.get(
-            s, "pass_authorization", bool, False, "forward.pass_authorization"
-        ),
-        pass_identity_cookie=r.get(
-            s, "pass_identity_cookie", bool, False, "forward.pass_identity_cookie"
-        ),
-        reject_semicolons=r.get(s, "reject_semicolons", bool, True, "forward.reject_semicolons"),
-        identity_headers=tuple(
-            h.lower().replace("_", "-")
-            for h in r.str_list(
-                s, "identity_headers", defaults.identity_headers, "forward.identity_headers"
-            )
-        ),
-    )
+    forward = _forward(r, r.section(raw, "forward", "forward"), base, state_dir, upstream_url)
 
     s = r.section(raw, "admins", "admins")
     r.known(s, {"groups", "users"}, "admins")
@@ -473,23 +518,32 @@ def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
     keys = {
         "bearer", "cookie", "algorithms", "hs_secret", "public_key_files", "issuer", "audience",
         "subject_claim", "groups_claim", "leeway", "max_token_bytes", "dev_key", "dev_key_file",
-        "mint_ttl", "cache_size",
+        "mint_ttl", "cache_size", "issuers", "jwks_min_refetch_interval", "jwks_max_age",
+        "email_claim", "groups_delimiter", "group_aliases", "trusted_headers",
     }  # fmt: skip
     r.known(s, keys, "identity")
-    algorithms = r.str_list(s, "algorithms", ("HS256",), "identity.algorithms")
+    issuers = _issuers(r, s)
+    trusted = None
+    if s.get("trusted_headers") is not None:
+        node = r.section(s, "trusted_headers", "identity.trusted_headers")
+        trusted = _trusted_headers(r, node)
+    hs_secret = r.optional_str(s, "hs_secret", None, "identity.hs_secret")
+    key_files = tuple(
+        _resolve(base, f)
+        for f in r.str_list(s, "public_key_files", (), "identity.public_key_files")
+    )
+    # The local keys (hs_secret, public_key_files) are optional once tokens can come from
+    # an issuer's JWKS or an SSO proxy: then `algorithms` defaults to none of them.
+    local_default = ("HS256",) if not (issuers or trusted) or hs_secret or key_files else ()
+    algorithms = r.str_list(s, "algorithms", local_default, "identity.algorithms")
     for alg in algorithms:
         if alg not in SUPPORTED_ALGORITHMS:
             r.error(
                 s, "algorithms", "identity.algorithms",
                 f"unsupported algorithm {alg!r} (allowed: {', '.join(SUPPORTED_ALGORITHMS)})",
             )  # fmt: skip
-    if not algorithms:
+    if not algorithms and not (issuers or trusted):
         r.error(s, "algorithms", "identity.algorithms", "must name at least one algorithm")
-    hs_secret = r.optional_str(s, "hs_secret", None, "identity.hs_secret")
-    key_files = tuple(
-        _resolve(base, f)
-        for f in r.str_list(s, "public_key_files", (), "identity.public_key_files")
-    )
     for key_file in key_files:
         if not key_file.is_file():
             r.error(s, "public_key_files", "identity.public_key_files", f"no such file: {key_file}")
@@ -504,28 +558,296 @@ def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
             s, "public_key_files", "identity.public_key_files",
             "is required when algorithms include RS*/ES*",
         )  # fmt: skip
+    local_issuer = r.optional_str(s, "issuer", None, "identity.issuer")
+    if local_issuer and any(i.issuer == local_issuer for i in issuers):
+        # A token is routed to its keys by `iss`: one name cannot mean both.
+        message = f"{local_issuer!r} is also in identity.issuers; name it in one place only"
+        r.error(s, "issuer", "identity.issuer", message)
     dev_key = r.optional_str(s, "dev_key", None, "identity.dev_key")
     dev_key_file = r.optional_str(s, "dev_key_file", None, "identity.dev_key_file")
     bearer = r.get(s, "bearer", bool, True, "identity.bearer")
     cookie = r.optional_str(s, "cookie", "jitgate_token", "identity.cookie") or None
-    if not bearer and not cookie:
+    if not bearer and not cookie and trusted is None:
         r.error(s, "cookie", "identity.cookie", "a cookie name is required when bearer is false")
+    defaults = IdentitySettings()
+    delimiter = r.optional_str(s, "groups_delimiter", None, "identity.groups_delimiter")
+    if delimiter == "":
+        r.error(s, "groups_delimiter", "identity.groups_delimiter", "must not be empty")
     return IdentitySettings(
         bearer=bearer,
         cookie=cookie,
         algorithms=algorithms,
         hs_secret=Secret(hs_secret) if hs_secret else None,
         public_key_files=key_files,
-        issuer=r.optional_str(s, "issuer", None, "identity.issuer"),
+        issuer=local_issuer,
         audience=r.optional_str(s, "audience", None, "identity.audience"),
-        subject_claim=r.get(s, "subject_claim", str, "sub", "identity.subject_claim"),
-        groups_claim=r.get(s, "groups_claim", str, "groups", "identity.groups_claim"),
+        issuers=issuers,
+        jwks_min_refetch_interval=_seconds(
+            r, s, "jwks_min_refetch_interval", defaults.jwks_min_refetch_interval, "identity"
+        ),
+        jwks_max_age=_seconds(r, s, "jwks_max_age", defaults.jwks_max_age, "identity"),
+        subject_claim=_claim_path(r, s, "subject_claim", "sub", "identity") or "sub",
+        email_claim=_claim_path(r, s, "email_claim", "email", "identity") or "email",
+        groups_claim=_claim_path(r, s, "groups_claim", "groups", "identity") or "groups",
+        groups_delimiter=delimiter or None,
+        group_aliases=_aliases(r, s),
+        trusted_headers=trusted,
         leeway=r.get(s, "leeway", float, 30.0, "identity.leeway"),
         max_token_bytes=r.positive(s, "max_token_bytes", int, 8192, "identity.max_token_bytes"),
         cache_size=r.positive(s, "cache_size", int, 10_000, "identity.cache_size"),
         dev_key=Secret(dev_key) if dev_key else None,
         dev_key_file=_resolve(base, dev_key_file) if dev_key_file else None,
         mint_ttl=r.positive(s, "mint_ttl", float, 3600.0, "identity.mint_ttl"),
+    )
+
+
+def _claim_path(
+    r: _Reader, s: Node, key: str, default: ClaimPath | None, at: str
+) -> ClaimPath | None:
+    where = f"{at}.{key}"
+    if key not in s or s[key] is None:
+        return default
+    value = s[key]
+    if isinstance(value, str):
+        if "://" in value:
+            # A namespaced claim (Auth0 and others) is one key that contains dots.
+            message = f"{value!r} would be split at its dots; write it as a list: [{value!r}]"
+            r.error(s, key, where, message)
+            return default
+        if not value or any(not part for part in value.split(".")):
+            r.error(s, key, where, f"{value!r} is not a dotted claim path such as realm.roles")
+            return default
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    message = "must be a dotted path (realm_access.roles) or a list of keys ([a.b, roles])"
+    r.error(s, key, where, message)
+    return default
+
+
+def _aliases(r: _Reader, s: Node) -> tuple[tuple[str, str], ...]:
+    where = "identity.group_aliases"
+    raw = s.get("group_aliases")
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) and v for k, v in raw.items()
+    ):
+        r.error(s, "group_aliases", where, 'must map group names to names, e.g. {"okta-eng": eng}')
+        return ()
+    return tuple((str(k), str(v)) for k, v in raw.items())
+
+
+def _loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _secure_url(r: _Reader, s: Node, key: str, where: str) -> str | None:
+    """Return an https URL (or http on a loopback address), else record an error."""
+    text = r.optional_str(s, key, None, where)
+    if text is None:
+        return None
+    url = _url(text)
+    if url is None:
+        r.error(s, key, where, f"must be an http(s) URL with a host, got {text!r}")
+    elif url.scheme != "https" and not _loopback(url.host):
+        # Keys fetched in clear could be swapped by anyone on the path.
+        r.error(s, key, where, f"must use https (http only on a loopback address), got {text!r}")
+    return text
+
+
+def _issuer(r: _Reader, node: Node, where: str, *, url_issuer: bool) -> IssuerSettings | None:
+    """Read one {issuer, audience, algorithms, jwks_uri, *_claim} mapping."""
+    keys = {"issuer", "audience", "algorithms", "jwks_uri"}
+    r.known(node, keys | {"subject_claim", "email_claim", "groups_claim", "header"}, where)
+    jwks_uri = _secure_url(r, node, "jwks_uri", f"{where}.jwks_uri")
+    issuer = r.get(node, "issuer", str, "", f"{where}.issuer")
+    if not issuer:
+        r.error(node, "issuer", f"{where}.issuer", "is required")
+    elif not url_issuer and jwks_uri is None and "://" not in issuer:
+        # Pomerium's iss is a bare host name: nothing to discover its keys from.
+        message = "is required when the issuer is not a URL (there is no discovery then)"
+        r.error(node, "jwks_uri", f"{where}.jwks_uri", message)
+    elif url_issuer or jwks_uri is None:
+        # Without a jwks_uri the keys come from discovery under the issuer URL itself.
+        _secure_url(r, node, "issuer", f"{where}.issuer")
+    audience = r.str_list(node, "audience", (), f"{where}.audience")
+    if not audience or not all(audience):
+        r.error(node, "audience", f"{where}.audience", "is required: a string or a list")
+    algorithms = r.str_list(node, "algorithms", ("RS256",), f"{where}.algorithms")
+    for alg in algorithms:
+        if alg not in JWKS_ALGORITHMS:
+            hint = " (an HMAC secret cannot come from a JWKS)" if alg.startswith("HS") else ""
+            message = f"unsupported algorithm {alg!r}{hint} (allowed: {', '.join(JWKS_ALGORITHMS)})"
+            r.error(node, "algorithms", f"{where}.algorithms", message)
+    if not algorithms:
+        r.error(node, "algorithms", f"{where}.algorithms", "must name at least one algorithm")
+    if not issuer:
+        return None
+    return IssuerSettings(
+        issuer=issuer,
+        audience=audience,
+        algorithms=algorithms,
+        jwks_uri=jwks_uri,
+        subject_claim=_claim_path(r, node, "subject_claim", None, where),
+        email_claim=_claim_path(r, node, "email_claim", None, where),
+        groups_claim=_claim_path(r, node, "groups_claim", None, where),
+    )
+
+
+def _issuers(r: _Reader, s: Node) -> tuple[IssuerSettings, ...]:
+    at = "identity.issuers"
+    raw = s.get("issuers")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.error(s, "issuers", at, "must be a list of {issuer, audience, algorithms, jwks_uri}")
+        return ()
+    out: list[IssuerSettings] = []
+    for i, item in enumerate(raw):
+        where = f"{at}[{i}]"
+        if not isinstance(item, dict):
+            r.error(raw if isinstance(raw, Seq) else s, i if isinstance(raw, Seq) else "issuers",
+                    where, "must be a mapping with an issuer and an audience")  # fmt: skip
+            continue
+        node = item if isinstance(item, Node) else _node(item, s.line_of("issuers"))
+        if "header" in node:
+            r.error(node, "header", f"{where}.header", "only trusted_headers.assertion has one")
+        cfg = _issuer(r, node, where, url_issuer=True)
+        if cfg is None:
+            continue
+        if any(x.issuer == cfg.issuer for x in out):
+            r.error(node, "issuer", f"{where}.issuer", f"{cfg.issuer!r} is listed twice")
+            continue
+        out.append(cfg)
+    return tuple(out)
+
+
+# Header names jitgate reads: RFC 9110 tokens without "_", which the gate refuses.
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^`|~-]+")
+
+
+def _header_name(r: _Reader, s: Node, key: str, default: str | None, where: str) -> str | None:
+    name = r.optional_str(s, key, default, where) if key in s else default
+    if name is not None and not _HEADER_NAME.fullmatch(name):
+        r.error(s, key, where, f"{name!r} is not a header name (letters, digits and '-')")
+        return default
+    return name
+
+
+def _trusted_headers(r: _Reader, s: Node) -> TrustedHeadersSettings:
+    at = "identity.trusted_headers"
+    r.known(s, {"from", "user", "email", "groups", "groups_delimiter", "assertion"}, at)
+    sources: list[IPv4Network | IPv6Network] = []
+    for text in r.str_list(s, "from", (), f"{at}.from"):
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            r.error(s, "from", f"{at}.from", f"{text!r}: {exc}")
+            continue
+        if net.prefixlen == 0:
+            r.error(s, "from", f"{at}.from", f"{text!r} would trust every client")
+            continue
+        sources.append(net)
+    if not sources and not any(e.field == f"{at}.from" for e in r.errors):
+        message = "is required: the addresses of the SSO proxy, e.g. [10.0.0.0/8]"
+        r.error(s, "from", f"{at}.from", message)
+    user = _header_name(r, s, "user", "X-Forwarded-User", f"{at}.user")
+    if user is None:
+        r.error(s, "user", f"{at}.user", "is required (the header naming the user)")
+    delimiter = r.get(s, "groups_delimiter", str, ",", f"{at}.groups_delimiter")
+    if not delimiter:
+        r.error(s, "groups_delimiter", f"{at}.groups_delimiter", "must not be empty")
+    header, assertion = None, None
+    if s.get("assertion") is not None:
+        node = r.section(s, "assertion", f"{at}.assertion")
+        header = _header_name(r, node, "header", None, f"{at}.assertion.header")
+        if header is None:
+            message = "is required, e.g. X-Pomerium-Jwt-Assertion"
+            r.error(node, "header", f"{at}.assertion.header", message)
+        assertion = _issuer(r, node, f"{at}.assertion", url_issuer=False)
+    return TrustedHeadersSettings(
+        sources=tuple(sources),
+        user=user or "X-Forwarded-User",
+        email=_header_name(r, s, "email", "X-Forwarded-Email", f"{at}.email"),
+        groups=_header_name(r, s, "groups", "X-Forwarded-Groups", f"{at}.groups"),
+        groups_delimiter=delimiter or ",",
+        assertion_header=header,
+        assertion=assertion,
+    )
+
+
+def _forward(
+    r: _Reader, s: Node, base: Path, state_dir: Path, upstream_url: URL
+) -> ForwardSettings:
+    at = "forward"
+    r.known(
+        s,
+        {"pass_authorization", "pass_identity_cookie", "reject_semicolons", "identity_headers"}
+        | {"reject_underscore_headers", "assertion", "user_headers"},
+        at,
+    )
+    defaults = ForwardSettings()
+    assertion = None
+    raw = s.get("assertion")
+    if raw is True or isinstance(raw, dict):
+        node = r.section(s, "assertion", f"{at}.assertion") if raw is not True else _node({}, 0)
+        assertion = _assertion(r, node, base, state_dir, upstream_url)
+    elif raw not in (None, False):
+        r.error(s, "assertion", f"{at}.assertion", "must be true, false or a mapping")
+    return ForwardSettings(
+        pass_authorization=r.get(s, "pass_authorization", bool, False, f"{at}.pass_authorization"),
+        pass_identity_cookie=r.get(
+            s, "pass_identity_cookie", bool, False, f"{at}.pass_identity_cookie"
+        ),
+        reject_semicolons=r.get(s, "reject_semicolons", bool, True, f"{at}.reject_semicolons"),
+        reject_underscore_headers=r.get(
+            s, "reject_underscore_headers", bool, True, f"{at}.reject_underscore_headers"
+        ),
+        assertion=assertion,
+        user_headers=r.get(s, "user_headers", bool, False, f"{at}.user_headers"),
+        identity_headers=tuple(
+            h.lower().replace("_", "-")
+            for h in r.str_list(
+                s, "identity_headers", defaults.identity_headers, f"{at}.identity_headers"
+            )
+        ),
+    )
+
+
+def _assertion(
+    r: _Reader, s: Node, base: Path, state_dir: Path, upstream_url: URL
+) -> AssertionSettings:
+    at = "forward.assertion"
+    r.known(s, {"header", "ttl", "key_file", "audience", "issuer"}, at)
+    key_text = r.optional_str(s, "key_file", None, f"{at}.key_file")
+    key_file = _resolve(base, key_text) if key_text else state_dir / "assertion-key.pem"
+    if key_text and not key_file.is_file():
+        r.error(s, "key_file", f"{at}.key_file", f"no such file: {key_file}")
+    ttl = _seconds(r, s, "ttl", 60.0, at)
+    if ttl > ASSERTION_MAX_TTL:
+        message = f"must be at most {ASSERTION_MAX_TTL:.0f} seconds: the assertion is a bearer"
+        r.error(s, "ttl", f"{at}.ttl", message)
+    header = _header_name(r, s, "header", "X-Jitgate-Assertion", f"{at}.header")
+    audience = r.get(s, "audience", str, str(upstream_url).rstrip("/"), f"{at}.audience")
+    issuer = r.get(s, "issuer", str, "jitgate", f"{at}.issuer")
+    for key, value in (("audience", audience), ("issuer", issuer)):
+        if not value:
+            r.error(s, key, f"{at}.{key}", "must not be empty")
+    return AssertionSettings(
+        key_file=key_file,
+        generate=not key_text,
+        audience=audience,
+        header=header or "X-Jitgate-Assertion",
+        ttl=min(ttl, ASSERTION_MAX_TTL),
+        issuer=issuer,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -63,19 +64,19 @@ def unsigned(header: dict[str, Any], payload: dict[str, Any], sig: bytes = b"") 
     return ".".join([b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()), b64(sig)])
 
 
-def test_accepts_hs256_rs256_es256(verifier: Verifier) -> None:
+async def test_accepts_hs256_rs256_es256(verifier: Verifier) -> None:
     groups = {"groups": ["eng", "support"]}
     for token in (
         jwt.encode(claims(**groups), SECRET, algorithm="HS256"),
         jwt.encode(claims(**groups), RSA_KEY, algorithm="RS256"),
         jwt.encode(claims(**groups), EC_KEY, algorithm="ES256"),
     ):
-        assert verifier.verify(token) == Identity("alice", ("eng", "support"))
+        assert await verifier.verify(token) == Identity("alice", ("eng", "support"))
 
 
-def test_groups_as_a_delimited_string(verifier: Verifier) -> None:
+async def test_groups_as_a_delimited_string(verifier: Verifier) -> None:
     token = jwt.encode(claims(groups="eng, sre ops"), SECRET, algorithm="HS256")
-    assert verifier.verify(token).groups == ("eng", "sre", "ops")
+    assert (await verifier.verify(token)).groups == ("eng", "sre", "ops")
 
 
 REJECTIONS: list[tuple[str, Any, str]] = [
@@ -125,9 +126,9 @@ def _tamper(token: str) -> str:
 
 
 @pytest.mark.parametrize(("case", "make", "reason"), REJECTIONS, ids=[r[0] for r in REJECTIONS])
-def test_rejections(verifier: Verifier, case: str, make: Any, reason: str) -> None:
+async def test_rejections(verifier: Verifier, case: str, make: Any, reason: str) -> None:
     with pytest.raises(IdentityError) as exc:
-        verifier.verify(make())
+        await verifier.verify(make())
     assert reason in str(exc.value), case
 
 
@@ -146,16 +147,16 @@ def test_cookie_only_when_bearer_disabled() -> None:
     assert v.token_from({}, {"c": "y"}) == "y"
 
 
-def test_mint_signs_with_dev_key_and_verifies() -> None:
+async def test_mint_signs_with_dev_key_and_verifies() -> None:
     s = IdentitySettings(
         hs_secret=Secret(SECRET), dev_key=Secret(SECRET), issuer=ISSUER, audience=AUDIENCE
     )
     token = mint(s, "alice", groups=("eng",), ttl=60)
-    assert Verifier(s).verify(token) == Identity("alice", ("eng",))
+    assert await Verifier(s).verify(token) == Identity("alice", ("eng",))
     assert jwt.decode(token, options={"verify_signature": False})["exp"] <= time.time() + 61
 
 
-def test_mint_with_rsa_dev_key_file(tmp_path: Path) -> None:
+async def test_mint_with_rsa_dev_key_file(tmp_path: Path) -> None:
     priv = tmp_path / "dev.pem"
     priv.write_bytes(
         RSA_KEY.private_bytes(
@@ -167,7 +168,7 @@ def test_mint_with_rsa_dev_key_file(tmp_path: Path) -> None:
     pub = tmp_path / "pub.pem"
     pub.write_bytes(pem_public(RSA_KEY))
     s = IdentitySettings(algorithms=("RS256",), public_key_files=(pub,), dev_key_file=priv)
-    assert Verifier(s).verify(mint(s, "bob")).subject == "bob"
+    assert (await Verifier(s).verify(mint(s, "bob"))).subject == "bob"
 
 
 def test_mint_refuses_without_dev_key() -> None:
@@ -175,30 +176,30 @@ def test_mint_refuses_without_dev_key() -> None:
         mint(IdentitySettings(hs_secret=Secret(SECRET)), "alice")
 
 
-def test_verified_token_cache_rechecks_exp(verifier: Verifier) -> None:
+async def test_verified_token_cache_rechecks_exp(verifier: Verifier) -> None:
     token = jwt.encode(claims(exp=int(time.time()) + 2), SECRET, algorithm="HS256")
-    assert verifier.verify(token).subject == "alice"
-    assert verifier.verify(token).subject == "alice"  # from the cache
-    time.sleep(2.1)
+    assert (await verifier.verify(token)).subject == "alice"
+    assert (await verifier.verify(token)).subject == "alice"  # from the cache
+    await asyncio.sleep(2.1)
     with pytest.raises(IdentityError, match="expired"):
-        verifier.verify(token)
+        await verifier.verify(token)
 
 
-def test_cache_is_bounded(tmp_path: Path) -> None:
+async def test_cache_is_bounded(tmp_path: Path) -> None:
     v = Verifier(IdentitySettings(hs_secret=Secret(SECRET), cache_size=3))
     for i in range(10):
-        v.verify(jwt.encode({"sub": f"u{i}", "exp": int(time.time()) + 60}, SECRET))
+        await v.verify(jwt.encode({"sub": f"u{i}", "exp": int(time.time()) + 60}, SECRET))
     assert len(v._cache) == 3
 
 
-def test_cache_does_not_accept_a_tampered_copy(verifier: Verifier) -> None:
+async def test_cache_does_not_accept_a_tampered_copy(verifier: Verifier) -> None:
     token = jwt.encode(claims(), SECRET, algorithm="HS256")
-    verifier.verify(token)
+    await verifier.verify(token)
     with pytest.raises(IdentityError):
-        verifier.verify(_tamper(token))
+        await verifier.verify(_tamper(token))
 
 
-def test_subject_and_groups_from_configured_claims() -> None:
+async def test_subject_and_groups_from_configured_claims() -> None:
     v = Verifier(
         IdentitySettings(
             hs_secret=Secret(SECRET), subject_claim="email", groups_claim="roles", leeway=0
@@ -209,7 +210,7 @@ def test_subject_and_groups_from_configured_claims() -> None:
          "exp": int(time.time()) + 60},
         SECRET,
     )  # fmt: skip
-    assert v.verify(token) == Identity("a@example.com", ("approver",))
+    assert await v.verify(token) == Identity("a@example.com", ("approver",), "a@example.com")
     no_email = jwt.encode({"sub": "123", "exp": int(time.time()) + 60}, SECRET)
     with pytest.raises(IdentityError, match="'email'"):
-        v.verify(no_email)
+        await v.verify(no_email)

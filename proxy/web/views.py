@@ -29,21 +29,19 @@ def page(request: web.Request, template: str, status: int = 200, **context: obje
     )
 
 
-def signed_in(request: web.Request) -> Identity | None:
-    """Return the verified identity of a request, if it carries a valid token."""
+async def signed_in(request: web.Request) -> Identity | None:
+    """Return the verified identity of a request, if it carries a valid one."""
     verifier = request.config_dict[AUTHORIZER][0].verifier
-    token = verifier.token_from(request.headers, request.cookies)
-    if token is None:
-        return None
     try:
-        return verifier.verify(token)
+        found = await verifier.identify(request.headers, request.cookies, request.remote)
     except IdentityError:
         return None
+    return found.identity if found is not None else None
 
 
 async def request_access(request: web.Request) -> web.Response:
     """Explain how to obtain a grant for the scope a refusal named, and under which rules."""
-    ident = signed_in(request)
+    ident = await signed_in(request)
     scope = request.query.get("scope")
     policy = request.config_dict[AUTHORIZER][0].policy
     rules = []
@@ -83,7 +81,7 @@ async def login(request: web.Request) -> web.Response:
     if cookie is None:
         raise web.HTTPNotFound(text="jitgate: cookie sign-in is disabled (identity.cookie)\n")
     try:
-        ident = request.config_dict[AUTHORIZER][0].verifier.verify(token)
+        ident = await request.config_dict[AUTHORIZER][0].verifier.verify(token)
     except IdentityError as exc:
         return page(request, "login.html", status=401, user=None, next=target, error=str(exc))
     response = web.HTTPSeeOther(target)

@@ -1,0 +1,139 @@
+"""Identity settings: the example config of each mode loads, and mistakes name their field."""
+
+from __future__ import annotations
+
+import re
+from ipaddress import ip_network
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from proxy import jwks
+from proxy.errors import ConfigErrors
+from proxy.identity import Verifier
+from proxy.settings import JWKS_ALGORITHMS, load
+
+
+def test_jwks_example_is_valid() -> None:
+    s = load(ROOT / "config" / "identity-jwks.example.yaml", environ={})
+    keycloak, auth0 = s.identity.issuers
+    assert keycloak.jwks_uri is None and keycloak.groups_claim == "realm_access.roles"
+    assert auth0.audience == ("https://jitgate.example.com", "jitgate")
+    assert auth0.groups_claim == ("https://example.com/groups",)
+    assert s.identity.algorithms == () and s.identity.hs_secret is None  # no local keys
+    assert s.identity.jwks_min_refetch_interval == 30 and s.identity.jwks_max_age == 3600
+    assert s.forward.assertion is not None and s.forward.assertion.ttl == 60
+    assert s.identity.dev_key is None
+
+
+def test_trusted_headers_example_is_valid() -> None:
+    s = load(ROOT / "config" / "identity-trusted-headers.example.yaml", environ={})
+    t = s.identity.trusted_headers
+    assert t is not None and t.sources == (ip_network("10.20.0.0/24"),)
+    assert (t.user, t.email, t.groups, t.assertion) == (
+        "X-Forwarded-User", "X-Forwarded-Email", "X-Forwarded-Groups", None,
+    )  # fmt: skip
+    assert s.identity.issuers == () and s.forward.user_headers
+
+
+def test_sso_assertion_example_is_valid() -> None:
+    s = load(ROOT / "config" / "identity-sso-assertion.example.yaml", environ={})
+    t = s.identity.trusted_headers
+    assert t is not None and t.assertion is not None
+    assert t.assertion_header == "X-Pomerium-Jwt-Assertion"
+    assert t.assertion.issuer == "authenticate.example.com"  # a host name: jwks_uri given
+    assert t.assertion.algorithms == ("ES256",)
+
+
+@pytest.mark.parametrize(
+    "name", ["identity-jwks", "identity-trusted-headers", "identity-sso-assertion"]
+)
+async def test_each_example_builds_a_verifier(name: str) -> None:
+    s = load(ROOT / "config" / f"{name}.example.yaml", environ={})
+    v = Verifier(s.identity)  # builds the key sets; fetching waits for warm_up
+    await v.close()
+
+
+def test_jwks_algorithms_match_what_proxy_jwks_verifies() -> None:
+    assert frozenset(JWKS_ALGORITHMS) == jwks.SUPPORTED_ALGORITHMS
+
+
+MISTAKES = [
+    ("issuers: [{issuer: 'http://login.example.com', audience: j}]",
+     "identity.issuers[0].issuer: must use https (http only on a loopback address)"),
+    ("issuers: [{issuer: 'https://a.test', audience: j, jwks_uri: 'http://keys.test/jwks'}]",
+     "identity.issuers[0].jwks_uri: must use https"),
+    ("issuers: [{issuer: 'https://a.test', audience: j, algorithms: [HS256]}]",
+     "identity.issuers[0].algorithms: unsupported algorithm 'HS256' (an HMAC secret cannot"),
+    ("issuers: [{issuer: 'https://a.test', audience: j, algorithms: [none]}]",
+     "identity.issuers[0].algorithms: unsupported algorithm 'none'"),
+    ("issuers: [{issuer: 'https://a.test'}]", "identity.issuers[0].audience: is required"),
+    ("issuers: [{issuer: 'https://a.test', audience: j}, {issuer: 'https://a.test', audience: k}]",
+     "identity.issuers[1].issuer: 'https://a.test' is listed twice"),
+    ("issuers: [{issuer: 'login.example.com', audience: j, jwks_uri: 'https://k.test/j'}]",
+     "identity.issuers[0].issuer: must be an http(s) URL"),
+    ("issuers: [{issuer: 'https://a.test', audience: j, kid: x}]",
+     "identity.issuers[0].kid: unknown field"),
+    ("issuers: {issuer: 'https://a.test'}", "identity.issuers: must be a list"),
+    ("jwks_min_refetch_interval: 0", "identity.jwks_min_refetch_interval: duration must be"),
+    ("trusted_headers: {user: X-User}", "identity.trusted_headers.from: is required"),
+    ("trusted_headers: {from: [0.0.0.0/0]}",
+     "identity.trusted_headers.from: '0.0.0.0/0' would trust every client"),
+    ("trusted_headers: {from: ['10.0.0.1/8']}",
+     "identity.trusted_headers.from: '10.0.0.1/8': 10.0.0.1/8 has host bits set"),
+    ("trusted_headers: {from: [10.0.0.0/8], user: X_User}",
+     "identity.trusted_headers.user: 'X_User' is not a header name"),
+    ("trusted_headers: {from: [10.0.0.0/8], assertion: {header: X-A, issuer: pomerium.test,"
+     " audience: j}}",
+     "identity.trusted_headers.assertion.jwks_uri: is required when the issuer is not a URL"),
+    ("trusted_headers: {from: [10.0.0.0/8], assertion: {issuer: 'https://a.test', audience: j}}",
+     "identity.trusted_headers.assertion.header: is required"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("line", "message"), MISTAKES)
+def test_identity_mistakes_name_the_field(tmp_path: Path, line: str, message: str) -> None:
+    cfg = tmp_path / "jitgate.yaml"
+    cfg.write_text(f"upstream: {{url: 'http://127.0.0.1:8081'}}\nidentity:\n  {line}\n")
+    with pytest.raises(ConfigErrors) as err:
+        load(cfg, environ={})
+    assert f"{cfg}:3: {message}" in str(err.value)
+
+
+def test_a_local_issuer_cannot_also_be_a_jwks_issuer(tmp_path: Path) -> None:
+    cfg = tmp_path / "jitgate.yaml"
+    cfg.write_text(
+        "upstream: {url: 'http://127.0.0.1:8081'}\n"
+        f"identity:\n  hs_secret: {'s' * 32}\n  issuer: 'https://a.test'\n"
+        "  issuers: [{issuer: 'https://a.test', audience: j}]\n"
+    )
+    message = "identity.issuer: 'https://a.test' is also in identity.issuers"
+    with pytest.raises(ConfigErrors, match=re.escape(message)):
+        load(cfg, environ={})
+
+
+def test_loopback_http_is_allowed_and_local_keys_become_optional(tmp_path: Path) -> None:
+    cfg = tmp_path / "jitgate.yaml"
+    cfg.write_text(
+        "upstream: {url: 'http://127.0.0.1:8081'}\n"
+        "identity:\n  issuers: [{issuer: 'http://127.0.0.1:9000', audience: [a, b]}]\n"
+    )
+    s = load(cfg, environ={}).identity
+    assert s.issuers[0].audience == ("a", "b") and s.issuers[0].algorithms == ("RS256",)
+    assert s.algorithms == ()  # no hs_secret needed
+    # Without issuers or trusted headers the local keys are still required.
+    cfg.write_text("upstream: {url: 'http://127.0.0.1:8081'}\n")
+    with pytest.raises(ConfigErrors, match=re.escape("identity.hs_secret: is required")):
+        load(cfg, environ={})
+
+
+def test_forward_underscore_switch_and_user_headers(tmp_path: Path) -> None:
+    cfg = tmp_path / "jitgate.yaml"
+    cfg.write_text(
+        f"upstream: {{url: 'http://127.0.0.1:8081'}}\nidentity: {{hs_secret: {'s' * 32}}}\n"
+        "forward: {reject_underscore_headers: false, user_headers: true, assertion: false}\n"
+    )
+    fwd = load(cfg, environ={}).forward
+    assert not fwd.reject_underscore_headers and fwd.user_headers and fwd.assertion is None
+    assert load(ROOT / "config" / "jitgate.yaml", environ={}).forward.reject_underscore_headers
