@@ -9,11 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
-from redis.asyncio import ConnectionPool, Redis
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
+from redis.asyncio import Redis
 
 from . import api, audit, auditsinks, metrics, ops, policy
 from . import web as pages
@@ -31,7 +27,7 @@ from .appkeys import (
     WORKFLOW,
 )  # fmt: skip
 from .assertion import AssertionSigner
-from .auditstore import AuditStore
+from .auditstore import AuditStore, store_for
 from .authorize import Authorizer
 from .forward import Forwarder, UpstreamConfig
 from .grants import RedisGrants
@@ -39,7 +35,7 @@ from .identity import Verifier
 from .live import LiveConnections, follow_revocations
 from .middleware import Gate
 from .notify import Notifier
-from .redisd import EmbeddedRedis
+from .redisd import EmbeddedRedis, connect_redis
 from .reload import RELOADER, PolicyReloader
 from .settings import Settings
 from .web import views
@@ -50,38 +46,11 @@ log = logging.getLogger("jitgate")
 GATE = web.AppKey("gate", Gate)
 
 
-def connect_redis(url: str, timeout: float, max_connections: int = 512) -> Redis:
-    """Return a client that fails fast, so a dead Redis means a quick 503, not a hang.
-
-    A plain pool: redis-py's blocking pool, which queues callers past the limit, cost
-    about 7% of jitgate's throughput in `make bench`. Past max_connections concurrent
-    Redis calls a request fails closed (503) instead of waiting.
-    """
-    pool = ConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
-    return Redis(connection_pool=pool)
-
-
-def audit_store(settings: Settings, redis: Redis) -> AuditStore | None:
-    """Return the Redis audit trail (the sink queries read), or None when it is off."""
-    a = settings.audit.redis
-    if a is None:
-        return None
-    key = settings.redis.key_prefix + a.stream
-    return AuditStore(redis, key, maxlen=a.maxlen, retention=a.retention)
-
-
 def audit_sinks(settings: Settings, redis: Redis | None) -> list[audit.Sink]:
     """Build the configured audit sinks."""
     a = settings.audit
     sinks: list[audit.Sink] = []
-    store = audit_store(settings, redis) if redis is not None else None
+    store = store_for(settings, redis) if redis is not None else None
     if store is not None:
         sinks.append(store)
     if a.file is not None:

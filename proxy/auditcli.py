@@ -18,8 +18,9 @@ from urllib.parse import quote, urlencode
 from redis.exceptions import RedisError
 
 from . import auditquery
-from .auditstore import AuditStore, Page, Query
+from .auditstore import AuditStore, Page, Query, store_for
 from .cli import EXIT_FINDING, EXIT_OK, UsageError, api_args, api_url, config_arg, redis_url_for
+from .redisd import connect_redis
 from .settings import Settings
 
 
@@ -150,10 +151,8 @@ class _RedisSource:
     def __init__(self, settings: Settings) -> None:
         if settings.audit.redis is None:
             raise UsageError("the Redis audit stream is off (audit.redis: null): nothing to query")
-        from .app import audit_store, connect_redis
-
         self.redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
-        store = audit_store(settings, self.redis)
+        store = store_for(settings, self.redis)
         assert store is not None
         self.store: AuditStore = store
 
@@ -215,7 +214,6 @@ class _ApiSource:
 
 
 async def _verify(args: argparse.Namespace, settings: Settings) -> int:
-    from .app import connect_redis
     from .auditchain import Verifier, file_lines, stream_entries
 
     a = settings.audit

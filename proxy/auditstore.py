@@ -46,6 +46,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from .settings import Settings
+
 log = logging.getLogger("jitgate.auditstore")
 
 Record = dict[str, Any]
@@ -767,3 +769,12 @@ def _note_access(
     res["last"] = when
     status = str(rec.get("status"))
     res["statuses"][status] = res["statuses"].get(status, 0) + 1
+
+
+def store_for(settings: Settings, redis: Redis) -> AuditStore | None:
+    """Return the configured Redis audit trail, or None when `audit.redis` is off."""
+    a = settings.audit.redis
+    if a is None:
+        return None
+    key = settings.redis.key_prefix + a.stream
+    return AuditStore(redis, key, maxlen=a.maxlen, retention=a.retention)

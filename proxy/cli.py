@@ -264,9 +264,10 @@ def _actor(by: str | None) -> str:
 
 async def _grants(args: argparse.Namespace, settings: Settings) -> int:
     from . import policy
-    from .app import connect_redis, make_audit_log
+    from .app import make_audit_log
     from .grants import RedisGrants
     from .metrics import Metrics
+    from .redisd import connect_redis
     from .workflow import grant_record
 
     compiled = policy.load(settings.policy_file)  # every audit record names its version
@@ -331,9 +332,9 @@ async def _grants(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _explain(args: argparse.Namespace, settings: Settings) -> int:
     from . import policy, policytest
-    from .app import connect_redis
     from .grants import RedisGrants
     from .identity import Identity
+    from .redisd import connect_redis
 
     if not policytest.METHOD.match(args.method):
         raise UsageError(f"invalid METHOD {args.method!r}")

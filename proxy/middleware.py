@@ -148,10 +148,12 @@ class Gate:
         if upstream_error:
             reasons.append(f"upstream error: {upstream_error}")
         policy = self.authorizer().policy
+        user = decision.identity.subject if decision.identity else None
         self.audit.emit(
             audit.record(
                 "access.allow" if decision.allow else "access.deny",
-                user=decision.identity.subject if decision.identity else None,
+                actor=user,  # who made the request: the subject, for an access
+                user=user,
                 scope=decision.scope,
                 recording=policy.recording_of(decision.scope),
                 grant_id=decision.grant_id,

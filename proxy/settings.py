@@ -359,6 +359,30 @@ class _Reader:
             return default
         return tuple(value)
 
+    def mappings(self, s: Node, key: str, at: str, shape: str, item: str) -> list[tuple[str, Node]]:
+        """Return (where, node) for each mapping in the list at s[key]; report the others.
+
+        shape describes the list's items for an error ("{url, format}"), item what each
+        must be ("a mapping with a url").
+        """
+        raw = s.get(key)
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            self.error(s, key, at, f"must be a list of {shape}")
+            return []
+        out = []
+        for i, value in enumerate(raw):
+            where = f"{at}[{i}]"
+            if not isinstance(value, dict):
+                if isinstance(raw, Seq):
+                    self.error(raw, i, where, f"must be {item}")
+                else:  # a list from an environment variable: no lines of its own
+                    self.error(s, key, where, f"must be {item}")
+                continue
+            out.append((where, value if isinstance(value, Node) else _node(value, s.line_of(key))))
+        return out
+
 
 def _kind_name(kind: type[Any]) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
@@ -703,21 +727,11 @@ def _issuer(r: _Reader, node: Node, where: str, *, url_issuer: bool) -> IssuerSe
 
 
 def _issuers(r: _Reader, s: Node) -> tuple[IssuerSettings, ...]:
-    at = "identity.issuers"
-    raw = s.get("issuers")
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        r.error(s, "issuers", at, "must be a list of {issuer, audience, algorithms, jwks_uri}")
-        return ()
     out: list[IssuerSettings] = []
-    for i, item in enumerate(raw):
-        where = f"{at}[{i}]"
-        if not isinstance(item, dict):
-            r.error(raw if isinstance(raw, Seq) else s, i if isinstance(raw, Seq) else "issuers",
-                    where, "must be a mapping with an issuer and an audience")  # fmt: skip
-            continue
-        node = item if isinstance(item, Node) else _node(item, s.line_of("issuers"))
+    for where, node in r.mappings(
+        s, "issuers", "identity.issuers", "{issuer, audience, algorithms, jwks_uri}",
+        "a mapping with an issuer and an audience",
+    ):  # fmt: skip
         if "header" in node:
             r.error(node, "header", f"{where}.header", "only trusted_headers.assertion has one")
         cfg = _issuer(r, node, where, url_issuer=True)
@@ -951,21 +965,11 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _http_sinks(r: _Reader, s: Node) -> tuple[HttpSinkSettings, ...]:
-    at = "audit.http"
-    raw = s.get("http")
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        r.error(s, "http", at, "must be a list of {name, url, format, headers, timeout, gzip}")
-        return ()
     sinks: list[HttpSinkSettings] = []
-    for i, item in enumerate(raw):
-        where = f"{at}[{i}]"
-        if not isinstance(item, dict):
-            r.error(raw if isinstance(raw, Seq) else s, i if isinstance(raw, Seq) else "http",
-                    where, "must be a mapping with a name and a url")  # fmt: skip
-            continue
-        node = item if isinstance(item, Node) else _node(item, s.line_of("http"))
+    for where, node in r.mappings(
+        s, "http", "audit.http", "{name, url, format, headers, timeout, gzip}",
+        "a mapping with a name and a url",
+    ):  # fmt: skip
         r.known(node, {"name", "url", "format", "headers", "timeout", "gzip"}, where)
         name = r.get(node, "name", str, "", f"{where}.name")
         if not _ID_RE.fullmatch(name):
@@ -1065,23 +1069,11 @@ def _notifications(r: _Reader, s: Node) -> NotificationSettings:
 
 
 def _webhooks(r: _Reader, s: Node) -> tuple[WebhookSettings, ...]:
-    at = "notifications.webhooks"
-    raw = s.get("webhooks")
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        r.error(s, "webhooks", at, "must be a list of {url, format, events, timeout}")
-        return ()
     hooks = []
-    for i, item in enumerate(raw):
-        where = f"{at}[{i}]"
-        if not isinstance(item, dict):
-            if isinstance(raw, Seq):
-                r.error(raw, i, where, "must be a mapping with a url")
-            else:
-                r.error(s, "webhooks", where, "must be a mapping with a url")
-            continue
-        node = item if isinstance(item, Node) else _node(item, s.line_of("webhooks"))
+    for where, node in r.mappings(
+        s, "webhooks", "notifications.webhooks", "{url, format, events, timeout}",
+        "a mapping with a url",
+    ):  # fmt: skip
         r.known(node, {"url", "format", "events", "timeout"}, where)
         url = r.get(node, "url", str, "", f"{where}.url")
         if not url:
