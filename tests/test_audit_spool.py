@@ -238,3 +238,29 @@ async def test_unwritable_spool_directory(tmp_path: Path) -> None:
     await log.start()
     assert not log.writable() and log.spool is None
     await log.close()
+
+
+async def test_a_crash_with_records_beyond_memory_replays_them_all_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("proxy.auditspool.SEGMENT_BYTES", 2000)  # many segments
+    sink = ListSink("s")
+    sink.down = True
+    dead = make_log([sink], tmp_path, queue_max=20, batch_size=7)
+    await dead.start()
+    ids = emit_many(dead, 150)
+    await dead.flush(force=True)  # fails: the sink is down
+    assert dead.stats()["s"] == (150, 130)
+    assert dead._task is not None and dead.spool is not None and dead.spool._lock is not None
+    dead._task.cancel()
+    dead.spool._lock.close()  # the process dies: its lock goes with it
+    dead.spool._lock = None
+
+    sink.down = False
+    heir = make_log([sink], tmp_path, queue_max=20, batch_size=7)
+    await heir.start()
+    later = emit_many(heir, 10, 150)
+    await until(lambda: len(sink.lines) == 160)
+    assert sink.ids() == ids + later
+    await heir.close()
+    assert not entries(tmp_path)
