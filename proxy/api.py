@@ -17,10 +17,11 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from . import auditquery
-from .appkeys import AUDIT_STORE, AUTHORIZER, SETTINGS, WORKFLOW
+from .appkeys import AUDIT_STORE, AUTHORIZER, SESSIONS, SETTINGS, WORKFLOW
 from .auditstore import AuditStore
 from .grants import STATES, Grant
 from .identity import Identity, IdentityError
+from .origin import same_origin
 from .settings import parse_duration
 from .workflow import WorkflowError
 
@@ -39,24 +40,25 @@ def _grant(grant: Grant) -> dict[str, Any]:
 
 async def _identity(request: web.Request, *, changes_state: bool) -> Identity:
     verifier = request.config_dict[AUTHORIZER][0].verifier
+    sessions = request.config_dict.get(SESSIONS)
+    session = sessions.lookup(request) if sessions is not None else None
     try:
-        found = await verifier.identify(request.headers, request.cookies, request.remote)
+        found = await verifier.identify(request.headers, request.cookies, request.remote, session)
     except IdentityError as exc:
         raise WorkflowError(401, "unauthenticated", str(exc)) from None
     if found is None:
         reason = verifier.no_identity_reason(request.headers, request.remote)
         raise WorkflowError(401, "unauthenticated", reason)
-    # The cookie, and an SSO proxy's headers, come with any request the browser makes.
+    # The cookies (token, session), and an SSO proxy's headers, come with any request the
+    # browser makes.
     if changes_state and found.ambient and not _same_origin(request):
         raise WorkflowError(403, "cross_site", "cross-site request refused")
     return found.identity
 
 
 def _same_origin(request: web.Request) -> bool:
-    origin = request.headers.get("Origin")
-    if origin is not None:
-        return origin == str(request.url.origin())
-    return request.headers.get("Sec-Fetch-Site") == "same-origin"
+    oidc = request.config_dict[SETTINGS].identity.oidc
+    return same_origin(request, oidc.public_url if oidc is not None else None)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

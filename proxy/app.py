@@ -22,7 +22,9 @@ from .appkeys import (
     LIVE,
     METRICS,
     NOTIFIER,
+    OIDC,
     REDIS,
+    SESSIONS,
     SETTINGS,
     WORKFLOW,
 )  # fmt: skip
@@ -35,10 +37,12 @@ from .identity import Verifier
 from .live import LiveConnections, follow_revocations
 from .middleware import Gate
 from .notify import Notifier
+from .oidc import OidcClient
 from .redisd import EmbeddedRedis, connect_redis
 from .reload import RELOADER, PolicyReloader
+from .session import Sessions
 from .settings import Settings
-from .web import views
+from .web import signin, views
 from .workflow import Workflow
 
 log = logging.getLogger("jitgate")
@@ -119,13 +123,25 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     own.router.add_get("/request", views.request_access)
     own.router.add_get("/login", views.login_form)
     own.router.add_post("/login", views.login)
-    own.router.add_get("/logout", views.logout)
+    own.router.add_get("/logout", signin.logout_form)
+    own.router.add_post("/logout", signin.logout)
+    oidc = settings.identity.oidc
+    if oidc is not None:
+        own.router.add_get("/oidc/login", signin.oidc_login)
+        own.router.add_get(oidc.redirect_path.removeprefix(settings.prefix), signin.oidc_callback)
     own.router.add_static("/static", pages.STATIC_DIR)
     api.add_routes(own)
     own.router.add_route("*", "/{tail:.*}", _not_found)
     app.add_subapp(settings.prefix, own)
     app.router.add_route("*", "/{tail:.*}", _gate_handler)
+    app.on_response_prepare.append(_save_session)
     return app
+
+
+async def _save_session(request: web.Request, response: web.StreamResponse) -> None:
+    sessions = request.config_dict.get(SESSIONS)
+    if sessions is not None:
+        await sessions.on_prepare(request, response)
 
 
 async def start_verifier(settings: Settings, http: aiohttp.ClientSession) -> Verifier:
@@ -166,6 +182,27 @@ def _lifecycle(compiled: policy.Policy) -> Callable[[web.Application], AsyncIter
         app[REDIS] = redis
         grants = RedisGrants(redis, settings.redis.key_prefix)
         app[GRANTS] = grants
+        sessions = oidc = None
+        ident = settings.identity
+        if ident.session is not None:
+            sessions = Sessions(ident.session, redis=redis, key_prefix=settings.redis.key_prefix)
+            app[SESSIONS] = sessions
+        if ident.oidc is not None and sessions is not None:
+            oidc = OidcClient(
+                ident.oidc,
+                sessions.fernet,
+                session=http,
+                prefix=settings.prefix,
+                leeway=ident.leeway,
+                max_token_bytes=ident.max_token_bytes,
+                min_refetch_interval=ident.jwks_min_refetch_interval,
+                max_age=ident.jwks_max_age,
+            )
+            error = await oidc.warm_up()
+            if error is not None:
+                # Not fatal, like any issuer: sign-in retries discovery when asked to.
+                log.warning("identity.oidc: %s not reachable (%s)", ident.oidc.issuer, error)
+            app[OIDC] = oidc
         audit_log = make_audit_log(settings, redis, m)
         await audit_log.start()
         app[AUDIT] = audit_log
@@ -207,7 +244,7 @@ def _lifecycle(compiled: policy.Policy) -> Callable[[web.Application], AsyncIter
         app[WORKFLOW] = Workflow(
             lambda: slot[0].policy, grants, audit_log, settings.admins, notifier
         )
-        app[GATE] = Gate(settings, lambda: slot[0], forwarder, audit_log, m, live, signer)
+        app[GATE] = Gate(settings, lambda: slot[0], forwarder, audit_log, m, live, signer, sessions)
         sweeper = asyncio.create_task(
             _sweep_forever(app[WORKFLOW], settings.sweep_interval, m), name="grant-sweeper"
         )
@@ -233,6 +270,8 @@ def _lifecycle(compiled: policy.Policy) -> Callable[[web.Application], AsyncIter
             if embedded is not None:
                 await embedded.stop()
             await verifier.close()
+            if oidc is not None:
+                await oidc.close()
             await http.close()
 
     return ctx

@@ -13,6 +13,8 @@ from .grants import RedisGrants
 from .live import LiveConnections
 from .metrics import Metrics
 from .notify import Notifier
+from .oidc import OidcClient
+from .session import Sessions
 from .settings import Settings
 from .workflow import Workflow
 
@@ -26,5 +28,7 @@ LIVE = web.AppKey("live", LiveConnections)
 WORKFLOW = web.AppKey("workflow", Workflow)
 NOTIFIER = web.AppKey("notifier", Notifier)  # set only when webhooks are configured
 ASSERTION = web.AppKey("assertion", AssertionSigner)  # set when forward.assertion is on
+SESSIONS = web.AppKey("sessions", Sessions)  # set when identity.oidc (or .session) is on
+OIDC = web.AppKey("oidc", OidcClient)  # set when identity.oidc is on
 # One slot holding the current Authorizer: a reload swaps it whole.
 AUTHORIZER = web.AppKey("authorizer", list[Authorizer])

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from .identity import Identity, IdentityError, Verifier
+from .identity import Identity, IdentityError, SessionLookup, Verifier
 from .policy import Access, Match, Policy
 
 
@@ -48,14 +48,19 @@ class Authorizer:
         headers: Mapping[str, str],
         cookies: Mapping[str, str],
         peer: str | None = None,
+        session: SessionLookup | None = None,
     ) -> Decision:
-        """Decide a request from what it carries; `peer` is its TCP peer's address."""
+        """Decide a request from what it carries; `peer` is its TCP peer's address.
+
+        `session` gives the browser session's identity; it is read only for routes that
+        need an identity.
+        """
         match = self.policy.match(method, path)
         ident, why = None, "no credentials"
         if match.access is not Access.PUBLIC and match.access is not Access.BLOCKED:
             # Only here does identity matter: public and blocked routes skip the token.
             try:
-                found = await self.verifier.identify(headers, cookies, peer)
+                found = await self.verifier.identify(headers, cookies, peer, session)
             except IdentityError as exc:
                 why = str(exc)
             else:

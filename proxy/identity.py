@@ -44,7 +44,7 @@ class IdentityError(Exception):
 
 @dataclass(frozen=True)
 class Found:
-    """An identity and where it came from: bearer, cookie, headers or assertion."""
+    """An identity and where it came from: bearer, session, cookie, headers or assertion."""
 
     identity: Identity
     source: str
@@ -53,11 +53,14 @@ class Found:
     def ambient(self) -> bool:
         """Whether a browser sends it by itself, so that another site's request carries it.
 
-        True for jitgate's cookie and for an SSO proxy's headers (the proxy adds them for
-        any request that carries its own session cookie).
+        True for jitgate's cookies (token or session) and for an SSO proxy's headers (the
+        proxy adds them for any request that carries its own session cookie).
         """
         return self.source != "bearer"
 
+
+# The identity of a browser session, read only when a decision needs it (proxy.session).
+SessionLookup = Callable[[], Awaitable[Identity | None]]
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 _MAX_HEADER_VALUE = 4096  # an SSO proxy's user or group list; longer is refused
@@ -180,12 +183,19 @@ class Verifier:
         return None
 
     async def identify(
-        self, headers: Mapping[str, str], cookies: Mapping[str, str], peer: str | None
+        self,
+        headers: Mapping[str, str],
+        cookies: Mapping[str, str],
+        peer: str | None,
+        session: SessionLookup | None = None,
     ) -> Found | None:
         """Return who the request is from, None if it says nothing, or raise IdentityError.
 
         `peer` is the TCP peer's address (request.remote), which decides whether an SSO
-        proxy's headers are believed.
+        proxy's headers are believed. `session` gives the browser session's identity, if
+        OIDC sign-in is on; it comes after a bearer token (API clients keep using those)
+        and before the token cookie. A bad or expired session is no session, not an error:
+        the browser is sent to sign in again.
         """
         if self.trusted is not None and self.trusts(peer):
             found = await self._from_proxy(self.trusted, headers)
@@ -194,6 +204,10 @@ class Verifier:
         token = self._bearer(headers)
         if token is not None:
             return Found(await self.verify(token), "bearer")
+        if session is not None:
+            ident = await session()
+            if ident is not None:
+                return Found(ident, "session")
         token = self._cookie(cookies)
         if token is not None:
             return Found(await self.verify(token), "cookie")
@@ -354,6 +368,15 @@ class Verifier:
             except jwt.InvalidTokenError as exc:
                 raise IdentityError(f"invalid token: {_safe(str(exc))}") from None
         raise IdentityError("token signature does not verify") from last
+
+    def identity_of(self, claims: Mapping[str, Any]) -> Identity:
+        """Map verified claims (an OIDC ID token's) with the identity.*_claim settings."""
+        try:
+            return self._identity(claims, self._claims)
+        except IdentityError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise IdentityError(f"claims unusable: {_safe(str(exc))}") from None
 
     def _identity(self, claims: Mapping[str, Any], cmap: claim.ClaimMap) -> Identity:
         subject = claim.lookup(claims, cmap.subject)

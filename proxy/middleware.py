@@ -20,6 +20,7 @@ from .forward import Forwarder, Outcome
 from .live import LiveConnections
 from .metrics import Metrics
 from .paths import normalise, split_target
+from .session import Sessions
 from .settings import Settings
 
 
@@ -41,6 +42,7 @@ class Gate:
         metrics: Metrics,
         live: LiveConnections,
         assertion: AssertionSigner | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         self.settings = settings
         self.authorizer = authorizer
@@ -49,6 +51,9 @@ class Gate:
         self.metrics = metrics
         self.live = live
         self.assertion = assertion
+        self.sessions = sessions
+        # With OIDC, a browser without a session goes to the provider, not to a 401 page.
+        self.sso_login = settings.identity.oidc is not None
         self.prefix = settings.prefix
         self.strict = settings.audit.strict
         fwd = settings.forward
@@ -68,9 +73,13 @@ class Gate:
         # Compared as the forwarder compares them: lower case, "_" read as "-".
         self.drop_headers = frozenset(n.lower().replace("_", "-") for n in names)
         cookie = settings.identity.cookie
-        self.drop_cookies: frozenset[str] = frozenset()
+        drop: set[str] = set()
         if cookie is not None and not fwd.pass_identity_cookie:
-            self.drop_cookies = frozenset({cookie})
+            drop.add(cookie)
+        if settings.identity.session is not None:
+            # The session is jitgate's alone: never the upstream's, whatever pass_* says.
+            drop.add(settings.identity.session.cookie)
+        self.drop_cookies = frozenset(drop)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -93,8 +102,9 @@ class Gate:
             # The prefix belongs to jitgate: never forward it, however it was spelled.
             raise web.HTTPNotFound(text=f"jitgate: no such endpoint under {self.prefix}\n")
 
+        session = self.sessions.lookup(request) if self.sessions is not None else None
         decision = await self.authorizer().decide(
-            request.method, path, request.headers, request.cookies, request.remote
+            request.method, path, request.headers, request.cookies, request.remote, session
         )
         if decision.allow and decision.scope is not None and self.strict:
             decision = self._strict(decision)
@@ -223,6 +233,14 @@ class Gate:
         )
         return web.Response(status=400, text=f"jitgate: bad request {what}: {reason}\n")
 
+    def _to_provider(self, request: web.Request) -> bool:
+        return (
+            self.sso_login
+            and request.method in ("GET", "HEAD")
+            and wants_html(request)
+            and "Authorization" not in request.headers
+        )
+
     def _refuse(self, request: web.Request, decision: Decision, path: str) -> web.Response:
         request_url = None
         if decision.scope and decision.status == 403 and decision.outcome == "deny":
@@ -233,6 +251,13 @@ class Gate:
         login_url = None
         if decision.status == 401:
             login_url = str(URL(f"{self.prefix}/login").with_query(next=request.path_qs))
+            if self._to_provider(request):
+                # Only a page the browser navigated to: a redirect would lose a POST's body,
+                # and a script's fetch cannot follow it to another origin anyway.
+                sso = URL(f"{self.prefix}/oidc/login").with_query(next=request.path_qs)
+                return web.Response(
+                    status=302, headers={"Location": str(sso), "Cache-Control": "no-store"}
+                )
         error = {
             401: "unauthenticated",
             403: "blocked" if decision.outcome == "blocked" else "access_denied",

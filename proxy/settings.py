@@ -9,6 +9,7 @@ Values are parsed as YAML scalars, so `JITGATE_AUDIT__STDOUT=true` is a bool.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import math
 import os
@@ -122,6 +123,41 @@ class TrustedHeadersSettings:
 
 
 @dataclass(frozen=True)
+class OidcSettings:
+    """Browser sign-in with an OpenID Connect provider: authorization code with PKCE (S256)."""
+
+    issuer: str
+    client_id: str
+    public_url: str  # how browsers reach jitgate, e.g. https://jitgate.example.com
+    redirect_path: str  # default {prefix}/oidc/callback; must lie under the prefix
+    client_secret: Secret | None = None  # None: a public client, PKCE is its only proof
+    scopes: tuple[str, ...] = ("openid", "email", "profile")
+    algorithms: tuple[str, ...] = ("RS256",)  # the ID token's
+    post_logout_redirect: str | None = None  # None: public_url + {prefix}/login
+    extra_auth_params: tuple[tuple[str, str], ...] = ()  # e.g. (("prompt", "login"),)
+    login_timeout: float = 300.0  # state, nonce and PKCE verifier expire after this
+
+    @property
+    def redirect_uri(self) -> str:
+        return self.public_url + self.redirect_path
+
+
+SESSION_STORES = ("cookie", "redis")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """The browser session an OIDC sign-in starts: encrypted, with server-side lifetimes."""
+
+    keys: tuple[Secret, ...]  # Fernet keys: the first encrypts, every one decrypts
+    cookie: str = "jitgate_session"
+    secure: bool = True  # false only when identity.oidc.public_url is http on loopback
+    max_age: float = 8 * 3600.0  # absolute lifetime from sign-in
+    idle_timeout: float = 3600.0  # ends after this long without a request
+    store: str = "cookie"  # cookie: the whole session, encrypted; redis: only a random id
+
+
+@dataclass(frozen=True)
 class IdentitySettings:
     bearer: bool = True
     cookie: str | None = "jitgate_token"
@@ -139,6 +175,8 @@ class IdentitySettings:
     groups_delimiter: str | None = None  # None: commas or whitespace
     group_aliases: tuple[tuple[str, str], ...] = ()  # IdP group name -> the policy's name
     trusted_headers: TrustedHeadersSettings | None = None
+    oidc: OidcSettings | None = None
+    session: SessionSettings | None = None
     leeway: float = 30.0
     max_token_bytes: int = 8192
     cache_size: int = 10_000  # verified tokens remembered until their exp (LRU)
@@ -492,7 +530,10 @@ def validate(
         max_connections=r.positive(s, "max_connections", int, 512, "redis.max_connections"),
     )
 
-    identity = _identity(r, r.section(raw, "identity", "identity"), base)
+    prefix = r.get(raw, "prefix", str, "/_jit", "prefix").rstrip("/")
+    if not prefix.startswith("/") or len(prefix) < 2 or "//" in prefix:
+        r.error(raw, "prefix", "prefix", "must be an absolute path such as /_jit")
+    identity = _identity(r, r.section(raw, "identity", "identity"), base, prefix)
 
     state_dir = _resolve(base, r.get(raw, "state_dir", str, "../.jitgate", "state_dir"))
     audit = _audit(r, r.section(raw, "audit", "audit"), base, state_dir)
@@ -513,9 +554,6 @@ def validate(
 
     notifications = _notifications(r, r.section(raw, "notifications", "notifications"))
 
-    prefix = r.get(raw, "prefix", str, "/_jit", "prefix").rstrip("/")
-    if not prefix.startswith("/") or len(prefix) < 2 or "//" in prefix:
-        r.error(raw, "prefix", "prefix", "must be an absolute path such as /_jit")
     settings = Settings(
         file=path,
         listen=listen,
@@ -538,12 +576,12 @@ def validate(
     return settings
 
 
-def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
+def _identity(r: _Reader, s: Node, base: Path, prefix: str) -> IdentitySettings:
     keys = {
         "bearer", "cookie", "algorithms", "hs_secret", "public_key_files", "issuer", "audience",
         "subject_claim", "groups_claim", "leeway", "max_token_bytes", "dev_key", "dev_key_file",
         "mint_ttl", "cache_size", "issuers", "jwks_min_refetch_interval", "jwks_max_age",
-        "email_claim", "groups_delimiter", "group_aliases", "trusted_headers",
+        "email_claim", "groups_delimiter", "group_aliases", "trusted_headers", "oidc", "session",
     }  # fmt: skip
     r.known(s, keys, "identity")
     issuers = _issuers(r, s)
@@ -551,6 +589,12 @@ def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
     if s.get("trusted_headers") is not None:
         node = r.section(s, "trusted_headers", "identity.trusted_headers")
         trusted = _trusted_headers(r, node)
+    oidc = None
+    if s.get("oidc") is not None:
+        oidc = _oidc(r, r.section(s, "oidc", "identity.oidc"), prefix)
+    session = None
+    if s.get("session") is not None or oidc is not None:
+        session = _session(r, s, oidc)
     hs_secret = r.optional_str(s, "hs_secret", None, "identity.hs_secret")
     key_files = tuple(
         _resolve(base, f)
@@ -558,7 +602,8 @@ def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
     )
     # The local keys (hs_secret, public_key_files) are optional once tokens can come from
     # an issuer's JWKS or an SSO proxy: then `algorithms` defaults to none of them.
-    local_default = ("HS256",) if not (issuers or trusted) or hs_secret or key_files else ()
+    remote = issuers or trusted or oidc
+    local_default = ("HS256",) if not remote or hs_secret or key_files else ()
     algorithms = r.str_list(s, "algorithms", local_default, "identity.algorithms")
     for alg in algorithms:
         if alg not in SUPPORTED_ALGORITHMS:
@@ -566,7 +611,7 @@ def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
                 s, "algorithms", "identity.algorithms",
                 f"unsupported algorithm {alg!r} (allowed: {', '.join(SUPPORTED_ALGORITHMS)})",
             )  # fmt: skip
-    if not algorithms and not (issuers or trusted):
+    if not algorithms and not remote:
         r.error(s, "algorithms", "identity.algorithms", "must name at least one algorithm")
     for key_file in key_files:
         if not key_file.is_file():
@@ -591,7 +636,7 @@ def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
     dev_key_file = r.optional_str(s, "dev_key_file", None, "identity.dev_key_file")
     bearer = r.get(s, "bearer", bool, True, "identity.bearer")
     cookie = r.optional_str(s, "cookie", "jitgate_token", "identity.cookie") or None
-    if not bearer and not cookie and trusted is None:
+    if not bearer and not cookie and trusted is None and oidc is None:
         r.error(s, "cookie", "identity.cookie", "a cookie name is required when bearer is false")
     defaults = IdentitySettings()
     delimiter = r.optional_str(s, "groups_delimiter", None, "identity.groups_delimiter")
@@ -616,6 +661,8 @@ def _identity(r: _Reader, s: Node, base: Path) -> IdentitySettings:
         groups_delimiter=delimiter or None,
         group_aliases=_aliases(r, s),
         trusted_headers=trusted,
+        oidc=oidc,
+        session=session,
         leeway=r.get(s, "leeway", float, 30.0, "identity.leeway"),
         max_token_bytes=r.positive(s, "max_token_bytes", int, 8192, "identity.max_token_bytes"),
         cache_size=r.positive(s, "cache_size", int, 10_000, "identity.cache_size"),
@@ -647,6 +694,152 @@ def _claim_path(
     message = "must be a dotted path (realm_access.roles) or a list of keys ([a.b, roles])"
     r.error(s, key, where, message)
     return default
+
+
+# Authorization-request parameters jitgate sets itself; extra_auth_params may not change them.
+_RESERVED_AUTH_PARAMS = frozenset(
+    {"client_id", "redirect_uri", "response_type", "scope", "state", "nonce"}
+    | {"code_challenge", "code_challenge_method", "response_mode", "request", "request_uri"}
+)
+
+
+def _oidc(r: _Reader, s: Node, prefix: str) -> OidcSettings:
+    at = "identity.oidc"
+    keys = {"issuer", "client_id", "client_secret", "scopes", "redirect_path", "public_url"}
+    keys |= {"post_logout_redirect", "extra_auth_params", "algorithms", "login_timeout"}
+    r.known(s, keys, at)
+    issuer = r.get(s, "issuer", str, "", f"{at}.issuer")
+    if not issuer:
+        r.error(s, "issuer", f"{at}.issuer", "is required: the provider's issuer URL")
+    else:
+        # Discovery, keys and the token endpoint (which gets the client secret) live there.
+        _secure_url(r, s, "issuer", f"{at}.issuer")
+    client_id = r.get(s, "client_id", str, "", f"{at}.client_id")
+    if not client_id:
+        r.error(s, "client_id", f"{at}.client_id", "is required")
+    secret = s.get("client_secret")
+    if secret is not None and not isinstance(secret, str):
+        # Never echo the value: it is a secret (an all-digit one parses as a number).
+        r.error(s, "client_secret", f"{at}.client_secret", "must be a string (quote it)")
+        secret = None
+    public_url = r.get(s, "public_url", str, "", f"{at}.public_url").rstrip("/")
+    url = _url(public_url) if public_url else None
+    if not public_url:
+        message = "is required: how browsers reach jitgate (https://jitgate.example.com)"
+        r.error(s, "public_url", f"{at}.public_url", message)
+    elif url is None or url.query_string or url.fragment or url.path not in ("", "/"):
+        message = f"must be an http(s) origin without path or query, got {public_url!r}"
+        r.error(s, "public_url", f"{at}.public_url", message)
+    elif url.scheme != "https" and not _loopback(url.host):
+        # The session cookie and the authorization code would cross the network in clear.
+        message = f"must use https (http only on a loopback address), got {public_url!r}"
+        r.error(s, "public_url", f"{at}.public_url", message)
+    redirect_path = r.get(s, "redirect_path", str, f"{prefix}/oidc/callback", f"{at}.redirect_path")
+    if not redirect_path.startswith(prefix + "/") or "//" in redirect_path or "?" in redirect_path:
+        message = f"must be a path under the prefix {prefix}/ (it is jitgate's own endpoint)"
+        r.error(s, "redirect_path", f"{at}.redirect_path", message)
+    scopes = r.str_list(s, "scopes", ("openid", "email", "profile"), f"{at}.scopes")
+    if "openid" not in scopes:
+        r.error(s, "scopes", f"{at}.scopes", "must include openid (else there is no ID token)")
+    if any(not x or " " in x for x in scopes):
+        r.error(s, "scopes", f"{at}.scopes", "must be scope names without spaces")
+    algorithms = r.str_list(s, "algorithms", ("RS256",), f"{at}.algorithms")
+    for alg in algorithms:
+        if alg not in JWKS_ALGORITHMS:
+            message = f"unsupported algorithm {alg!r} (allowed: {', '.join(JWKS_ALGORITHMS)})"
+            r.error(s, "algorithms", f"{at}.algorithms", message)
+    post_logout = r.optional_str(s, "post_logout_redirect", None, f"{at}.post_logout_redirect")
+    if post_logout is not None and _url(post_logout) is None:
+        message = f"must be an http(s) URL registered at the provider, got {post_logout!r}"
+        r.error(s, "post_logout_redirect", f"{at}.post_logout_redirect", message)
+    extra: list[tuple[str, str]] = []
+    raw_extra = s.get("extra_auth_params") or {}
+    if not isinstance(raw_extra, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw_extra.items()
+    ):
+        message = "must map parameter names to strings, e.g. {prompt: login}"
+        r.error(s, "extra_auth_params", f"{at}.extra_auth_params", message)
+        raw_extra = {}
+    for key, value in raw_extra.items():
+        if key in _RESERVED_AUTH_PARAMS:
+            message = f"{key} is set by jitgate and cannot be overridden"
+            r.error(s, "extra_auth_params", f"{at}.extra_auth_params", message)
+        extra.append((key, value))
+    return OidcSettings(
+        issuer=issuer,
+        client_id=client_id,
+        public_url=public_url,
+        redirect_path=redirect_path,
+        client_secret=Secret(secret) if secret else None,
+        scopes=scopes,
+        algorithms=algorithms or ("RS256",),
+        post_logout_redirect=post_logout,
+        extra_auth_params=tuple(extra),
+        login_timeout=_seconds(r, s, "login_timeout", 300.0, at),
+    )
+
+
+def _session(r: _Reader, identity: Node, oidc: OidcSettings | None) -> SessionSettings:
+    at = "identity.session"
+    s = r.section(identity, "session", at)
+    r.known(s, {"keys", "cookie", "secure", "max_age", "idle_timeout", "store"}, at)
+    raw_keys = s.get("keys")
+    keys: list[Secret] = []
+    if raw_keys is None:
+        message = (
+            "is required with identity.oidc: Fernet keys, the first encrypts (make one with "
+            '`python -c "from cryptography.fernet import Fernet; '
+            'print(Fernet.generate_key().decode())"`)'
+        )
+        r.error(identity if "session" not in identity else s, "keys", f"{at}.keys", message)
+    elif isinstance(raw_keys, str):
+        raw_keys = [raw_keys]
+    for i, key in enumerate(raw_keys if isinstance(raw_keys, list) else [None]):
+        # Never echo a key: it decrypts every session.
+        if not isinstance(key, str) or not _fernet_key(key):
+            message = "must be a Fernet key: 32 bytes in url-safe base64 (44 characters)"
+            r.error(s, "keys", f"{at}.keys[{i}]", message)
+            continue
+        keys.append(Secret(key))
+    cookie = r.get(s, "cookie", str, "jitgate_session", f"{at}.cookie")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", cookie):
+        r.error(s, "cookie", f"{at}.cookie", f"{cookie!r} is not a cookie name")
+    secure = r.get(s, "secure", bool, True, f"{at}.secure")
+    if not secure:
+        url = _url(oidc.public_url) if oidc is not None and oidc.public_url else None
+        if url is None or url.scheme != "http" or not _loopback(url.host):
+            message = (
+                "may be false only when identity.oidc.public_url is http on a loopback "
+                "address (development and tests)"
+            )
+            r.error(s, "secure", f"{at}.secure", message)
+    elif oidc is not None and oidc.public_url.startswith("http://"):
+        # A Secure cookie is never sent back over http: every sign-in would loop.
+        message = "must be false when identity.oidc.public_url is http (loopback development)"
+        r.error(s, "secure", f"{at}.secure", message)
+    store = r.get(s, "store", str, "cookie", f"{at}.store")
+    if store not in SESSION_STORES:
+        message = f"must be one of {', '.join(SESSION_STORES)}, got {store!r}"
+        r.error(s, "store", f"{at}.store", message)
+    max_age = _seconds(r, s, "max_age", 8 * 3600.0, at)
+    idle = _seconds(r, s, "idle_timeout", 3600.0, at)
+    if idle > max_age:
+        r.error(s, "idle_timeout", f"{at}.idle_timeout", "must not exceed identity.session.max_age")
+    return SessionSettings(
+        keys=tuple(keys),
+        cookie=cookie,
+        secure=secure,
+        max_age=max_age,
+        idle_timeout=idle,
+        store=store,
+    )
+
+
+def _fernet_key(text: str) -> bool:
+    try:
+        return len(base64.urlsafe_b64decode(text.encode("ascii"))) == 32 and len(text) == 44
+    except (ValueError, UnicodeEncodeError):
+        return False
 
 
 def _aliases(r: _Reader, s: Node) -> tuple[tuple[str, str], ...]:

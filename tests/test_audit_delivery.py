@@ -212,11 +212,13 @@ def test_sigkill_then_restart_replays_the_spool(
         return proc
 
     first = serve()
-    for _ in range(30):
-        assert http_get(port, "/static/app.css") == 404  # public, answered by the replay app
-    time.sleep(0.3)  # each record is written after its response
-    first.send_signal(signal.SIGKILL)  # nothing flushed: the flusher waits 30 s
-    first.wait()
+    try:
+        for _ in range(30):
+            assert http_get(port, "/static/app.css") == 404  # public, answered by the replay app
+        time.sleep(0.3)  # each record is written after its response
+    finally:
+        first.send_signal(signal.SIGKILL)  # nothing flushed: the flusher waits 30 s
+        first.wait()
     assert not (tmp_path / "audit.jsonl").exists() or not file_ids(tmp_path / "audit.jsonl")
 
     # The collector is up now; a new process adopts the dead one's spool and replays it.
@@ -225,8 +227,9 @@ def test_sigkill_then_restart_replays_the_spool(
         stdout=subprocess.PIPE,
     )
     env["JITGATE_AUDIT__FLUSH_INTERVAL"] = "0.05"
-    second = serve()
+    second: subprocess.Popen[bytes] | None = None
     try:
+        second = serve()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             path = tmp_path / "audit.jsonl"
@@ -236,7 +239,7 @@ def test_sigkill_then_restart_replays_the_spool(
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=20)
     finally:
-        if second.poll() is None:
+        if second is not None and second.poll() is None:
             second.kill()
         collector.terminate()
         out, _ = collector.communicate(timeout=10)

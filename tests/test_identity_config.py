@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT
+from cryptography.fernet import Fernet
 
 from proxy import jwks
 from proxy.errors import ConfigErrors
@@ -137,3 +140,69 @@ def test_forward_underscore_switch_and_user_headers(tmp_path: Path) -> None:
     fwd = load(cfg, environ={}).forward
     assert not fwd.reject_underscore_headers and fwd.user_headers and fwd.assertion is None
     assert load(ROOT / "config" / "jitgate.yaml", environ={}).forward.reject_underscore_headers
+
+
+KEY_A, KEY_B = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+OIDC_ENV = {
+    "JITGATE_IDENTITY__OIDC__CLIENT_SECRET": "s3cret-from-env",
+    "JITGATE_IDENTITY__SESSION__KEYS": f"[{KEY_A}, {KEY_B}]",
+}
+
+
+def test_oidc_example_is_valid_with_secrets_from_the_environment() -> None:
+    s = load(ROOT / "config" / "identity-oidc.example.yaml", environ=OIDC_ENV)
+    o, sess = s.identity.oidc, s.identity.session
+    assert o is not None and sess is not None
+    assert o.redirect_uri == "https://jitgate.example.com/_jit/oidc/callback"
+    assert o.client_secret is not None and o.client_secret.reveal() == "s3cret-from-env"
+    assert "s3cret" not in repr(o)
+    assert o.extra_auth_params == (("prompt", "select_account"),)
+    assert [k.reveal() for k in sess.keys] == [KEY_A, KEY_B]
+    assert (sess.max_age, sess.idle_timeout, sess.secure, sess.store) == (
+        8 * 3600, 3600, True, "cookie",
+    )  # fmt: skip
+    assert s.identity.cookie is None and s.identity.algorithms == ()
+
+
+def test_oidc_example_without_session_keys_names_the_field() -> None:
+    with pytest.raises(ConfigErrors) as exc:
+        load(ROOT / "config" / "identity-oidc.example.yaml", environ={})
+    assert "identity.session.keys: is required with identity.oidc" in str(exc.value)
+
+
+OIDC = {"issuer": "https://idp.example", "client_id": "c", "public_url": "https://j.example"}
+
+
+@pytest.mark.parametrize(
+    ("oidc", "session", "message"),
+    [
+        ("", "keys: [not-a-key]", "identity.session.keys[0]: must be a Fernet key"),
+        ("", "secure: false", "identity.session.secure: may be false only"),
+        ("public_url: 'http://j.example'", "", "identity.oidc.public_url: must use https"),
+        ("public_url: 'https://j.example/x'", "", "without path or query"),
+        ("public_url: 'http://127.0.0.1:8080'", "", "identity.session.secure: must be false"),
+        ("scopes: [email]", "", "identity.oidc.scopes: must include openid"),
+        ("redirect_path: /cb", "", "identity.oidc.redirect_path: must be a path under"),
+        ("extra_auth_params: {state: x}", "", "state is set by jitgate"),
+        ("issuer: 'http://idp.example'", "", "identity.oidc.issuer: must use https"),
+        ("client_id: ''", "", "identity.oidc.client_id: is required"),
+        ("", "store: memcached", "identity.session.store: must be one of cookie, redis"),
+        ("", "max_age: 1h, idle_timeout: 2h", "must not exceed identity.session.max_age"),
+        ("client_secret: 1234", "", "identity.oidc.client_secret: must be a string"),
+    ],
+)
+def test_oidc_mistakes_name_their_field(
+    tmp_path: Path, oidc: str, session: str, message: str
+) -> None:
+    cfg = tmp_path / "jitgate.yaml"
+    (tmp_path / "policy.yaml").write_text((ROOT / "config" / "policy.yaml").read_text())
+    oidc_fields = {**OIDC, **yaml.safe_load("{" + oidc + "}")}
+    session_fields = {"keys": [KEY_A], **yaml.safe_load("{" + session + "}")}
+    cfg.write_text(
+        "upstream: {url: 'http://127.0.0.1:1'}\n"
+        f"identity:\n  oidc: {json.dumps(oidc_fields)}\n  session: {json.dumps(session_fields)}\n"
+    )
+    with pytest.raises(ConfigErrors) as exc:
+        load(cfg, environ={})
+    assert message in str(exc.value)
+    assert "1234" not in str(exc.value) and "not-a-key" not in str(exc.value)

@@ -24,6 +24,17 @@ from proxy.web.views import safe_next
         ("javascript:alert(1)", "/"),
         ("/a\r\nSet-Cookie: x=1", "/"),
         ("\\\\evil", "/"),
+        ("/%2F%2Fevil.example", "/"),
+        ("/%5Cevil.example", "/"),
+        ("/\t/evil.example", "/"),
+        ("/\n/evil.example", "/"),
+        ("/..//evil.example", "/evil.example"),
+        ("/a/../..//evil.example", "/evil.example"),
+        ("/./replay", "/replay"),
+        ("/%09/evil.example", "/"),
+        ("/ /evil.example", "/"),
+        ("/\u00e9", "/"),
+        ("HTTPS://evil.example", "/"),
     ],
 )
 def test_safe_next(value: str | None, expected: str) -> None:
@@ -68,10 +79,23 @@ async def test_cross_site_sign_in_is_refused(proxy: TestClient) -> None:
     assert "jitgate_token" not in r.cookies
 
 
-async def test_sign_out_clears_cookie(proxy: TestClient) -> None:
+async def test_sign_out_asks_then_clears_cookie_on_a_same_origin_post(proxy: TestClient) -> None:
+    # A GET only asks: another site can make a browser GET anything.
     r = await proxy.get("/_jit/logout", allow_redirects=False)
+    assert r.status == 200
+    assert 'method="post" action="/_jit/logout"' in await r.text()
+    assert "jitgate_token" not in r.cookies
+    origin = str(proxy.make_url("/").origin())
+    r = await proxy.post("/_jit/logout", headers={"Origin": origin}, allow_redirects=False)
     assert r.status == 303
     assert r.cookies["jitgate_token"].value == ""
+
+
+async def test_cross_site_sign_out_is_refused(proxy: TestClient) -> None:
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}, {}):
+        r = await proxy.post("/_jit/logout", headers=headers, allow_redirects=False)
+        assert r.status == 403, headers
+        assert "jitgate_token" not in r.cookies
 
 
 async def test_401_page_links_to_sign_in_with_return_path(proxy: TestClient) -> None:

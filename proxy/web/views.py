@@ -1,39 +1,66 @@
-"""jitgate's own pages under the prefix: how to request access, token sign-in and sign-out."""
+"""jitgate's own pages under the prefix: how to request access, and token sign-in."""
 
 from __future__ import annotations
 
-from aiohttp import web
+from typing import Any
 
-from ..appkeys import AUTHORIZER, SETTINGS
+from aiohttp import web
+from yarl import URL
+
+from ..appkeys import AUTHORIZER, OIDC, SESSIONS, SETTINGS
+from ..errors import BadPath
 from ..identity import Identity, IdentityError
+from ..origin import same_origin
+from ..paths import normalise, split_target
 from ..policy import format_duration
 from . import CSP, render
 
+# Raw characters a return path may carry: printable ASCII that no browser or server
+# reads as a separator (no space, backslash, quote or angle bracket).
+_PATH_CHARS = frozenset(map(chr, range(0x21, 0x7F))) - frozenset('\\"<>`{}|^')
 
-def safe_next(value: str | None) -> str:
-    """Return a same-origin path to go back to, or '/' for anything that could leave the site."""
-    if not value or not value.startswith("/") or value.startswith(("//", "/\\")):
+
+def safe_next(value: str | None, prefix: str | None = None) -> str:
+    """Return a same-origin path to go back to, or '/' for anything that could leave the site.
+
+    Only an absolute path is kept, and only in the normalised form the gate itself would
+    decide on: `//host`, `/\\host`, a scheme, encoded `/` or `\\` (`/%2F%2Fhost`), control
+    characters (tabs and newlines, which browsers drop) and dot segments that climb to
+    `//host` all give '/'. Under `{prefix}/oidc/` it is '/' too: no sign-in loops.
+    """
+    if not value or len(value) > 2048 or not value.startswith("/"):
         return "/"
-    lowered = value.lower()
-    if any(c in value for c in "\\\r\n\t") or "%2f" in lowered[:4] or "%5c" in lowered[:4]:
+    if value.startswith(("//", "/\\")) or not all(c in _PATH_CHARS for c in value):
         return "/"
-    return value
+    try:
+        raw_path, query = split_target(value)
+        path = normalise(raw_path, reject_semicolons=False)
+    except BadPath:
+        return "/"
+    # normalise() merged any "//" and resolved dot segments: the path cannot name a host.
+    if prefix is not None and path.startswith(f"{prefix}/oidc/"):
+        return "/"
+    return path + (f"?{query}" if query else "")
 
 
-def page(request: web.Request, template: str, status: int = 200, **context: object) -> web.Response:
+def page(
+    request: web.Request, template: str, status: int = 200, *, csp: str = CSP, **context: object
+) -> web.Response:
     return web.Response(
         status=status,
         text=render(template, prefix=request.config_dict[SETTINGS].prefix, **context),
         content_type="text/html",
-        headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"},
+        headers={"Content-Security-Policy": csp, "Cache-Control": "no-store"},
     )
 
 
 async def signed_in(request: web.Request) -> Identity | None:
     """Return the verified identity of a request, if it carries a valid one."""
     verifier = request.config_dict[AUTHORIZER][0].verifier
+    sessions = request.config_dict.get(SESSIONS)
+    lookup = sessions.lookup(request) if sessions is not None else None
     try:
-        found = await verifier.identify(request.headers, request.cookies, request.remote)
+        found = await verifier.identify(request.headers, request.cookies, request.remote, lookup)
     except IdentityError:
         return None
     return found.identity if found is not None else None
@@ -63,27 +90,46 @@ async def request_access(request: web.Request) -> web.Response:
 
 
 async def login_form(request: web.Request) -> web.Response:
-    target = safe_next(request.query.get("next"))
-    return page(request, "login.html", user=None, next=target, error=None)
+    """The sign-in page: the identity provider's button (with OIDC) and the token form."""
+    settings = request.config_dict[SETTINGS]
+    target = safe_next(request.query.get("next"), settings.prefix)
+    return page(request, "login.html", **_login_context(request, target))
+
+
+def _login_context(request: web.Request, target: str) -> dict[str, Any]:
+    settings = request.config_dict[SETTINGS]
+    sso = None
+    if request.config_dict.get(OIDC) is not None:
+        sso = str(URL(f"{settings.prefix}/oidc/login").with_query(next=target))
+    return {
+        "user": None,
+        "next": target,
+        "error": None,
+        "sso_url": sso,
+        "token_form": settings.identity.cookie is not None,
+    }
 
 
 async def login(request: web.Request) -> web.Response:
     """Check a pasted token and keep it in the identity cookie for the browser."""
     settings = request.config_dict[SETTINGS]
-    origin = request.headers.get("Origin")
-    if origin is not None and origin != str(request.url.origin()):
+    oidc = settings.identity.oidc
+    if request.headers.get("Origin") is not None and not same_origin(
+        request, oidc.public_url if oidc else None
+    ):
         # A sign-in posted from another site would sign the browser in as someone else.
         raise web.HTTPForbidden(text="jitgate: cross-site sign-in refused\n")
     form = await request.post()
     token = str(form.get("token", "")).strip()
-    target = safe_next(str(form.get("next", "/")))
+    target = safe_next(str(form.get("next", "/")), settings.prefix)
     cookie = settings.identity.cookie
     if cookie is None:
         raise web.HTTPNotFound(text="jitgate: cookie sign-in is disabled (identity.cookie)\n")
     try:
         ident = await request.config_dict[AUTHORIZER][0].verifier.verify(token)
     except IdentityError as exc:
-        return page(request, "login.html", status=401, user=None, next=target, error=str(exc))
+        context = {**_login_context(request, target), "error": str(exc)}
+        return page(request, "login.html", status=401, **context)
     response = web.HTTPSeeOther(target)
     response.set_cookie(
         cookie,
@@ -94,12 +140,4 @@ async def login(request: web.Request) -> web.Response:
         path="/",
     )
     response.headers["X-Jitgate-User"] = ident.subject
-    raise response
-
-
-async def logout(request: web.Request) -> web.Response:
-    settings = request.config_dict[SETTINGS]
-    response = web.HTTPSeeOther(f"{settings.prefix}/login")
-    if settings.identity.cookie:
-        response.del_cookie(settings.identity.cookie, path="/")
     raise response

@@ -1,0 +1,155 @@
+"""A real browser: headless Chromium signs in through the real IdP, views a recording, signs out.
+
+Playwright's sync API drives Debian's chromium (/usr/bin/chromium; Playwright's own
+browser downloads are never used). jitgate runs as a process (`jitgate serve`), as in
+production, so nothing here shares pytest's event loop. Screenshots of the key pages are
+written to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, free_port
+from idp import Idp, idp_fixture
+from oidckit import SNAPSHOTS, oidc_config
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "tests" / "artifacts"
+JITGATE = str(Path(sys.executable).parent / "jitgate")
+PORT = free_port()
+BASE = f"http://127.0.0.1:{PORT}"
+AFTER_LOGOUT = f"{BASE}/_jit/login"
+idp = idp_fixture("idp", scope="module", redirect_uris=[f"{BASE}/_jit/oidc/callback", AFTER_LOGOUT])
+
+
+def _need_browser() -> Any:
+    reason = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "playwright is not installed (pip install -e '.[dev]')"
+    if reason is None and not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing (Debian/Ubuntu: apt-get install chromium)"
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser tests: {reason}")
+        pytest.skip(reason)
+    return sync_playwright
+
+
+class _Recording(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = f"<!doctype html><title>replay</title><h1>Recording demo-1</h1><p>{self.path}"
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def jitgate(idp: Idp, redis_url: str, tmp_path: Path) -> Iterator[Path]:
+    """jitgate as a process on PORT with OIDC sign-in, in front of a tiny recording server."""
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    cfg = oidc_config(
+        tmp_path, idp=idp, base=BASE, redis_url=redis_url,
+        upstream_url=f"http://127.0.0.1:{upstream.server_address[1]}",
+    )  # fmt: skip
+    cfg.write_text(cfg.read_text().replace("port: 0", f"port: {PORT}"))
+    log = (tmp_path / "jitgate.log").open("wb")
+    proc = subprocess.Popen(
+        [JITGATE, "serve", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not _ready():
+            assert proc.poll() is None, (tmp_path / "jitgate.log").read_text()
+            assert time.monotonic() < deadline, "jitgate did not become ready"
+            time.sleep(0.1)
+        yield cfg
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        upstream.shutdown()
+        upstream.server_close()
+
+
+def _ready() -> bool:
+    try:
+        with urllib.request.urlopen(f"{BASE}/_jit/readyz", timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def test_chromium_signs_in_views_a_recording_and_signs_out(jitgate: Path, idp: Idp) -> None:
+    sync_playwright = _need_browser()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            page = browser.new_page()
+            # No session: the recording's URL leads to the provider's login page.
+            page.goto(BASE + SNAPSHOTS)
+            assert page.url.startswith(idp.issuer + "/interaction/")
+            page.screenshot(path=str(ARTIFACTS / "oidc-1-idp-login.png"))
+            page.fill("input[name=login]", "alice")
+            page.fill("input[name=password]", "any password")
+            page.click("button[type=submit]")
+            # Back on the page first asked for: signed in, but no grant yet.
+            page.wait_for_url(BASE + SNAPSHOTS)
+            assert "Access needed" in page.content() and "alice" in page.content()
+            page.screenshot(path=str(ARTIFACTS / "oidc-2-access-needed.png"))
+
+            out = subprocess.run(
+                [JITGATE, "grants", "add", "--config", str(jitgate), "--user", "alice",
+                 "--scope", "recording:1/demo-1", "--ttl", "5m", "--reason", "browser test"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            page.reload()
+            assert page.inner_text("h1") == "Recording demo-1"
+            page.screenshot(path=str(ARTIFACTS / "oidc-3-recording.png"))
+
+            # Sign-out: jitgate asks, the POST goes on to the provider's end-session page.
+            page.goto(f"{BASE}/_jit/logout")
+            assert "alice" in page.inner_text("main")
+            page.screenshot(path=str(ARTIFACTS / "oidc-4-sign-out.png"))
+            page.click("#logout")
+            page.wait_for_url(f"{idp.issuer}/session/end**")
+            page.screenshot(path=str(ARTIFACTS / "oidc-5-idp-sign-out.png"))
+            page.click("button[name=logout][value=yes]")
+            page.wait_for_url(AFTER_LOGOUT)
+            assert page.is_visible("#sso")
+            page.screenshot(path=str(ARTIFACTS / "oidc-6-signed-out.png"))
+            names = [c["name"] for c in page.context.cookies(BASE)]
+            assert "jitgate_session" not in names
+
+            # Signed out at both ends: the recording asks for a login at the provider again.
+            page.goto(BASE + SNAPSHOTS)
+            assert page.url.startswith(idp.issuer + "/interaction/")
+            assert page.is_visible("input[name=login]")
+        finally:
+            browser.close()
