@@ -397,6 +397,16 @@ class _Reader:
             return default
         return tuple(value)
 
+    def str_map(self, s: Node, key: str, where: str, keys: str, example: str) -> dict[str, str]:
+        """Return the mapping of strings at s[key] ({} when absent); report anything else."""
+        value = s.get(key) or {}
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            return dict(value)
+        self.error(s, key, where, f"must map {keys} to strings, e.g. {example}")
+        return {}
+
     def mappings(self, s: Node, key: str, at: str, shape: str, item: str) -> list[tuple[str, Node]]:
         """Return (where, node) for each mapping in the list at s[key]; report the others.
 
@@ -753,13 +763,9 @@ def _oidc(r: _Reader, s: Node, prefix: str) -> OidcSettings:
         message = f"must be an http(s) URL registered at the provider, got {post_logout!r}"
         r.error(s, "post_logout_redirect", f"{at}.post_logout_redirect", message)
     extra: list[tuple[str, str]] = []
-    raw_extra = s.get("extra_auth_params") or {}
-    if not isinstance(raw_extra, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in raw_extra.items()
-    ):
-        message = "must map parameter names to strings, e.g. {prompt: login}"
-        r.error(s, "extra_auth_params", f"{at}.extra_auth_params", message)
-        raw_extra = {}
+    raw_extra = r.str_map(
+        s, "extra_auth_params", f"{at}.extra_auth_params", "parameter names", "{prompt: login}"
+    )
     for key, value in raw_extra.items():
         if key in _RESERVED_AUTH_PARAMS:
             message = f"{key} is set by jitgate and cannot be overridden"
@@ -1179,12 +1185,9 @@ def _http_sinks(r: _Reader, s: Node) -> tuple[HttpSinkSettings, ...]:
             message = f"must be one of {', '.join(AUDIT_HTTP_FORMATS)}, got {fmt!r}"
             r.error(node, "format", f"{where}.format", message)
         headers: list[tuple[str, Secret]] = []
-        raw_headers = node.get("headers") or {}
-        if not isinstance(raw_headers, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in raw_headers.items()
-        ):
-            r.error(node, "headers", f"{where}.headers", "must map header names to strings")
-            raw_headers = {}
+        raw_headers = r.str_map(
+            node, "headers", f"{where}.headers", "header names", "{Authorization: '${TOKEN}'}"
+        )
         for key, value in raw_headers.items():
             # ${VAR} takes the value from the environment: header values are credentials.
             missing = [v for v in _ENV_REF.findall(value) if v not in r.environ]

@@ -320,3 +320,10 @@ def test_parse_size() -> None:
     for bad in ("", "1.5GB", "-1", "0", "ten", True, "5PB"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_audit_http_headers_must_be_a_mapping_of_strings(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "audit:\n  http:\n    - {name: c, url: 'http://c', headers: [x]}\n")
+    with pytest.raises(ConfigErrors) as exc:
+        load(cfg, environ={})
+    assert f"{cfg}:5: audit.http[0].headers: must map header names to strings" in str(exc.value)
