@@ -42,7 +42,7 @@ from .redisd import EmbeddedRedis, connect_redis
 from .reload import RELOADER, PolicyReloader
 from .session import Sessions
 from .settings import Settings
-from .web import signin, views
+from .web import auditpage, signin, views
 from .workflow import Workflow
 
 log = logging.getLogger("jitgate")
@@ -131,6 +131,7 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
         own.router.add_get(oidc.redirect_path.removeprefix(settings.prefix), signin.oidc_callback)
     own.router.add_static("/static", pages.STATIC_DIR)
     api.add_routes(own)
+    auditpage.add_routes(own)
     own.router.add_route("*", "/{tail:.*}", _not_found)
     app.add_subapp(settings.prefix, own)
     app.router.add_route("*", "/{tail:.*}", _gate_handler)
