@@ -131,6 +131,7 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
         own.router.add_get(oidc.redirect_path.removeprefix(settings.prefix), signin.oidc_callback)
     own.router.add_static("/static", pages.STATIC_DIR)
     api.add_routes(own)
+    pages.add_routes(own)
     auditpage.add_routes(own)
     own.router.add_route("*", "/{tail:.*}", _not_found)
     app.add_subapp(settings.prefix, own)

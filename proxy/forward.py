@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import aiohttp
 from aiohttp import WSMsgType, hdrs, web
@@ -50,6 +50,9 @@ _TOKEN_CHARS = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
 
+# Above this many bytes a held body is changed in a worker thread, off the event loop.
+_REWRITE_INLINE_MAX = 256 * 1024
+
 ClientWS = aiohttp.ClientWebSocketResponse[Literal[False]]
 ServerWS = web.WebSocketResponse[Literal[False]]
 
@@ -61,6 +64,25 @@ class UpstreamConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     pool_size: int = 100
+
+
+class BodyRewrite(Protocol):
+    """A change to a whole response body (the status bar): held, changed, then sent."""
+
+    @property
+    def limit(self) -> int:
+        """Bodies larger than this, as received, are streamed on untouched."""
+        ...
+
+    def wants(self, status: int, headers: MultiMapping[str]) -> bool:
+        """Whether to hold this response's body for `apply`; decided from its headers."""
+        ...
+
+    def apply(
+        self, headers: CIMultiDict[str], body: bytes
+    ) -> tuple[CIMultiDict[str], bytes] | None:
+        """Return the new headers and body, or None to send the response as it came."""
+        ...
 
 
 @dataclass
@@ -129,6 +151,7 @@ class Forwarder:
         drop_cookies: frozenset[str] = frozenset(),
         set_headers: Mapping[str, str] | None = None,
         stop: asyncio.Event | None = None,
+        rewrite: BodyRewrite | None = None,
     ) -> tuple[web.StreamResponse, Outcome]:
         """Forward the request upstream; return the response to hand back and what happened."""
         session = self._session
@@ -154,19 +177,45 @@ class Forwarder:
         except Exception as exc:
             return self._failure(exc)
         try:
-            return await self._relay(request, upstream, stop)
+            return await self._relay(request, upstream, stop, rewrite)
         finally:
             upstream.release()
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, stop: asyncio.Event | None
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        stop: asyncio.Event | None,
+        rewrite: BodyRewrite | None = None,
     ) -> tuple[web.StreamResponse, Outcome]:
         status = upstream.status
-        resp = web.StreamResponse(
-            status=status,
-            reason=upstream.reason,
-            headers=self._response_headers(request, upstream.headers, _HOP_BY_HOP),
-        )
+        headers = self._response_headers(request, upstream.headers, _HOP_BY_HOP)
+        held: list[bytes] = []  # read before the status line is sent, written first
+        if (
+            rewrite is not None
+            and request.method != hdrs.METH_HEAD
+            and status not in _NO_BODY_STATUS
+            and rewrite.wants(status, headers)
+        ):
+            held, end = await _hold(upstream.content, rewrite.limit, stop)
+            # Nothing has been sent yet, so a failing upstream still gets a clean 502/504.
+            if end == "timeout":
+                upstream.close()
+                return self._failure(TimeoutError())
+            if end == "protocol":
+                upstream.close()
+                return self._failure(aiohttp.ClientPayloadError("upstream body cut"))
+            if end == "eof":
+                body = b"".join(held)
+                if len(body) > _REWRITE_INLINE_MAX:
+                    changed = await asyncio.to_thread(rewrite.apply, headers, body)
+                else:
+                    changed = rewrite.apply(headers, body)
+                if changed is not None:
+                    headers, body = changed
+                held = [body]
+            # "over" (too large) and "expired" go on as a plain stream: the held part first.
+        resp = web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
         outcome = Outcome(status, 0, None)
         try:
             await resp.prepare(request)
@@ -185,7 +234,14 @@ class Forwarder:
                 # time to copy it; only an unfinished one needs a watcher.
                 if stop is not None and not content.is_eof():
                     watcher = asyncio.create_task(_expire_on(stop, deadline))
-                while True:
+                for chunk in held:
+                    try:
+                        await resp.write(chunk)
+                    except ConnectionError:
+                        cut = True
+                        break
+                    outcome.bytes_sent += len(chunk)
+                while not cut:
                     try:
                         chunk = await content.readany()
                     except TimeoutError:
@@ -432,6 +488,43 @@ def _quote(value: str) -> str:
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
+
+
+async def _hold(
+    content: aiohttp.StreamReader, limit: int, stop: asyncio.Event | None
+) -> tuple[list[bytes], str]:
+    """Read a body up to just past limit; return the chunks and how reading ended.
+
+    The end is "eof" (all of it), "over" (more than limit), "expired" (the grant ended
+    while reading), "timeout" or "protocol" (the upstream failed).
+    """
+    held: list[bytes] = []
+    size = 0
+    deadline = asyncio.timeout(None)
+    watcher = None
+    try:
+        async with deadline:
+            if stop is not None:
+                watcher = asyncio.create_task(_expire_on(stop, deadline))
+            while size <= limit:
+                try:
+                    chunk = await content.readany()
+                except TimeoutError:
+                    return held, "timeout"
+                except (aiohttp.ClientError, OSError):
+                    return held, "protocol"
+                if not chunk:
+                    return held, "eof"
+                held.append(chunk)
+                size += len(chunk)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        return held, "expired"
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    return held, "over"
 
 
 async def _expire_on(stop: asyncio.Event, deadline: asyncio.Timeout) -> None:

@@ -22,6 +22,7 @@ from .metrics import Metrics
 from .paths import normalise, split_target
 from .session import Sessions
 from .settings import Settings
+from .statusbar import StatusBar
 
 
 def wants_html(request: web.Request) -> bool:
@@ -59,6 +60,7 @@ class Gate:
         fwd = settings.forward
         self.reject_underscores = fwd.reject_underscore_headers
         self.user_headers = fwd.user_headers
+        self.status_bar = StatusBar(settings.prefix) if fwd.status_bar else None
         # Every header jitgate reads or sets for identity: a client's copy never goes up.
         names = set(fwd.identity_headers)
         trusted = settings.identity.trusted_headers
@@ -115,9 +117,14 @@ class Gate:
 
         outcome: Outcome | None = None
         # Under a grant, the response or WebSocket is cut when the grant ends.
-        grant_id, stop = decision.grant_id, None
+        grant_id, stop, bar = decision.grant_id, None, None
         if grant_id is not None and decision.grant_expires_at is not None:
             stop = self.live.open(grant_id, decision.grant_expires_at)
+            if self.status_bar is not None:
+                # Only pages served under a grant: public and identity routes have no clock.
+                bar = self.status_bar.for_request(
+                    request.method, request.headers, decision.grant_expires_at
+                )
         try:
             response, outcome = await self.forwarder.forward(
                 request,
@@ -127,6 +134,7 @@ class Gate:
                 drop_cookies=self.drop_cookies,
                 set_headers=self._identity_headers(decision),
                 stop=stop,
+                rewrite=bar,
             )
             return response
         finally:

@@ -251,6 +251,7 @@ class ForwardSettings:
     reject_underscore_headers: bool = True  # 400 for X_Forwarded_User and its kind
     assertion: AssertionSettings | None = None
     user_headers: bool = False  # also send X-Forwarded-User, -Email and -Groups
+    status_bar: bool = False  # inject the grant's countdown bar into HTML pages (statusbar.py)
     identity_headers: tuple[str, ...] = (
         "x-forwarded-user",
         "x-forwarded-email",
@@ -1004,7 +1005,7 @@ def _forward(
     r.known(
         s,
         {"pass_authorization", "pass_identity_cookie", "reject_semicolons", "identity_headers"}
-        | {"reject_underscore_headers", "assertion", "user_headers"},
+        | {"reject_underscore_headers", "assertion", "user_headers", "status_bar"},
         at,
     )
     defaults = ForwardSettings()
@@ -1026,6 +1027,7 @@ def _forward(
         ),
         assertion=assertion,
         user_headers=r.get(s, "user_headers", bool, False, f"{at}.user_headers"),
+        status_bar=r.get(s, "status_bar", bool, False, f"{at}.status_bar"),
         identity_headers=tuple(
             h.lower().replace("_", "-")
             for h in r.str_list(

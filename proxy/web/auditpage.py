@@ -17,6 +17,7 @@ from .. import auditquery
 from ..appkeys import AUDIT_STORE, SETTINGS, WORKFLOW
 from ..auditstore import AuditStore
 from ..identity import Identity
+from .accesspages import nav
 from .views import page, signed_in
 
 EVENTS = (
@@ -73,7 +74,7 @@ async def audit_search(request: web.Request) -> web.Response:
         request,
         "audit.html",
         status=status,
-        user=ident.subject,
+        **nav(request, ident, "audit"),
         form=form,
         events=EVENTS,
         searched=searched,
@@ -103,7 +104,7 @@ async def audit_grant(request: web.Request) -> web.Response:
         request,
         "audit-grant.html",
         status=status,
-        user=ident.subject,
+        **nav(request, ident, "audit"),
         grant_id=grant_id,
         s=summary,
         error=error,

@@ -1,0 +1,169 @@
+"""The access pages in a real browser: approved in one context, used and given up in another.
+
+Headless Chromium (Debian's /usr/bin/chromium, driven by Playwright's sync API) talks to
+jitgate running as a `jitgate serve` process, as in test_browser.py. Each person signs in
+through the token form in a browser context of their own. Screenshots of every page are
+written to tests/artifacts/pages-*.png.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, free_port, make_token, write_config
+from test_browser import ARTIFACTS, CHROMIUM, JITGATE, _need_browser, _Recording
+from test_pages import POLICY_ENTITLEMENTS
+
+PORT = free_port()
+BASE = f"http://127.0.0.1:{PORT}"
+
+
+@pytest.fixture
+def jitgate(redis_url: str, tmp_path: Path) -> Iterator[Path]:
+    """jitgate as a process on PORT with token sign-in, in front of a tiny recording server."""
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    policy = (ROOT / "config" / "policy.yaml").read_text()
+    cfg = write_config(
+        tmp_path,
+        upstream_url=f"http://127.0.0.1:{upstream.server_address[1]}",
+        redis_url=redis_url,
+        extra="admins: {groups: [security]}",
+        policy_text=policy.split("\nentitlements:")[0] + POLICY_ENTITLEMENTS,
+    )
+    cfg.write_text(cfg.read_text().replace("port: 0", f"port: {PORT}"))
+    log = (tmp_path / "jitgate.log").open("wb")
+    proc = subprocess.Popen(
+        [JITGATE, "serve", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not _ready():
+            assert proc.poll() is None, (tmp_path / "jitgate.log").read_text()
+            assert time.monotonic() < deadline, "jitgate did not become ready"
+            time.sleep(0.1)
+        yield cfg
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        upstream.shutdown()
+        upstream.server_close()
+
+
+def _ready() -> bool:
+    try:
+        with urllib.request.urlopen(f"{BASE}/_jit/readyz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _api(method: str, path: str, token: str, body: dict[str, Any] | None = None) -> Any:
+    req = urllib.request.Request(
+        f"{BASE}/_jit/api{path}",
+        data=json.dumps(body).encode() if body is not None else None,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _sign_in(browser: Any, sub: str, groups: list[str], **context: Any) -> Any:
+    """A browser context of its own, signed in through the token form; return its page."""
+    page = browser.new_context(**context).new_page()
+    page.goto(f"{BASE}/_jit/access")  # signed out: sent to sign in, and back afterwards
+    page.wait_for_url(f"{BASE}/_jit/login?next=/_jit/access")
+    page.fill("#token", make_token(sub, groups=groups))
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{BASE}/_jit/access")
+    return page
+
+
+def _shot(page: Any, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"pages-{name}.png"), full_page=True)
+
+
+def test_approve_in_one_browser_use_and_relinquish_in_another(jitgate: Path) -> None:
+    sync_playwright = _need_browser()
+    ARTIFACTS.mkdir(exist_ok=True)
+    erin_token = make_token("erin", groups=["eng"])
+    request = _api(
+        "POST", "/requests", erin_token,
+        {"scope": "project:1", "reason": "customer bug <b>42</b>", "ticket": "INC-42"},
+    )  # fmt: skip
+    assert request["state"] == "pending"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            erin = _sign_in(browser, "erin", ["eng"])
+            assert "Signed in as erin" in erin.inner_text("header")
+            pending = erin.inner_text("section[aria-labelledby=pending-h]")
+            assert "project:1" in pending and "customer bug <b>42</b>" in pending
+            _shot(erin, "access-pending")
+
+            bob = _sign_in(browser, "bob", ["approvers"])
+            bob.click("nav >> text=Approvals")
+            bob.wait_for_url(f"{BASE}/_jit/approvals")
+            row = bob.locator(f"#req-{request['id']}")
+            assert "erin" in row.inner_text() and "INC-42" in row.inner_text()
+            _shot(bob, "approvals")
+            # Keyboard only: the label leads to the comment box, Tab to the Approve button.
+            bob.get_by_label("Comment for erin").fill("ok for INC-42")
+            bob.keyboard.press("Tab")
+            bob.keyboard.press("Enter")
+            bob.wait_for_selector(".flash.ok")
+            assert bob.inner_text(".flash").startswith("Approved: erin has access to project:1")
+            _shot(bob, "approvals-approved")
+
+            erin.reload()
+            active = erin.locator(f"#grant-{request['id']}")
+            assert "project:1" in active.inner_text()
+            # The script replaced the rendered minutes with a ticking countdown.
+            countdown = active.locator("[data-expires]")
+            first = countdown.inner_text()
+            assert re.fullmatch(r"\((?:\d+:)?\d+:\d\d left\)", first), first
+            erin.wait_for_function(
+                "t => document.querySelector('[data-expires]').textContent !== t", arg=first
+            )
+            _shot(erin, "access-active")
+            phone = browser.new_context(viewport={"width": 375, "height": 740})
+            small = phone.new_page()
+            small.context.add_cookies(erin.context.cookies(BASE))
+            small.goto(f"{BASE}/_jit/access")
+            width = small.evaluate("document.documentElement.scrollWidth")
+            assert width <= 375, f"the page scrolls sideways at phone width ({width}px)"
+            _shot(small, "access-phone")
+
+            erin.locator(f"#grant-{request['id']} button[value=relinquish]").click()
+            erin.wait_for_selector(".flash.ok")
+            assert erin.inner_text(".flash") == "You gave up your access to project:1."
+            assert "You hold no active grants." in erin.inner_text("main")
+            history = erin.inner_text("section[aria-labelledby=history-h]")
+            assert "project:1" in history and "relinquished" in history
+            _shot(erin, "access-relinquished")
+            assert _api("GET", f"/grants/{request['id']}", erin_token)["state"] == "relinquished"
+
+            sam = _sign_in(browser, "sam", ["security"])
+            _api("POST", "/requests", erin_token, {"scope": "recording:1/demo-1", "reason": "x"})
+            sam.click("nav >> text=Admin")
+            sam.wait_for_url(f"{BASE}/_jit/admin")
+            assert "recording:1/demo-1" in sam.inner_text("main")
+            _shot(sam, "admin")
+        finally:
+            browser.close()
