@@ -8,45 +8,22 @@ written to tests/artifacts/.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, free_port
+from browserkit import ARTIFACTS, CHROMIUM, JITGATE, need_browser, serve, upstream
+from conftest import free_port
 from idp import Idp, idp_fixture
 from oidckit import SNAPSHOTS, oidc_config
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = ROOT / "tests" / "artifacts"
-JITGATE = str(Path(sys.executable).parent / "jitgate")
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
 AFTER_LOGOUT = f"{BASE}/_jit/login"
 idp = idp_fixture("idp", scope="module", redirect_uris=[f"{BASE}/_jit/oidc/callback", AFTER_LOGOUT])
-
-
-def _need_browser() -> Any:
-    reason = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        reason = "playwright is not installed (pip install -e '.[dev]')"
-    if reason is None and not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is missing (Debian/Ubuntu: apt-get install chromium)"
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the browser tests: {reason}")
-        pytest.skip(reason)
-    return sync_playwright
 
 
 class _Recording(BaseHTTPRequestHandler):
@@ -66,47 +43,16 @@ class _Recording(BaseHTTPRequestHandler):
 @pytest.fixture
 def jitgate(idp: Idp, redis_url: str, tmp_path: Path) -> Iterator[Path]:
     """jitgate as a process on PORT with OIDC sign-in, in front of a tiny recording server."""
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    cfg = oidc_config(
-        tmp_path, idp=idp, base=BASE, redis_url=redis_url,
-        upstream_url=f"http://127.0.0.1:{upstream.server_address[1]}",
-    )  # fmt: skip
-    cfg.write_text(cfg.read_text().replace("port: 0", f"port: {PORT}"))
-    log = (tmp_path / "jitgate.log").open("wb")
-    proc = subprocess.Popen(
-        [JITGATE, "serve", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not _ready():
-            assert proc.poll() is None, (tmp_path / "jitgate.log").read_text()
-            assert time.monotonic() < deadline, "jitgate did not become ready"
-            time.sleep(0.1)
-        yield cfg
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        upstream.shutdown()
-        upstream.server_close()
-
-
-def _ready() -> bool:
-    try:
-        with urllib.request.urlopen(f"{BASE}/_jit/readyz", timeout=2) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    with upstream(_Recording) as upstream_url:
+        cfg = oidc_config(
+            tmp_path, idp=idp, base=BASE, redis_url=redis_url, upstream_url=upstream_url
+        )
+        with serve(cfg, PORT):
+            yield cfg
 
 
 def test_chromium_signs_in_views_a_recording_and_signs_out(jitgate: Path, idp: Idp) -> None:
-    sync_playwright = _need_browser()
-    ARTIFACTS.mkdir(exist_ok=True)
+    sync_playwright = need_browser()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:

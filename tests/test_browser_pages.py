@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from browserkit import ARTIFACTS, CHROMIUM, need_browser, serve, upstream
 from conftest import ROOT, free_port, make_token, write_config
-from test_browser import ARTIFACTS, CHROMIUM, JITGATE, _need_browser, _Recording
+from test_browser import _Recording
 from test_pages import POLICY_ENTITLEMENTS
 
 PORT = free_port()
@@ -31,46 +28,17 @@ BASE = f"http://127.0.0.1:{PORT}"
 @pytest.fixture
 def jitgate(redis_url: str, tmp_path: Path) -> Iterator[Path]:
     """jitgate as a process on PORT with token sign-in, in front of a tiny recording server."""
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
     policy = (ROOT / "config" / "policy.yaml").read_text()
-    cfg = write_config(
-        tmp_path,
-        upstream_url=f"http://127.0.0.1:{upstream.server_address[1]}",
-        redis_url=redis_url,
-        extra="admins: {groups: [security]}",
-        policy_text=policy.split("\nentitlements:")[0] + POLICY_ENTITLEMENTS,
-    )
-    cfg.write_text(cfg.read_text().replace("port: 0", f"port: {PORT}"))
-    log = (tmp_path / "jitgate.log").open("wb")
-    proc = subprocess.Popen(
-        [JITGATE, "serve", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not _ready():
-            assert proc.poll() is None, (tmp_path / "jitgate.log").read_text()
-            assert time.monotonic() < deadline, "jitgate did not become ready"
-            time.sleep(0.1)
-        yield cfg
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        upstream.shutdown()
-        upstream.server_close()
-
-
-def _ready() -> bool:
-    try:
-        with urllib.request.urlopen(f"{BASE}/_jit/readyz", timeout=2) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
+    with upstream(_Recording) as upstream_url:
+        cfg = write_config(
+            tmp_path,
+            upstream_url=upstream_url,
+            redis_url=redis_url,
+            extra="admins: {groups: [security]}",
+            policy_text=policy.split("\nentitlements:")[0] + POLICY_ENTITLEMENTS,
+        )
+        with serve(cfg, PORT):
+            yield cfg
 
 
 def _api(method: str, path: str, token: str, body: dict[str, Any] | None = None) -> Any:
@@ -100,8 +68,7 @@ def _shot(page: Any, name: str) -> None:
 
 
 def test_approve_in_one_browser_use_and_relinquish_in_another(jitgate: Path) -> None:
-    sync_playwright = _need_browser()
-    ARTIFACTS.mkdir(exist_ok=True)
+    sync_playwright = need_browser()
     erin_token = make_token("erin", groups=["eng"])
     request = _api(
         "POST", "/requests", erin_token,

@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 import subprocess
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +22,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import ROOT, ProxyFactory, free_port, make_token, write_config
+from browserkit import ARTIFACTS, CHROMIUM, JITGATE, need_browser, serve, upstream
+from conftest import ProxyFactory, free_port, make_token, write_config
 
 from proxy import settings as settings_mod
 from proxy.appkeys import GRANTS
@@ -299,27 +295,9 @@ def test_config_option_is_a_boolean(tmp_path: Path) -> None:
 
 # --- In Chromium --------------------------------------------------------------------------
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = ROOT / "tests" / "artifacts"
-JITGATE = str(Path(sys.executable).parent / "jitgate")
 # The page's own policy: nothing inline, scripts and styles from itself only.
 STRICT_CSP = "default-src 'self'; script-src 'self'; style-src 'self'; base-uri 'none'"
 EVENTS = {"events": [{"t": 1, "type": "click"}], "note": "</body><script>x</script>"}
-
-
-def _need_browser() -> Any:
-    reason = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        reason = "playwright is not installed (pip install -e '.[dev]')"
-    if reason is None and not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is missing (Debian/Ubuntu: apt-get install chromium)"
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the browser tests: {reason}")
-        pytest.skip(reason)
-    return sync_playwright
 
 
 class _Replay(BaseHTTPRequestHandler):
@@ -355,44 +333,10 @@ class _Replay(BaseHTTPRequestHandler):
 @pytest.fixture
 def served(redis_url: str, tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """jitgate as a process with the status bar on, in front of the replay page."""
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Replay)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cfg = write_config(
-        tmp_path, upstream_url=f"http://127.0.0.1:{upstream.server_address[1]}",
-        redis_url=redis_url, extra=ON,
-    )  # fmt: skip
-    cfg.write_text(cfg.read_text().replace("port: 0", f"port: {port}"))
-    log = (tmp_path / "jitgate.log").open("wb")
-    proc = subprocess.Popen(
-        [JITGATE, "serve", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not _ready(base):
-            assert proc.poll() is None, (tmp_path / "jitgate.log").read_text()
-            assert time.monotonic() < deadline, "jitgate did not become ready"
-            time.sleep(0.1)
-        yield cfg, base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        upstream.shutdown()
-        upstream.server_close()
-
-
-def _ready(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/_jit/readyz", timeout=2) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+    with upstream(_Replay) as upstream_url:
+        cfg = write_config(tmp_path, upstream_url=upstream_url, redis_url=redis_url, extra=ON)
+        with serve(cfg, free_port()) as base:
+            yield cfg, base
 
 
 def _poll(read: Callable[[], str], pattern: str, timeout: float = 5.0) -> str:
@@ -405,7 +349,7 @@ def _poll(read: Callable[[], str], pattern: str, timeout: float = 5.0) -> str:
 
 
 def test_chromium_shows_the_bar_under_the_pages_csp(served: tuple[Path, str]) -> None:
-    sync_playwright = _need_browser()
+    sync_playwright = need_browser()
     cfg, base = served
     out = subprocess.run(
         [JITGATE, "grants", "add", "--config", str(cfg), "--user", "alice",
@@ -413,7 +357,6 @@ def test_chromium_shows_the_bar_under_the_pages_csp(served: tuple[Path, str]) ->
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:

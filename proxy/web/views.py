@@ -7,13 +7,13 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from ..appkeys import AUTHORIZER, OIDC, SESSIONS, SETTINGS
+from ..appkeys import AUTHORIZER, OIDC, SETTINGS
 from ..errors import BadPath
 from ..identity import Identity, IdentityError
 from ..origin import same_origin
 from ..paths import normalise, split_target
 from ..policy import format_duration
-from . import CSP, render
+from . import CSP, csrf, render
 
 # Raw characters a return path may carry: printable ASCII that no browser or server
 # reads as a separator (no space, backslash, quote or angle bracket).
@@ -56,14 +56,8 @@ def page(
 
 async def signed_in(request: web.Request) -> Identity | None:
     """Return the verified identity of a request, if it carries a valid one."""
-    verifier = request.config_dict[AUTHORIZER][0].verifier
-    sessions = request.config_dict.get(SESSIONS)
-    lookup = sessions.lookup(request) if sessions is not None else None
-    try:
-        found = await verifier.identify(request.headers, request.cookies, request.remote, lookup)
-    except IdentityError:
-        return None
-    return found.identity if found is not None else None
+    who = await csrf.visitor(request)
+    return who.identity if who is not None else None
 
 
 async def request_access(request: web.Request) -> web.Response:
