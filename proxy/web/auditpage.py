@@ -25,7 +25,6 @@ EVENTS = (
     "grant.activated", "grant.extended", "grant.revoked", "grant.relinquished",
     "grant.expired", "grant.lapsed", "grant.reviewed", "break_glass",
 )  # fmt: skip
-FIELDS = ("user", "scope", "recording", "grant", "event", "since", "until")
 
 
 async def _admin(request: web.Request) -> tuple[Identity, AuditStore | None]:
@@ -45,7 +44,7 @@ async def audit_search(request: web.Request) -> web.Response:
     """Search form and results: who viewed what, when, and the reason given."""
     ident, store = await _admin(request)
     query = request.query
-    form = {name: query.get(name, "") for name in FIELDS}
+    form = {name: query.get(name, "") for name in auditquery.FILTERS}
     searched = any(form.values())
     records: list[dict[str, Any]] = []
     error, status, next_url = None, 200, None
