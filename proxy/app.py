@@ -120,7 +120,6 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     own.router.add_get("/readyz", ops.readyz)
     own.router.add_get("/metrics", ops.metrics_view)
     own.router.add_get("/.well-known/jwks.json", ops.jwks_view)
-    own.router.add_get("/request", views.request_access)
     own.router.add_get("/login", views.login_form)
     own.router.add_post("/login", views.login)
     own.router.add_get("/logout", signin.logout_form)

@@ -23,6 +23,7 @@ from .paths import normalise, split_target
 from .session import Sessions
 from .settings import Settings
 from .statusbar import StatusBar
+from .web.views import safe_next
 
 
 def wants_html(request: web.Request) -> bool:
@@ -256,6 +257,11 @@ class Gate:
             request_url = str(
                 origin.with_path(f"{self.prefix}/request").with_query(scope=decision.scope)
             )
+            if wants_html(request) and request.method in ("GET", "HEAD"):
+                # The page's form (on the request page) brings the browser back here.
+                request_url = str(
+                    URL(request_url).update_query(next=safe_next(request.path_qs, self.prefix))
+                )
         login_url = None
         if decision.status == 401:
             login_url = str(URL(f"{self.prefix}/login").with_query(next=request.path_qs))

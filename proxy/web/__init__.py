@@ -47,8 +47,9 @@ def render(template: str, **context: Any) -> str:
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the access pages (My access, Approvals, Admin) on jitgate's own sub-app."""
+    """Register the access pages and the request pages on jitgate's own sub-app."""
     # Imported here: the pages import render() and CSP from this module.
-    from . import accesspages
+    from . import accesspages, requestpages
 
     accesspages.add_routes(app)
+    requestpages.add_routes(app)

@@ -1,4 +1,4 @@
-"""jitgate's own pages under the prefix: how to request access, and token sign-in."""
+"""jitgate's own pages under the prefix: token sign-in, and what every page shares."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from ..errors import BadPath
 from ..identity import Identity, IdentityError
 from ..origin import same_origin
 from ..paths import normalise, split_target
-from ..policy import format_duration
 from . import CSP, csrf, render
 
 # Raw characters a return path may carry: printable ASCII that no browser or server
@@ -58,29 +57,6 @@ async def signed_in(request: web.Request) -> Identity | None:
     """Return the verified identity of a request, if it carries a valid one."""
     who = await csrf.visitor(request)
     return who.identity if who is not None else None
-
-
-async def request_access(request: web.Request) -> web.Response:
-    """Explain how to obtain a grant for the scope a refusal named, and under which rules."""
-    ident = await signed_in(request)
-    scope = request.query.get("scope")
-    policy = request.config_dict[AUTHORIZER][0].policy
-    rules = []
-    for ent in policy.entitlements_for_scope(scope) if scope else ():
-        rules.append(
-            {
-                "ent": ent,
-                "yours": ident is not None and ent.admits(ident.subject, ident.groups),
-                "durations": ", ".join(format_duration(d) for d in ent.durations),
-            }
-        )
-    return page(
-        request,
-        "request.html",
-        user=ident.subject if ident else None,
-        scope=scope,
-        rules=rules,
-    )
 
 
 async def login_form(request: web.Request) -> web.Response:

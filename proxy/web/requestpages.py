@@ -1,0 +1,186 @@
+"""Requesting access from the browser: the request form and the page that waits for approval.
+
+A refused replay page links to `{prefix}/request?scope=…&next=…` (the refusal itself is
+rendered by the gate, which has no CSRF key; the form lives here, where the visitor's
+token is made). The form posts to `{prefix}/request`; after the origin and CSRF checks it
+is one Workflow.request call, as the JSON API makes. A grant that is active at once sends
+the browser straight back to `next`; one that needs approval goes to
+`{prefix}/pending/{grant_id}?next=…`, which static/pending.js polls until it is decided.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import RedisError
+from yarl import URL
+
+from ..appkeys import SETTINGS, WORKFLOW
+from ..grants import Grant
+from ..identity import Identity
+from ..origin import same_origin
+from ..policy import Entitlement, Policy, format_duration
+from ..workflow import WorkflowError
+from . import CSP, SCRIPT_CSP, csrf
+from .accesspages import _field, _forbidden, _signed_in, nav
+from .views import page, safe_next
+
+# The pending page's script reads its request from the JSON API, and nothing else.
+PENDING_CSP = f"{SCRIPT_CSP}; connect-src 'self'"
+_ENDED = ("denied", "lapsed", "expired", "revoked", "relinquished")
+
+
+def _target(request: web.Request, value: str | None) -> str:
+    """Where to go once access is granted: a checked same-origin path, else My access."""
+    prefix = request.config_dict[SETTINGS].prefix
+    return safe_next(value, prefix) if value else f"{prefix}/access"
+
+
+def _rules(policy: Policy, scope: str | None, ident: Identity | None) -> list[dict[str, Any]]:
+    return [
+        {
+            "ent": ent,
+            "yours": ident is not None and ent.admits(ident.subject, ident.groups),
+            "durations": ", ".join(format_duration(d) for d in ent.durations),
+        }
+        for ent in (policy.entitlements_for_scope(scope) if scope else ())
+    ]
+
+
+def _form(ent: Entitlement | None) -> dict[str, Any] | None:
+    """What the form offers under the rule a request would be filed under."""
+    if ent is None:
+        return None
+    return {
+        "ent": ent,
+        "durations": [(f"{d:g}", format_duration(d)) for d in ent.durations],
+        "default": f"{ent.default_duration:g}",
+        "pattern": ent.ticket_pattern.pattern if ent.ticket_pattern else None,
+    }
+
+
+async def _request_page(
+    request: web.Request,
+    who: csrf.Visitor | None,
+    scope: str | None,
+    target: str,
+    *,
+    status: int = 200,
+    error: str | None = None,
+    values: Mapping[str, str] | None = None,
+) -> web.Response:
+    ident = who.identity if who is not None else None
+    policy = request.config_dict[WORKFLOW].policy()
+    ent = None
+    if ident is not None and scope:
+        ent = policy.entitlement_for(scope, ident.subject, ident.groups, break_glass=False)
+    prefix = request.config_dict[SETTINGS].prefix
+    here = URL(f"{prefix}/request").with_query({"scope": scope or "", "next": target})
+    chrome = nav(request, ident, "") if ident is not None else {"user": None, "nav": []}
+    return page(
+        request,
+        "request.html",
+        status,
+        csp=CSP,
+        **chrome,
+        scope=scope,
+        rules=_rules(policy, scope, ident),
+        form=_form(ent),
+        csrf=await csrf.token(request, who) if who is not None and ent is not None else "",
+        next=target,
+        error=error,
+        values=dict(values or {}),
+        login_url=str(URL(f"{prefix}/login").with_query(next=str(here))),
+    )
+
+
+async def request_access(request: web.Request) -> web.Response:
+    """The rules for a scope and, for a signed-in visitor a rule admits, the request form."""
+    who = await csrf.visitor(request)
+    scope = request.query.get("scope", "").strip()[:500] or None
+    return await _request_page(request, who, scope, _target(request, request.query.get("next")))
+
+
+async def submit_request(request: web.Request) -> web.StreamResponse:
+    """File the form's request through the Workflow; go back to `next` or wait for approval."""
+    who = await _signed_in(request)
+    settings = request.config_dict[SETTINGS]
+    oidc = settings.identity.oidc
+    if not same_origin(request, oidc.public_url if oidc is not None else None):
+        return _forbidden(request, who, "Cross-site form refused: nothing was requested.")
+    form = await request.post()
+    if not await csrf.valid(request, who, _field(form, csrf.FIELD)):
+        return _forbidden(
+            request, who, "This form has expired or did not come from jitgate: nothing was"
+            " requested. Reload the page and try again.",
+        )  # fmt: skip
+    values = {k: _field(form, k) for k in ("reason", "ticket", "duration")}
+    scope = _field(form, "scope").strip()[:500]
+    target = _target(request, _field(form, "next"))
+    try:
+        duration = float(values["duration"]) if values["duration"] else None
+    except ValueError:
+        duration = -1.0  # not offered: the Workflow says which are
+    flow = request.config_dict[WORKFLOW]
+    try:
+        grant = await flow.request(
+            who.identity,
+            scope,
+            reason=values["reason"],
+            duration=duration,
+            ticket=values["ticket"] or None,
+        )
+    except WorkflowError as exc:
+        message = exc.message[:1].upper() + exc.message[1:] + "."
+        return await _request_page(
+            request, who, scope or None, target, status=exc.status, error=message, values=values
+        )
+    except RedisError as exc:
+        message = f"The grant store is unavailable ({type(exc).__name__}); try again."
+        return await _request_page(
+            request, who, scope or None, target, status=503, error=message, values=values
+        )
+    if grant.state == "active":
+        raise web.HTTPSeeOther(target, headers={"Cache-Control": "no-store"})
+    waiting = URL(f"{settings.prefix}/pending/{grant.id}").with_query(next=target)
+    raise web.HTTPSeeOther(str(waiting), headers={"Cache-Control": "no-store"})
+
+
+async def pending(request: web.Request) -> web.Response:
+    """One request's state for its requester; static/pending.js follows it to `next`."""
+    who = await _signed_in(request)
+    target = _target(request, request.query.get("next"))
+    flow = request.config_dict[WORKFLOW]
+    try:
+        grant: Grant = await flow.show(who.identity, request.match_info["grant_id"])
+    except WorkflowError as exc:
+        chrome = nav(request, who.identity, "")
+        return page(request, "forbidden.html", exc.status, csp=SCRIPT_CSP, message=exc.message,
+                    **chrome)  # fmt: skip
+    except RedisError as exc:
+        text = f"The grant store is unavailable ({type(exc).__name__}); try again shortly."
+        return page(request, "forbidden.html", 503, csp=SCRIPT_CSP, message=text,
+                    **nav(request, who.identity, ""))  # fmt: skip
+    prefix = request.config_dict[SETTINGS].prefix
+    again = URL(f"{prefix}/request").with_query(scope=grant.scope, next=target)
+    return page(
+        request,
+        "pending.html",
+        csp=PENDING_CSP,
+        **nav(request, who.identity, ""),
+        grant=grant,
+        ended=grant.state in _ENDED,
+        next=target,
+        again=str(again),
+        here=str(URL(request.path).with_query(next=target)),
+        fmt=format_duration,
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the request form and the pending page on jitgate's own sub-application."""
+    app.router.add_get("/request", request_access)
+    app.router.add_post("/request", submit_request)
+    app.router.add_get("/pending/{grant_id}", pending)

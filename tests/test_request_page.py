@@ -1,0 +1,216 @@
+"""Requesting access from the refusal page, over HTTP against a real proxy and Redis.
+
+The refusal links to `{prefix}/request?scope=…&next=…`; its form posts to
+`{prefix}/request` (origin and CSRF checked, then Workflow.request) and ends on `next`
+when the grant is active at once, or on `{prefix}/pending/{id}` while it waits.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+
+import pytest
+from aiohttp.test_utils import TestClient
+from conftest import ROOT, ProxyFactory, Upstream
+from test_pages import CSRF, POLICY_ENTITLEMENTS, Person, people
+from yarl import URL
+
+from proxy.appkeys import REDIS, SETTINGS
+
+RECORDING = "/api/projects/1/session_recordings/demo-1"
+HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory) -> TestClient:
+    """An auto rule (recording:…), an approvers rule with a ticket pattern (project:…)."""
+    policy = (ROOT / "config" / "policy.yaml").read_text()
+    policy = policy.split("\nentitlements:")[0] + POLICY_ENTITLEMENTS
+    client: TestClient = await make_proxy(policy_text=policy, extra="admins: {groups: [security]}")
+    return client
+
+
+async def _form(person: Person, scope: str, next_: str = RECORDING) -> str:
+    r, text = await person.open(str(URL("/_jit/request").with_query(scope=scope, next=next_)))
+    assert r.status == 200, text
+    assert r.headers["Cache-Control"] == "no-store"
+    return text
+
+
+async def _submit(person: Person, scope: str, next_: str = RECORDING, **fields: str) -> str:
+    """Post the form as the browser would; return the Location it was sent to."""
+    text = await _form(person, scope, next_)
+    token = CSRF.search(text)
+    assert token, text
+    r = await person.post(
+        "/_jit/request", {"scope": scope, "next": next_, **fields}, csrf=token.group(1)
+    )
+    assert r.status == 303, await r.text()
+    return r.headers["Location"]
+
+
+async def test_refusal_links_to_the_form_which_offers_the_rules_choices(proxy: TestClient) -> None:
+    alice, *_ = people(proxy)
+    r = await proxy.get(RECORDING, headers=HTML, cookies=alice.cookies)
+    assert r.status == 403
+    page = await r.text()
+    link = html.unescape(re.search(r'id="request-access" href="([^"]+)"', page).group(1))  # type: ignore[union-attr]
+    url = URL(link)
+    assert url.path == "/_jit/request"
+    assert url.query["scope"] == "recording:1/demo-1" and url.query["next"] == RECORDING
+
+    text = await _form(alice, "project:1")
+    form = text.split('id="request-form"')[1].split("</form>")[0]
+    assert "Under <strong>project</strong>" in form and "needs 1 approval" in form
+    assert '<option value="900" selected>15m</option><option value="3600">1h</option>' in form
+    assert "<code>^(INC|SUP)-\\d+$</code>" in form
+    assert 'pattern="(INC|SUP)-\\d+" required' in form
+    assert f'name="next" value="{RECORDING}"' in form and 'name="scope" value="project:1"' in form
+    # Every visible control has a label.
+    for control in re.findall(r'<(?:input|select)(?![^>]*type="hidden")[^>]*id="([^"]+)"', form):
+        assert f'<label for="{control}">' in form
+
+    auto = (await _form(alice, "recording:1/demo-1")).split('id="request-form"')[1]
+    assert "granted at once" in auto and "Reason (required)" in auto
+    assert '<option value="300" selected>5m</option>' in auto and "Ticket (optional)" in auto
+
+
+async def test_auto_approval_goes_straight_back_to_the_recording(
+    proxy: TestClient, upstream: Upstream
+) -> None:
+    _, _, mallory, _ = people(proxy)
+    r = await proxy.get(RECORDING, headers=HTML, cookies=mallory.cookies)
+    assert r.status == 403
+    where = await _submit(mallory, "recording:1/demo-1", reason="bug 7", duration="900")
+    assert where == RECORDING
+    r, _ = await mallory.open(where)
+    assert r.status == 200 and RECORDING in upstream.paths()
+    r = await proxy.get("/_jit/api/grants/mine", headers=mallory.bearer)
+    (grant,) = (await r.json())["grants"]
+    assert grant["state"] == "active" and grant["duration"] == 900 and grant["reason"] == "bug 7"
+
+
+async def test_approval_required_waits_on_the_pending_page_then_continues(
+    proxy: TestClient, upstream: Upstream
+) -> None:
+    _, bob, mallory, _ = people(proxy)
+    where = await _submit(mallory, "project:1", reason="outage", ticket="INC-9", duration="3600")
+    url = URL(where)
+    assert url.path.startswith("/_jit/pending/") and url.query["next"] == RECORDING
+    grant_id = url.path.rsplit("/", 1)[1]
+    r, text = await mallory.open(where)
+    assert r.status == 200, text
+    assert "Waiting for approval" in text and 'data-state="pending"' in text
+    assert '<script src="/_jit/static/pending.js" defer></script>' in text
+    assert "connect-src 'self'" in r.headers["Content-Security-Policy"]
+    assert 'id="check"' in text and "INC-9" in text
+    # Only its requester (or an approver or admin) sees it.
+    r, _ = await Person(proxy, "eve", "eng").open(where)
+    assert r.status == 404
+    assert (await proxy.get(RECORDING, cookies=mallory.cookies)).status == 403
+
+    r = await proxy.post(f"/_jit/api/grants/{grant_id}/approve", json={}, headers=bob.bearer)
+    assert r.status == 200, await r.text()
+    r, text = await mallory.open(where)
+    assert "Access granted" in text and 'data-state="active"' in text
+    assert f'id="continue" href="{RECORDING}"' in text
+    r, _ = await mallory.open(RECORDING)
+    assert r.status == 200 and upstream.paths().count(RECORDING) == 1
+    js = await proxy.get("/_jit/static/pending.js")
+    assert js.status == 200 and "data-api" in await js.text()
+
+
+async def test_denial_and_lapse_are_shown_with_a_way_to_ask_again(proxy: TestClient) -> None:
+    _, bob, mallory, _ = people(proxy)
+    denied = await _submit(mallory, "project:1", reason="a", ticket="INC-1")
+    grant_id = URL(denied).path.rsplit("/", 1)[1]
+    r = await proxy.post(
+        f"/_jit/api/grants/{grant_id}/deny", json={"comment": "not <now>"}, headers=bob.bearer
+    )
+    assert r.status == 200
+    _, text = await mallory.open(denied)
+    assert "Request denied" in text and "was denied by bob" in text
+    assert "Comment: not &lt;now&gt;" in text
+    again = URL(html.unescape(re.search(r'id="again" href="([^"]+)"', text).group(1)))  # type: ignore[union-attr]
+    assert again.path == "/_jit/request" and again.query["scope"] == "project:1"
+    assert again.query["next"] == RECORDING
+    assert "<noscript>" not in text
+
+    lapsing = await _submit(mallory, "project:2", reason="b", ticket="SUP-2")
+    grant_id = URL(lapsing).path.rsplit("/", 1)[1]
+    settings = proxy.app[SETTINGS]
+    await proxy.app[REDIS].hset(
+        f"{settings.redis.key_prefix}grant:{grant_id}", "pending_until", str(time.time() - 1)
+    )
+    _, text = await mallory.open(lapsing)
+    assert "Request lapsed" in text and "nobody decided it in time" in text
+    assert 'id="again"' in text
+
+
+async def test_workflow_errors_come_back_on_the_form_with_the_values(proxy: TestClient) -> None:
+    _, _, mallory, _ = people(proxy)
+    text = await _form(mallory, "project:1")
+    token = CSRF.search(text).group(1)  # type: ignore[union-attr]
+    fields = {"scope": "project:1", "next": RECORDING, "reason": "why <b>me</b>"}
+    for extra, status, message in (
+        ({"ticket": "JIRA-1", "duration": "900"}, 400, "A ticket matching ^(INC|SUP)-\\d+$ is"),
+        ({"ticket": "INC-1", "duration": "7200"}, 400, "Duration must be one of 15m, 1h."),
+    ):
+        r = await mallory.post("/_jit/request", {**fields, **extra}, csrf=token)
+        assert r.status == status
+        page = await r.text()
+        assert message in html.unescape(page)
+        assert 'value="why &lt;b&gt;me&lt;/b&gt;"' in page and "<b>me" not in page
+        assert f'value="{extra["ticket"]}"' in page
+    r = await mallory.post("/_jit/request", {**fields, "scope": "org:1"}, csrf=token)
+    assert r.status == 403
+    assert "No entitlement lets mallory request access to org:1." in await r.text()
+    r = await mallory.post(
+        "/_jit/request", {"scope": "recording:1/demo-1", "reason": " "}, csrf=token
+    )
+    assert r.status == 400 and "A reason is required." in await r.text()
+    r = await proxy.get("/_jit/api/grants/mine", headers=mallory.bearer)
+    assert (await r.json())["grants"] == []
+
+
+async def test_forged_or_cross_site_posts_create_nothing(proxy: TestClient) -> None:
+    alice, _, mallory, _ = people(proxy)
+    fields = {"scope": "recording:1/demo-1", "reason": "x", "next": RECORDING}
+    stolen = CSRF.search(await _form(alice, "recording:1/demo-1")).group(1)  # type: ignore[union-attr]
+    own = CSRF.search(await _form(mallory, "recording:1/demo-1")).group(1)  # type: ignore[union-attr]
+    for token, headers in (
+        ("", {"Origin": mallory.origin}),
+        ("123.abc", {"Origin": mallory.origin}),
+        (stolen, {"Origin": mallory.origin}),
+        (own, {"Origin": "https://evil.example"}),
+    ):
+        r = await mallory.post("/_jit/request", fields, csrf=token, headers=headers)
+        assert r.status == 403, (token, headers)
+    r = await proxy.get("/_jit/api/grants/mine", headers=mallory.bearer)
+    assert (await r.json())["grants"] == []
+    # Signed out: to sign in, and nothing is filed.
+    r = await proxy.post("/_jit/request", data=fields, allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"].startswith("/_jit/login?next=")
+
+
+async def test_an_open_redirect_next_ends_on_the_site_root(proxy: TestClient) -> None:
+    _, _, mallory, _ = people(proxy)
+    text = await _form(mallory, "recording:1/demo-1", "//evil.com")
+    assert 'name="next" value="/"' in text
+    where = await _submit(mallory, "recording:1/demo-2", "//evil.com", reason="x")
+    assert where == "/"
+    pending = await _submit(mallory, "project:1", "/\\evil.com", reason="x", ticket="INC-1")
+    assert URL(pending).query["next"] == "/"
+    _, text = await mallory.open(str(URL(pending).with_query(next="https://evil.com/")))
+    assert 'data-next="/"' in text and "evil" not in text
+
+
+async def test_signed_out_visitors_see_the_rules_and_a_sign_in_link(proxy: TestClient) -> None:
+    r = await proxy.get("/_jit/request", params={"scope": "project:1", "next": RECORDING})
+    text = await r.text()
+    assert r.status == 200 and 'id="request-form"' not in text
+    link = html.unescape(re.search(r'href="(/_jit/login[^"]+)"', text).group(1))  # type: ignore[union-attr]
+    back = URL(URL(link).query["next"])
+    assert back.path == "/_jit/request" and back.query["next"] == RECORDING
