@@ -51,14 +51,9 @@ async def _identity(request: web.Request, *, changes_state: bool) -> Identity:
         raise WorkflowError(401, "unauthenticated", reason)
     # The cookies (token, session), and an SSO proxy's headers, come with any request the
     # browser makes.
-    if changes_state and found.ambient and not _same_origin(request):
+    if changes_state and found.ambient and not same_origin(request):
         raise WorkflowError(403, "cross_site", "cross-site request refused")
     return found.identity
-
-
-def _same_origin(request: web.Request) -> bool:
-    oidc = request.config_dict[SETTINGS].identity.oidc
-    return same_origin(request, oidc.public_url if oidc is not None else None)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

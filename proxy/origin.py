@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .appkeys import SETTINGS
 
-def same_origin(request: web.Request, public_url: str | None = None) -> bool:
-    """True if Origin is this request's origin (or `public_url`), else Sec-Fetch-Site says so.
+
+def same_origin(request: web.Request) -> bool:
+    """True if Origin is this request's origin (or `identity.oidc.public_url`), else
+    Sec-Fetch-Site says so.
 
     `public_url` is how browsers reach jitgate when a TLS-terminating proxy in front
     makes the request look like plain http here.
     """
+    oidc = request.config_dict[SETTINGS].identity.oidc
+    public_url = oidc.public_url if oidc is not None else None
     origin = request.headers.get("Origin")
     if origin is not None:
         return origin == str(request.url.origin()) or (

@@ -224,23 +224,33 @@ def _matches(grant: Grant, filters: Mapping[str, str], now: float) -> bool:
     return not filters["within"] or grant.expires_at - now <= float(filters["within"])
 
 
+async def checked_form(
+    request: web.Request, who: csrf.Visitor, nothing: str
+) -> MultiDictProxy[Any] | web.Response:
+    """Return a posted form that passed the origin and CSRF checks, or the 403 page saying
+    that nothing was `nothing` (changed, requested)."""
+    # Both checks, before the body is acted on: the origin check stops a cross-site post
+    # from a browser that sends Origin, the token one that sends none (and any replay
+    # of a form made for another credential).
+    if not same_origin(request):
+        return _forbidden(request, who, f"Cross-site form refused: nothing was {nothing}.")
+    form = await request.post()
+    if not await csrf.valid(request, who, _field(form, csrf.FIELD)):
+        return _forbidden(
+            request, who, "This form has expired or did not come from jitgate: nothing was"
+            f" {nothing}. Reload the page and try again.",
+        )  # fmt: skip
+    return form
+
+
 async def act(request: web.Request) -> web.StreamResponse:
     """Apply one form's action through the Workflow and go back to the page it came from."""
     where = request.match_info["page"]
     who = await _signed_in(request)
     settings = request.config_dict[SETTINGS]
-    oidc = settings.identity.oidc
-    # Both checks, before the body is acted on: the origin check stops a cross-site post
-    # from a browser that sends Origin, the token one that sends none (and any replay
-    # of a form made for another credential).
-    if not same_origin(request, oidc.public_url if oidc is not None else None):
-        return _forbidden(request, who, "Cross-site form refused: nothing was changed.")
-    form = await request.post()
-    if not await csrf.valid(request, who, _field(form, csrf.FIELD)):
-        return _forbidden(
-            request, who, "This form has expired or did not come from jitgate: nothing was"
-            " changed. Reload the page and try again.",
-        )  # fmt: skip
+    form = await checked_form(request, who, "changed")
+    if isinstance(form, web.Response):
+        return form
     action = _field(form, "action")
     if action not in ACTIONS[where]:
         return _forbidden(request, who, f"The {where} page offers no action {action[:40]!r}.")

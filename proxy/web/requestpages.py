@@ -20,11 +20,10 @@ from yarl import URL
 from ..appkeys import SETTINGS, WORKFLOW
 from ..grants import Grant
 from ..identity import Identity
-from ..origin import same_origin
 from ..policy import Entitlement, Policy, format_duration
 from ..workflow import WorkflowError
 from . import CSP, SCRIPT_CSP, csrf
-from .accesspages import _field, _forbidden, _signed_in, nav
+from .accesspages import _field, _signed_in, checked_form, nav
 from .views import page, safe_next
 
 # The pending page's script reads its request from the JSON API, and nothing else.
@@ -107,15 +106,9 @@ async def submit_request(request: web.Request) -> web.StreamResponse:
     """File the form's request through the Workflow; go back to `next` or wait for approval."""
     who = await _signed_in(request)
     settings = request.config_dict[SETTINGS]
-    oidc = settings.identity.oidc
-    if not same_origin(request, oidc.public_url if oidc is not None else None):
-        return _forbidden(request, who, "Cross-site form refused: nothing was requested.")
-    form = await request.post()
-    if not await csrf.valid(request, who, _field(form, csrf.FIELD)):
-        return _forbidden(
-            request, who, "This form has expired or did not come from jitgate: nothing was"
-            " requested. Reload the page and try again.",
-        )  # fmt: skip
+    form = await checked_form(request, who, "requested")
+    if isinstance(form, web.Response):
+        return form
     values = {k: _field(form, k) for k in ("reason", "ticket", "duration")}
     scope = _field(form, "scope").strip()[:500]
     target = _target(request, _field(form, "next"))

@@ -116,7 +116,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     """End the session here and, where the provider offers it, at the provider too."""
     settings = request.config_dict[SETTINGS]
     oidc = request.config_dict.get(OIDC)
-    if not same_origin(request, oidc.settings.public_url if oidc else None):
+    if not same_origin(request):
         raise web.HTTPForbidden(text="jitgate: cross-site sign-out refused\n")
     response = web.HTTPSeeOther(f"{settings.prefix}/login")
     response.headers["Cache-Control"] = "no-store"
