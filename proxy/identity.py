@@ -9,10 +9,8 @@ is one of `identity.trusted_headers.from`, never because of X-Forwarded-For.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import ipaddress
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from multidict import MultiMapping
 
 from . import claims as claim
-from .jwks import IssuerConfig, MultiVerifier, TokenError
+from .jwks import IssuerConfig, MultiVerifier, TokenError, decode_segment, safe_text
 from .settings import IdentitySettings, IssuerSettings, TrustedHeadersSettings
 
 
@@ -81,20 +79,10 @@ def _unverified_claims(token: str) -> dict[str, Any]:
     parts = token.split(".")
     if len(parts) != 3:
         raise IdentityError("malformed token")
-    body = parts[1]
     try:
-        payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    except ValueError:
-        raise IdentityError("malformed token") from None
-    if not isinstance(payload, dict):
-        raise IdentityError("malformed token")
-    return payload
-
-
-def _safe(value: object, limit: int = 80) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return text if len(text) <= limit else text[:limit] + "..."
+        return decode_segment(parts[1])
+    except TokenError as exc:
+        raise IdentityError(exc.reason) from None
 
 
 def _issuer_config(cfg: IssuerSettings) -> IssuerConfig:
@@ -232,7 +220,7 @@ class Verifier:
             sent = [name for name in t.names() if name in headers]
             if sent:
                 return (
-                    f"no credentials ({sent[0]} ignored: peer {_safe(peer)} is not in "
+                    f"no credentials ({sent[0]} ignored: peer {safe_text(peer)} is not in "
                     "identity.trusted_headers.from)"
                 )
         return "no credentials"
@@ -307,7 +295,7 @@ class Verifier:
         if not self._local:
             if iss is None:
                 raise IdentityError("token names no issuer")
-            raise IdentityError(f"unknown issuer {_safe(iss)}")
+            raise IdentityError(f"unknown issuer {safe_text(iss)}")
         return self._verify_local(token)
 
     async def _verify_assertion(self, token: str) -> tuple[Identity, float]:
@@ -325,7 +313,7 @@ class Verifier:
             raise IdentityError("malformed token") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
-            raise IdentityError(f"token algorithm {_safe(alg, 20)!r} is not allowed")
+            raise IdentityError(f"token algorithm {safe_text(alg, 20)!r} is not allowed")
         claims = self._decode(token, alg)
         return self._identity(claims, self._claims), float(claims["exp"])
 
@@ -366,7 +354,7 @@ class Verifier:
             except jwt.MissingRequiredClaimError as exc:
                 raise IdentityError(f"token lacks the {exc.claim!r} claim") from None
             except jwt.InvalidTokenError as exc:
-                raise IdentityError(f"invalid token: {_safe(str(exc))}") from None
+                raise IdentityError(f"invalid token: {safe_text(str(exc))}") from None
         raise IdentityError("token signature does not verify") from last
 
     def identity_of(self, claims: Mapping[str, Any]) -> Identity:
@@ -376,7 +364,7 @@ class Verifier:
         except IdentityError:
             raise
         except (TypeError, ValueError) as exc:
-            raise IdentityError(f"claims unusable: {_safe(str(exc))}") from None
+            raise IdentityError(f"claims unusable: {safe_text(str(exc))}") from None
 
     def _identity(self, claims: Mapping[str, Any], cmap: claim.ClaimMap) -> Identity:
         subject = claim.lookup(claims, cmap.subject)

@@ -104,21 +104,25 @@ def check_kid(kid: object) -> str | None:
     return kid
 
 
+def decode_segment(segment: str) -> dict[str, Any]:
+    """Decode one base64url JSON segment of a JWT without verifying anything."""
+    try:
+        value = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except ValueError:  # binascii.Error and JSONDecodeError alike
+        raise TokenError("malformed token") from None
+    if not isinstance(value, dict):
+        raise TokenError("malformed token")
+    return value
+
+
 def _unverified_header(token: str) -> dict[str, Any]:
     # Parsed here rather than by PyJWT so that our checks (alg, crit, kid) come first and
     # give their own reasons; PyJWT parses it again when it verifies.
-    head = token.split(".", 1)[0]
-    try:
-        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except ValueError:  # binascii.Error and JSONDecodeError alike
-        raise TokenError("malformed token") from None
-    if not isinstance(header, dict):
-        raise TokenError("malformed token")
-    return header
+    return decode_segment(token.split(".", 1)[0])
 
 
-def _safe(value: object, limit: int = 80) -> str:
-    # Attacker-chosen values (alg, iss) go into reasons; keep them short and printable.
+def safe_text(value: object, limit: int = 80) -> str:
+    """Return value short and printable: attacker-chosen values (alg, iss) go into reasons."""
     text = value if isinstance(value, str) else repr(value)
     text = "".join(c if c.isprintable() else "?" for c in text)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -267,7 +271,7 @@ class KeySet:
         """Return the key that verifies `alg` under `kid`, refetching once if it is unknown."""
         kid = check_kid(kid)
         if alg not in _ALGORITHMS:
-            raise TokenError(f"algorithm {_safe(alg)} not supported")
+            raise TokenError(f"algorithm {safe_text(alg)} not supported")
         fetched = False
         if self._loaded_at is None:
             if self._inflight is None and not self._may_fetch():
@@ -469,7 +473,7 @@ async def discover(
     # provider could pass off another one's tokens.
     if doc.get("issuer") != issuer:
         raise TokenError(
-            f"discovery for {issuer}: document names issuer {_safe(doc.get('issuer'))}"
+            f"discovery for {issuer}: document names issuer {safe_text(doc.get('issuer'))}"
         )
     jwks_uri = doc.get("jwks_uri")
     if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
@@ -570,9 +574,9 @@ class MultiVerifier:
             raise TokenError("token names no issuer")
         cfg = self.issuers.get(iss)
         if cfg is None:
-            raise TokenError(f"unknown issuer {_safe(iss)}")
+            raise TokenError(f"unknown issuer {safe_text(iss)}")
         if alg not in cfg.algorithms:
-            raise TokenError(f"algorithm {_safe(alg, 20)} not allowed for issuer {iss}")
+            raise TokenError(f"algorithm {safe_text(alg, 20)} not allowed for issuer {iss}")
         keys = await self._key_set(cfg)
         jwk = await keys.key_for(kid, alg)
         return self._decode(token, jwk, alg, cfg)
@@ -619,7 +623,7 @@ class MultiVerifier:
         except jwt.InvalidKeyError:
             raise TokenError(f"key does not fit algorithm {alg}") from None
         except jwt.InvalidTokenError as exc:
-            raise TokenError(f"invalid token: {_safe(str(exc))}") from None
+            raise TokenError(f"invalid token: {safe_text(str(exc))}") from None
         return claims
 
     async def _key_set(self, cfg: IssuerConfig) -> KeySet:
@@ -644,7 +648,7 @@ class MultiVerifier:
             jwks_uri = str(doc["jwks_uri"])
             if self.https_only and not secure_url(jwks_uri):
                 # A discovery document could otherwise send us to fetch keys in clear.
-                reason = f"discovery for {cfg.issuer}: jwks_uri {_safe(jwks_uri)} is not https"
+                reason = f"discovery for {cfg.issuer}: jwks_uri {safe_text(jwks_uri)} is not https"
                 self._discovery_failed[cfg.issuer] = (self._clock(), reason)
                 log.warning("%s", reason)
                 raise TokenError(reason)
