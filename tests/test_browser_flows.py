@@ -66,13 +66,21 @@ def test_a_denial_reaches_the_engineers_pending_page_without_a_reload(jitgate: A
             browser.close()
 
 
-def test_an_admins_revoke_ends_access_at_the_open_tabs_next_request(jitgate: Any) -> None:  # noqa: F811
-    sync_playwright = need_browser()
-    erin_token = make_token("erin", groups=["eng"])
-    grant = _api(
-        "POST", "/requests", erin_token, {"scope": "recording:1/demo-1", "reason": "replay bug"}
+ERIN = make_token("erin", groups=["eng"])
+
+
+def _erins_active_grant() -> dict[str, Any]:
+    """Give erin an automatically approved grant for demo-1 through the API."""
+    grant: dict[str, Any] = _api(
+        "POST", "/requests", ERIN, {"scope": "recording:1/demo-1", "reason": "replay bug"}
     )
     assert grant["state"] == "active"
+    return grant
+
+
+def test_an_admins_revoke_ends_access_at_the_open_tabs_next_request(jitgate: Any) -> None:  # noqa: F811
+    sync_playwright = need_browser()
+    grant = _erins_active_grant()
     with sync_playwright() as pw:
         browser = _browser(pw)
         try:
@@ -99,7 +107,7 @@ def test_an_admins_revoke_ends_access_at_the_open_tabs_next_request(jitgate: Any
             assert "Access needed" in erin.inner_text("h1")
             assert "Recording demo-1" not in erin.inner_text("body")
             _shot(erin, "revoke-4-access-needed")
-            ended = _api("GET", f"/grants/{grant['id']}", erin_token)
+            ended = _api("GET", f"/grants/{grant['id']}", ERIN)
             assert ended["state"] == "revoked"
             assert ended["ended_by"] == "sam" and ended["end_comment"] == "left the team"
         finally:
@@ -149,11 +157,7 @@ def test_an_approver_cannot_approve_their_own_request(jitgate: Any) -> None:  # 
 
 def test_a_form_without_its_csrf_token_is_refused_in_the_browser(jitgate: Any) -> None:  # noqa: F811
     sync_playwright = need_browser()
-    erin_token = make_token("erin", groups=["eng"])
-    grant = _api(
-        "POST", "/requests", erin_token, {"scope": "recording:1/demo-1", "reason": "replay bug"}
-    )
-    assert grant["state"] == "active"
+    grant = _erins_active_grant()
     with sync_playwright() as pw:
         browser = _browser(pw)
         try:
@@ -171,7 +175,7 @@ def test_a_form_without_its_csrf_token_is_refused_in_the_browser(jitgate: Any) -
             assert erin.inner_text("h1") == "You cannot do that here"
             assert "did not come from jitgate" in erin.inner_text("[role=alert]")
             _shot(erin, "csrf-1-refused")
-            assert _api("GET", f"/grants/{grant['id']}", erin_token)["state"] == "active"
+            assert _api("GET", f"/grants/{grant['id']}", ERIN)["state"] == "active"
             erin.goto(f"{BASE}/_jit/access")
             assert erin.locator(f"#grant-{grant['id']} button[value=relinquish]").count() == 1
             _shot(erin, "csrf-2-still-active")
