@@ -109,6 +109,7 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     app = web.Application(client_max_size=0)
     app[SETTINGS] = settings
     app[METRICS] = metrics.Metrics()
+    pages.setup(app)
     compiled = compiled or policy.load(settings.policy_file)
     app.cleanup_ctx.append(_lifecycle(compiled))
 

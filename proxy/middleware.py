@@ -23,6 +23,7 @@ from .paths import normalise, split_target
 from .session import Sessions
 from .settings import Settings
 from .statusbar import StatusBar
+from .web import requestpages
 from .web.views import safe_next
 
 
@@ -112,7 +113,7 @@ class Gate:
         if decision.allow and decision.scope is not None and self.strict:
             decision = self._strict(decision)
         if not decision.allow:
-            refusal = self._refuse(request, decision, path)
+            refusal = await self._refuse(request, decision, path)
             self._finish(request, decision, path, refusal.status, 0, None, started)
             return refusal
 
@@ -250,18 +251,17 @@ class Gate:
             and "Authorization" not in request.headers
         )
 
-    def _refuse(self, request: web.Request, decision: Decision, path: str) -> web.Response:
-        request_url = None
+    async def _refuse(self, request: web.Request, decision: Decision, path: str) -> web.Response:
+        request_url, back = None, None
         if decision.scope and decision.status == 403 and decision.outcome == "deny":
             origin = request.url.origin()
             request_url = str(
                 origin.with_path(f"{self.prefix}/request").with_query(scope=decision.scope)
             )
             if wants_html(request) and request.method in ("GET", "HEAD"):
-                # The page's form (on the request page) brings the browser back here.
-                request_url = str(
-                    URL(request_url).update_query(next=safe_next(request.path_qs, self.prefix))
-                )
+                # The page's forms bring the browser back here once access is granted.
+                back = safe_next(request.path_qs, self.prefix)
+                request_url = str(URL(request_url).update_query(next=back))
         login_url = None
         if decision.status == 401:
             login_url = str(URL(f"{self.prefix}/login").with_query(next=request.path_qs))
@@ -281,8 +281,13 @@ class Gate:
         if decision.status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="jitgate"'
         if wants_html(request):
+            forms: list[dict[str, Any]] = []
+            token = ""
+            if back is not None and decision.identity is not None and decision.scope:
+                forms, token = await requestpages.offer(request, [decision.scope, *decision.wider])
             headers["Content-Security-Policy"] = pages.CSP
             body = pages.render(
+                request,
                 "refused.html",
                 prefix=self.prefix,
                 user=decision.identity.subject if decision.identity else None,
@@ -293,6 +298,9 @@ class Gate:
                 wider=decision.wider,
                 reasons=decision.reasons,
                 request_url=request_url,
+                forms=forms,
+                csrf=token,
+                next=back,
                 login_url=login_url,
                 method=request.method,
                 path=path,

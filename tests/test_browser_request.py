@@ -1,6 +1,8 @@
 """Requesting access in a real browser: refused, the form, waiting, and on to the recording.
 
-Headless Chromium (as in test_browser_pages.py) against `jitgate serve`. Screenshots go to
+Headless Chromium (as in test_browser_pages.py) against `jitgate serve`. The form is
+filled in on the refusal page itself (test_browser_flows.py takes the refusal's link to
+the request page instead). Screenshots go to
 tests/artifacts/request-*.png.
 """
 
@@ -31,9 +33,8 @@ def test_refused_request_wait_and_continue_without_reload(jitgate: Path) -> None
             erin.goto(f"{BASE}/api/projects/1/session_recordings/")
             assert "Access needed" in erin.inner_text("h1")
             assert "project:1" in erin.inner_text("main")
+            # The form is on the refusal itself.
             _shot(erin, "refused")
-            erin.click("#request-access")
-            erin.wait_for_selector("#request-form")
             assert erin.input_value("input[name=next]") == "/api/projects/1/session_recordings/"
             options = erin.locator("#req-duration option").all_inner_texts()
             assert options == ["15m", "1h"]
@@ -42,7 +43,7 @@ def test_refused_request_wait_and_continue_without_reload(jitgate: Path) -> None
             erin.click("#request-form button[type=submit]")
             # The browser checks the pattern before anything is sent.
             assert erin.evaluate("document.querySelector('#req-ticket').validity.patternMismatch")
-            assert "/_jit/request?" in erin.url
+            assert erin.url == f"{BASE}/api/projects/1/session_recordings/"  # not sent
             erin.fill("#req-ticket", "INC-42")
             erin.select_option("#req-duration", "3600")
             _shot(erin, "form")
@@ -71,8 +72,8 @@ def test_auto_approval_goes_straight_back_in_the_browser(jitgate: Path) -> None:
             erin = _sign_in(browser, "erin", ["eng"])
             erin.goto(f"{BASE}{RECORDING}")
             assert "Access needed" in erin.inner_text("h1")
-            erin.click("#request-access")
-            erin.wait_for_selector("#request-form")
+            # Two forms: this recording (at once) and the project that covers it (approval).
+            assert "project:1" in erin.inner_text("#request-form-2")
             assert "granted at once" in erin.inner_text("#request-form")
             erin.click("#request-form button[type=submit]")  # the reason is required
             assert erin.evaluate("document.querySelector('#req-reason').validity.valueMissing")

@@ -1,6 +1,7 @@
 """Requesting access from the refusal page, over HTTP against a real proxy and Redis.
 
-The refusal links to `{prefix}/request?scope=…&next=…`; its form posts to
+The refusal carries a form for each scope the visitor may request, and links to
+`{prefix}/request?scope=…&next=…`, which has the same form. The form posts to
 `{prefix}/request` (origin and CSRF checked, then Workflow.request) and ends on `next`
 when the grant is active at once, or on `{prefix}/pending/{id}` while it waits.
 """
@@ -75,6 +76,59 @@ async def test_refusal_links_to_the_form_which_offers_the_rules_choices(proxy: T
     auto = (await _form(alice, "recording:1/demo-1")).split('id="request-form"')[1]
     assert "granted at once" in auto and "Reason (required)" in auto
     assert '<option value="300" selected>5m</option>' in auto and "Ticket (optional)" in auto
+
+
+def _forms(page: str) -> list[str]:
+    return [part.split("</form>")[0] for part in page.split('<form method="post"')[1:]]
+
+
+async def test_the_refusal_itself_offers_a_form_for_each_scope_one_may_request(
+    proxy: TestClient, upstream: Upstream
+) -> None:
+    _, bob, mallory, _ = people(proxy)
+    # mallory (eng) may take the recording at once, or ask for the whole project.
+    r = await proxy.get(RECORDING, headers=HTML, cookies=mallory.cookies)
+    assert r.status == 403 and "form-action 'self'" in r.headers["Content-Security-Policy"]
+    page = await r.text()
+    own, wide = _forms(page)
+    assert 'id="request-form"' in own and 'name="scope" value="recording:1/demo-1"' in own
+    assert "granted at once" in own and 'id="req-reason"' in own
+    assert 'id="request-form-2"' in wide and 'name="scope" value="project:1"' in wide
+    assert 'pattern="(INC|SUP)-\\d+" required' in wide and 'id="req-ticket-2"' in wide
+    for form in (own, wide):
+        assert f'name="next" value="{RECORDING}"' in form
+        for control in re.findall(
+            r'<(?:input|select)(?![^>]*type="hidden")[^>]*id="([^"]+)"', form
+        ):
+            assert f'<label for="{control}">' in form
+    # The refusal's token is mallory's own: posting the form files the request.
+    token = CSRF.search(own).group(1)  # type: ignore[union-attr]
+    fields = {"scope": "recording:1/demo-1", "next": RECORDING, "reason": "bug 8"}
+    r = await mallory.post("/_jit/request", fields, csrf=token)
+    assert r.status == 303 and r.headers["Location"] == RECORDING
+    r, _ = await mallory.open(RECORDING)
+    assert r.status == 200 and RECORDING in upstream.paths()
+
+    # bob is not in eng: only the recording's rule admits him.
+    (only,) = _forms(await (await proxy.get(RECORDING, headers=HTML, cookies=bob.cookies)).text())
+    assert 'name="scope" value="recording:1/demo-1"' in only
+    # Not signed in: a sign-in link and no form; an API client gets JSON without one.
+    r = await proxy.get(RECORDING, headers=HTML)
+    assert r.status == 401 and _forms(await r.text()) == []
+    r = await proxy.get(RECORDING, headers={"Accept": "application/json"}, cookies=bob.cookies)
+    assert r.status == 403 and "csrf" not in await r.text()
+
+
+async def test_no_form_when_no_rule_admits_the_visitor(make_proxy: ProxyFactory) -> None:
+    policy = (ROOT / "config" / "policy.yaml").read_text()
+    policy = policy.split("\nentitlements:")[0] + POLICY_ENTITLEMENTS.replace(
+        "who: any", "who: {groups: [support]}"
+    )
+    client: TestClient = await make_proxy(policy_text=policy)
+    _, bob, *_ = people(client)  # bob is not in eng, which the project's rule asks for
+    r = await client.get(RECORDING, headers=HTML, cookies=bob.cookies)
+    page = await r.text()
+    assert r.status == 403 and _forms(page) == [] and 'id="request-access"' in page
 
 
 async def test_auto_approval_goes_straight_back_to_the_recording(

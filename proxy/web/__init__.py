@@ -6,16 +6,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
 STATIC_DIR = Path(__file__).parent / "static"
-
-_env = jinja2.Environment(
-    loader=jinja2.PackageLoader("proxy.web", "templates"),
-    autoescape=True,
-    undefined=jinja2.StrictUndefined,
-)
 
 # The pages load nothing from elsewhere and run no script.
 CSP = (
@@ -37,13 +32,24 @@ def _iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-_env.filters["when"] = _when
-_env.filters["iso"] = _iso
+def setup(app: web.Application) -> None:
+    """Give the application (the gate's refusals, and the pages' sub-application) the page
+    templates and the CSRF key cache."""
+    from . import csrf
+
+    app[csrf.KEYS] = csrf.KeyCache()
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.PackageLoader("proxy.web", "templates"),
+        undefined=jinja2.StrictUndefined,
+        filters={"when": _when, "iso": _iso},
+        default_helpers=False,
+    )
 
 
-def render(template: str, **context: Any) -> str:
-    """Render one page template."""
-    return _env.get_template(template).render(**context)
+def render(request: web.Request, template: str, **context: Any) -> str:
+    """Render one page template for a request."""
+    return aiohttp_jinja2.render_string(template, request, context)
 
 
 def add_routes(app: web.Application) -> None:

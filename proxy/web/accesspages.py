@@ -333,7 +333,6 @@ async def home(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application) -> None:
     """Register the pages and their form endpoints on jitgate's own sub-application."""
-    app[csrf.KEYS] = csrf.KeyCache()
     app.router.add_get("/", home)
     app.router.add_get("/access", my_access)
     app.router.add_get("/approvals", approvals)

@@ -1,8 +1,9 @@
 """Requesting access from the browser: the request form and the page that waits for approval.
 
-A refused replay page links to `{prefix}/request?scope=…&next=…` (the refusal itself is
-rendered by the gate, which has no CSRF key; the form lives here, where the visitor's
-token is made). The form posts to `{prefix}/request`; after the origin and CSRF checks it
+A refused replay page offers the form itself (the gate asks `offer` for it, one form per
+scope a rule lets the visitor request) and links to `{prefix}/request?scope=…&next=…`,
+which explains the scope's rules and has the same form. The form posts to
+`{prefix}/request`; after the origin and CSRF checks it
 is one Workflow.request call, as the JSON API makes. A grant that is active at once sends
 the browser straight back to `next`; one that needs approval goes to
 `{prefix}/pending/{grant_id}?next=…`, which static/pending.js polls until it is decided.
@@ -10,7 +11,7 @@ the browser straight back to `next`; one that needs approval goes to
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -20,7 +21,7 @@ from yarl import URL
 from ..appkeys import SETTINGS, WORKFLOW
 from ..grants import Grant
 from ..identity import Identity
-from ..policy import Entitlement, Policy, format_duration
+from ..policy import Policy, format_duration
 from ..workflow import WorkflowError
 from . import CSP, SCRIPT_CSP, csrf
 from .accesspages import _field, _signed_in, checked_form, nav
@@ -48,11 +49,13 @@ def _rules(policy: Policy, scope: str | None, ident: Identity | None) -> list[di
     ]
 
 
-def _form(ent: Entitlement | None) -> dict[str, Any] | None:
-    """What the form offers under the rule a request would be filed under."""
+def _form(policy: Policy, ident: Identity, scope: str) -> dict[str, Any] | None:
+    """The form for a scope under the rule a request from `ident` would be filed under."""
+    ent = policy.entitlement_for(scope, ident.subject, ident.groups, break_glass=False)
     if ent is None:
         return None
     return {
+        "scope": scope,
         "ent": ent,
         "durations": [(f"{d:g}", format_duration(d)) for d in ent.durations],
         "default": f"{ent.default_duration:g}",
@@ -72,9 +75,7 @@ async def _request_page(
 ) -> web.Response:
     ident = who.identity if who is not None else None
     policy = request.config_dict[WORKFLOW].policy()
-    ent = None
-    if ident is not None and scope:
-        ent = policy.entitlement_for(scope, ident.subject, ident.groups, break_glass=False)
+    form = _form(policy, ident, scope) if ident is not None and scope else None
     prefix = request.config_dict[SETTINGS].prefix
     here = URL(f"{prefix}/request").with_query({"scope": scope or "", "next": target})
     chrome = nav(request, ident, "") if ident is not None else {"user": None, "nav": []}
@@ -86,13 +87,27 @@ async def _request_page(
         **chrome,
         scope=scope,
         rules=_rules(policy, scope, ident),
-        form=_form(ent),
-        csrf=await csrf.token(request, who) if who is not None and ent is not None else "",
+        form=form,
+        csrf=await csrf.token(request, who) if who is not None and form is not None else "",
         next=target,
         error=error,
         values=dict(values or {}),
         login_url=str(URL(f"{prefix}/login").with_query(next=str(here))),
     )
+
+
+async def offer(request: web.Request, scopes: Sequence[str]) -> tuple[list[dict[str, Any]], str]:
+    """The request forms a refusal can offer its signed-in visitor, and their CSRF token.
+
+    One form for each scope (the refused one, then the wider ones that cover it) under
+    which a rule admits the visitor; none for a visitor who is not signed in.
+    """
+    who = await csrf.visitor(request)
+    if who is None:
+        return [], ""
+    ident, policy = who.identity, request.config_dict[WORKFLOW].policy()
+    forms = [form for scope in dict.fromkeys(scopes) if (form := _form(policy, ident, scope))]
+    return forms, await csrf.token(request, who) if forms else ""
 
 
 async def request_access(request: web.Request) -> web.Response:

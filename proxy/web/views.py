@@ -47,7 +47,7 @@ def page(
 ) -> web.Response:
     return web.Response(
         status=status,
-        text=render(template, prefix=request.config_dict[SETTINGS].prefix, **context),
+        text=render(request, template, prefix=request.config_dict[SETTINGS].prefix, **context),
         content_type="text/html",
         headers={"Content-Security-Policy": csp, "Cache-Control": "no-store"},
     )
