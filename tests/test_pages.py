@@ -354,6 +354,35 @@ async def test_break_glass_review_through_the_form(proxy: TestClient) -> None:
     assert f'id="rev-{g["id"]}"' not in text
 
 
+async def test_admin_page_lists_break_glass_awaiting_review_and_reviews_it(
+    proxy: TestClient,
+) -> None:
+    alice, _, _, sam = people(proxy)
+    oscar = Person(proxy, "oscar", "oncall")
+    g = await oscar.request("project:9", break_glass=True)
+    own = await Person(proxy, "sam", "security", "oncall").request("project:8", break_glass=True)
+    _, text = await sam.open("/_jit/admin")
+    reviews = text.split('id="review-h"')[1]
+    row = reviews.split(f'id="rev-{g["id"]}"')[1].split("</article>")[0]
+    assert "<strong>oscar</strong> used break-glass access" in row
+    assert f'action="/_jit/admin/{g["id"]}"' in row and 'value="review"' in row
+    mine = reviews.split(f'id="rev-{own["id"]}"')[1].split("</article>")[0]
+    assert "someone else must review it" in mine and "<form" not in mine
+    flash = await sam.act("admin", g["id"], "review", comment="checked INC-7")
+    assert flash == "ok: Review recorded for oscar&#39;s break-glass access to project:9."
+    reviewed = await sam.grant(g["id"])
+    assert (reviewed["reviewed_by"], reviewed["review_comment"]) == ("sam", "checked INC-7")
+    _, text = await sam.open("/_jit/admin")
+    assert f'id="rev-{g["id"]}"' not in text and f'id="rev-{own["id"]}"' in text
+    # Not an admin: no admin page, and no review through its form.
+    token = await alice.csrf("/_jit/request?scope=recording:1/demo-1")
+    r = await alice.post(f"/_jit/admin/{own['id']}", {"action": "review"}, csrf=token)
+    assert r.status == 303
+    _, text = await alice.open(r.headers["Location"])
+    assert "for jitgate&#39;s admins" in text
+    assert not (await sam.grant(own["id"]))["reviewed_by"]
+
+
 async def test_admin_filters_and_revokes(proxy: TestClient) -> None:
     alice, bob, mallory, sam = people(proxy)
     a = await alice.request("recording:1/demo-1", duration="5m")

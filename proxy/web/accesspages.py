@@ -33,7 +33,7 @@ from .views import page, safe_next
 ACTIONS: Mapping[str, tuple[str, ...]] = {
     "access": ("relinquish", "extend", "withdraw"),
     "approvals": ("approve", "deny", "review"),
-    "admin": ("revoke",),
+    "admin": ("revoke", "review"),
 }
 
 # "Expires within" choices on the admin page, in seconds ("" = any time).
@@ -180,15 +180,19 @@ async def approvals(request: web.Request) -> web.Response:
         }
         for g in sorted(pending, key=lambda g: g.created_at)
     ]
-    reviews = [{"grant": g, "mine": g.user == me} for g in unreviewed]
     return await _show(
-        request, who, "approvals.html", "approvals", pending=rows, reviews=reviews,
-        fmt=format_duration,
+        request, who, "approvals.html", "approvals", pending=rows,
+        reviews=_reviews(who, unreviewed), fmt=format_duration,
     )  # fmt: skip
 
 
+def _reviews(who: csrf.Visitor, unreviewed: list[Grant]) -> list[dict[str, Any]]:
+    return [{"grant": g, "mine": g.user == who.identity.subject} for g in unreviewed]
+
+
 async def admin(request: web.Request) -> web.Response:
-    """Every active grant, filtered by user, scope and how soon it expires; admins only."""
+    """Every active grant, filtered by user, scope and how soon it expires, and every
+    break-glass use awaiting review; admins only."""
     who = await _signed_in(request)
     flow = request.config_dict[WORKFLOW]
     if not flow.is_admin(who.identity):
@@ -196,6 +200,7 @@ async def admin(request: web.Request) -> web.Response:
     filters = _filters(request.query)
     try:
         grants = await flow.all(who.identity, states=("active",))
+        unreviewed = await flow.unreviewed(who.identity)
     except RedisError as exc:
         return _unavailable(request, who, exc)
     now = time.time()
@@ -203,7 +208,7 @@ async def admin(request: web.Request) -> web.Response:
     shown.sort(key=lambda g: g.expires_at)
     return await _show(
         request, who, "admin.html", "admin", grants=shown, total=len(grants), filters=filters,
-        within=WITHIN,
+        within=WITHIN, reviews=_reviews(who, unreviewed),
     )  # fmt: skip
 
 
