@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
+import functools
 import hashlib
 import json
 import queue
@@ -44,11 +44,11 @@ from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 import aiohttp
 import jwt
 import pytest
+from npmkit import NpmError, npm_ci
 
 IDP_DIR = Path(__file__).resolve().parent / "idp"
 DEFAULT_REDIRECT_URIS = ("http://127.0.0.1:9/callback",)  # never contacted: we stop at it
 CLIENT_SECRET = "jitgate-test-client-secret"
-STAMP = ".jitgate-installed"  # in node_modules: the hash of the manifests it was made from
 
 
 class IdpError(RuntimeError):
@@ -66,6 +66,7 @@ def node_binary() -> str:
     return node
 
 
+@functools.cache  # once per node binary: start_idp calls it for every provider
 def _check_node_version(node: str) -> None:
     out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout
     try:
@@ -76,50 +77,13 @@ def _check_node_version(node: str) -> None:
         raise IdpError(f"{node} is Node.js {out.strip()}; the test IdP needs 20 or later")
 
 
-def _manifest_hash() -> str:
-    digest = hashlib.sha256()
-    for name in ("package.json", "package-lock.json"):
-        path = IDP_DIR / name
-        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b""))
-    return digest.hexdigest()
-
-
-_installed = False
-
-
 def ensure_installed() -> None:
     """Install the IdP's npm packages once: `npm ci` from the lock file, skipped when current."""
-    global _installed
-    if _installed:
-        return
     _check_node_version(node_binary())
-    stamp = IDP_DIR / "node_modules" / STAMP
-    want = _manifest_hash()
-    # A lock outside the tree (npm ci deletes node_modules): parallel test runs install once.
-    lock_path = (
-        Path(tempfile.gettempdir())
-        / f"jitgate-idp-{hashlib.sha1(bytes(IDP_DIR)).hexdigest()[:12]}.lock"
-    )
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (stamp.exists() and stamp.read_text() == want):
-            npm = shutil.which("npm")
-            if npm is None:
-                raise IdpError("npm is not on PATH (it comes with Node.js)")
-            has_lock = (IDP_DIR / "package-lock.json").exists()
-            cmd = [npm, "ci"] if has_lock else [npm, "install"]
-            done = subprocess.run(
-                [*cmd, "--no-audit", "--no-fund", "--loglevel=error"],
-                cwd=IDP_DIR,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if done.returncode != 0:
-                raise IdpError(f"{' '.join(cmd)} in {IDP_DIR} failed:\n{done.stderr[-2000:]}")
-            # npm install may have written the lock file: hash what is there now.
-            stamp.write_text(_manifest_hash())
-    _installed = True
+    try:
+        npm_ci(IDP_DIR)
+    except NpmError as exc:
+        raise IdpError(str(exc)) from exc
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ forward:
 """
     proxy = await make_proxy(extra=extra)
     spoofed = {"X-Replay-Identity": "forged", "X-Forwarded-Email": "root@example.test"}
-    r = await proxy.get("/replay/demo-1", headers={**bearer("bob"), **spoofed})
+    r = await proxy.get("/dashboard", headers={**bearer("bob"), **spoofed})
     assert r.status == 200
     seen = dict(last_headers(upstream))
     jwks = await served_keys(proxy)

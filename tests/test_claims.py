@@ -154,7 +154,7 @@ forward: {{user_headers: true}}
     proxy = await make_proxy(extra=extra)
     tokens = await idp.login("alice")
     assert tokens.id_claims["groups"] == ["okta-eng", "okta-support", "x"]
-    r = await proxy.get("/replay/demo-1", headers={"Authorization": f"Bearer {tokens.id_token}"})
+    r = await proxy.get("/dashboard", headers={"Authorization": f"Bearer {tokens.id_token}"})
     assert r.status == 200, await r.text()
     seen = {k.lower(): v for k, v in upstream.hits[-1][2].items()}
     assert seen["x-forwarded-groups"] == "eng,support,x"

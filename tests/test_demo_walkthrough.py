@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,14 @@ def get(url: str, token: str | None = None) -> tuple[int, bytes]:
 
 @pytest.fixture
 def demo() -> Iterator[tuple[str, dict[str, str]]]:
+    with running_demo() as running:
+        yield running
+
+
+@contextmanager
+def running_demo(**overrides: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """Run `make demo`'s launcher (with JITGATE_* overrides) until it is ready; yield its
+    base URL and the environment the CLI needs to reach it."""
     state = Path(tempfile.mkdtemp(prefix="jg-", dir="/tmp"))
     port, up_port = free_port(), free_port()
     env = {
@@ -42,6 +51,7 @@ def demo() -> Iterator[tuple[str, dict[str, str]]]:
         "JITGATE_UPSTREAM__URL": f"http://127.0.0.1:{up_port}",
         "JITGATE_STATE_DIR": str(state),
         "JITGATE_AUDIT__FILE": str(state / "audit.jsonl"),
+        **overrides,
     }
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "deploy" / "demo" / "launch.py")],
@@ -114,8 +124,10 @@ def test_readme_walkthrough(demo: tuple[str, dict[str, str]]) -> None:
     time.sleep(0.5)  # the audit batch reaches the file
     trail = env["JITGATE_AUDIT__FILE"]
     assert "3 writers: clean" in cli(env, "audit", "verify", "--file", trail)
-    # The replay app's own pages work through the proxy with identity only.
-    assert get(base + "/replay/demo-1", token)[0] == 200
+    # The replay app's list needs only an identity; a recording's player page, its grant.
+    assert get(base + "/", token)[0] == 200
+    assert get(base + "/replay/demo-2", token)[0] == 200
+    assert get(base + "/replay/demo-1", token)[0] == 403
 
 
 def test_grants_survive_a_restart_of_jitgate_and_its_redis(

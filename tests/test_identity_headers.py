@@ -23,7 +23,7 @@ from proxy.appkeys import GRANTS
 from proxy.identity import Verifier
 from proxy.settings import IdentitySettings, Secret, TrustedHeadersSettings
 
-IDENTITY_ROUTE = "/replay/demo-1"  # matches no route: the policy's default is identity
+IDENTITY_ROUTE = "/dashboard"  # matches no route: the policy's default is identity
 PUBLIC_ROUTE = "/healthz"
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 POMERIUM_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -156,7 +156,7 @@ async def test_underscores_on_the_wire_are_refused(
     assert proxy.server.port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
     writer.write(
-        b"GET /replay/demo-1 HTTP/1.1\r\nHost: jitgate\r\nX_Auth_Request_User: root\r\n"
+        b"GET /dashboard HTTP/1.1\r\nHost: jitgate\r\nX_Auth_Request_User: root\r\n"
         b"Connection: close\r\n\r\n"
     )
     status = (await reader.read()).split(b"\r\n", 1)[0]

@@ -32,7 +32,7 @@ idp = idp_fixture("idp", scope="module")
 
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 SCOPE = "recording:1/demo-1"
-IDENTITY_ROUTE = "/replay/demo-1"  # matches no route: the policy's default is identity
+IDENTITY_ROUTE = "/dashboard"  # matches no route: the policy's default is identity
 ATTACKER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 LOCAL_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 LOCAL_AUD = "jitgate-local"

@@ -102,7 +102,7 @@ async def test_sign_in_session_grant_and_sign_out(
             assert r.status == 200
         sent = upstream.hits[-1][2]
         assert "jitgate_session" not in sent.get("Cookie", "")
-        async with s.get(BASE + "/replay/demo-1", headers=HTML) as r:
+        async with s.get(BASE + "/dashboard", headers=HTML) as r:
             assert r.status == 200
         async with s.get(BASE + "/_jit/api/grants/mine") as r:
             assert r.status == 200
@@ -142,7 +142,7 @@ async def test_sign_in_session_grant_and_sign_out(
         async with s.get(landed) as r:
             assert r.status == 200 and 'id="sso"' in await r.text()
         # The IdP asks for a login again (no silent sign-in from its old session).
-        auth = await start_login(s, BASE, "/replay/demo-1")
+        auth = await start_login(s, BASE, "/dashboard")
         async with s.get(auth) as r:
             assert r.status == 200 and 'name="login"' in await r.text()
     await proxy.close()
@@ -180,7 +180,7 @@ OPEN_REDIRECTS = {
     "\\\\evil.com": "/",
     "/..//evil.com": "/evil.com",  # dot segments resolved: a path on jitgate, not a host
     "/_jit/oidc/login?next=//evil.com": "/",  # no sign-in loops
-    "/replay/demo-1?t=3": "/replay/demo-1?t=3",
+    "/dashboard?t=3": "/dashboard?t=3",
 }
 
 
@@ -234,7 +234,7 @@ async def test_callback_without_or_with_a_wrong_state_is_refused(start: Any, idp
         async with s.get(CALLBACK + "?code=abc", allow_redirects=False) as r:
             assert r.status == 400 and "no state" in await r.text()
             assert "jitgate_session" not in r.cookies
-        auth = await start_login(s, BASE, "/replay/demo-1")
+        auth = await start_login(s, BASE, "/dashboard")
         callback = await idp.sign_in(s, auth, CALLBACK, "alice")
         wrong = callback.replace("state=", "state=x")
         async with s.get(wrong, allow_redirects=False) as r:
@@ -251,7 +251,7 @@ async def test_callback_without_or_with_a_wrong_state_is_refused(start: Any, idp
 async def test_replayed_callback_with_the_old_state_cookie_is_refused(start: Any, idp: Idp) -> None:
     await start()
     async with browser() as s:
-        auth = await start_login(s, BASE, "/replay/demo-1")
+        auth = await start_login(s, BASE, "/dashboard")
         state_cookie = s.cookie_jar.filter_cookies(_url(CALLBACK))["jitgate_oidc"].value
         callback = await idp.sign_in(s, auth, CALLBACK, "alice")
         async with s.get(callback, allow_redirects=False) as r:
@@ -271,7 +271,7 @@ async def test_replayed_callback_with_the_old_state_cookie_is_refused(start: Any
 async def test_state_from_another_browser_is_refused(start: Any, idp: Idp) -> None:
     await start()
     async with browser() as victim, browser() as attacker:
-        auth = await start_login(attacker, BASE, "/replay/demo-1")
+        auth = await start_login(attacker, BASE, "/dashboard")
         callback = await idp.sign_in(attacker, auth, CALLBACK, "mallory")
         # Login CSRF: the attacker's callback, delivered in the victim's browser.
         async with victim.get(callback, allow_redirects=False) as r:
@@ -282,7 +282,7 @@ async def test_state_from_another_browser_is_refused(start: Any, idp: Idp) -> No
 async def test_expired_state_is_refused(start: Any, idp: Idp) -> None:
     await start(oidc="login_timeout: 1")
     async with browser() as s:
-        auth = await start_login(s, BASE, "/replay/demo-1")
+        auth = await start_login(s, BASE, "/dashboard")
         callback = await idp.sign_in(s, auth, CALLBACK, "alice")
         await asyncio.sleep(1.3)
         async with s.get(callback, allow_redirects=False) as r:
@@ -293,7 +293,7 @@ async def test_expired_state_is_refused(start: Any, idp: Idp) -> None:
 async def test_code_issued_to_another_client_is_refused(start: Any, idp: Idp) -> None:
     await start()
     async with browser() as s:
-        auth = await start_login(s, BASE, "/replay/demo-1")
+        auth = await start_login(s, BASE, "/dashboard")
         # Same state, nonce, PKCE challenge and redirect URI, but another client's code.
         other = auth.replace("client_id=jitgate&", "client_id=jitgate-es256&")
         assert other != auth
@@ -307,7 +307,7 @@ async def test_code_issued_to_another_client_is_refused(start: Any, idp: Idp) ->
 async def test_id_token_for_another_nonce_is_refused(start: Any, idp: Idp) -> None:
     await start()
     async with browser() as s:
-        auth = await start_login(s, BASE, "/replay/demo-1")
+        auth = await start_login(s, BASE, "/dashboard")
         nonce = parse_qs(urlsplit(auth).query)["nonce"][0]
         # Everything else is this sign-in's, but the ID token will carry another nonce.
         other = auth.replace(f"nonce={nonce}", "nonce=replayed-from-elsewhere")
@@ -322,11 +322,11 @@ async def test_id_token_for_another_nonce_is_refused(start: Any, idp: Idp) -> No
 async def test_provider_error_and_foreign_issuer_are_refused(start: Any, idp: Idp) -> None:
     await start()
     async with browser() as s:
-        auth = await start_login(s, BASE, "/replay/demo-1")
+        auth = await start_login(s, BASE, "/dashboard")
         state = parse_qs(urlsplit(auth).query)["state"][0]
         async with s.get(f"{CALLBACK}?error=access_denied&state={state}") as r:
             assert r.status == 401 and "refused the sign-in: access_denied" in await r.text()
-        auth = await start_login(s, BASE, "/replay/demo-1")
+        auth = await start_login(s, BASE, "/dashboard")
         callback = await idp.sign_in(s, auth, CALLBACK, "alice")
         mixed = callback.replace(urlencode({"iss": idp.issuer}), "iss=https%3A%2F%2Fevil.example")
         assert mixed != callback
@@ -337,53 +337,53 @@ async def test_provider_error_and_foreign_issuer_are_refused(start: Any, idp: Id
 async def test_tampered_session_cookie_is_no_session(start: Any, idp: Idp) -> None:
     await start()
     async with browser() as s:
-        assert await sign_in(s, idp, BASE, "/replay/demo-1") == "/replay/demo-1"
+        assert await sign_in(s, idp, BASE, "/dashboard") == "/dashboard"
         good = s.cookie_jar.filter_cookies(_url(BASE))["jitgate_session"].value
     flipped = good[:20] + ("A" if good[20] != "A" else "B") + good[21:]
     for bad in (flipped, good[:-4], "x", "gAAAAA" + "A" * 200, good[::-1]):
         async with browser() as s:
             s.cookie_jar.update_cookies({"jitgate_session": bad}, response_url=_url(BASE))
-            async with s.get(BASE + "/replay/demo-1", headers=HTML, allow_redirects=False) as r:
+            async with s.get(BASE + "/dashboard", headers=HTML, allow_redirects=False) as r:
                 assert r.status == 302, bad  # back to sign-in, not a 500
                 assert r.cookies["jitgate_session"].value == ""  # and the cookie is cleared
             async with s.get(BASE + "/_jit/api/grants/mine") as r:
                 assert r.status == 401
     async with browser() as s:
         s.cookie_jar.update_cookies({"jitgate_session": good}, response_url=_url(BASE))
-        async with s.get(BASE + "/replay/demo-1", headers=HTML, allow_redirects=False) as r:
+        async with s.get(BASE + "/dashboard", headers=HTML, allow_redirects=False) as r:
             assert r.status == 200
 
 
 async def test_idle_timeout_ends_the_session(start: Any, idp: Idp) -> None:
     await start(session="max_age: 30, idle_timeout: 2")
     async with browser() as s:
-        await sign_in(s, idp, BASE, "/replay/demo-1")
+        await sign_in(s, idp, BASE, "/dashboard")
         for _ in range(3):  # kept alive by use, past the idle timeout in total
             await asyncio.sleep(1.1)
-            async with s.get(BASE + "/replay/demo-1", headers=HTML, allow_redirects=False) as r:
+            async with s.get(BASE + "/dashboard", headers=HTML, allow_redirects=False) as r:
                 assert r.status == 200
         await asyncio.sleep(2.3)
-        async with s.get(BASE + "/replay/demo-1", headers=HTML, allow_redirects=False) as r:
+        async with s.get(BASE + "/dashboard", headers=HTML, allow_redirects=False) as r:
             assert r.status == 302
 
 
 async def test_absolute_lifetime_ends_the_session_in_use(start: Any, idp: Idp) -> None:
     await start(session="max_age: 3, idle_timeout: 2")
     async with browser() as s:
-        await sign_in(s, idp, BASE, "/replay/demo-1")
+        await sign_in(s, idp, BASE, "/dashboard")
         for _ in range(2):
             await asyncio.sleep(1.2)
-            async with s.get(BASE + "/replay/demo-1", headers=HTML, allow_redirects=False) as r:
+            async with s.get(BASE + "/dashboard", headers=HTML, allow_redirects=False) as r:
                 assert r.status == 200
         await asyncio.sleep(1.0)  # in use all along, but 3.4 s after sign-in
-        async with s.get(BASE + "/replay/demo-1", headers=HTML, allow_redirects=False) as r:
+        async with s.get(BASE + "/dashboard", headers=HTML, allow_redirects=False) as r:
             assert r.status == 302
 
 
 async def test_redis_session_store(start: Any, idp: Idp, redis_url: str) -> None:
     proxy = await start(session="store: redis")
     async with browser() as s:
-        await sign_in(s, idp, BASE, "/replay/demo-1")
+        await sign_in(s, idp, BASE, "/dashboard")
         sid = s.cookie_jar.filter_cookies(_url(BASE))["jitgate_session"].value
         assert len(sid) == 43  # only a random id in the cookie
         from conftest import RedisServer  # noqa: F401 (the type of redis_server)
@@ -392,29 +392,29 @@ async def test_redis_session_store(start: Any, idp: Idp, redis_url: str) -> None
         keys = [k.decode() for k in await redis.keys("jit:session:*")]
         assert len(keys) == 1 and sid not in keys[0]  # stored under a hash of the id
         assert b"alice" not in (await redis.get(keys[0]))  # and encrypted
-        async with s.get(BASE + "/replay/demo-1", headers=HTML, allow_redirects=False) as r:
+        async with s.get(BASE + "/dashboard", headers=HTML, allow_redirects=False) as r:
             assert r.status == 200
         async with s.post(BASE + "/_jit/logout", headers={"Origin": BASE}, allow_redirects=False):
             pass
         assert await redis.keys("jit:session:*") == []
     async with browser() as s:  # a made-up id of the right shape is no session
         s.cookie_jar.update_cookies({"jitgate_session": "A" * 43}, response_url=_url(BASE))
-        async with s.get(BASE + "/replay/demo-1", headers=HTML, allow_redirects=False) as r:
+        async with s.get(BASE + "/dashboard", headers=HTML, allow_redirects=False) as r:
             assert r.status == 302
 
 
 async def test_login_page_offers_sso_and_the_gate_sends_only_navigations(start: Any) -> None:
     proxy = await start()
-    r = await proxy.get("/_jit/login", params={"next": "/replay/demo-1"})
+    r = await proxy.get("/_jit/login", params={"next": "/dashboard"})
     text = await r.text()
-    assert 'href="/_jit/oidc/login?next=/replay/demo-1"' in text and 'name="token"' in text
+    assert 'href="/_jit/oidc/login?next=/dashboard"' in text and 'name="token"' in text
     # An API client, a POST and a bearer token still get 401, not a redirect.
     r = await proxy.get(SNAPSHOTS, allow_redirects=False)
     assert r.status == 401
-    r = await proxy.post("/replay/demo-1", headers=HTML, allow_redirects=False)
+    r = await proxy.post("/dashboard", headers=HTML, allow_redirects=False)
     assert r.status == 401
     r = await proxy.get(
-        "/replay/demo-1",
+        "/dashboard",
         headers={**HTML, "Authorization": "Bearer nope"},
         allow_redirects=False,
     )

@@ -35,7 +35,9 @@ POLICY = load(ROOT / "config" / "policy.yaml")
         ("POST", "/static/a.css", "_default", Access.IDENTITY, ()),
         ("GET", "/staticfoo", "_default", Access.IDENTITY, ()),
         ("GET", "/healthz", "health", Access.PUBLIC, ()),
-        ("GET", "/replay/demo-1", "_default", Access.IDENTITY, ()),
+        ("GET", "/replay/demo-1", "player", Access.PROTECTED, ("recording:1/demo-1", "project:1")),
+        ("POST", "/replay/demo-1", "_default", Access.IDENTITY, ()),
+        ("GET", "/replay/demo-1/x", "_default", Access.IDENTITY, ()),
         ("GET", "/api/projects/1", "_default", Access.IDENTITY, ()),
     ],
 )  # fmt: skip

@@ -115,7 +115,7 @@ def test_explain_without_grants_needed_does_not_touch_redis(tmp_path: Path) -> N
     assert f["user"] == ["(anonymous)"] and f["decision"] == ["unauthenticated (401)"]
     assert f["reason"] == ["no credentials"] and f["scope"] == ["recording:1/demo-1"]
 
-    out = explain(cfg, "--user", "alice", "GET", "/replay/demo-1")
+    out = explain(cfg, "--user", "alice", "GET", "/dashboard")
     assert out.returncode == 0, out.stderr
     assert fields(out.stdout)["route"] == ["_default (identity)"]
 
@@ -287,7 +287,7 @@ def test_invalid_yaml_policy_or_missing_file_exit_1(tmp_path: Path) -> None:
 
 def test_policy_check_good_and_bad(tmp_path: Path) -> None:
     out = run("policy", "check", str(ROOT / "config" / "policy.yaml"))
-    assert out.returncode == 0 and "5 routes" in out.stdout
+    assert out.returncode == 0 and "6 routes" in out.stdout
     bad = tmp_path / "p.yaml"
     bad.write_text("version: 1\nroutes:\n  - id: x\n    path: /a\n    colour: red\n")
     out = run("policy", "check", str(bad))

@@ -140,7 +140,7 @@ async def test_refusal_page_escapes_the_path(proxy: TestClient) -> None:
 async def test_no_valid_identity_is_401(
     proxy: TestClient, upstream: Upstream, headers: dict[str, str], reason: str
 ) -> None:
-    for path in (SNAPSHOTS, "/replay/demo-1"):
+    for path in (SNAPSHOTS, "/dashboard"):
         r = await proxy.get(path, headers=headers)
         assert r.status == 401
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
@@ -149,7 +149,7 @@ async def test_no_valid_identity_is_401(
 
 
 async def test_identity_from_cookie(proxy: TestClient, upstream: Upstream) -> None:
-    r = await proxy.get("/replay/demo-1", cookies={"jitgate_token": make_token("carol")})
+    r = await proxy.get("/dashboard", cookies={"jitgate_token": make_token("carol")})
     assert r.status == 200
 
 
@@ -185,7 +185,7 @@ async def test_identity_headers_and_credentials_are_stripped(
         "X-Forwarded-For": "6.6.6.6",
         "Cookie": "jitgate_token=abc; other=1",
     }
-    r = await proxy.get("/replay/demo-1", headers=headers)
+    r = await proxy.get("/dashboard", headers=headers)
     assert r.status == 200
     seen = {k.lower(): v for k, v in upstream.hits[-1][2].items()}
     assert "authorization" not in seen
@@ -232,7 +232,7 @@ async def test_redis_down_fails_closed(
     assert (await r.json())["error"] == "unavailable"
     assert upstream.paths() == [SNAPSHOTS]  # the refused request never reached upstream
     assert (await client.get("/static/x.css")).status == 200
-    assert (await client.get("/replay/demo-1", headers=bearer())).status == 200
+    assert (await client.get("/dashboard", headers=bearer())).status == 200
     assert (await client.get("/_jit/readyz")).status == 503
     metrics = await (await client.get("/_jit/metrics")).text()
     assert 'jitgate_redis_errors_total{op="grant_check"} 1.0' in metrics
@@ -289,7 +289,7 @@ async def test_audit_sink_outage_is_counted_and_recovered(
     client = await make_proxy(redis=own_redis.url)
     own_redis.kill()
     for _ in range(3):
-        await client.get("/replay/demo-1", headers=bearer())
+        await client.get("/dashboard", headers=bearer())
     await client.app[AUDIT].flush(force=True)
     metrics = await (await client.get("/_jit/metrics")).text()
     assert 'jitgate_audit_write_failures_total{sink="redis"}' in metrics
@@ -304,7 +304,7 @@ async def test_upstream_redirect_location_is_rewritten(
     make_proxy: ProxyFactory, aiohttp_server: Any
 ) -> None:
     async def redirect(request: web.Request) -> web.Response:
-        raise web.HTTPFound(f"http://{request.host}/replay/demo-1")
+        raise web.HTTPFound(f"http://{request.host}/dashboard")
 
     app = web.Application()
     app.router.add_get("/recordings/demo-1", redirect)
@@ -312,7 +312,7 @@ async def test_upstream_redirect_location_is_rewritten(
     client = await make_proxy(upstream_url=str(server.make_url("")).rstrip("/"))
     r = await client.get("/recordings/demo-1", headers=bearer(), allow_redirects=False)
     assert r.status == 302
-    assert r.headers["Location"] == str(client.make_url("/replay/demo-1"))
+    assert r.headers["Location"] == str(client.make_url("/dashboard"))
 
 
 async def test_bad_config_policy_is_startup_error(tmp_path: Path) -> None:
@@ -330,7 +330,7 @@ async def test_upstream_down_is_502_and_counted(make_proxy: ProxyFactory) -> Non
     from conftest import free_port
 
     client = await make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
-    r = await client.get("/replay/demo-1", headers=bearer())
+    r = await client.get("/dashboard", headers=bearer())
     assert r.status == 502
     assert "upstream unreachable" in await r.text()
     metrics = await (await client.get("/_jit/metrics")).text()

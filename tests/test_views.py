@@ -12,7 +12,7 @@ from proxy.web.views import safe_next
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("/replay/demo-1?t=5", "/replay/demo-1?t=5"),
+        ("/dashboard?t=5", "/dashboard?t=5"),
         ("/", "/"),
         (None, "/"),
         ("", "/"),
@@ -42,19 +42,19 @@ def test_safe_next(value: str | None, expected: str) -> None:
 
 
 async def test_sign_in_sets_cookie_and_returns(proxy: TestClient, upstream: Upstream) -> None:
-    form = await proxy.get("/_jit/login", params={"next": "/replay/demo-1"})
+    form = await proxy.get("/_jit/login", params={"next": "/dashboard"})
     assert form.status == 200
-    assert 'name="next" value="/replay/demo-1"' in await form.text()
+    assert 'name="next" value="/dashboard"' in await form.text()
     r = await proxy.post(
         "/_jit/login",
-        data={"token": make_token("alice"), "next": "/replay/demo-1"},
+        data={"token": make_token("alice"), "next": "/dashboard"},
         allow_redirects=False,
     )
     assert r.status == 303
-    assert r.headers["Location"] == "/replay/demo-1"
+    assert r.headers["Location"] == "/dashboard"
     cookie = r.cookies["jitgate_token"]
     assert cookie["httponly"] and cookie["samesite"] == "Lax"
-    r = await proxy.get("/replay/demo-1", cookies={"jitgate_token": cookie.value})
+    r = await proxy.get("/dashboard", cookies={"jitgate_token": cookie.value})
     assert r.status == 200
     # The identity cookie itself is not passed upstream.
     assert "jitgate_token" not in upstream.hits[-1][2].get("Cookie", "")
@@ -99,6 +99,6 @@ async def test_cross_site_sign_out_is_refused(proxy: TestClient) -> None:
 
 
 async def test_401_page_links_to_sign_in_with_return_path(proxy: TestClient) -> None:
-    r = await proxy.get("/replay/demo-1?t=3", headers={"Accept": "text/html"})
+    r = await proxy.get("/dashboard?t=3", headers={"Accept": "text/html"})
     assert r.status == 401
-    assert "/_jit/login?next=/replay/demo-1?t%3D3" in await r.text()
+    assert "/_jit/login?next=/dashboard?t%3D3" in await r.text()

@@ -83,14 +83,22 @@ def main() -> int:
   Replay app (direct):     {up}   <- what jitgate protects; not for users
   Metrics:                 {proxy_url}{settings.prefix}/metrics
 
-  1. Get a token:          export TOKEN=$({jit} token mint --sub alice)
-  2. Blocked without a grant (403):
-       curl -H "Authorization: Bearer $TOKEN" {proxy_url}/api/projects/1/session_recordings/demo-1/snapshots
-  3. Grant access:         {jit} grants add --user alice --scope recording:1/demo-1 --ttl 5m --reason "ticket 42"
-  4. The same curl now answers 200 with the rrweb events.
-  5. Revoke:               {jit} grants revoke <grant id>
+  In a browser (README, "Quick start: the whole loop in a browser"):
+  1. Two people:  {jit} token mint --sub alice --groups eng       (the engineer)
+                  {jit} token mint --sub bob --groups approvers   (the approver)
+  2. Open {proxy_url}/ and sign in with alice's token; open a recording:
+     "Access needed", with the request forms.
+  3. Request the whole project: a reason, ticket INC-42, 5m. The page waits.
+  4. In a private window, open {proxy_url}{settings.prefix}/approvals, sign in with
+     bob's token and approve. alice's tab goes on to the recording by itself.
+  5. Watch it; the bar counts down. After 5 minutes, reload: "Access needed" again.
 
-  In a browser: open {proxy_url}/ and sign in by pasting the token.
+  From the command line:
+     export TOKEN=$({jit} token mint --sub alice)
+     curl -H "Authorization: Bearer $TOKEN" {proxy_url}/api/projects/1/session_recordings/demo-1/snapshots
+     {jit} grants add --user alice --scope recording:1/demo-1 --ttl 5m --reason "ticket 42"
+     (the same curl now answers 200 with the rrweb events; {jit} grants revoke <id> ends it)
+
   Press Ctrl-C to stop.
 """,
             flush=True,
