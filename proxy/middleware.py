@@ -24,6 +24,7 @@ from .session import Sessions
 from .settings import Settings
 from .statusbar import StatusBar
 from .web import requestpages
+from .web.accesspages import nav
 from .web.views import safe_next
 
 
@@ -290,7 +291,7 @@ class Gate:
                 request,
                 "refused.html",
                 prefix=self.prefix,
-                user=decision.identity.subject if decision.identity else None,
+                **(nav(request, decision.identity, "") if decision.identity else {"user": None}),
                 status=decision.status,
                 heading=_HEADINGS.get(error, "Access refused"),
                 kind="recording" if decision.scope and "/" in decision.scope else "resource",

@@ -1,9 +1,9 @@
 """README's whole loop in a real browser against `make demo`: blocked, request, approve,
-watch, expire.
+watch, expire. Also: the status bar is on the player page and not on the recording's JSON.
 
 The demo runs as `make demo` runs it (deploy/demo/launch.py with config/jitgate.yaml, its
 own redis-server and the demo replay app). The one change: the policy's shortest
-project-wide duration is 8 seconds instead of 5 minutes, so the test can watch the grant
+project-wide duration is 10 seconds instead of 5 minutes, so the test can watch the grant
 expire. Headless Chromium clicks through what README tells a new user to do; screenshots
 go to tests/artifacts/demo-*.png.
 """
@@ -18,9 +18,9 @@ from typing import Any
 
 from browserkit import ARTIFACTS, CHROMIUM, need_browser
 from conftest import ROOT
-from test_demo_walkthrough import cli, running_demo
+from test_demo_walkthrough import SNAPSHOTS, cli, running_demo
 
-SECONDS = 8
+SECONDS = 10
 
 
 def _shot(page: Any, name: str) -> None:
@@ -89,12 +89,17 @@ def test_the_whole_loop_in_a_browser_against_the_demo(tmp_path: Path) -> None:
                 bar = alice.locator("#jitgate-statusbar")
                 assert bar.is_visible() and "left" in bar.inner_text()
                 _shot(alice, "4-watching")
+                # The recording's JSON, under the same grant, is left as the app sent it.
+                data = alice.goto(f"{base}{SNAPSHOTS}")
+                assert data is not None and data.status == 200
+                assert data.headers["content-type"].startswith("application/json")
+                assert b"jitgate" not in data.body() and json.loads(data.body())["snapshots"]
 
                 # Expire: once the grant's time is up, the same page is refused again.
                 (grant,) = json.loads(cli(env, "grants", "list", "--user", "alice", "--json"))
                 assert grant["id"] == grant_id and grant["state"] == "active"
                 time.sleep(max(0.0, grant["expires_at"] - time.time()) + 0.5)
-                alice.reload()
+                alice.goto(f"{base}/replay/demo-1")
                 assert "Access needed" in alice.inner_text("h1")
                 _shot(alice, "5-expired")
                 # My access: no longer active, and in the history as expired.

@@ -91,6 +91,7 @@ async def test_the_refusal_itself_offers_a_form_for_each_scope_one_may_request(
     assert r.status == 403 and "form-action 'self'" in r.headers["Content-Security-Policy"]
     page = await r.text()
     own, wide = _forms(page)
+    assert 'href="/_jit/access"' in page and "Signed in as <strong>mallory</strong>" in page
     assert 'id="request-form"' in own and 'name="scope" value="recording:1/demo-1"' in own
     assert "granted at once" in own and 'id="req-reason"' in own
     assert 'id="request-form-2"' in wide and 'name="scope" value="project:1"' in wide
