@@ -221,6 +221,27 @@ def _cache_max_age(header: str | None) -> float | None:
     return None
 
 
+class HttpSession:
+    """The ClientSession an object was given, or one of its own, made on first use."""
+
+    def __init__(self, given: aiohttp.ClientSession | None) -> None:
+        self._given = given
+        self._own: aiohttp.ClientSession | None = None
+
+    def get(self) -> aiohttp.ClientSession:
+        if self._given is not None:
+            return self._given
+        if self._own is None:
+            self._own = aiohttp.ClientSession()
+        return self._own
+
+    async def close(self) -> None:
+        """Close the session of its own, if it made one (a given one is its owner's)."""
+        if self._own is not None:
+            await self._own.close()
+            self._own = None
+
+
 class KeySet:
     """The signature keys of one issuer, fetched from its jwks_uri and cached.
 
@@ -249,8 +270,7 @@ class KeySet:
         self.max_bytes = max_bytes
         self.fetches = 0  # HTTP requests made, successful or not
         self.last_error: str | None = None
-        self._session = session
-        self._own_session: aiohttp.ClientSession | None = None
+        self._http = HttpSession(session)
         self._clock = clock
         self._keys: list[_Key] = []
         self._loaded_at: float | None = None
@@ -312,9 +332,7 @@ class KeySet:
             self._inflight.cancel()
             await asyncio.gather(self._inflight, return_exceptions=True)
             self._inflight = None
-        if self._own_session is not None:
-            await self._own_session.close()
-            self._own_session = None
+        await self._http.close()
 
     def _lookup(self, kid: str | None, alg: str) -> _Key | None:
         if kid is not None:
@@ -356,17 +374,10 @@ class KeySet:
         # fetch the others are waiting for.
         return await asyncio.shield(self._start_fetch())
 
-    async def _http(self) -> aiohttp.ClientSession:
-        if self._session is not None:
-            return self._session
-        if self._own_session is None:
-            self._own_session = aiohttp.ClientSession()
-        return self._own_session
-
     async def _fetch(self) -> bool:
         self.fetches += 1
         try:
-            session = await self._http()
+            session = self._http.get()
             # No redirects: the key set comes from the configured (or discovered) URL only.
             async with session.get(
                 self.jwks_uri,
@@ -514,8 +525,8 @@ class MultiVerifier:
         self.max_token_bytes = max_token_bytes
         self.required_claims = list(required_claims)
         self.timeout = timeout
-        self._session = session
-        self._own_session: aiohttp.ClientSession | None = None
+        self._session = session  # given to every key set too
+        self._http = HttpSession(session)
         self._clock = clock
         self._keyset_options: dict[str, Any] = {
             "min_refetch_interval": min_refetch_interval,
@@ -584,9 +595,7 @@ class MultiVerifier:
     async def close(self) -> None:
         for keys in self.key_sets.values():
             await keys.close()
-        if self._own_session is not None:
-            await self._own_session.close()
-            self._own_session = None
+        await self._http.close()
 
     async def __aenter__(self) -> MultiVerifier:
         return self
@@ -640,7 +649,7 @@ class MultiVerifier:
             if failed is not None and self._clock() - failed[0] < interval:
                 raise TokenError(failed[1])
             try:
-                doc = await discover(cfg.issuer, await self._http(), request_timeout=self.timeout)
+                doc = await discover(cfg.issuer, self._http.get(), request_timeout=self.timeout)
             except TokenError as exc:
                 self._discovery_failed[cfg.issuer] = (self._clock(), exc.reason)
                 log.warning("%s", exc.reason)
@@ -660,10 +669,3 @@ class MultiVerifier:
 
     def _new_key_set(self, jwks_uri: str) -> KeySet:
         return KeySet(jwks_uri, session=self._session, **self._keyset_options)
-
-    async def _http(self) -> aiohttp.ClientSession:
-        if self._session is not None:
-            return self._session
-        if self._own_session is None:
-            self._own_session = aiohttp.ClientSession()
-        return self._own_session
