@@ -92,6 +92,7 @@ async def test_the_refusal_itself_offers_a_form_for_each_scope_one_may_request(
     page = await r.text()
     own, wide = _forms(page)
     assert 'href="/_jit/access"' in page and "Signed in as <strong>mallory</strong>" in page
+    assert "(and a ticket where asked)" in page
     assert 'id="request-form"' in own and 'name="scope" value="recording:1/demo-1"' in own
     assert "granted at once" in own and 'id="req-reason"' in own
     assert 'id="request-form-2"' in wide and 'name="scope" value="project:1"' in wide
@@ -111,7 +112,9 @@ async def test_the_refusal_itself_offers_a_form_for_each_scope_one_may_request(
     assert r.status == 200 and RECORDING in upstream.paths()
 
     # bob is not in eng: only the recording's rule admits him.
-    (only,) = _forms(await (await proxy.get(RECORDING, headers=HTML, cookies=bob.cookies)).text())
+    page = await (await proxy.get(RECORDING, headers=HTML, cookies=bob.cookies)).text()
+    (only,) = _forms(page)
+    assert "ticket where asked" not in page
     assert 'name="scope" value="recording:1/demo-1"' in only
     # Not signed in: a sign-in link and no form; an API client gets JSON without one.
     r = await proxy.get(RECORDING, headers=HTML)
