@@ -1,11 +1,11 @@
 """Every jitgate page checked with axe-core in a real browser, at laptop and at phone width.
 
 axe-core (pinned in tests/a11y/package.json, installed by `npm ci` on first use) is injected
-into each page in headless Chromium (as in test_browser_pages.py) and runs the WCAG 2.1 A
-and AA rules and axe's best practices. Each page must have no violations at 1280x800 and
-at 375x740, and must not scroll sideways at phone width. One jitgate process serves all the
-pages: the grants and requests they show are made once, up front. Screenshots go to
-tests/artifacts/a11y-<page>-<width>.png.
+into each page in headless Chromium (as in test_browser_pages.py: jitgate in front of the
+demo replay app) and runs the WCAG 2.1 A and AA rules and axe's best practices. Each page
+must have no violations at 1280x800 and at 375x740, and must not scroll sideways at phone
+width. One jitgate process serves all the pages: the grants and requests they show are
+made once, up front. Screenshots go to tests/artifacts/a11y-<page>-<width>.png.
 """
 
 from __future__ import annotations
@@ -15,10 +15,16 @@ import urllib.error
 from pathlib import Path
 from typing import Any
 
-from browserkit import ARTIFACTS, CHROMIUM, need_browser
+from browserkit import ARTIFACTS, CHROMIUM, need_browser, playing
 from conftest import make_token
 from npmkit import npm_ci
-from test_browser_pages import BASE, _api, _sign_in, jitgate  # noqa: F401  (a fixture)
+from test_browser_pages import (  # noqa: F401  (jitgate: a fixture)
+    BASE,
+    PLAYER,
+    _api,
+    _sign_in,
+    jitgate,
+)
 
 AXE_DIR = Path(__file__).resolve().parent / "a11y"
 TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
@@ -28,7 +34,6 @@ WIDTHS = {"laptop": (1280, 800), "phone": (375, 740)}
 # The pages have no inline script or style, so they render the same as under their CSP;
 # the other browser tests (test_browser_pages.py, test_browser_request.py) keep it on.
 AXE_CONTEXT: dict[str, Any] = {"bypass_csp": True}
-RECORDING = "/api/projects/1/session_recordings/demo-1"
 
 # Runs in the page: axe's violations, reduced to what a failure message needs.
 RUN_AXE = """async tags => {
@@ -117,14 +122,16 @@ def test_every_page_passes_axe_at_laptop_and_phone_width(jitgate: Path) -> None:
             problems += _check(signed_out, axe_js, "/_jit/login", "login")
 
             erin = _sign_in(browser, "erin", ["eng"], **AXE_CONTEXT)
-            erin.goto(f"{BASE}{RECORDING}")  # a view under the active grant, for the audit
-            assert "Recording demo-1" in erin.inner_text("h1")
+            erin.goto(f"{BASE}{PLAYER}")  # a view under the active grant, for the audit
+            playing(erin)
             problems += _check(erin, axe_js, "/_jit/access", "access")
             problems += _check(erin, axe_js, "/_jit/request?scope=project:1&next=/", "request")
             problems += _check(erin, axe_js, f"/_jit/pending/{pending['id']}", "pending")
-            # project:1 is wider than erin's grant: the gate refuses, with its HTML page.
-            refused = "/api/projects/1/session_recordings/"
+            # erin holds no grant for demo-3: the gate refuses its player page with its own
+            # page, which has both request forms (the recording, and project:1).
+            refused = "/replay/demo-3"
             problems += _check(erin, axe_js, refused, "refused", status=403)
+            assert erin.locator("#request-form-2").count() == 1
 
             bob = _sign_in(browser, "bob", ["approvers"], **AXE_CONTEXT)
             problems += _check(bob, axe_js, "/_jit/approvals", "approvals")

@@ -2,48 +2,34 @@
 
 Playwright's sync API drives Debian's chromium (/usr/bin/chromium; Playwright's own
 browser downloads are never used). jitgate runs as a process (`jitgate serve`), as in
-production, so nothing here shares pytest's event loop. Screenshots of the key pages are
-written to tests/artifacts/.
+production, so nothing here shares pytest's event loop, in front of the demo replay app
+(deploy/demo/replay_app.py), whose player page plays the recording once it is granted.
+Screenshots of the key pages are written to tests/artifacts/.
 """
 
 from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
 
 import pytest
-from browserkit import ARTIFACTS, CHROMIUM, JITGATE, need_browser, serve, upstream
+from browserkit import ARTIFACTS, CHROMIUM, JITGATE, demo_app, need_browser, playing, serve
 from conftest import free_port
 from idp import Idp, idp_fixture
-from oidckit import SNAPSHOTS, oidc_config
+from oidckit import oidc_config
 
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
 AFTER_LOGOUT = f"{BASE}/_jit/login"
 idp = idp_fixture("idp", scope="module", redirect_uris=[f"{BASE}/_jit/oidc/callback", AFTER_LOGOUT])
-
-
-class _Recording(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = f"<!doctype html><title>replay</title><h1>Recording demo-1</h1><p>{self.path}"
-        data = body.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+PLAYER = "/replay/demo-1"  # the demo's player page of demo-1: scope recording:1/demo-1
 
 
 @pytest.fixture
 def jitgate(idp: Idp, redis_url: str, tmp_path: Path) -> Iterator[Path]:
-    """jitgate as a process on PORT with OIDC sign-in, in front of a tiny recording server."""
-    with upstream(_Recording) as upstream_url:
+    """jitgate as a process on PORT with OIDC sign-in, in front of the demo replay app."""
+    with demo_app(tmp_path / "replay_app.log") as upstream_url:
         cfg = oidc_config(
             tmp_path, idp=idp, base=BASE, redis_url=redis_url, upstream_url=upstream_url
         )
@@ -58,14 +44,14 @@ def test_chromium_signs_in_views_a_recording_and_signs_out(jitgate: Path, idp: I
         try:
             page = browser.new_page()
             # No session: the recording's URL leads to the provider's login page.
-            page.goto(BASE + SNAPSHOTS)
+            page.goto(BASE + PLAYER)
             assert page.url.startswith(idp.issuer + "/interaction/")
             page.screenshot(path=str(ARTIFACTS / "oidc-1-idp-login.png"))
             page.fill("input[name=login]", "alice")
             page.fill("input[name=password]", "any password")
             page.click("button[type=submit]")
             # Back on the page first asked for: signed in, but no grant yet.
-            page.wait_for_url(BASE + SNAPSHOTS)
+            page.wait_for_url(BASE + PLAYER)
             assert "Access needed" in page.content() and "alice" in page.content()
             page.screenshot(path=str(ARTIFACTS / "oidc-2-access-needed.png"))
 
@@ -76,7 +62,8 @@ def test_chromium_signs_in_views_a_recording_and_signs_out(jitgate: Path, idp: I
             )  # fmt: skip
             assert out.returncode == 0, out.stderr
             page.reload()
-            assert page.inner_text("h1") == "Recording demo-1"
+            # The player's script fetches the events (the grant covers them) and plays them.
+            playing(page)
             page.screenshot(path=str(ARTIFACTS / "oidc-3-recording.png"))
 
             # Sign-out: jitgate asks, the POST goes on to the provider's end-session page.
@@ -94,7 +81,7 @@ def test_chromium_signs_in_views_a_recording_and_signs_out(jitgate: Path, idp: I
             assert "jitgate_session" not in names
 
             # Signed out at both ends: the recording asks for a login at the provider again.
-            page.goto(BASE + SNAPSHOTS)
+            page.goto(BASE + PLAYER)
             assert page.url.startswith(idp.issuer + "/interaction/")
             assert page.is_visible("input[name=login]")
         finally:

@@ -1,7 +1,8 @@
 """Whole flows across people in a real browser: denial, revocation, own requests, CSRF.
 
-Headless Chromium (as in test_browser_pages.py) against `jitgate serve`, each person in a
-browser context of their own. Screenshots go to tests/artifacts/flow-*.png.
+Headless Chromium (as in test_browser_pages.py) against `jitgate serve` in front of the demo
+replay app, each person in a browser context of their own. Screenshots go to
+tests/artifacts/flow-*.png.
 """
 
 from __future__ import annotations
@@ -9,12 +10,18 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from browserkit import ARTIFACTS, CHROMIUM, need_browser
+from browserkit import ARTIFACTS, CHROMIUM, need_browser, playing
 from conftest import make_token
-from test_browser_pages import BASE, _api, _sign_in, jitgate  # noqa: F401  (a fixture)
+from test_browser_pages import (  # noqa: F401  (jitgate: a fixture)
+    BASE,
+    PLAYER,
+    _api,
+    _open_recording,
+    _sign_in,
+    jitgate,
+)
 
-RECORDING = "/api/projects/1/session_recordings/demo-1"
-PROJECT = "/api/projects/1/session_recordings/"
+PENDING = re.compile(r".*/_jit/pending/(g-[0-9a-f]+)\?next=/replay/demo-1$")
 
 
 def _shot(page: Any, name: str) -> None:
@@ -31,17 +38,16 @@ def test_a_denial_reaches_the_engineers_pending_page_without_a_reload(jitgate: A
         browser = _browser(pw)
         try:
             erin = _sign_in(browser, "erin", ["eng"])
-            erin.goto(f"{BASE}{PROJECT}")
+            _open_recording(erin)
             assert "Access needed" in erin.inner_text("h1")
-            erin.click("#request-access")
-            erin.wait_for_selector("#request-form")
-            erin.fill("#req-reason", "customer bug 7")
-            erin.fill("#req-ticket", "SUP-7")
-            erin.click("#request-form button[type=submit]")
-            erin.wait_for_url(re.compile(r".*/_jit/pending/g-[0-9a-f]+\?next=.*"))
+            # The whole project needs an approver: the refusal's second form.
+            erin.fill("#req-reason-2", "customer bug 7")
+            erin.fill("#req-ticket-2", "SUP-7")
+            erin.click("#request-form-2 button[type=submit]")
+            erin.wait_for_url(PENDING)
             assert "Waiting for approval" in erin.inner_text("h1")
             pending_url = erin.url
-            grant_id = pending_url.split("/_jit/pending/")[1].split("?")[0]
+            grant_id = _grant_id(pending_url)
             _shot(erin, "deny-1-pending")
 
             # Count the page loads: the script, not the test, must load the page again.
@@ -62,8 +68,29 @@ def test_a_denial_reaches_the_engineers_pending_page_without_a_reload(jitgate: A
             assert erin.locator("#again").is_visible()
             assert erin.locator("#waiting").count() == 0
             _shot(erin, "deny-2-denied")
+
+            # Request again: the link leads to the request page, its form for the same scope.
+            erin.click("#again")
+            erin.wait_for_url(re.compile(r".*/_jit/request\?scope=project(:|%3A)1&next=.*"))
+            assert erin.inner_text("h1") == "Request access"
+            form = erin.locator("#request-form")
+            assert "project:1" in form.inner_text()
+            assert form.locator("input[name=next]").input_value() == PLAYER
+            erin.fill("#req-reason", "customer bug 7, on the production copy")
+            erin.fill("#req-ticket", "SUP-7")
+            _shot(erin, "deny-3-again")
+            erin.click("#request-form button[type=submit]")
+            erin.wait_for_url(PENDING)
+            assert "Waiting for approval" in erin.inner_text("h1")
+            assert _grant_id(erin.url) != grant_id
         finally:
             browser.close()
+
+
+def _grant_id(pending_url: str) -> str:
+    match = PENDING.fullmatch(pending_url)
+    assert match, pending_url
+    return match.group(1)
 
 
 ERIN = make_token("erin", groups=["eng"])
@@ -85,9 +112,9 @@ def test_an_admins_revoke_ends_access_at_the_open_tabs_next_request(jitgate: Any
         browser = _browser(pw)
         try:
             erin = _sign_in(browser, "erin", ["eng"])
-            first = erin.goto(f"{BASE}{RECORDING}")
+            first = erin.goto(f"{BASE}{PLAYER}")
             assert first is not None and first.status == 200
-            assert "Recording demo-1" in erin.inner_text("h1")
+            playing(erin)
             _shot(erin, "revoke-1-recording")
 
             sam = _sign_in(browser, "sam", ["security"])
@@ -102,10 +129,12 @@ def test_an_admins_revoke_ends_access_at_the_open_tabs_next_request(jitgate: Any
             assert sam.locator(f"#grant-{grant['id']}").count() == 0
             _shot(sam, "revoke-3-revoked")
 
+            # The tab erin opened under the grant: its next request (a reload) is refused.
             after = erin.reload()
             assert after is not None and after.status == 403
             assert "Access needed" in erin.inner_text("h1")
             assert "Recording demo-1" not in erin.inner_text("body")
+            assert erin.locator("#player").count() == 0
             _shot(erin, "revoke-4-access-needed")
             ended = _api("GET", f"/grants/{grant['id']}", ERIN)
             assert ended["state"] == "revoked"

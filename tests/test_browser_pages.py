@@ -1,9 +1,11 @@
 """The access pages in a real browser: approved in one context, used and given up in another.
 
 Headless Chromium (Debian's /usr/bin/chromium, driven by Playwright's sync API) talks to
-jitgate running as a `jitgate serve` process, as in test_browser.py. Each person signs in
-through the token form in a browser context of their own. Screenshots of every page are
-written to tests/artifacts/pages-*.png.
+jitgate running as a `jitgate serve` process in front of the demo replay app
+(deploy/demo/replay_app.py), as in test_browser.py. Each person signs in through the token
+form in a browser context of their own, and opens recordings from the demo's list; a
+recording counts as seen once its player has loaded the events and plays them. Screenshots
+of every page are written to tests/artifacts/pages-*.png.
 """
 
 from __future__ import annotations
@@ -16,20 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browserkit import ARTIFACTS, CHROMIUM, need_browser, serve, upstream
+from browserkit import ARTIFACTS, CHROMIUM, demo_app, need_browser, playing, serve
 from conftest import ROOT, free_port, make_token, write_config
-from test_browser import _Recording
 from test_pages import POLICY_ENTITLEMENTS
 
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
+PLAYER = "/replay/demo-1"  # the demo's player page of demo-1: scope recording:1/demo-1
 
 
 @pytest.fixture
 def jitgate(redis_url: str, tmp_path: Path) -> Iterator[Path]:
-    """jitgate as a process on PORT with token sign-in, in front of a tiny recording server."""
+    """jitgate as a process on PORT with token sign-in, in front of the demo replay app."""
     policy = (ROOT / "config" / "policy.yaml").read_text()
-    with upstream(_Recording) as upstream_url:
+    with demo_app(tmp_path / "replay_app.log") as upstream_url:
         cfg = write_config(
             tmp_path,
             upstream_url=upstream_url,
@@ -61,6 +63,14 @@ def _sign_in(browser: Any, sub: str, groups: list[str], **context: Any) -> Any:
     page.click("button[type=submit]")
     page.wait_for_url(f"{BASE}/_jit/access")
     return page
+
+
+def _open_recording(page: Any, recording: str = "demo-1") -> None:
+    """Open a recording as a user does: the demo's list of recordings, then its link."""
+    page.goto(f"{BASE}/")
+    assert page.inner_text("h1") == "Recordings"
+    page.click(f"a[href='/replay/{recording}']")
+    page.wait_for_url(f"{BASE}/replay/{recording}")
 
 
 def _shot(page: Any, name: str) -> None:
@@ -98,7 +108,12 @@ def test_approve_in_one_browser_use_and_relinquish_in_another(jitgate: Path) -> 
             assert bob.inner_text(".flash").startswith("Approved: erin has access to project:1")
             _shot(bob, "approvals-approved")
 
-            erin.reload()
+            # erin uses the grant: the demo's list, the recording, and it plays.
+            _open_recording(erin)
+            playing(erin)
+            _shot(erin, "recording")
+
+            erin.goto(f"{BASE}/_jit/access")
             active = erin.locator(f"#grant-{request['id']}")
             assert "project:1" in active.inner_text()
             # The script replaced the rendered minutes with a ticking countdown.
@@ -125,6 +140,10 @@ def test_approve_in_one_browser_use_and_relinquish_in_another(jitgate: Path) -> 
             assert "project:1" in history and "relinquished" in history
             _shot(erin, "access-relinquished")
             assert _api("GET", f"/grants/{request['id']}", erin_token)["state"] == "relinquished"
+            # Given up means gone: the recording is refused again.
+            refused = erin.goto(f"{BASE}{PLAYER}")
+            assert refused is not None and refused.status == 403
+            assert "Access needed" in erin.inner_text("h1")
 
             sam = _sign_in(browser, "sam", ["security"])
             _api("POST", "/requests", erin_token, {"scope": "recording:1/demo-1", "reason": "x"})
