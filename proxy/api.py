@@ -19,10 +19,10 @@ from redis.exceptions import RedisError
 from . import auditquery
 from .appkeys import AUDIT_STORE, AUTHORIZER, SESSIONS, SETTINGS, WORKFLOW
 from .auditstore import AuditStore
+from .configread import parse_duration
 from .grants import STATES, Grant
 from .identity import Identity, IdentityError
 from .origin import same_origin
-from .settings import parse_duration
 from .workflow import WorkflowError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .identity import Identity
-from .settings import AssertionSettings
+from .identitysettings import AssertionSettings
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _CACHE_SIZE = 10_000

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .auditstore import Query
-from .settings import parse_duration
+from .configread import parse_duration
 
 FILTERS = ("user", "scope", "recording", "grant", "event", "since", "until")
 FORMATS = ("table", "json", "jsonl", "csv")

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .settings import ClaimPath
+from .identitysettings import ClaimPath
 
 
 def keys_of(path: ClaimPath) -> tuple[str, ...]:

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from . import redisd
+from .configread import parse_duration
 from .errors import ConfigError, ConfigErrors
-from .settings import Settings, load, parse_duration
+from .settings import Settings, load
 
 if TYPE_CHECKING:
     from . import policy

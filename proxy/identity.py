@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from multidict import MultiMapping
 
 from . import claims as claim
+from .identitysettings import IdentitySettings, IssuerSettings, TrustedHeadersSettings
 from .jwks import IssuerConfig, MultiVerifier, TokenError, decode_segment, safe_text
-from .settings import IdentitySettings, IssuerSettings, TrustedHeadersSettings
 
 
 @dataclass(frozen=True)

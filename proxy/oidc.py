@@ -28,8 +28,8 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from cryptography.fernet import InvalidToken, MultiFernet
 
+from .identitysettings import OidcSettings
 from .jwks import IssuerConfig, MultiVerifier, TokenError, secure_url
-from .settings import OidcSettings
 
 log = logging.getLogger("jitgate.oidc")
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from .configread import parse_duration
 from .errors import ConfigError, ConfigErrors
-from .settings import parse_duration
 from .yamlsrc import Node, Seq, line_of, load_text
 
 

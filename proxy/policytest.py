@@ -37,9 +37,9 @@ from .authorize import Authorizer, GrantChecker
 from .errors import BadPath, ConfigError, ConfigErrors
 from .grants import Grant
 from .identity import Identity, Verifier
+from .identitysettings import IdentitySettings
 from .paths import normalise, split_target
 from .policy import Access, Policy
-from .settings import IdentitySettings
 from .yamlsrc import Node, Seq, line_of, load_file
 
 EXPECTS = ("allow", "deny", "blocked", "unauthenticated", "bad_request")

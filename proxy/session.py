@@ -37,7 +37,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .identity import Identity, SessionLookup
-from .settings import SessionSettings
+from .identitysettings import SessionSettings
 
 log = logging.getLogger("jitgate.session")
 

@@ -19,7 +19,8 @@ from proxy.appkeys import GRANTS
 from proxy.assertion import AssertionKeyError, AssertionSigner, load_or_create_key
 from proxy.errors import ConfigErrors
 from proxy.identity import Identity
-from proxy.settings import AssertionSettings, load
+from proxy.identitysettings import AssertionSettings
+from proxy.settings import load
 
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 HEADER = "x-jitgate-assertion"

@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 from conftest import ROOT, free_port
 
 from proxy.auditsinks import FORMATS, HttpSink, JsonlFileSink, SinkError, StdoutSink
-from proxy.settings import Secret
+from proxy.configread import Secret
 
 _SEQ = itertools.count()
 ROTATED = re.compile(r"audit-(\d{4}-\d{2}-\d{2})T\d{2}-\d{2}-\d{2}\.\d{3}\.jsonl")

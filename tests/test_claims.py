@@ -14,9 +14,11 @@ from idp import Idp, idp_fixture
 from jwtkit import key_server
 
 from proxy import claims
+from proxy.configread import Secret
 from proxy.errors import ConfigErrors
 from proxy.identity import Identity, IdentityError, Verifier, mint
-from proxy.settings import IdentitySettings, IssuerSettings, Secret, load
+from proxy.identitysettings import IdentitySettings, IssuerSettings
+from proxy.settings import load
 
 # This module's IdP names groups the way a corporate directory would.
 idp = idp_fixture("idp", scope="module", groups={"alice": ["okta-eng", "okta-support", "x"]})

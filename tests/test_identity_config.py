@@ -15,7 +15,8 @@ from cryptography.fernet import Fernet
 from proxy import jwks
 from proxy.errors import ConfigErrors
 from proxy.identity import Verifier
-from proxy.settings import JWKS_ALGORITHMS, load
+from proxy.identitysettings import JWKS_ALGORITHMS
+from proxy.settings import load
 
 
 def test_jwks_example_is_valid() -> None:

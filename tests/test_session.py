@@ -11,9 +11,10 @@ from aiohttp.test_utils import TestClient
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
 
+from proxy.configread import Secret
 from proxy.identity import Identity
+from proxy.identitysettings import SessionSettings
 from proxy.session import Sessions
-from proxy.settings import Secret, SessionSettings
 
 K1, K2 = Fernet.generate_key().decode(), Fernet.generate_key().decode()
 

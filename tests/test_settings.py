@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from proxy.configread import Secret, parse_duration, parse_size
 from proxy.errors import ConfigErrors
-from proxy.settings import Secret, load, parse_duration, parse_size
+from proxy.settings import load
 
 
 def test_example_config_loads() -> None:

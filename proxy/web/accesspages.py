@@ -20,11 +20,11 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from ..appkeys import SETTINGS, WORKFLOW
+from ..configread import parse_duration
 from ..grants import Grant
 from ..identity import Identity
 from ..origin import same_origin
 from ..policy import Policy, format_duration
-from ..settings import parse_duration
 from ..workflow import Workflow, WorkflowError
 from . import SCRIPT_CSP, csrf
 from .views import page, safe_next
