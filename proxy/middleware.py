@@ -285,7 +285,8 @@ class Gate:
             forms: list[dict[str, Any]] = []
             token = ""
             if back is not None and decision.identity is not None and decision.scope:
-                forms, token = await requestpages.offer(request, [decision.scope, *decision.wider])
+                scopes = [decision.scope, *decision.wider]
+                forms, token = await requestpages.offer(request, scopes, back)
             headers["Content-Security-Policy"] = pages.CSP
             body = pages.render(
                 request,

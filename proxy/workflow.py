@@ -94,6 +94,14 @@ class Workflow:
             raise WorkflowError(400, "bad_request", message)
         seconds = _duration(ent, duration)
         needed = 0 if (ent.approval.mode == "auto" or ent.break_glass) else ent.approval.count
+        if needed:
+            waiting = (await self.waiting(ident)).get(scope)
+            if waiting is not None:
+                raise WorkflowError(
+                    409,
+                    "already_pending",
+                    f"your request {waiting.id} for {scope} is already waiting for approval",
+                )
         grant = await self.grants.request(
             ident.subject,
             scope,
@@ -113,6 +121,11 @@ class Workflow:
         if grant.state == "active":
             self._audit("grant.activated", grant, actor=ident.subject)
         return grant
+
+    async def waiting(self, ident: Identity) -> dict[str, Grant]:
+        """Return this person's requests (not extensions) still awaiting approval, by scope."""
+        pending = await self.grants.list_pending(ident.subject)
+        return {g.scope: g for g in pending if g.kind == "grant"}
 
     async def approve(self, ident: Identity, grant_id: str, comment: str = "") -> Grant:
         """Add one approval; the last one needed activates the grant (its clock starts now).

@@ -123,6 +123,38 @@ async def test_the_refusal_itself_offers_a_form_for_each_scope_one_may_request(
     assert r.status == 403 and "csrf" not in await r.text()
 
 
+async def test_a_request_already_waiting_is_shown_instead_of_a_second_form(
+    proxy: TestClient,
+) -> None:
+    _, bob, mallory, _ = people(proxy)
+    where = await _submit(mallory, "project:1", reason="outage", ticket="INC-9", duration="3600")
+    grant_id = URL(where).path.rsplit("/", 1)[1]
+    page = await (await proxy.get(RECORDING, headers=HTML, cookies=mallory.cookies)).text()
+    (own,) = _forms(page)  # the recording's form; the project's is the waiting request
+    assert 'name="scope" value="recording:1/demo-1"' in own
+    waiting = page.split('id="request-form-2"')[1].split("</section>")[0]
+    assert "waiting for approval (0 of 1)" in waiting and "outage" in waiting
+    follow = html.unescape(re.search(r'href="([^"]+)"', waiting).group(1))  # type: ignore[union-attr]
+    assert follow == str(URL(f"/_jit/pending/{grant_id}").with_query(next=RECORDING))
+    text = await _form(mallory, "project:1")
+    assert 'id="request-form"' in text and "Follow your request" in text and "<form" not in text
+    # A second request for the same scope is refused, by the form and by the API alike.
+    token = CSRF.search(own).group(1)  # type: ignore[union-attr]
+    fields = {"scope": "project:1", "next": RECORDING, "reason": "again", "ticket": "INC-9"}
+    r = await mallory.post("/_jit/request", fields, csrf=token)
+    assert r.status == 409 and "already waiting for approval" in await r.text()
+    body = {"scope": "project:1", "reason": "again", "ticket": "INC-9"}
+    r = await proxy.post("/_jit/api/requests", json=body, headers=mallory.bearer)
+    assert r.status == 409 and (await r.json())["error"] == "already_pending"
+    r = await proxy.get("/_jit/api/grants/mine", headers=mallory.bearer)
+    assert [g["id"] for g in (await r.json())["grants"]] == [grant_id]
+    # Once it is decided, the form is back.
+    r = await proxy.post(f"/_jit/api/grants/{grant_id}/deny", json={}, headers=bob.bearer)
+    assert r.status == 200, await r.text()
+    page = await (await proxy.get(RECORDING, headers=HTML, cookies=mallory.cookies)).text()
+    assert len(_forms(page)) == 2 and "Follow your request" not in page
+
+
 async def test_no_form_when_no_rule_admits_the_visitor(make_proxy: ProxyFactory) -> None:
     policy = (ROOT / "config" / "policy.yaml").read_text()
     policy = policy.split("\nentitlements:")[0] + POLICY_ENTITLEMENTS.replace(

@@ -76,6 +76,8 @@ async def _request_page(
     ident = who.identity if who is not None else None
     policy = request.config_dict[WORKFLOW].policy()
     form = _form(policy, ident, scope) if ident is not None and scope else None
+    if form is not None and ident is not None:
+        await _mark_waiting(request, ident, [form], target)
     prefix = request.config_dict[SETTINGS].prefix
     here = URL(f"{prefix}/request").with_query({"scope": scope or "", "next": target})
     chrome = nav(request, ident, "") if ident is not None else {"user": None, "nav": []}
@@ -96,18 +98,41 @@ async def _request_page(
     )
 
 
-async def offer(request: web.Request, scopes: Sequence[str]) -> tuple[list[dict[str, Any]], str]:
+async def offer(
+    request: web.Request, scopes: Sequence[str], target: str
+) -> tuple[list[dict[str, Any]], str]:
     """The request forms a refusal can offer its signed-in visitor, and their CSRF token.
 
     One form for each scope (the refused one, then the wider ones that cover it) under
-    which a rule admits the visitor; none for a visitor who is not signed in.
+    which a rule admits the visitor; none for a visitor who is not signed in. A scope the
+    visitor already asked for carries that request (`waiting`, with the page that follows
+    it) instead of a second form.
     """
     who = await csrf.visitor(request)
     if who is None:
         return [], ""
     ident, policy = who.identity, request.config_dict[WORKFLOW].policy()
     forms = [form for scope in dict.fromkeys(scopes) if (form := _form(policy, ident, scope))]
-    return forms, await csrf.token(request, who) if forms else ""
+    if not forms:
+        return [], ""
+    await _mark_waiting(request, ident, forms, target)
+    return forms, await csrf.token(request, who)
+
+
+async def _mark_waiting(
+    request: web.Request, ident: Identity, forms: list[dict[str, Any]], target: str
+) -> None:
+    """Attach to each form the visitor's request for its scope still awaiting approval."""
+    try:
+        waiting = await request.config_dict[WORKFLOW].waiting(ident)
+    except RedisError:
+        waiting = {}  # the forms stay; a second request would be refused when filed
+    prefix = request.config_dict[SETTINGS].prefix
+    for form in forms:
+        grant = waiting.get(form["scope"])
+        form["waiting"] = grant
+        if grant is not None:
+            form["follow"] = str(URL(f"{prefix}/pending/{grant.id}").with_query(next=target))
 
 
 async def request_access(request: web.Request) -> web.Response:
