@@ -388,7 +388,19 @@ def jitgate_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("JITGATE_")}
 
 
-def write_config(tmp: Path, *, port: int, upstream_url: str, redis_port: int) -> Path:
+# The audit section of (c)'s config: every sink as deployed (full), or fewer, to see what
+# each costs. "none" writes no record anywhere: it is not a deployable configuration.
+AUDIT_SECTIONS = {
+    "full": "redis: {stream: audit, maxlen: 200000}\n  file: audit.jsonl",
+    "redis": "redis: {stream: audit, maxlen: 200000}",
+    "file": "redis: null\n  file: audit.jsonl",
+    "none": "redis: null\n  spool: null",
+}
+
+
+def write_config(
+    tmp: Path, *, port: int, upstream_url: str, redis_port: int, audit: str = "full"
+) -> Path:
     """Write a full-enforcement jitgate config and the repo's policy into tmp."""
     (tmp / "policy.yaml").write_text((ROOT / "config" / "policy.yaml").read_text())
     cfg = tmp / "jitgate.yaml"
@@ -406,8 +418,7 @@ identity:
   issuer: {ISSUER}
   audience: {AUDIENCE}
 audit:
-  redis: {{stream: audit, maxlen: 200000}}
-  file: audit.jsonl
+  {AUDIT_SECTIONS[audit]}
 """
     )
     return cfg
@@ -501,7 +512,8 @@ def render(report: dict[str, Any]) -> str:
         f"  loadgen:   {report['loadgen']}",
         f"  load:      {report['duration_s']:g}s per run after {report['warmup_s']:g}s warm-up, "
         f"{report['connections']} connections, {report['rounds']} round(s)"
-        + (", interleaved a,b,c; medians shown" if report["rounds"] > 1 else ""),
+        + (", interleaved a,b,c; medians shown" if report["rounds"] > 1 else "")
+        + ("" if report["audit_sinks"] == "full" else f"; (c) audit: {report['audit_sinks']}"),
         f"  request:   GET {PATH} ({report['body_bytes']} B JSON), "
         f"Authorization: Bearer <{USER}'s JWT>",
         f"  machine:   nproc {report['nproc']}, load average at start "
@@ -584,6 +596,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before each run (2)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians shown")
+    p.add_argument(
+        "--audit",
+        choices=tuple(AUDIT_SECTIONS),
+        default="full",
+        help="(c)'s audit sinks: full (Redis stream and file, as deployed), redis, file, or "
+        "none (no record anywhere: only to see what the audit costs)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON only")
     return p
 
@@ -631,7 +650,9 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
          "--upstream", upstream_url],
     )  # fmt: skip
     wait_redis(redis, redis_port)
-    cfg = write_config(tmp, port=jit_port, upstream_url=upstream_url, redis_port=redis_port)
+    cfg = write_config(
+        tmp, port=jit_port, upstream_url=upstream_url, redis_port=redis_port, audit=args.audit
+    )
     jitgate = procs.start(
         "jitgate", [*jitgate_command(), "serve", "--config", str(cfg)], env=jitgate_env()
     )
@@ -709,6 +730,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
         "warmup_s": args.warmup,
         "connections": args.connections,
         "rounds": args.rounds,
+        "audit_sinks": args.audit,
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_count": os.cpu_count(),
         "loadavg_start": loadavg,
