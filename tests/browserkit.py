@@ -48,6 +48,11 @@ def need_browser() -> Any:
     return sync_playwright
 
 
+def launch(pw: Any) -> Any:
+    """Start headless Debian Chromium with a playwright instance from need_browser()."""
+    return pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+
+
 @contextmanager
 def upstream(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """Serve handler on a free port in a thread; yield its base URL."""

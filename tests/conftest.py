@@ -148,6 +148,12 @@ async def upstream(aiohttp_server: Any) -> Upstream:
     return up
 
 
+def demo_policy(entitlements: str) -> str:
+    """config/policy.yaml with its `entitlements:` section replaced by the given one."""
+    policy = (ROOT / "config" / "policy.yaml").read_text()
+    return policy.split("\nentitlements:")[0] + entitlements
+
+
 def write_config(
     tmp: Path,
     *,

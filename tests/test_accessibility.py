@@ -15,7 +15,7 @@ import urllib.error
 from pathlib import Path
 from typing import Any
 
-from browserkit import ARTIFACTS, CHROMIUM, need_browser, playing
+from browserkit import ARTIFACTS, launch, need_browser, playing
 from conftest import make_token
 from npmkit import npm_ci
 from test_browser_pages import (  # noqa: F401  (jitgate: a fixture)
@@ -115,7 +115,7 @@ def test_every_page_passes_axe_at_laptop_and_phone_width(jitgate: Path) -> None:
     assert (active["state"], pending["state"]) == ("active", "pending")
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        browser = launch(pw)
         try:
             problems: list[str] = []
             signed_out = browser.new_context(**AXE_CONTEXT).new_page()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import ROOT, ProxyFactory, Upstream, make_token
+from conftest import ProxyFactory, Upstream, demo_policy, make_token
 
 from proxy.appkeys import AUDIT, GRANTS
 
@@ -65,8 +65,7 @@ ADMIN = who("sam", "security")
 
 @pytest.fixture
 async def api(make_proxy: ProxyFactory) -> TestClient:
-    policy = (ROOT / "config" / "policy.yaml").read_text()
-    policy = policy.split("\nentitlements:")[0] + ENTITLEMENTS
+    policy = demo_policy(ENTITLEMENTS)
     client: TestClient = await make_proxy(policy_text=policy, extra="admins: {groups: [security]}")
     return client
 
@@ -455,8 +454,7 @@ async def live_api(make_proxy: ProxyFactory, aiohttp_server: Any) -> TestClient:
     from test_live_gate import live_upstream
 
     server = await aiohttp_server(live_upstream())
-    policy = (ROOT / "config" / "policy.yaml").read_text()
-    policy = policy.split("\nentitlements:")[0] + ENTITLEMENTS
+    policy = demo_policy(ENTITLEMENTS)
     client: TestClient = await make_proxy(
         policy_text=policy,
         extra="admins: {groups: [security]}",
@@ -498,9 +496,8 @@ async def test_approved_extension_keeps_live_connections_past_the_old_end(
 
 
 async def test_expiry_and_lapse_are_audited_once(make_proxy: ProxyFactory, tmp_path: Path) -> None:
-    policy = (ROOT / "config" / "policy.yaml").read_text().split("\nentitlements:")[0]
     client: TestClient = await make_proxy(
-        policy_text=policy + ENTITLEMENTS, extra="sweep_interval: 0.1"
+        policy_text=demo_policy(ENTITLEMENTS), extra="sweep_interval: 0.1"
     )
     _, g = await post(client, "/requests", who("lara"), scope="project:3", reason="x")
     assert g["state"] == "pending"

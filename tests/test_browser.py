@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from browserkit import ARTIFACTS, CHROMIUM, JITGATE, demo_app, need_browser, playing, serve
+from browserkit import ARTIFACTS, JITGATE, demo_app, launch, need_browser, playing, serve
 from conftest import free_port
 from idp import Idp, idp_fixture
 from oidckit import oidc_config
@@ -40,7 +40,7 @@ def jitgate(idp: Idp, redis_url: str, tmp_path: Path) -> Iterator[Path]:
 def test_chromium_signs_in_views_a_recording_and_signs_out(jitgate: Path, idp: Idp) -> None:
     sync_playwright = need_browser()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        browser = launch(pw)
         try:
             page = browser.new_page()
             # No session: the recording's URL leads to the provider's login page.

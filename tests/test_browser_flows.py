@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from browserkit import ARTIFACTS, CHROMIUM, need_browser, playing
+from browserkit import ARTIFACTS, launch, need_browser, playing
 from conftest import make_token
 from test_browser_pages import (  # noqa: F401  (jitgate: a fixture)
     BASE,
@@ -28,14 +28,10 @@ def _shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"flow-{name}.png"), full_page=True)
 
 
-def _browser(pw: Any) -> Any:
-    return pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-
-
 def test_a_denial_reaches_the_engineers_pending_page_without_a_reload(jitgate: Any) -> None:  # noqa: F811
     sync_playwright = need_browser()
     with sync_playwright() as pw:
-        browser = _browser(pw)
+        browser = launch(pw)
         try:
             erin = _sign_in(browser, "erin", ["eng"])
             _open_recording(erin)
@@ -109,7 +105,7 @@ def test_an_admins_revoke_ends_access_at_the_open_tabs_next_request(jitgate: Any
     sync_playwright = need_browser()
     grant = _erins_active_grant()
     with sync_playwright() as pw:
-        browser = _browser(pw)
+        browser = launch(pw)
         try:
             erin = _sign_in(browser, "erin", ["eng"])
             first = erin.goto(f"{BASE}{PLAYER}")
@@ -150,7 +146,7 @@ def test_an_approver_cannot_approve_their_own_request(jitgate: Any) -> None:  # 
     other = _api("POST", "/requests", make_token("mallory", groups=["eng"]), body)
     assert own["state"] == other["state"] == "pending"
     with sync_playwright() as pw:
-        browser = _browser(pw)
+        browser = launch(pw)
         try:
             alice = _sign_in(browser, "alice", ["eng", "approvers"])
             alice.goto(f"{BASE}/_jit/approvals")
@@ -188,7 +184,7 @@ def test_a_form_without_its_csrf_token_is_refused_in_the_browser(jitgate: Any) -
     sync_playwright = need_browser()
     grant = _erins_active_grant()
     with sync_playwright() as pw:
-        browser = _browser(pw)
+        browser = launch(pw)
         try:
             erin = _sign_in(browser, "erin", ["eng"])
             form = erin.locator(f"#grant-{grant['id']} form:has(button[value=relinquish])")

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browserkit import ARTIFACTS, CHROMIUM, demo_app, need_browser, playing, serve
-from conftest import ROOT, free_port, make_token, write_config
+from browserkit import ARTIFACTS, demo_app, launch, need_browser, playing, serve
+from conftest import demo_policy, free_port, make_token, write_config
 from test_pages import POLICY_ENTITLEMENTS
 
 PORT = free_port()
@@ -30,14 +30,13 @@ PLAYER = "/replay/demo-1"  # the demo's player page of demo-1: scope recording:1
 @pytest.fixture
 def jitgate(redis_url: str, tmp_path: Path) -> Iterator[Path]:
     """jitgate as a process on PORT with token sign-in, in front of the demo replay app."""
-    policy = (ROOT / "config" / "policy.yaml").read_text()
     with demo_app(tmp_path / "replay_app.log") as upstream_url:
         cfg = write_config(
             tmp_path,
             upstream_url=upstream_url,
             redis_url=redis_url,
             extra="admins: {groups: [security]}",
-            policy_text=policy.split("\nentitlements:")[0] + POLICY_ENTITLEMENTS,
+            policy_text=demo_policy(POLICY_ENTITLEMENTS),
         )
         with serve(cfg, PORT):
             yield cfg
@@ -86,7 +85,7 @@ def test_approve_in_one_browser_use_and_relinquish_in_another(jitgate: Path) -> 
     )  # fmt: skip
     assert request["state"] == "pending"
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        browser = launch(pw)
         try:
             erin = _sign_in(browser, "erin", ["eng"])
             assert "Signed in as erin" in erin.inner_text("header")

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from browserkit import ARTIFACTS, CHROMIUM, need_browser, playing
+from browserkit import ARTIFACTS, launch, need_browser, playing
 from conftest import make_token
 from test_browser_pages import (  # noqa: F401  (jitgate: a fixture)
     BASE,
@@ -32,7 +32,7 @@ def _shot(page: Any, name: str) -> None:
 def test_refused_request_wait_and_continue_without_reload(jitgate: Path) -> None:  # noqa: F811
     sync_playwright = need_browser()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        browser = launch(pw)
         try:
             erin = _sign_in(browser, "erin", ["eng"])
             _open_recording(erin)
@@ -74,7 +74,7 @@ def test_refused_request_wait_and_continue_without_reload(jitgate: Path) -> None
 def test_auto_approval_goes_straight_back_in_the_browser(jitgate: Path) -> None:  # noqa: F811
     sync_playwright = need_browser()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        browser = launch(pw)
         try:
             erin = _sign_in(browser, "erin", ["eng"])
             _open_recording(erin)

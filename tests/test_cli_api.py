@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import Upstream, make_token
+from conftest import Upstream, demo_policy, make_token
 from test_api import ENTITLEMENTS
 
 from proxy.appkeys import SETTINGS
@@ -21,11 +21,8 @@ SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 
 @pytest.fixture
 async def proxy_api(make_proxy: Any) -> TestClient:
-    from conftest import ROOT
-
-    policy = (ROOT / "config" / "policy.yaml").read_text().split("\nentitlements:")[0]
     client: TestClient = await make_proxy(
-        policy_text=policy + ENTITLEMENTS, extra="admins: {groups: [security]}"
+        policy_text=demo_policy(ENTITLEMENTS), extra="admins: {groups: [security]}"
     )
     return client
 

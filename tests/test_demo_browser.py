@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from browserkit import ARTIFACTS, CHROMIUM, need_browser
+from browserkit import ARTIFACTS, launch, need_browser
 from conftest import ROOT
 from test_demo_walkthrough import SNAPSHOTS, cli, running_demo
 
@@ -44,7 +44,7 @@ def test_the_whole_loop_in_a_browser_against_the_demo(tmp_path: Path) -> None:
         alice_token = cli(env, "token", "mint", "--sub", "alice", "--groups", "eng")
         bob_token = cli(env, "token", "mint", "--sub", "bob", "--groups", "approvers")
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+            browser = launch(pw)
             try:
                 alice = browser.new_context().new_page()
                 # Signed out: the list asks for a sign-in, which comes back to it.

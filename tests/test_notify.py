@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import ROOT, ProxyFactory, free_port
+from conftest import ProxyFactory, demo_policy, free_port
 from test_api import ADMIN, ALICE, BOB, CAROL, ENTITLEMENTS, MALLORY, get, post, who
 
 from proxy.app import build_app
@@ -102,8 +102,7 @@ def start(make_proxy: ProxyFactory) -> Start:
     """Start jitgate with test_api's entitlements and the given notification config."""
 
     async def factory(*hooks: str, **options: object) -> TestClient:
-        policy = (ROOT / "config" / "policy.yaml").read_text()
-        policy = policy.split("\nentitlements:")[0] + ENTITLEMENTS
+        policy = demo_policy(ENTITLEMENTS)
         client: TestClient = await make_proxy(
             policy_text=policy, extra=notifications(*hooks, **options)
         )

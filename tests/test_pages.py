@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
-from conftest import ROOT, ProxyFactory, make_token
+from conftest import ProxyFactory, demo_policy, make_token
 
 from proxy.appkeys import REDIS
 
@@ -132,8 +132,7 @@ class Person:
 
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> TestClient:
-    policy = (ROOT / "config" / "policy.yaml").read_text()
-    policy = policy.split("\nentitlements:")[0] + POLICY_ENTITLEMENTS
+    policy = demo_policy(POLICY_ENTITLEMENTS)
     client: TestClient = await make_proxy(policy_text=policy, extra="admins: {groups: [security]}")
     return client
 

@@ -12,25 +12,19 @@ import html
 import re
 import time
 
-import pytest
 from aiohttp.test_utils import TestClient
-from conftest import ROOT, ProxyFactory, Upstream
+from conftest import ProxyFactory, Upstream, demo_policy
 from test_pages import CSRF, POLICY_ENTITLEMENTS, Person, people
+from test_pages import proxy as pages_proxy
 from yarl import URL
 
 from proxy.appkeys import REDIS, SETTINGS
 
 RECORDING = "/api/projects/1/session_recordings/demo-1"
+# The pages' proxy: an auto rule (recording:…) and an approvers rule with a ticket pattern
+# (project:…).
+proxy = pages_proxy
 HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
-
-
-@pytest.fixture
-async def proxy(make_proxy: ProxyFactory) -> TestClient:
-    """An auto rule (recording:…), an approvers rule with a ticket pattern (project:…)."""
-    policy = (ROOT / "config" / "policy.yaml").read_text()
-    policy = policy.split("\nentitlements:")[0] + POLICY_ENTITLEMENTS
-    client: TestClient = await make_proxy(policy_text=policy, extra="admins: {groups: [security]}")
-    return client
 
 
 async def _form(person: Person, scope: str, next_: str = RECORDING) -> str:
@@ -156,10 +150,7 @@ async def test_a_request_already_waiting_is_shown_instead_of_a_second_form(
 
 
 async def test_no_form_when_no_rule_admits_the_visitor(make_proxy: ProxyFactory) -> None:
-    policy = (ROOT / "config" / "policy.yaml").read_text()
-    policy = policy.split("\nentitlements:")[0] + POLICY_ENTITLEMENTS.replace(
-        "who: any", "who: {groups: [support]}"
-    )
+    policy = demo_policy(POLICY_ENTITLEMENTS.replace("who: any", "who: {groups: [support]}"))
     client: TestClient = await make_proxy(policy_text=policy)
     _, bob, *_ = people(client)  # bob is not in eng, which the project's rule asks for
     r = await client.get(RECORDING, headers=HTML, cookies=bob.cookies)

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from browserkit import ARTIFACTS, CHROMIUM, JITGATE, need_browser, serve, upstream
+from browserkit import ARTIFACTS, JITGATE, launch, need_browser, serve, upstream
 from conftest import ProxyFactory, free_port, make_token, write_config
 
 from proxy import settings as settings_mod
@@ -358,7 +358,7 @@ def test_chromium_shows_the_bar_under_the_pages_csp(served: tuple[Path, str]) ->
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        browser = launch(pw)
         try:
             context = browser.new_context(viewport={"width": 1000, "height": 600})
             context.add_cookies(
