@@ -40,8 +40,8 @@ from redis.asyncio import Redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy import auditquery  # noqa: E402
-from proxy.auditstore import AuditStore, Query  # noqa: E402
+from proxy.audit import query as auditquery  # noqa: E402
+from proxy.audit.store import AuditStore, Query  # noqa: E402
 
 DAY = 86_400.0
 USERS = 2_000

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
-from . import api, audit, auditsinks, metrics, ops, policy
+from . import audit, metrics, policy
 from . import web as pages
 from .appkeys import (
     ASSERTION,
@@ -28,21 +28,22 @@ from .appkeys import (
     SETTINGS,
     WORKFLOW,
 )  # fmt: skip
-from .assertion import AssertionSigner
-from .auditstore import AuditStore, store_for
+from .audit import sinks as auditsinks
+from .audit.store import AuditStore, store_for
 from .authorize import Authorizer
 from .forward import Forwarder, UpstreamConfig
+from .gate import Gate
 from .grants import RedisGrants
 from .identity import Verifier
+from .identity.assertion import AssertionSigner
+from .identity.oidc import OidcClient
+from .identity.session import Sessions
 from .live import LiveConnections, follow_revocations
-from .middleware import Gate
 from .notify import Notifier
-from .oidc import OidcClient
 from .redisd import EmbeddedRedis, connect_redis
 from .reload import RELOADER, PolicyReloader
-from .session import Sessions
 from .settings import Settings
-from .web import auditpage, signin, views
+from .web import api, auditpage, ops, signin, views
 from .workflow import Workflow
 
 log = logging.getLogger("jitgate")

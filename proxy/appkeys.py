@@ -5,16 +5,16 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis
 
-from .assertion import AssertionSigner
 from .audit import AuditLog
-from .auditstore import AuditStore
+from .audit.store import AuditStore
 from .authorize import Authorizer
 from .grants import RedisGrants
+from .identity.assertion import AssertionSigner
+from .identity.oidc import OidcClient
+from .identity.session import Sessions
 from .live import LiveConnections
 from .metrics import Metrics
 from .notify import Notifier
-from .oidc import OidcClient
-from .session import Sessions
 from .settings import Settings
 from .workflow import Workflow
 

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from .configread import parse_duration
 from .errors import ConfigError, ConfigErrors
-from .yamlsrc import Node, Seq, line_of, load_text
+from .settings.read import parse_duration
+from .settings.yamlsrc import Node, Seq, line_of, load_text
 
 
 class Access(StrEnum):

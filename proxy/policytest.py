@@ -37,10 +37,10 @@ from .authorize import Authorizer, GrantChecker
 from .errors import BadPath, ConfigError, ConfigErrors
 from .grants import Grant
 from .identity import Identity, Verifier
-from .identitysettings import IdentitySettings
 from .paths import normalise, split_target
 from .policy import Access, Policy
-from .yamlsrc import Node, Seq, line_of, load_file
+from .settings.identity import IdentitySettings
+from .settings.yamlsrc import Node, Seq, line_of, load_file
 
 EXPECTS = ("allow", "deny", "blocked", "unauthenticated", "bad_request")
 METHOD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")

@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.appkeys import GRANTS
-from proxy.assertion import AssertionKeyError, AssertionSigner, load_or_create_key
 from proxy.errors import ConfigErrors
 from proxy.identity import Identity
-from proxy.identitysettings import AssertionSettings
+from proxy.identity.assertion import AssertionKeyError, AssertionSigner, load_or_create_key
 from proxy.settings import load
+from proxy.settings.identity import AssertionSettings
 
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 HEADER = "x-jitgate-assertion"

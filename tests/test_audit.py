@@ -12,8 +12,8 @@ from conftest import RedisServer
 from redis.asyncio import Redis
 
 from proxy.audit import AuditLog, record
-from proxy.auditsinks import JsonlFileSink
-from proxy.auditstore import AuditStore
+from proxy.audit.sinks import JsonlFileSink
+from proxy.audit.store import AuditStore
 
 
 class Counters:

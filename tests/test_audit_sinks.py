@@ -23,8 +23,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import ROOT, free_port
 
-from proxy.auditsinks import FORMATS, HttpSink, JsonlFileSink, SinkError, StdoutSink
-from proxy.configread import Secret
+from proxy.audit.sinks import FORMATS, HttpSink, JsonlFileSink, SinkError, StdoutSink
+from proxy.settings.read import Secret
 
 _SEQ = itertools.count()
 ROTATED = re.compile(r"audit-(\d{4}-\d{2}-\d{2})T\d{2}-\d{2}-\d{2}\.\d{3}\.jsonl")
@@ -270,7 +270,7 @@ async def test_write_raises_when_the_file_cannot_be_written(tmp_path: Path) -> N
 _FULL_DISK = """
 import asyncio, resource, signal, sys
 from pathlib import Path
-from proxy.auditsinks import JsonlFileSink
+from proxy.audit.sinks import JsonlFileSink
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
 try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.audit import AuditLog, record
-from proxy.auditspool import Spool, SpoolFull
+from proxy.audit.spool import Spool, SpoolFull
 
 
 class ListSink:
@@ -71,7 +71,7 @@ def emit_many(log: AuditLog, n: int, start: int = 0) -> list[str]:
 def test_spool_append_read_commit_and_segments(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("proxy.auditspool.SEGMENT_BYTES", 100)
+    monkeypatch.setattr("proxy.audit.spool.SEGMENT_BYTES", 100)
     spool = Spool.create(tmp_path, "w1", ["a", "b"], max_bytes=1 << 20)
     lines = [json.dumps({"n": i, "pad": "x" * 20}) for i in range(20)]
     for i, line in enumerate(lines):
@@ -243,7 +243,7 @@ async def test_unwritable_spool_directory(tmp_path: Path) -> None:
 async def test_a_crash_with_records_beyond_memory_replays_them_all_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("proxy.auditspool.SEGMENT_BYTES", 2000)  # many segments
+    monkeypatch.setattr("proxy.audit.spool.SEGMENT_BYTES", 2000)  # many segments
     sink = ListSink("s")
     sink.down = True
     dead = make_log([sink], tmp_path, queue_max=20, batch_size=7)

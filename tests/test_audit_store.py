@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from proxy.auditstore import AuditStore, Page, Query
+from proxy.audit.store import AuditStore, Page, Query
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "jit:audit"

@@ -18,7 +18,7 @@ from test_cli import run
 from proxy import settings as settings_mod
 from proxy.app import make_audit_log
 from proxy.audit import CHECKPOINT, AuditLog, record
-from proxy.auditsinks import JsonlFileSink
+from proxy.audit.sinks import JsonlFileSink
 from proxy.metrics import Metrics
 
 KEY = "audit-chain-key-0123456789abcdef-0123456789"

@@ -13,12 +13,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from idp import Idp, idp_fixture
 from jwtkit import key_server
 
-from proxy import claims
-from proxy.configread import Secret
 from proxy.errors import ConfigErrors
-from proxy.identity import Identity, IdentityError, Verifier, mint
-from proxy.identitysettings import IdentitySettings, IssuerSettings
+from proxy.identity import Identity, IdentityError, Verifier, claims, mint
 from proxy.settings import load
+from proxy.settings.identity import IdentitySettings, IssuerSettings
+from proxy.settings.read import Secret
 
 # This module's IdP names groups the way a corporate directory would.
 idp = idp_fixture("idp", scope="module", groups={"alice": ["okta-eng", "okta-support", "x"]})

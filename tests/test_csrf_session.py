@@ -2,7 +2,7 @@
 
 People sign in through the real IdP (tests/idp) with the scripted browser of
 tests/oidckit.py, so the credential is a real `jitgate_session` cookie made by
-proxy/session.py, in either store (the default encrypted cookie, and Redis). Forms are
+proxy/identity/session.py, in either store (the default encrypted cookie, and Redis). Forms are
 posted as a browser posts them (Origin, the page's CSRF token, the button's action), and
 their effect is checked through the JSON API, which shares the Workflow.
 """

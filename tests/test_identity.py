@@ -15,9 +15,9 @@ from conftest import AUDIENCE, ISSUER, SECRET, make_token
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.configread import Secret
 from proxy.identity import Identity, IdentityError, MintError, Verifier, mint
-from proxy.identitysettings import IdentitySettings
+from proxy.settings.identity import IdentitySettings
+from proxy.settings.read import Secret
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())

@@ -12,11 +12,10 @@ import yaml
 from conftest import ROOT
 from cryptography.fernet import Fernet
 
-from proxy import jwks
 from proxy.errors import ConfigErrors
-from proxy.identity import Verifier
-from proxy.identitysettings import JWKS_ALGORITHMS
+from proxy.identity import Verifier, jwks
 from proxy.settings import load
+from proxy.settings.identity import JWKS_ALGORITHMS
 
 
 def test_jwks_example_is_valid() -> None:

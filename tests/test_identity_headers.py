@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwtkit import KeyServer, key_server
 
 from proxy.appkeys import GRANTS
-from proxy.configread import Secret
 from proxy.identity import Verifier
-from proxy.identitysettings import IdentitySettings, TrustedHeadersSettings
+from proxy.settings.identity import IdentitySettings, TrustedHeadersSettings
+from proxy.settings.read import Secret
 
 IDENTITY_ROUTE = "/dashboard"  # matches no route: the policy's default is identity
 PUBLIC_ROUTE = "/healthz"

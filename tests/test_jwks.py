@@ -1,4 +1,4 @@
-"""proxy.jwks against a real OpenID Provider (oidc-provider under node, see tests/idp.py).
+"""identity/jwks.py against a real OpenID Provider (oidc-provider under node, see tests/idp.py).
 
 Tokens come from scripted logins at the real provider wherever it can produce them. The
 attack tokens are signed here: with an attacker's key (served by a real attacker server
@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 from idp import Idp, IdpError, idp_fixture, start_idp
 
-from proxy.jwks import IssuerConfig, KeySet, MultiVerifier, TokenError, check_kid, discover
+from proxy.identity.jwks import IssuerConfig, KeySet, MultiVerifier, TokenError, check_kid, discover
 
 idp = idp_fixture("idp", scope="module")
 idp2 = idp_fixture("idp2", scope="module")

@@ -17,11 +17,11 @@ from test_api import ADMIN, ALICE, BOB, CAROL, ENTITLEMENTS, MALLORY, get, post,
 
 from proxy.app import build_app
 from proxy.appkeys import AUTHORIZER, NOTIFIER, REDIS, SETTINGS
-from proxy.configread import Secret
 from proxy.grants import Grant
 from proxy.metrics import Metrics
 from proxy.notify import Notifier, slack_message
 from proxy.settings import NotificationSettings, WebhookSettings
+from proxy.settings.read import Secret
 
 FAST = {"backoff": 0.01}  # retries in tests wait milliseconds, not seconds
 

@@ -13,9 +13,9 @@ from redis.asyncio import Redis
 from proxy.authorize import Authorizer
 from proxy.grants import RedisGrants
 from proxy.identity import Verifier
-from proxy.identitysettings import IdentitySettings
 from proxy.policy import load
 from proxy.policytest import SimulatedGrants
+from proxy.settings.identity import IdentitySettings
 
 JITGATE = str(Path(sys.executable).parent / "jitgate")
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from conftest import ROOT, ProxyFactory, RedisServer, Upstream, bearer, make_token
 
 from proxy.appkeys import AUDIT, AUDIT_STORE, GRANTS, SETTINGS
-from proxy.auditstore import Query
+from proxy.audit.store import Query
 
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 RECORDING = "/api/projects/1/session_recordings/demo-1"

@@ -1,4 +1,4 @@
-"""proxy/session.py against a real aiohttp server: lifetimes, key rotation, tampering, Redis."""
+"""identity/session.py against a real aiohttp server: lifetimes, key rotation, tampering, Redis."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from aiohttp.test_utils import TestClient
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
 
-from proxy.configread import Secret
 from proxy.identity import Identity
-from proxy.identitysettings import SessionSettings
-from proxy.session import Sessions
+from proxy.identity.session import Sessions
+from proxy.settings.identity import SessionSettings
+from proxy.settings.read import Secret
 
 K1, K2 = Fernet.generate_key().decode(), Fernet.generate_key().decode()
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from proxy.configread import Secret, parse_duration, parse_size
 from proxy.errors import ConfigErrors
 from proxy.settings import load
+from proxy.settings.read import Secret, parse_duration, parse_size
 
 
 def test_example_config_loads() -> None:

@@ -20,13 +20,13 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from ..appkeys import SETTINGS, WORKFLOW
-from ..configread import parse_duration
 from ..grants import Grant
 from ..identity import Identity
-from ..origin import same_origin
 from ..policy import Policy, format_duration
+from ..settings.read import parse_duration
 from ..workflow import Workflow, WorkflowError
 from . import SCRIPT_CSP, csrf
+from .origin import same_origin
 from .views import page, safe_next
 
 # Which actions each page's forms may post: a form can only do what its page offers.

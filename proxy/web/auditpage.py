@@ -1,6 +1,6 @@
 """The audit pages for admins: search the trail, see what was watched under a grant, export.
 
-They read through the same code as `GET {prefix}/api/audit` (auditquery.parse with the
+They read through the same code as `GET {prefix}/api/audit` (audit/query.py: parse with the
 same filter names, AuditStore, the grants' reasons), and the export links are that API
 itself with `format=csv` or `format=jsonl`.
 """
@@ -13,9 +13,9 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from yarl import URL
 
-from .. import auditquery
 from ..appkeys import AUDIT_STORE, SETTINGS, WORKFLOW
-from ..auditstore import AuditStore
+from ..audit import query as auditquery
+from ..audit.store import AuditStore
 from ..identity import Identity
 from .accesspages import nav
 from .views import page, signed_in

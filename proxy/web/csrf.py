@@ -44,7 +44,7 @@ class Visitor:
     """Who a request is from, and the credential its form tokens are bound to."""
 
     identity: Identity
-    source: str  # bearer, session, cookie, headers or assertion (proxy.identity.Found)
+    source: str  # bearer, session, cookie, headers or assertion (identity.verifier.Found)
     binding: str
 
 

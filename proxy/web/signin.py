@@ -10,14 +10,14 @@ from yarl import URL
 from .. import audit
 from ..appkeys import AUDIT, AUTHORIZER, OIDC, SESSIONS, SETTINGS
 from ..identity import IdentityError
-from ..oidc import LoginError, OidcClient, Pending
-from ..origin import same_origin
+from ..identity.oidc import LoginError, OidcClient, Pending
 from . import CSP
+from .origin import same_origin
 from .views import page, safe_next, signed_in
 
 log = logging.getLogger("jitgate.signin")
 
-STATE_COOKIE = "jitgate_oidc"  # the logins in flight, encrypted (proxy.oidc)
+STATE_COOKIE = "jitgate_oidc"  # the logins in flight, encrypted (identity/oidc.py)
 
 
 def _client(request: web.Request) -> OidcClient:

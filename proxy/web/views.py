@@ -10,9 +10,9 @@ from yarl import URL
 from ..appkeys import AUTHORIZER, OIDC, SETTINGS
 from ..errors import BadPath
 from ..identity import Identity, IdentityError
-from ..origin import same_origin
 from ..paths import normalise, split_target
 from . import CSP, csrf, render
+from .origin import same_origin
 
 # Raw characters a return path may carry: printable ASCII that no browser or server
 # reads as a separator (no space, backslash, quote or angle bracket).

@@ -24,8 +24,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .identity import Identity
-from .identitysettings import AssertionSettings
+from ..settings.identity import AssertionSettings
+from .verifier import Identity
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _CACHE_SIZE = 10_000

@@ -1,7 +1,7 @@
 """Who is asking: a verified JWT, or the identity an SSO proxy in front of jitgate vouches for.
 
 Tokens (bearer header, else jitgate's cookie) are routed by their `iss`: an issuer listed
-in `identity.issuers` is verified with that issuer's JWKS (proxy.jwks); any other token
+in `identity.issuers` is verified with that issuer's JWKS (jwks.py); any other token
 with the local keys (`hs_secret`, `public_key_files`), if there are any. Headers set by
 an SSO proxy (oauth2-proxy, Pomerium, a cloud IAP) are believed only when the TCP peer
 is one of `identity.trusted_headers.from`, never because of X-Forwarded-For.
@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 from multidict import MultiMapping
 
+from ..settings.identity import IdentitySettings, IssuerSettings, TrustedHeadersSettings
 from . import claims as claim
-from .identitysettings import IdentitySettings, IssuerSettings, TrustedHeadersSettings
 from .jwks import IssuerConfig, MultiVerifier, TokenError, decode_segment, safe_text
 
 
@@ -57,7 +57,7 @@ class Found:
         return self.source != "bearer"
 
 
-# The identity of a browser session, read only when a decision needs it (proxy.session).
+# The identity of a browser session, read only when a decision needs it (session.py).
 SessionLookup = Callable[[], Awaitable[Identity | None]]
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey

@@ -6,8 +6,8 @@ import asyncio
 
 from aiohttp import web
 
-from . import metrics
-from .appkeys import ASSERTION, AUDIT, GRANTS, LIVE, METRICS, REDIS, SETTINGS
+from .. import metrics
+from ..appkeys import ASSERTION, AUDIT, GRANTS, LIVE, METRICS, REDIS, SETTINGS
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -1,7 +1,7 @@
 """`jitgate audit verify | query | summary`: prove the trail untouched and ask it questions.
 
 `query` and `summary` read the Redis audit stream directly, or, given a token, go through
-`GET {prefix}/api/audit` as an admin; both ways take the same filters (auditquery.py).
+`GET {prefix}/api/audit` as an admin; both ways take the same filters (audit/query.py).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from urllib.parse import quote, urlencode
 
 from redis.exceptions import RedisError
 
-from . import auditquery
-from .auditstore import AuditStore, Page, Query, store_for
-from .cli import EXIT_FINDING, EXIT_OK, UsageError, api_args, api_url, config_arg, redis_url_for
-from .redisd import connect_redis
-from .settings import Settings
+from ..audit import query as auditquery
+from ..audit.store import AuditStore, Page, Query, store_for
+from ..redisd import connect_redis
+from ..settings import Settings
+from .main import EXIT_FINDING, EXIT_OK, UsageError, api_args, api_url, config_arg, redis_url_for
 
 
 def add_parser(nouns: Any) -> None:
@@ -214,7 +214,7 @@ class _ApiSource:
 
 
 async def _verify(args: argparse.Namespace, settings: Settings) -> int:
-    from .auditchain import Verifier, file_lines, stream_entries
+    from ..audit.chain import Verifier, file_lines, stream_entries
 
     a = settings.audit
     if a.hmac_key is None:

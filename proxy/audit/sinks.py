@@ -31,8 +31,8 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from .auditsettings import AUDIT_HTTP_FORMATS as FORMATS
-from .configread import Secret
+from ..settings.audit import AUDIT_HTTP_FORMATS as FORMATS
+from ..settings.read import Secret
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _STAMP = "%Y-%m-%dT%H-%M-%S"

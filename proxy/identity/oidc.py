@@ -1,7 +1,7 @@
 """OpenID Connect sign-in for browsers: authorization code with PKCE (S256).
 
 The provider's endpoints come from its discovery document and the ID token is verified
-with its JWKS, both through proxy.jwks (the same code, caching and rate limits as for
+with its JWKS, both through identity/jwks.py (the same code, caching and rate limits as for
 bearer tokens): `iss`, `aud` (the client id), `exp` and `iat` there; `nonce`, `azp` and
 `at_hash` here.
 
@@ -28,7 +28,7 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from cryptography.fernet import InvalidToken, MultiFernet
 
-from .identitysettings import OidcSettings
+from ..settings.identity import OidcSettings
 from .jwks import IssuerConfig, MultiVerifier, TokenError, secure_url
 
 log = logging.getLogger("jitgate.oidc")

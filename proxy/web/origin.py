@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .appkeys import SETTINGS
+from ..appkeys import SETTINGS
 
 
 def same_origin(request: web.Request) -> bool:

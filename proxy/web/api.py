@@ -16,14 +16,14 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import auditquery
-from .appkeys import AUDIT_STORE, AUTHORIZER, SESSIONS, SETTINGS, WORKFLOW
-from .auditstore import AuditStore
-from .configread import parse_duration
-from .grants import STATES, Grant
-from .identity import Identity, IdentityError
+from ..appkeys import AUDIT_STORE, AUTHORIZER, SESSIONS, SETTINGS, WORKFLOW
+from ..audit import query as auditquery
+from ..audit.store import AuditStore
+from ..grants import STATES, Grant
+from ..identity import Identity, IdentityError
+from ..settings.read import parse_duration
+from ..workflow import WorkflowError
 from .origin import same_origin
-from .workflow import WorkflowError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATES = STATES

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .identitysettings import ClaimPath
+from ..settings.identity import ClaimPath
 
 
 def keys_of(path: ClaimPath) -> tuple[str, ...]:

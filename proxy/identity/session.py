@@ -36,8 +36,8 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .identity import Identity, SessionLookup
-from .identitysettings import SessionSettings
+from ..settings.identity import SessionSettings
+from .verifier import Identity, SessionLookup
 
 log = logging.getLogger("jitgate.session")
 

@@ -1,7 +1,7 @@
 """Audit settings: the `audit` section, one part per sink.
 
 The Redis stream, the JSON-lines file, stdout and HTTP collectors, the write-ahead spool,
-batching and the HMAC chain. Read with the reading layer of configread.py.
+batching and the HMAC chain. Read with the reading layer of read.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .configread import Reader, Secret, http_url, resolve, seconds, size
+from .read import Reader, Secret, http_url, resolve, seconds, size
 from .yamlsrc import Node
 
 AUDIT_HTTP_FORMATS = ("jsonl", "splunk", "elastic", "loki")

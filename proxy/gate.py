@@ -13,14 +13,14 @@ from yarl import URL
 
 from . import audit
 from . import web as pages
-from .assertion import AssertionSigner
 from .authorize import Authorizer, Decision
 from .errors import BadPath
 from .forward import Forwarder, Outcome
+from .identity.assertion import AssertionSigner
+from .identity.session import Sessions
 from .live import LiveConnections
 from .metrics import Metrics
 from .paths import normalise, split_target
-from .session import Sessions
 from .settings import Settings
 from .statusbar import StatusBar
 from .web import requestpages

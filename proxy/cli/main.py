@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from . import redisd
-from .configread import parse_duration
-from .errors import ConfigError, ConfigErrors
-from .settings import Settings, load
+from .. import redisd
+from ..errors import ConfigError, ConfigErrors
+from ..settings import Settings, load
+from ..settings.read import parse_duration
 
 if TYPE_CHECKING:
-    from . import policy
+    from .. import policy
 
 # Modules for one command each are imported by that command: every `jitgate` call (an
 # `audit query` included) starts faster.
@@ -50,7 +50,7 @@ def config_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import auditcli  # it builds on this module
+    from . import audit as auditcli  # it builds on this module
 
     parser = argparse.ArgumentParser(prog="jitgate", description=__doc__)
     nouns = parser.add_subparsers(dest="noun", required=True, metavar="COMMAND")
@@ -183,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from . import auditcli, policy  # auditcli builds on this module
+    from .. import policy  # auditcli builds on this module
+    from . import audit as auditcli
 
     if args.noun == "serve":
         return _serve(args)
@@ -203,7 +204,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.noun == "audit":
         return asyncio.run(auditcli.run(args, load(args.config)))
     if args.noun == "token":
-        from .identity import MintError, mint
+        from ..identity import MintError, mint
 
         settings = load(args.config)
         ttl = _duration(args.ttl) if args.ttl else None
@@ -225,8 +226,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from . import policy
-    from .app import run  # aiohttp app wiring is only needed here
+    from .. import policy
+    from ..app import run  # aiohttp app wiring is only needed here
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -264,12 +265,12 @@ def _actor(by: str | None) -> str:
 
 
 async def _grants(args: argparse.Namespace, settings: Settings) -> int:
-    from . import policy
-    from .app import make_audit_log
-    from .grants import RedisGrants
-    from .metrics import Metrics
-    from .redisd import connect_redis
-    from .workflow import grant_record
+    from .. import policy
+    from ..app import make_audit_log
+    from ..grants import RedisGrants
+    from ..metrics import Metrics
+    from ..redisd import connect_redis
+    from ..workflow import grant_record
 
     compiled = policy.load(settings.policy_file)  # every audit record names its version
     redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
@@ -332,10 +333,10 @@ async def _grants(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _explain(args: argparse.Namespace, settings: Settings) -> int:
-    from . import policy, policytest
-    from .grants import RedisGrants
-    from .identity import Identity
-    from .redisd import connect_redis
+    from .. import policy, policytest
+    from ..grants import RedisGrants
+    from ..identity import Identity
+    from ..redisd import connect_redis
 
     if not policytest.METHOD.match(args.method):
         raise UsageError(f"invalid METHOD {args.method!r}")
@@ -377,9 +378,9 @@ async def _explain(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _needs_grant(compiled: policy.Policy, method: str, target: str, reject: bool) -> bool:
-    from .errors import BadPath
-    from .paths import normalise, split_target
-    from .policy import Access
+    from ..errors import BadPath
+    from ..paths import normalise, split_target
+    from ..policy import Access
 
     # Redis is only needed (and must only be running) when grants decide the request.
     try:
@@ -390,7 +391,7 @@ def _needs_grant(compiled: policy.Policy, method: str, target: str, reject: bool
 
 
 async def _policy_test(args: argparse.Namespace) -> int:
-    from . import policy, policytest
+    from .. import policy, policytest
 
     suite = policytest.load_suite(args.file, args.policy)
     compiled = policy.load(suite.policy_file)
@@ -525,7 +526,3 @@ def _table(grants: list[dict[str, Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     if len(rows) == 1:
         print("(no grants)")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -46,7 +46,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from .settings import Settings
+from ..settings import Settings
 
 log = logging.getLogger("jitgate.auditstore")
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from yarl import URL
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .yamlsrc import Node, Seq, line_of
 
 T = TypeVar("T")

@@ -1,8 +1,7 @@
 """Settings: frozen dataclasses, one loader, one validate().
 
 The small sections are read here; the `identity` section (and `forward.assertion`) in
-identitysettings.py, the `audit` section in auditsettings.py, all on the reading layer of
-configread.py.
+identity.py, the `audit` section in audit.py, all on the reading layer of read.py.
 
 Relative paths in the config file are resolved against the file's directory.
 Any field can be overridden from the environment: `JITGATE_` followed by the
@@ -21,11 +20,12 @@ from pathlib import Path
 import yaml
 from yarl import URL
 
-from . import auditsettings, identitysettings
-from .auditsettings import AuditSettings
-from .configread import Reader, Secret, as_node, http_url, resolve, seconds
-from .errors import ConfigError, ConfigErrors
-from .identitysettings import AssertionSettings, IdentitySettings
+from ..errors import ConfigError, ConfigErrors
+from . import audit as auditsettings
+from . import identity as identitysettings
+from .audit import AuditSettings
+from .identity import AssertionSettings, IdentitySettings
+from .read import Reader, Secret, as_node, http_url, resolve, seconds
 from .yamlsrc import Node, load_file
 
 ENV_PREFIX = "JITGATE_"

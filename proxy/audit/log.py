@@ -1,13 +1,13 @@
 """Audit records: one per decision and per grant change, written in batches to every sink.
 
 `AuditLog.emit` never blocks the request: it serialises the record once, appends it to
-the spool (auditspool.py: a write-ahead file that survives a crash) and to each sink's
+the spool (spool.py: a write-ahead file that survives a crash) and to each sink's
 queue. A background task fsyncs the spool and flushes batches; a sink that fails keeps
 its batch and is retried with backoff, and beyond `queue_max` reads the spool instead of
 memory. A record that can be neither delivered nor spooled is counted, logged and told
 in an `audit.gap` record: never lost silently.
 
-With an HMAC key each AuditLog is one writer of a hash chain (see auditchain.py): every
+With an HMAC key each AuditLog is one writer of a hash chain (see chain.py): every
 record carries writer, seq, prev, kid and mac, and signed checkpoints mark how far the
 chain went, so `jitgate audit verify` can tell edits, deletions, insertions and truncation.
 """
@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from .auditspool import Spool
+from .spool import Spool
 
 log = logging.getLogger("jitgate.audit")
 

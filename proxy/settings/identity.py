@@ -2,7 +2,7 @@
 
 Local keys, JWKS issuers, SSO trusted headers, OIDC sign-in and its browser session
 (`identity.*`), and `forward.assertion`, the signed JWT naming the user that jitgate
-sends upstream. Read with the reading layer of configread.py.
+sends upstream. Read with the reading layer of read.py.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 
 from yarl import URL
 
-from .configread import Reader, Secret, http_url, resolve, seconds
+from .read import Reader, Secret, http_url, resolve, seconds
 from .yamlsrc import Node
 
 SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384")
-# Keys from a JWKS are public, so only asymmetric algorithms (proxy.jwks checks the same).
+# Keys from a JWKS are public, so only asymmetric algorithms (identity/jwks.py checks the same).
 JWKS_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
 )  # fmt: skip

@@ -1,7 +1,7 @@
 """Audit queries as people ask them: one set of filters for `jitgate audit query` and the API.
 
 `parse` turns filters given as text (command-line options or URL query parameters, the same
-names in both) into an auditstore.Query; `render` prints records as a table, JSON lines or
+names in both) into a store.Query; `render` prints records as a table, JSON lines or
 CSV; `summary_text` prints a grant summary for people.
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from .auditstore import Query
-from .configread import parse_duration
+from ..settings.read import parse_duration
+from .store import Query
 
 FILTERS = ("user", "scope", "recording", "grant", "event", "since", "until")
 FORMATS = ("table", "json", "jsonl", "csv")

@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from .audit import CHECKPOINT
+from .log import CHECKPOINT
 
 CHAIN_FIELDS = {"writer": str, "seq": int, "prev": str, "kid": str, "mac": str}
 

@@ -1,0 +1,35 @@
+"""Settings: the base layer every part builds on; frozen dataclasses, one loader, one validate().
+
+- `config`: `Settings`, `load` and `validate`, and the small sections.
+- `identity`, `audit`: the `identity` and `audit` sections.
+- `read`: the reading layer (`Reader`, `Secret`, durations, sizes).
+- `yamlsrc`: YAML with line numbers for error messages.
+"""
+
+from .config import (
+    DEFAULT_CONFIG,
+    AdminSettings,
+    ForwardSettings,
+    ListenSettings,
+    NotificationSettings,
+    RedisSettings,
+    Settings,
+    UpstreamSettings,
+    WebhookSettings,
+    load,
+    validate,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "AdminSettings",
+    "ForwardSettings",
+    "ListenSettings",
+    "NotificationSettings",
+    "RedisSettings",
+    "Settings",
+    "UpstreamSettings",
+    "WebhookSettings",
+    "load",
+    "validate",
+]
