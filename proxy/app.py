@@ -1,4 +1,9 @@
-"""Wire the parts into one aiohttp application; no logic of its own."""
+"""Wire the parts into one aiohttp application; no logic of its own.
+
+Each resource starts and stops in a cleanup context of its own, in the order `_resources`
+gives: started first to last, stopped last to first (so the audit log closes after
+everything that writes to it, and Redis after the audit log).
+"""
 
 from __future__ import annotations
 
@@ -13,21 +18,6 @@ from redis.asyncio import Redis
 
 from . import audit, metrics, policy
 from . import web as pages
-from .appkeys import (
-    ASSERTION,
-    AUDIT,
-    AUDIT_STORE,
-    AUTHORIZER,
-    GRANTS,
-    LIVE,
-    METRICS,
-    NOTIFIER,
-    OIDC,
-    REDIS,
-    SESSIONS,
-    SETTINGS,
-    WORKFLOW,
-)  # fmt: skip
 from .audit import sinks as auditsinks
 from .audit.store import AuditStore, store_for
 from .authorize import Authorizer
@@ -41,14 +31,16 @@ from .identity.session import Sessions
 from .live import LiveConnections, follow_revocations
 from .notify import Notifier
 from .redisd import EmbeddedRedis, connect_redis
-from .reload import RELOADER, PolicyReloader
+from .reload import PolicyReloader
 from .settings import Settings
-from .web import api, auditpage, ops, signin, views
+from .state import STATE, Config, State, app_state
+from .web import api, auditpage, ops, refusal, signin, views
 from .workflow import Workflow
 
 log = logging.getLogger("jitgate")
 
 GATE = web.AppKey("gate", Gate)
+Ctx = Callable[[web.Application], AsyncIterator[None]]
 
 
 def audit_sinks(settings: Settings, redis: Redis | None) -> list[audit.Sink]:
@@ -108,11 +100,11 @@ def make_audit_log(settings: Settings, redis: Redis | None, m: metrics.Metrics) 
 def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.Application:
     """Return the proxy application; Redis, upstream pool and audit start with it."""
     app = web.Application(client_max_size=0)
-    app[SETTINGS] = settings
-    app[METRICS] = metrics.Metrics()
+    state = State(settings, metrics.Metrics())
+    app[STATE] = state
     pages.setup(app)
     compiled = compiled or policy.load(settings.policy_file)
-    app.cleanup_ctx.append(_lifecycle(compiled))
+    app.cleanup_ctx.extend(ctx(state) for ctx in _resources(compiled))
 
     # jitgate's own endpoints live in a sub-application under the prefix (its handlers
     # reach the shared state through request.config_dict). Routing checks that one
@@ -142,7 +134,7 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
 
 
 async def _save_session(request: web.Request, response: web.StreamResponse) -> None:
-    sessions = request.config_dict.get(SESSIONS)
+    sessions = app_state(request).sessions
     if sessions is not None:
         await sessions.on_prepare(request, response)
 
@@ -159,59 +151,167 @@ async def start_verifier(settings: Settings, http: aiohttp.ClientSession) -> Ver
     return verifier
 
 
-def _lifecycle(compiled: policy.Policy) -> Callable[[web.Application], AsyncIterator[None]]:
+def _resources(compiled: policy.Policy) -> list[Callable[[State], Ctx]]:
+    """The cleanup contexts, in start order; `compiled` is the policy to start with."""
+
+    def config(state: State) -> Ctx:
+        async def ctx(app: web.Application) -> AsyncIterator[None]:
+            settings, m = state.settings, state.metrics
+            # One session for discovery and JWKS fetches, apart from the upstream pool.
+            state.http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+            try:
+                verifier = await start_verifier(settings, state.http)
+            except BaseException:  # a bad key file
+                await state.http.close()
+                raise
+
+            def grant_error(exc: BaseException) -> None:
+                m.redis_errors.labels("grant_check").inc()
+                log.warning("grant check failed: %r", exc)
+
+            state.config = Config(
+                settings, Authorizer(compiled, state.grants, grant_error), verifier
+            )
+            try:
+                yield
+            finally:
+                await verifier.close()
+                await state.http.close()
+
+        return ctx
+
+    return [_assertion, _redis, config, _sessions, _audit, _live, _notifier, _workflow, _reloader]
+
+
+def _assertion(state: State) -> Ctx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        settings = app[SETTINGS]
-        m = app[METRICS]
-        signer = None
-        if settings.forward.assertion is not None:
+        assertion = state.settings.forward.assertion
+        if assertion is not None:
             # Before anything starts: a bad key file stops jitgate here.
-            signer = AssertionSigner.from_settings(settings.forward.assertion)
-            app[ASSERTION] = signer
-        # One session for discovery and JWKS fetches, apart from the upstream pool.
-        http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-        try:
-            verifier = await start_verifier(settings, http)
-        except BaseException:  # a bad key file: nothing else has started yet
-            await http.close()
-            raise
+            state.assertion = AssertionSigner.from_settings(assertion)
+        yield
+
+    return ctx
+
+
+def _redis(state: State) -> Ctx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = state.settings
         embedded: EmbeddedRedis | None = None
         url = settings.redis.url
         if url is None:
             embedded = EmbeddedRedis(settings.state_dir)
             url = await embedded.start()
             log.info("embedded redis-server running on %s", url)
-        redis = connect_redis(url, settings.redis.timeout, settings.redis.max_connections)
-        app[REDIS] = redis
-        grants = RedisGrants(redis, settings.redis.key_prefix)
-        app[GRANTS] = grants
-        sessions = oidc = None
-        ident = settings.identity
+        state.redis = connect_redis(url, settings.redis.timeout, settings.redis.max_connections)
+        state.grants = RedisGrants(state.redis, settings.redis.key_prefix)
+        try:
+            yield
+        finally:
+            await state.redis.aclose()
+            if embedded is not None:
+                await embedded.stop()
+
+    return ctx
+
+
+def _sessions(state: State) -> Ctx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        ident, prefix = state.settings.identity, state.settings.redis.key_prefix
         if ident.session is not None:
-            sessions = Sessions(ident.session, redis=redis, key_prefix=settings.redis.key_prefix)
-            app[SESSIONS] = sessions
-        if ident.oidc is not None and sessions is not None:
-            oidc = OidcClient(
-                ident.oidc,
-                sessions.fernet,
-                session=http,
-                prefix=settings.prefix,
-                leeway=ident.leeway,
-                max_token_bytes=ident.max_token_bytes,
-                min_refetch_interval=ident.jwks_min_refetch_interval,
-                max_age=ident.jwks_max_age,
-            )
-            error = await oidc.warm_up()
-            if error is not None:
-                # Not fatal, like any issuer: sign-in retries discovery when asked to.
-                log.warning("identity.oidc: %s not reachable (%s)", ident.oidc.issuer, error)
-            app[OIDC] = oidc
-        audit_log = make_audit_log(settings, redis, m)
+            state.sessions = Sessions(ident.session, redis=state.redis, key_prefix=prefix)
+        if ident.oidc is None or state.sessions is None:
+            yield
+            return
+        oidc = OidcClient(
+            ident.oidc,
+            state.sessions.fernet,
+            session=state.http,
+            prefix=state.settings.prefix,
+            leeway=ident.leeway,
+            max_token_bytes=ident.max_token_bytes,
+            min_refetch_interval=ident.jwks_min_refetch_interval,
+            max_age=ident.jwks_max_age,
+        )
+        error = await oidc.warm_up()
+        if error is not None:
+            # Not fatal, like any issuer: sign-in retries discovery when asked to.
+            log.warning("identity.oidc: %s not reachable (%s)", ident.oidc.issuer, error)
+        state.oidc = oidc
+        try:
+            yield
+        finally:
+            await oidc.close()
+
+    return ctx
+
+
+def _audit(state: State) -> Ctx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        audit_log = make_audit_log(state.settings, state.redis, state.metrics)
         await audit_log.start()
-        app[AUDIT] = audit_log
-        store = next((x.sink for x in audit_log.lanes if isinstance(x.sink, AuditStore)), None)
-        if store is not None:
-            app[AUDIT_STORE] = store
+        state.audit = audit_log
+        stores = (x.sink for x in audit_log.lanes if isinstance(x.sink, AuditStore))
+        state.audit_store = next(stores, None)
+        try:
+            yield
+        finally:
+            await audit_log.close()  # after everything that writes to it has stopped
+
+    return ctx
+
+
+def _live(state: State) -> Ctx:
+    """Live responses and WebSockets under grants, cut when the revocation feed says so."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        m, grants = state.metrics, state.grants
+        state.live = LiveConnections(
+            grants.expires_at, on_cut=lambda reason, n: m.live_cut.labels(reason).inc(n)
+        )
+        follower = asyncio.create_task(
+            follow_revocations(grants.revocations, state.live), name="revocation-feed"
+        )
+        try:
+            yield
+        finally:
+            await _cancel(follower)
+            await state.live.close_all()
+
+    return ctx
+
+
+def _notifier(state: State) -> Ctx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = state.settings
+        if not settings.notifications.webhooks:
+            yield
+            return
+        notifier = Notifier(
+            settings.notifications,
+            prefix=settings.prefix,
+            grants=state.grants,
+            policy_version=lambda: state.config.policy.version,
+            metrics=state.metrics,
+        )
+        await notifier.start()
+        state.notifier = notifier
+        try:
+            yield
+        finally:
+            await notifier.close()  # before the audit log and Redis it may still read
+
+    return ctx
+
+
+def _workflow(state: State) -> Ctx:
+    """The workflow with its expiry sweep, and the gate with its upstream pool."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = state.settings
+        state.workflow = Workflow(
+            lambda: state.config.policy, state.grants, state.audit, settings.admins, state.notifier
+        )
         up = settings.upstream
         forwarder = Forwarder(
             UpstreamConfig(
@@ -219,65 +319,48 @@ def _lifecycle(compiled: policy.Policy) -> Callable[[web.Application], AsyncIter
             )
         )
         await forwarder.start()
-
-        def grant_error(exc: BaseException) -> None:
-            m.redis_errors.labels("grant_check").inc()
-            log.warning("grant check failed: %r", exc)
-
-        slot = [Authorizer(compiled, verifier, grants, grant_error)]
-        app[AUTHORIZER] = slot
-        live = LiveConnections(
-            grants.expires_at, on_cut=lambda reason, n: m.live_cut.labels(reason).inc(n)
+        app[GATE] = Gate(
+            settings,
+            state,
+            forwarder,
+            state.audit,
+            state.metrics,
+            state.live,
+            refusal.refuse,
+            state.assertion,
         )
-        app[LIVE] = live
-        follower = asyncio.create_task(
-            follow_revocations(grants.revocations, live), name="revocation-feed"
-        )
-        notifier = None
-        if settings.notifications.webhooks:
-            notifier = Notifier(
-                settings.notifications,
-                prefix=settings.prefix,
-                grants=grants,
-                policy_version=lambda: slot[0].policy.version,
-                metrics=m,
-            )
-            await notifier.start()
-            app[NOTIFIER] = notifier
-        app[WORKFLOW] = Workflow(
-            lambda: slot[0].policy, grants, audit_log, settings.admins, notifier
-        )
-        app[GATE] = Gate(settings, lambda: slot[0], forwarder, audit_log, m, live, signer, sessions)
         sweeper = asyncio.create_task(
-            _sweep_forever(app[WORKFLOW], settings.sweep_interval, m), name="grant-sweeper"
+            _sweep_forever(state.workflow, settings.sweep_interval, state.metrics),
+            name="grant-sweeper",
         )
-        reloader = PolicyReloader(
-            slot, settings.policy_file, m, audit_log, watch=settings.policy_watch
-        )
-        await reloader.start()
-        app[RELOADER] = reloader
         try:
             yield
         finally:
-            await reloader.stop()  # before the audit log closes: a reload writes to it
-            for task in (follower, sweeper):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await live.close_all()
+            await _cancel(sweeper)
             await forwarder.close()
-            if notifier is not None:
-                await notifier.close()  # before the audit log and Redis it may still read
-            await audit_log.close()
-            await redis.aclose()
-            if embedded is not None:
-                await embedded.stop()
-            await verifier.close()
-            if oidc is not None:
-                await oidc.close()
-            await http.close()
 
     return ctx
+
+
+def _reloader(state: State) -> Ctx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = state.settings
+        state.reloader = PolicyReloader(
+            state, settings.policy_file, state.metrics, state.audit, watch=settings.policy_watch
+        )
+        await state.reloader.start()
+        try:
+            yield
+        finally:
+            await state.reloader.stop()  # before the audit log closes: a reload writes to it
+
+    return ctx
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _sweep_forever(workflow: Workflow, interval: float, m: metrics.Metrics) -> None:
@@ -292,7 +375,7 @@ async def _sweep_forever(workflow: Workflow, interval: float, m: metrics.Metrics
 
 
 async def _not_found(request: web.Request) -> web.Response:
-    prefix = request.config_dict[SETTINGS].prefix
+    prefix = app_state(request).settings.prefix
     raise web.HTTPNotFound(text=f"jitgate: no such endpoint under {prefix}\n")
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from .identity import Identity, IdentityError, SessionLookup, Verifier
+from .identity import Caller, Identity
 from .policy import Access, Match, Policy
 
 
@@ -19,6 +19,8 @@ class GrantChecker(Protocol):
 
 @dataclass(frozen=True)
 class Decision:
+    """What to do with one request, and why: the refusal page and the audit record alike."""
+
     allow: bool
     status: int  # what the client gets when refused; 0 when allowed (the upstream decides)
     outcome: str  # metric label: allow, deny, blocked, unauthenticated, unavailable
@@ -30,45 +32,31 @@ class Decision:
     identity: Identity | None = None
     grant_expires_at: float | None = None
     wider: tuple[str, ...] = ()  # scopes covering `scope`, as the policy matched them
+    source: str | None = None  # how the identity was found: bearer, session, cookie, ...
+    policy_version: str = ""  # the policy that decided: a reload mid-request changes nothing
+    recording: str | None = None  # the recording `scope` names, if it names one
 
 
 @dataclass(frozen=True)
 class Authorizer:
-    """Immutable: a policy or key reload builds a new Authorizer and swaps it in whole."""
+    """Immutable: a policy reload builds a new Authorizer and swaps it in whole."""
 
     policy: Policy
-    verifier: Verifier
     grants: GrantChecker
     on_grant_error: Callable[[BaseException], None] = lambda exc: None
 
     async def decide(
-        self,
-        method: str,
-        path: str,
-        headers: Mapping[str, str],
-        cookies: Mapping[str, str],
-        peer: str | None = None,
-        session: SessionLookup | None = None,
+        self, method: str, path: str, caller: Callable[[], Awaitable[Caller]]
     ) -> Decision:
-        """Decide a request from what it carries; `peer` is its TCP peer's address.
+        """Decide a request on its normalised path; `caller` identifies it when asked.
 
-        `session` gives the browser session's identity; it is read only for routes that
-        need an identity.
+        Only routes that need an identity ask: public and blocked routes skip the token.
         """
         match = self.policy.match(method, path)
-        ident, why = None, "no credentials"
-        if match.access is not Access.PUBLIC and match.access is not Access.BLOCKED:
-            # Only here does identity matter: public and blocked routes skip the token.
-            try:
-                found = await self.verifier.identify(headers, cookies, peer, session)
-            except IdentityError as exc:
-                why = str(exc)
-            else:
-                if found is not None:
-                    ident = found.identity
-                else:
-                    why = self.verifier.no_identity_reason(headers, peer)
-        return await self._decide(ident, match, why)
+        if match.access is Access.PUBLIC or match.access is Access.BLOCKED:
+            return self._decide(None, None, match, "no credentials")
+        who = await caller()
+        return await self._decide_with_grants(who.identity, who.source, match, who.reason)
 
     async def decide_for(
         self,
@@ -79,59 +67,63 @@ class Authorizer:
         no_identity_reason: str = "no credentials",
     ) -> Decision:
         """Decide a request on a normalised path for an already known identity (None: anonymous)."""
-        return await self._decide(ident, self.policy.match(method, path), no_identity_reason)
+        match = self.policy.match(method, path)
+        return await self._decide_with_grants(ident, None, match, no_identity_reason)
 
-    async def _decide(
-        self, ident: Identity | None, match: Match, no_identity_reason: str
+    def _decide(
+        self, ident: Identity | None, source: str | None, match: Match, no_identity_reason: str
     ) -> Decision:
+        """Decide what needs no grant store; a protected route with an identity gets None."""
         route, access = match.route, match.access
+        common: dict[str, Any] = {"source": source, "policy_version": self.policy.version}
         if access is Access.PUBLIC:
-            return Decision(True, 0, "allow", ("public route",), route, access)
+            return Decision(True, 0, "allow", ("public route",), route, access, **common)
         if access is Access.BLOCKED:
             reason = f"route {route!r} is blocked by policy"
-            return Decision(False, 403, "blocked", (reason,), route, access)
-
+            return Decision(False, 403, "blocked", (reason,), route, access, **common)
         if ident is None:
-            return Decision(False, 401, "unauthenticated", (no_identity_reason,), route, access)
-        if access is Access.IDENTITY:
-            reasons = (f"identity-only route; user {ident.subject}",)
-            return Decision(True, 0, "allow", reasons, route, access, identity=ident)
+            reasons = (no_identity_reason,)
+            return Decision(False, 401, "unauthenticated", reasons, route, access, **common)
+        reasons = (f"identity-only route; user {ident.subject}",)
+        return Decision(True, 0, "allow", reasons, route, access, identity=ident, **common)
 
-        assert match.scope is not None
+    async def _decide_with_grants(
+        self, ident: Identity | None, source: str | None, match: Match, no_identity_reason: str
+    ) -> Decision:
+        if match.access is not Access.PROTECTED or ident is None:
+            return self._decide(ident, source, match, no_identity_reason)
+        route, access, scope = match.route, match.access, match.scope
+        assert scope is not None
         wider = match.scopes[1:]
+        refused: dict[str, Any] = {
+            "scope": scope,
+            "identity": ident,
+            "wider": wider,
+            "source": source,
+            "policy_version": self.policy.version,
+            "recording": self.policy.recording_of(scope),
+        }
         try:
             found = await self.grants.check(ident.subject, match.scopes)
         except Exception as exc:  # fail closed on any grant-store trouble
             self.on_grant_error(exc)
             reason = f"grant store unavailable ({type(exc).__name__}); failing closed"
-            return Decision(
-                False,
-                503,
-                "unavailable",
-                (reason,),
-                route,
-                access,
-                match.scope,
-                identity=ident,
-                wider=wider,
-            )
+            return Decision(False, 503, "unavailable", (reason,), route, access, **refused)
         if found is None:
-            reason = f"no active grant for {match.scope}"
+            reason = f"no active grant for {scope}"
             if wider:
                 reason += f" (or {', '.join(wider)})"
-            return Decision(
-                False,
-                403,
-                "deny",
-                (reason,),
-                route,
-                access,
-                match.scope,
-                identity=ident,
-                wider=wider,
-            )
+            return Decision(False, 403, "deny", (reason,), route, access, **refused)
         grant_id, expires_at = found
-        reason = f"active grant {grant_id} covers {match.scope}"
+        reason = f"active grant {grant_id} covers {scope}"
         return Decision(
-            True, 0, "allow", (reason,), route, access, match.scope, grant_id, ident, expires_at
+            True,
+            0,
+            "allow",
+            (reason,),
+            route,
+            access,
+            grant_id=grant_id,
+            grant_expires_at=expires_at,
+            **refused,
         )

@@ -1,37 +1,30 @@
-"""The gate in front of every forwarded request: normalise, decide, forward, audit."""
+"""The gate in front of every forwarded request: normalise, decide, forward, audit.
+
+It renders no pages: a refusal is answered by the `refuse` callable app.py hands it.
+"""
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
 
 from aiohttp import web
-from yarl import URL
 
 from . import audit
-from . import web as pages
-from .authorize import Authorizer, Decision
+from .authorize import Decision
 from .errors import BadPath
 from .forward import Forwarder, Outcome
 from .identity.assertion import AssertionSigner
-from .identity.session import Sessions
 from .live import LiveConnections
 from .metrics import Metrics
 from .paths import normalise, split_target
 from .settings import Settings
+from .state import State
 from .statusbar import StatusBar
-from .web import requestpages
-from .web.accesspages import nav
-from .web.views import safe_next
 
-
-def wants_html(request: web.Request) -> bool:
-    """Tell a browser navigation from an API client by its Accept header."""
-    accept = request.headers.get("Accept", "")
-    return "text/html" in accept and "application/json" not in accept.split(",")[0]
+# Answers a refused request: a page for a browser, JSON for a script (web/refusal.py).
+Refuse = Callable[[web.Request, Decision, str], Awaitable[web.Response]]
 
 
 class Gate:
@@ -40,24 +33,22 @@ class Gate:
     def __init__(
         self,
         settings: Settings,
-        authorizer: Callable[[], Authorizer],
+        state: State,
         forwarder: Forwarder,
         audit_log: audit.AuditLog,
         metrics: Metrics,
         live: LiveConnections,
+        refuse: Refuse,
         assertion: AssertionSigner | None = None,
-        sessions: Sessions | None = None,
     ) -> None:
         self.settings = settings
-        self.authorizer = authorizer
+        self.state = state
         self.forwarder = forwarder
         self.audit = audit_log
         self.metrics = metrics
         self.live = live
+        self.refuse = refuse
         self.assertion = assertion
-        self.sessions = sessions
-        # With OIDC, a browser without a session goes to the provider, not to a 401 page.
-        self.sso_login = settings.identity.oidc is not None
         self.prefix = settings.prefix
         self.strict = settings.audit.strict
         fwd = settings.forward
@@ -107,14 +98,14 @@ class Gate:
             # The prefix belongs to jitgate: never forward it, however it was spelled.
             raise web.HTTPNotFound(text=f"jitgate: no such endpoint under {self.prefix}\n")
 
-        session = self.sessions.lookup(request) if self.sessions is not None else None
-        decision = await self.authorizer().decide(
-            request.method, path, request.headers, request.cookies, request.remote, session
+        # The decision names its policy version: a reload while it streams changes nothing.
+        decision = await self.state.config.authorizer.decide(
+            request.method, path, lambda: self.state.identify(request)
         )
         if decision.allow and decision.scope is not None and self.strict:
             decision = self._strict(decision)
         if not decision.allow:
-            refusal = await self._refuse(request, decision, path)
+            refusal = await self.refuse(request, decision, path)
             self._finish(request, decision, path, refusal.status, 0, None, started)
             return refusal
 
@@ -168,7 +159,6 @@ class Gate:
         reasons = list(decision.reasons)
         if upstream_error:
             reasons.append(f"upstream error: {upstream_error}")
-        policy = self.authorizer().policy
         user = decision.identity.subject if decision.identity else None
         self.audit.emit(
             audit.record(
@@ -176,7 +166,7 @@ class Gate:
                 actor=user,  # who made the request: the subject, for an access
                 user=user,
                 scope=decision.scope,
-                recording=policy.recording_of(decision.scope),
+                recording=decision.recording,
                 grant_id=decision.grant_id,
                 decision=decision.outcome,
                 reasons=reasons,
@@ -188,7 +178,7 @@ class Gate:
                 duration_ms=round(elapsed * 1000, 3),
                 client_ip=request.remote,
                 user_agent=request.headers.get("User-Agent"),
-                policy_version=policy.version,
+                policy_version=decision.policy_version,
             )
         )
 
@@ -239,94 +229,10 @@ class Gate:
                 bytes=0,
                 client_ip=request.remote,
                 user_agent=request.headers.get("User-Agent"),
-                policy_version=self.authorizer().policy.version,
+                policy_version=self.state.config.policy.version,
             )
         )
         return web.Response(status=400, text=f"jitgate: bad request {what}: {reason}\n")
 
-    def _to_provider(self, request: web.Request) -> bool:
-        return (
-            self.sso_login
-            and request.method in ("GET", "HEAD")
-            and wants_html(request)
-            and "Authorization" not in request.headers
-        )
-
-    async def _refuse(self, request: web.Request, decision: Decision, path: str) -> web.Response:
-        request_url, back = None, None
-        if decision.scope and decision.status == 403 and decision.outcome == "deny":
-            origin = request.url.origin()
-            request_url = str(
-                origin.with_path(f"{self.prefix}/request").with_query(scope=decision.scope)
-            )
-            if wants_html(request) and request.method in ("GET", "HEAD"):
-                # The page's forms bring the browser back here once access is granted.
-                back = safe_next(request.path_qs, self.prefix)
-                request_url = str(URL(request_url).update_query(next=back))
-        login_url = None
-        if decision.status == 401:
-            login_url = str(URL(f"{self.prefix}/login").with_query(next=request.path_qs))
-            if self._to_provider(request):
-                # Only a page the browser navigated to: a redirect would lose a POST's body,
-                # and a script's fetch cannot follow it to another origin anyway.
-                sso = URL(f"{self.prefix}/oidc/login").with_query(next=request.path_qs)
-                return web.Response(
-                    status=302, headers={"Location": str(sso), "Cache-Control": "no-store"}
-                )
-        error = {
-            401: "unauthenticated",
-            403: "blocked" if decision.outcome == "blocked" else "access_denied",
-            503: "unavailable",
-        }.get(decision.status, "refused")
-        headers = {"Cache-Control": "no-store"}
-        if decision.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="jitgate"'
-        if wants_html(request):
-            forms: list[dict[str, Any]] = []
-            token = ""
-            if back is not None and decision.identity is not None and decision.scope:
-                scopes = [decision.scope, *decision.wider]
-                forms, token = await requestpages.offer(request, scopes, back)
-            headers["Content-Security-Policy"] = pages.CSP
-            body = pages.render(
-                request,
-                "refused.html",
-                prefix=self.prefix,
-                **(nav(request, decision.identity, "") if decision.identity else {"user": None}),
-                status=decision.status,
-                heading=_HEADINGS.get(error, "Access refused"),
-                kind="recording" if decision.scope and "/" in decision.scope else "resource",
-                scope=decision.scope,
-                wider=decision.wider,
-                reasons=decision.reasons,
-                request_url=request_url,
-                forms=forms,
-                csrf=token,
-                next=back,
-                login_url=login_url,
-                method=request.method,
-                path=path,
-            )
-            return web.Response(
-                status=decision.status, text=body, content_type="text/html", headers=headers
-            )
-        payload: dict[str, Any] = {"error": error, "reasons": list(decision.reasons)}
-        if decision.scope:
-            payload["scope"] = decision.scope
-        if request_url:
-            payload["request_url"] = request_url
-        return web.Response(
-            status=decision.status,
-            text=json.dumps(payload),
-            content_type="application/json",
-            headers=headers,
-        )
-
 
 _USER_HEADERS = ("X-Forwarded-User", "X-Forwarded-Email", "X-Forwarded-Groups")
-_HEADINGS = {
-    "unauthenticated": "Sign-in required",
-    "access_denied": "Access needed",
-    "blocked": "Blocked by policy",
-    "unavailable": "Access check unavailable",
-}

@@ -36,10 +36,9 @@ from typing import Any, Protocol
 from .authorize import Authorizer, GrantChecker
 from .errors import BadPath, ConfigError, ConfigErrors
 from .grants import Grant
-from .identity import Identity, Verifier
+from .identity import Identity
 from .paths import normalise, split_target
 from .policy import Access, Policy
-from .settings.identity import IdentitySettings
 from .settings.yamlsrc import Node, Seq, line_of, load_file
 
 EXPECTS = ("allow", "deny", "blocked", "unauthenticated", "bad_request")
@@ -82,8 +81,7 @@ class SimulatedGrants:
 
 def authorizer(compiled: Policy, grants: GrantChecker) -> Authorizer:
     """Return an Authorizer for decisions on known identities."""
-    # decide_for never reads a token, so an unconfigured verifier is enough.
-    return Authorizer(compiled, Verifier(IdentitySettings()), grants)
+    return Authorizer(compiled, grants)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Policy hot reload: on a change to the policy file or on SIGHUP, keeping the last good policy.
 
-A reload compiles the file off the event loop, then swaps the Authorizer in the app's slot
-in one assignment, so every request sees either the old policy or the new one, never a mix.
+A reload compiles the file off the event loop, then swaps the application's Config in one
+assignment, so every request sees either the old policy or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from aiohttp import web
 from watchfiles import Change, awatch
 
 from . import audit, policy
-from .authorize import Authorizer
 from .errors import ConfigErrors
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .state import State
 
 log = logging.getLogger("jitgate.reload")
 
@@ -28,18 +29,18 @@ Result = Literal["ok", "unchanged", "error"]
 
 
 class PolicyReloader:
-    """Keep `slot[0]` on the newest valid policy read from `path`."""
+    """Keep `state.config` on the newest valid policy read from `path`."""
 
     def __init__(
         self,
-        slot: list[Authorizer],
+        state: State,
         path: Path,
         metrics: Metrics,
         audit_log: audit.AuditLog,
         *,
         watch: bool = True,
     ) -> None:
-        self.slot = slot
+        self.state = state
         self.path = path
         self.metrics = metrics
         self.audit_log = audit_log
@@ -52,7 +53,7 @@ class PolicyReloader:
 
     async def start(self) -> None:
         """Publish the running version, then listen for SIGHUP and (if enabled) file changes."""
-        self.metrics.policy_info.labels(self.slot[0].policy.version).set(time.time())
+        self.metrics.policy_info.labels(self.state.config.policy.version).set(time.time())
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -111,15 +112,16 @@ class PolicyReloader:
                 return self._failed(actor, [str(e) for e in exc.errors])
             except Exception as exc:  # e.g. a file that is not UTF-8: still keep the old one
                 return self._failed(actor, [f"{self.path}: {exc}"])
-            # Read the slot only now, after the last await, so a concurrent swap of another
-            # part (keys, grant store) is kept by replace() rather than overwritten.
-            old = self.slot[0]
+            # Read the config only now, after the last await, so a concurrent swap of another
+            # part is kept by replace() rather than overwritten.
+            old = self.state.config
             previous = old.policy.version
             if new.version == previous:
                 self.metrics.policy_reloads.labels("unchanged").inc()
                 log.info("policy reload (%s): version %s unchanged", actor, previous)
                 return "unchanged"
-            self.slot[0] = dataclasses.replace(old, policy=new)
+            authorizer = dataclasses.replace(old.authorizer, policy=new)
+            self.state.config = dataclasses.replace(old, authorizer=authorizer)
             self.metrics.policy_reloads.labels("ok").inc()
             self.metrics.policy_info.labels(new.version).set(time.time())
             self.metrics.policy_info.remove(previous)
@@ -136,7 +138,7 @@ class PolicyReloader:
             return "ok"
 
     def _failed(self, actor: str, errors: list[str]) -> Result:
-        running = self.slot[0].policy.version
+        running = self.state.config.policy.version
         self.metrics.policy_reloads.labels("error").inc()
         log.error("policy reload (%s) failed; keeping version %s", actor, running)
         for err in errors:
@@ -151,6 +153,3 @@ class PolicyReloader:
             )
         )
         return "error"
-
-
-RELOADER = web.AppKey("policy_reloader", PolicyReloader)

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import ProxyFactory, Upstream, demo_policy, make_token
 
-from proxy.appkeys import AUDIT, GRANTS
+from proxy.state import STATE
 
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 ENTITLEMENTS = r"""
@@ -81,7 +81,7 @@ async def get(client: TestClient, path: str, headers: dict[str, str]) -> Any:
 
 
 async def audit_events(client: TestClient, tmp_path: Path) -> list[dict[str, Any]]:
-    await client.app[AUDIT].flush(force=True)
+    await client.app[STATE].audit.flush(force=True)
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if not r["event"].startswith("access.")]
 
@@ -436,7 +436,7 @@ async def test_extension_request_past_the_maximum_at_approval_lapses(
     g = await active_grant(api, ALICE, scope="project:1", reason="x", ticket="INC-1", duration="1h")
     _, ext = await post(api, f"/grants/{g['id']}/extend", ALICE, duration="3h")  # 4h of 4h
     # Meanwhile the grant got longer another way (say under a policy since changed).
-    await api.app[GRANTS].extend(g["id"], "alice", 3 * 3600, 10 * 3600)
+    await api.app[STATE].grants.extend(g["id"], "alice", 3 * 3600, 10 * 3600)
     _, before = await get(api, f"/grants/{g['id']}", ALICE)
     await post(api, f"/grants/{ext['id']}/approve", BOB)
     status, body = await post(api, f"/grants/{ext['id']}/approve", CAROL)
@@ -501,7 +501,7 @@ async def test_expiry_and_lapse_are_audited_once(make_proxy: ProxyFactory, tmp_p
     )
     _, g = await post(client, "/requests", who("lara"), scope="project:3", reason="x")
     assert g["state"] == "pending"
-    await client.app[GRANTS].add("mallory", "project:1", 0.3, "test", "admin")
+    await client.app[STATE].grants.add("mallory", "project:1", 0.3, "test", "admin")
     await asyncio.sleep(1.5)
     events = await audit_events(client, tmp_path)
     ended = [

@@ -15,12 +15,12 @@ from conftest import ROOT, ProxyFactory, Upstream, bearer, make_token
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.appkeys import GRANTS
 from proxy.errors import ConfigErrors
 from proxy.identity import Identity
 from proxy.identity.assertion import AssertionKeyError, AssertionSigner, load_or_create_key
 from proxy.settings import load
 from proxy.settings.identity import AssertionSettings
+from proxy.state import STATE
 
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 HEADER = "x-jitgate-assertion"
@@ -57,7 +57,7 @@ async def test_the_upstream_gets_an_assertion_that_verifies_with_the_served_keys
     make_proxy: ProxyFactory, upstream: Upstream, tmp_path: Path
 ) -> None:
     proxy = await make_proxy(extra="forward: {assertion: true}\n")
-    await proxy.app[GRANTS].add("alice", "recording:1/demo-1", 60, "test", "pytest")
+    await proxy.app[STATE].grants.add("alice", "recording:1/demo-1", 60, "test", "pytest")
     token = make_token("alice", groups=["eng", "support"], email="alice@example.test")
     forged = jwt.encode({"sub": "admin", "aud": upstream.url, "exp": 2**31}, "x" * 32)
     headers = {"Authorization": f"Bearer {token}", "X-Jitgate-Assertion": forged}

@@ -24,7 +24,7 @@ from conftest import (
     write_config,
 )
 
-from proxy.appkeys import AUDIT, GRANTS
+from proxy.state import STATE
 
 JITGATE = str(Path(sys.executable).parent / "jitgate")
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
@@ -119,7 +119,7 @@ async def test_outages_under_load_lose_nothing_and_keep_order(
     stop.set()
     await task
 
-    log = client.app[AUDIT]
+    log = client.app[STATE].audit
     deadline = time.monotonic() + 15
     while log.backlog() and time.monotonic() < deadline:
         await log.flush(force=True)
@@ -143,7 +143,7 @@ async def test_strict_mode_refuses_protected_requests_while_audit_cannot_be_kept
     make_proxy: ProxyFactory, upstream: Upstream, tmp_path: Path
 ) -> None:
     client = await make_proxy(extra="  strict: true\n  spool: {max_bytes: 4KB}")
-    await client.app[GRANTS].add("alice", "recording:1/demo-1", 60, "INC-1", "pytest")
+    await client.app[STATE].grants.add("alice", "recording:1/demo-1", 60, "INC-1", "pytest")
     assert (await client.get(SNAPSHOTS, headers=bearer())).status == 200
     for _ in range(40):  # fill the spool: each record is a few hundred bytes
         await client.get("/static/app.css")
@@ -164,7 +164,7 @@ async def test_without_strict_mode_a_full_spool_does_not_refuse(
     make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
     client = await make_proxy(extra="  spool: {max_bytes: 4KB}")
-    await client.app[GRANTS].add("alice", "recording:1/demo-1", 60, "INC-1", "pytest")
+    await client.app[STATE].grants.add("alice", "recording:1/demo-1", 60, "INC-1", "pytest")
     for _ in range(40):
         await client.get("/static/app.css")
     assert (await client.get(SNAPSHOTS, headers=bearer())).status == 200
@@ -177,7 +177,7 @@ async def test_metrics_show_backlog_and_spool_per_sink(
     await collector.stop()
     for _ in range(12):
         await client.get("/static/app.css")
-    await client.app[AUDIT].flush(force=True)
+    await client.app[STATE].audit.flush(force=True)
     metrics = await (await client.get("/_jit/metrics")).text()
     assert 'jitgate_audit_backlog{sink="http:siem"} 12.0' in metrics
     assert 'jitgate_audit_spooled{sink="http:siem"} 7.0' in metrics  # beyond queue_max
@@ -186,7 +186,7 @@ async def test_metrics_show_backlog_and_spool_per_sink(
     assert 'jitgate_audit_write_failures_total{sink="http:siem"}' in metrics
     assert "jitgate_audit_writable 1.0" in metrics
     await collector.start()
-    await client.app[AUDIT].flush(force=True)
+    await client.app[STATE].audit.flush(force=True)
     assert len(collector.lines) == 12
 
 

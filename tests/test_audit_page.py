@@ -8,7 +8,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import ProxyFactory, make_token
 
-from proxy.appkeys import AUDIT
+from proxy.state import STATE
 
 SNAPSHOTS = "/api/projects/1/session_recordings/{}/snapshots"
 HTML = {"Accept": "text/html"}
@@ -33,7 +33,7 @@ async def trail(make_proxy: ProxyFactory) -> tuple[TestClient, str]:
     for _ in range(2):
         await client.get(SNAPSHOTS.format("demo-1"), headers=as_user("alice"))
     await client.get(SNAPSHOTS.format("demo-2"), headers=as_user("bob"))
-    await client.app[AUDIT].flush(force=True)
+    await client.app[STATE].audit.flush(force=True)
     return client, grant_id
 
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import ProxyFactory, make_token
 
-from proxy.appkeys import AUDIT, AUDIT_STORE, SETTINGS
+from proxy.state import STATE
 
 JITGATE = str(Path(sys.executable).parent / "jitgate")
 RECORDING = "/api/projects/1/session_recordings/{}/snapshots"
@@ -49,7 +49,7 @@ async def trail(make_proxy: ProxyFactory) -> tuple[TestClient, dict[str, str]]:
     assert (await client.get(RECORDING.format("demo-1"), headers=as_user("bob"))).status == 200
     assert (await client.get(RECORDING.format("demo-2"), headers=as_user("alice"))).status == 200
     assert (await client.get(RECORDING.format("demo-3"), headers=as_user("carol"))).status == 403
-    await client.app[AUDIT].flush(force=True)
+    await client.app[STATE].audit.flush(force=True)
     return client, grants
 
 
@@ -163,7 +163,7 @@ async def test_grant_summary(trail: tuple[TestClient, dict[str, str]]) -> None:
 
 async def jg(client: TestClient, *args: str, token: str | None = None) -> tuple[int, str, str]:
     """Run `jitgate audit ...` as a process, straight on Redis or (with a token) via the API."""
-    cfg = str(client.app[SETTINGS].file)
+    cfg = str(client.app[STATE].settings.file)
     extra = ["--url", str(client.make_url("")).rstrip("/"), "--token", token] if token else []
     proc = await asyncio.create_subprocess_exec(
         JITGATE, "audit", *args, "--config", cfg, *extra,
@@ -227,7 +227,7 @@ async def test_cli_reindex_makes_unindexed_records_findable(
     trail: tuple[TestClient, dict[str, str]],
 ) -> None:
     client, _ = trail
-    stream = client.app[AUDIT_STORE]
+    stream = client.app[STATE].audit_store
     rec = {"id": "old-1", "ts": 1.0, "event": "access.allow", "user": "olga"}
     line = json.dumps({**rec, "time": "1970-01-01T00:00:01+00:00", "scope": "recording:1/old"})
     await stream.redis.xadd(stream.key, {"record": line})  # as a writer without indexes did

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 from conftest import Upstream, demo_policy, make_token
 from test_api import ENTITLEMENTS
 
-from proxy.appkeys import SETTINGS
+from proxy.state import STATE
 
 JITGATE = str(Path(sys.executable).parent / "jitgate")
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
@@ -29,7 +29,7 @@ async def proxy_api(make_proxy: Any) -> TestClient:
 
 async def jg(client: TestClient, user: str, groups: list[str], *args: str) -> tuple[int, str, str]:
     """Run the CLI as a separate process, acting as `user` through the proxy's API."""
-    cfg = str(client.app[SETTINGS].file)
+    cfg = str(client.app[STATE].settings.file)
     url = str(client.make_url("")).rstrip("/")
     token = make_token(user, groups=groups or None)
     proc = await asyncio.create_subprocess_exec(
@@ -111,7 +111,7 @@ async def test_cli_reports_bad_input_and_unreachable_proxy(proxy_api: TestClient
         "--duration", "3h",
     )  # fmt: skip
     assert code == 2 and "duration must be one of" in err
-    cfg = str(proxy_api.app[SETTINGS].file)
+    cfg = str(proxy_api.app[STATE].settings.file)
     proc = await asyncio.create_subprocess_exec(
         JITGATE, "grants", "approve", "g-1", "--config", cfg, "--url", "http://127.0.0.1:9",
         "--token", make_token("bob"), stderr=asyncio.subprocess.PIPE,

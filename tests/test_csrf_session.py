@@ -23,7 +23,7 @@ from test_oidc_login import BASE, idp, start  # noqa: F401  (fixtures)
 from test_pages import CSRF
 from yarl import URL
 
-from proxy.appkeys import REDIS
+from proxy.state import STATE
 
 SAME_ORIGIN = {"Origin": BASE}
 GATED = "/dashboard"  # an identity route (the default): a signed-out navigation goes to the IdP
@@ -53,7 +53,7 @@ async def signed_in(gate: Gate, idp: Idp, user: str) -> aiohttp.ClientSession:  
 async def check_store(gate: Gate, s: aiohttp.ClientSession) -> None:
     """The browser's session is where the gate's store keeps it (so both stores are tested)."""
     sid = s.cookie_jar.filter_cookies(URL(BASE))["jitgate_session"].value
-    keys = await gate.client.app[REDIS].keys("jit:session:*")
+    keys = await gate.client.app[STATE].redis.keys("jit:session:*")
     if gate.store == "redis":
         assert len(sid) == 43 and keys, "the session is not in Redis"
     else:

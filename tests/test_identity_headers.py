@@ -19,10 +19,10 @@ from conftest import AUDIENCE, ISSUER, SECRET, ProxyFactory, Upstream, bearer
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwtkit import KeyServer, key_server
 
-from proxy.appkeys import GRANTS
 from proxy.identity import Verifier
 from proxy.settings.identity import IdentitySettings, TrustedHeadersSettings
 from proxy.settings.read import Secret
+from proxy.state import STATE
 
 IDENTITY_ROUTE = "/dashboard"  # matches no route: the policy's default is identity
 PUBLIC_ROUTE = "/healthz"
@@ -197,7 +197,7 @@ async def test_trusted_headers_from_an_allowed_peer_are_the_identity(
     assert not any(k.startswith("x-auth-request") for k in seen)
     # A protected route needs carol's grant, like any identity's.
     assert (await proxy.get(SNAPSHOTS, headers=SSO)).status == 403
-    await proxy.app[GRANTS].add("carol", "recording:1/demo-1", 60, "test", "pytest")
+    await proxy.app[STATE].grants.add("carol", "recording:1/demo-1", 60, "test", "pytest")
     assert (await proxy.get(SNAPSHOTS, headers=SSO)).status == 200
     # Without the SSO headers, a bearer token still works from the same peer.
     assert (await proxy.get(IDENTITY_ROUTE, headers=bearer("dave"))).status == 200

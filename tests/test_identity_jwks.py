@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from idp import Idp, idp_fixture
 from jwtkit import KeyServer, b64, key_server, public_jwk, unsigned
 
-from proxy.appkeys import AUTHORIZER, GRANTS
+from proxy.state import STATE
 
 idp = idp_fixture("idp", scope="module")
 
@@ -69,7 +69,7 @@ identity:
 
 
 async def add_grant(client: TestClient, user: str, scope: str = SCOPE, ttl: float = 60) -> None:
-    await client.app[GRANTS].add(user, scope, ttl, "test", "pytest")
+    await client.app[STATE].grants.add(user, scope, ttl, "test", "pytest")
 
 
 def auth(token: str) -> dict[str, str]:
@@ -140,7 +140,7 @@ async def test_verified_jwks_tokens_are_cached_by_hash(make_proxy: ProxyFactory,
     token = (await idp.login("alice")).id_token
     for _ in range(3):
         assert (await proxy.get(IDENTITY_ROUTE, headers=auth(token))).status == 200
-    cache = proxy.app[AUTHORIZER][0].verifier._cache
+    cache = proxy.app[STATE].config.verifier._cache
     digest = hashlib.sha256(b"token\0" + token.encode()).digest()
     assert list(cache) == [digest]
     assert cache[digest][0].subject == "alice" and cache[digest][0].email == "alice@example.test"

@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestClient
 from conftest import ProxyFactory, bearer, free_port, make_token, write_config
 from redis.asyncio import Redis
 
-from proxy.appkeys import GRANTS
 from proxy.grants import RedisGrants
+from proxy.state import STATE
 
 WS = "/api/projects/1/session_recordings/demo-1/live"
 STREAM = "/api/projects/1/session_recordings/demo-1/snapshots"
@@ -66,7 +66,7 @@ async def ws_closed_within(ws: aiohttp.ClientWebSocketResponse, limit: float) ->
 
 
 async def test_revoke_closes_a_live_websocket(gated: TestClient, redis_url: str) -> None:
-    grant = await gated.app[GRANTS].add("alice", "recording:1/demo-1", 60, "r", "t")
+    grant = await gated.app[STATE].grants.add("alice", "recording:1/demo-1", 60, "r", "t")
     async with gated.ws_connect(WS, headers=bearer()) as ws:
         await ws.send_str("hello")
         assert (await ws.receive_str()) == "hello"
@@ -81,7 +81,7 @@ async def test_revoke_closes_a_live_websocket(gated: TestClient, redis_url: str)
 
 
 async def test_expiry_closes_a_live_websocket(gated: TestClient) -> None:
-    grant = await gated.app[GRANTS].add("alice", "recording:1/demo-1", 1.0, "r", "t")
+    grant = await gated.app[STATE].grants.add("alice", "recording:1/demo-1", 1.0, "r", "t")
     async with gated.ws_connect(WS, headers=bearer()) as ws:
         await ws.send_str("x")
         await ws.receive_str()
@@ -91,11 +91,11 @@ async def test_expiry_closes_a_live_websocket(gated: TestClient) -> None:
 
 
 async def test_revoke_cuts_a_streaming_response(gated: TestClient) -> None:
-    grant = await gated.app[GRANTS].add("alice", "recording:1/demo-1", 60, "r", "t")
+    grant = await gated.app[STATE].grants.add("alice", "recording:1/demo-1", 60, "r", "t")
     r = await gated.get(STREAM, headers=bearer())
     assert r.status == 200
     await r.content.readline()
-    await gated.app[GRANTS].revoke(grant.id)
+    await gated.app[STATE].grants.revoke(grant.id)
     started = time.monotonic()
     with pytest.raises(aiohttp.ClientPayloadError):
         while await asyncio.wait_for(r.content.readline(), 2.0):

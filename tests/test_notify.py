@@ -16,12 +16,12 @@ from conftest import ProxyFactory, demo_policy, free_port
 from test_api import ADMIN, ALICE, BOB, CAROL, ENTITLEMENTS, MALLORY, get, post, who
 
 from proxy.app import build_app
-from proxy.appkeys import AUTHORIZER, NOTIFIER, REDIS, SETTINGS
 from proxy.grants import Grant
 from proxy.metrics import Metrics
 from proxy.notify import Notifier, slack_message
 from proxy.settings import NotificationSettings, WebhookSettings
 from proxy.settings.read import Secret
+from proxy.state import STATE
 
 FAST = {"backoff": 0.01}  # retries in tests wait milliseconds, not seconds
 
@@ -138,7 +138,7 @@ async def test_slack_and_json_messages_for_request_approve_deny(
         public_url="https://jitgate.example.com/",
         **FAST,
     )
-    version = proxy.app[AUTHORIZER][0].policy.version
+    version = proxy.app[STATE].config.policy.version
 
     status, g = await post(
         proxy, "/requests", ALICE, scope="project:1", reason="customer bug", ticket="INC-42",
@@ -277,7 +277,7 @@ async def test_slow_receiver_does_not_slow_the_api(start: Start, receiver: Recei
     assert status == 200
     assert time.monotonic() - began < 1
     await receiver.wait(1, answered=False)  # the first is at the receiver, unanswered
-    assert proxy.app[NOTIFIER].backlog() == 2  # the second waits its turn
+    assert proxy.app[STATE].notifier.backlog() == 2  # the second waits its turn
     receiver.hold.set()
     assert [b["event"] for b in await receiver.wait(2)] == ["requested", "approved"]
     await counted(proxy, "sent", "approved", 1)
@@ -288,7 +288,7 @@ async def test_expiring_is_sent_once_by_two_replicas(
 ) -> None:
     hook = f"{{url: '{receiver.url('/hook')}', events: [expiring]}}"
     first = await start(hook, expiring_before="20m", check_interval=0.05, **FAST)
-    second: TestClient = await aiohttp_client(build_app(first.app[SETTINGS]))
+    second: TestClient = await aiohttp_client(build_app(first.app[STATE].settings))
     _, soon = await post(first, "/requests", MALLORY, scope="recording:1/a", reason="x")
     _, later = await post(
         second, "/requests", MALLORY, scope="recording:1/b", reason="x", duration="1h"
@@ -300,9 +300,9 @@ async def test_expiring_is_sent_once_by_two_replicas(
     assert (body["event"], body["grant"]["id"]) == ("expiring", soon["id"])
     assert len(receiver.calls) == 1
     mark = f"jit:notified:expiring:{soon['id']}"
-    ttl = await first.app[REDIS].pttl(mark)
+    ttl = await first.app[STATE].redis.pttl(mark)
     assert 15 * 60_000 < ttl <= 16 * 60_000  # until the grant's end, and a minute more
-    assert await first.app[REDIS].exists(f"jit:notified:expiring:{later['id']}") == 0
+    assert await first.app[STATE].redis.exists(f"jit:notified:expiring:{later['id']}") == 0
     sent = [
         await metric(p, "jitgate_notifications_sent_total", "expiring") for p in (first, second)
     ]
@@ -377,7 +377,7 @@ async def test_shutdown_delivers_what_it_can_then_counts_the_rest(receiver: Rece
 
 async def test_no_webhooks_no_notifier(start: Start) -> None:
     proxy = await start()
-    assert NOTIFIER not in proxy.app
+    assert proxy.app[STATE].notifier is None
     status, _ = await get(proxy, "/grants/unreviewed", ADMIN)
     assert status == 200
 

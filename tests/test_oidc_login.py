@@ -33,7 +33,7 @@ from oidckit import (
 
 from proxy import settings as settings_mod
 from proxy.app import build_app
-from proxy.appkeys import GRANTS
+from proxy.state import STATE
 
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
@@ -74,7 +74,7 @@ async def test_sign_in_session_grant_and_sign_out(
     start: Any, upstream: Upstream, idp: Idp, tmp_path: Path
 ) -> None:
     proxy = await start()
-    await proxy.app[GRANTS].add("alice", "recording:1/demo-1", 60, "test", "pytest")
+    await proxy.app[STATE].grants.add("alice", "recording:1/demo-1", 60, "test", "pytest")
     async with browser() as s:
         # A browser without a session goes to the IdP and comes back where it started.
         auth = await start_login(s, BASE, SNAPSHOTS + "?t=3")
@@ -388,7 +388,7 @@ async def test_redis_session_store(start: Any, idp: Idp, redis_url: str) -> None
         assert len(sid) == 43  # only a random id in the cookie
         from conftest import RedisServer  # noqa: F401 (the type of redis_server)
 
-        redis = proxy.app[__import__("proxy.appkeys").appkeys.REDIS]
+        redis = proxy.app[STATE].redis
         keys = [k.decode() for k in await redis.keys("jit:session:*")]
         assert len(keys) == 1 and sid not in keys[0]  # stored under a hash of the id
         assert b"alice" not in (await redis.get(keys[0]))  # and encrypted

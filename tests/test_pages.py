@@ -19,7 +19,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from conftest import ProxyFactory, demo_policy, make_token
 
-from proxy.appkeys import REDIS
+from proxy.state import STATE
 
 POLICY_ENTITLEMENTS = r"""
 entitlements:
@@ -444,7 +444,7 @@ async def test_a_missing_or_wrong_csrf_token_is_refused(proxy: TestClient, case:
 
 
 async def _csrf_key(client: TestClient) -> bytes:
-    raw = await client.app[REDIS].get("jit:csrf:key")
+    raw = await client.app[STATE].redis.get("jit:csrf:key")
     assert raw is not None
     return raw if isinstance(raw, bytes) else str(raw).encode()
 

@@ -8,7 +8,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import Upstream, make_token
 
-from proxy.appkeys import GRANTS
+from proxy.state import STATE
 
 TOKEN = make_token("alice")
 
@@ -87,7 +87,7 @@ async def test_trick_never_reaches_upstream(
 async def test_the_decided_path_is_the_forwarded_path(
     proxy: TestClient, upstream: Upstream, target: str, forwarded: str
 ) -> None:
-    await proxy.app[GRANTS].add("alice", "recording:1/demo-1", 60, "test", "pytest")
+    await proxy.app[STATE].grants.add("alice", "recording:1/demo-1", 60, "test", "pytest")
     got, _ = await raw_request(proxy, target)
     assert got == 200
     assert upstream.paths() == [forwarded]
@@ -96,7 +96,7 @@ async def test_the_decided_path_is_the_forwarded_path(
 async def test_case_variant_parameter_is_a_different_scope(
     proxy: TestClient, upstream: Upstream
 ) -> None:
-    await proxy.app[GRANTS].add("alice", "recording:1/demo-1", 60, "test", "pytest")
+    await proxy.app[STATE].grants.add("alice", "recording:1/demo-1", 60, "test", "pytest")
     got, _ = await raw_request(proxy, "/api/projects/1/session_recordings/DEMO-1")
     assert got == 403
     assert upstream.hits == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from conftest import ROOT, free_port, write_config
@@ -12,7 +13,7 @@ from redis.asyncio import Redis
 
 from proxy.authorize import Authorizer
 from proxy.grants import RedisGrants
-from proxy.identity import Verifier
+from proxy.identity import Caller, IdentityError, Verifier
 from proxy.policy import load
 from proxy.policytest import SimulatedGrants
 from proxy.settings.identity import IdentitySettings
@@ -299,18 +300,32 @@ def test_policy_check_good_and_bad(tmp_path: Path) -> None:
 
 async def test_a_bad_token_still_decides_public_and_blocked_routes_first() -> None:
     auth = Authorizer(
-        load(ROOT / "config" / "policy.yaml"),
-        Verifier(IdentitySettings()),
-        SimulatedGrants("alice", ["project:1"]),
+        load(ROOT / "config" / "policy.yaml"), SimulatedGrants("alice", ["project:1"])
     )
-    junk = {"Authorization": "Bearer not-a-jwt"}
-    public = await auth.decide("GET", "/static/a.js", junk, {})
+    verifier = Verifier(IdentitySettings())
+    asked: list[str] = []
+
+    def caller(headers: dict[str, str]) -> Callable[[], Awaitable[Caller]]:
+        async def identify() -> Caller:
+            asked.append("identify")
+            try:
+                found = await verifier.identify(headers, {}, None)
+            except IdentityError as exc:
+                return Caller(None, str(exc))
+            return Caller(found, "" if found else verifier.no_identity_reason(headers, None))
+
+        return identify
+
+    junk = caller({"Authorization": "Bearer not-a-jwt"})
+    public = await auth.decide("GET", "/static/a.js", junk)
     assert public.allow and public.identity is None
     share = "/api/projects/1/session_recordings/demo-1/sharing"
-    assert (await auth.decide("POST", share, junk, {})).outcome == "blocked"
-    refused = await auth.decide("GET", SNAPSHOTS, junk, {})
+    assert (await auth.decide("POST", share, junk)).outcome == "blocked"
+    assert asked == []  # neither route asked who the caller is
+    refused = await auth.decide("GET", SNAPSHOTS, junk)
     assert (refused.status, refused.reasons) == (401, ("malformed token",))
-    assert (await auth.decide("GET", SNAPSHOTS, {}, {})).reasons == ("no credentials",)
+    assert (await auth.decide("GET", SNAPSHOTS, caller({}))).reasons == ("no credentials",)
+    assert asked == ["identify", "identify"]
 
 
 async def test_simulated_grants_only_answer_for_their_user() -> None:

@@ -14,15 +14,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ROOT, ProxyFactory, RedisServer, Upstream, bearer, make_token
 
-from proxy.appkeys import AUDIT, AUDIT_STORE, GRANTS, SETTINGS
 from proxy.audit.store import Query
+from proxy.state import STATE
 
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 RECORDING = "/api/projects/1/session_recordings/demo-1"
 
 
 async def add_grant(client: TestClient, user: str, scope: str, ttl: float) -> str:
-    grant = await client.app[GRANTS].add(user, scope, ttl, "test", "pytest")
+    grant = await client.app[STATE].grants.add(user, scope, ttl, "test", "pytest")
     return grant.id
 
 
@@ -42,7 +42,7 @@ async def test_deny_grant_allow_revoke_deny_then_expiry(
     r = await proxy.get(SNAPSHOTS, headers=bearer("bob"))
     assert r.status == 403
 
-    assert await proxy.app[GRANTS].revoke(grant_id) is not None
+    assert await proxy.app[STATE].grants.revoke(grant_id) is not None
     r = await proxy.get(SNAPSHOTS, headers=bearer("alice"))
     assert r.status == 403
 
@@ -66,7 +66,7 @@ async def test_grant_keys_expire_in_redis_by_themselves(
         await asyncio.sleep(0.5)
         assert [k for k in c.keys("jit:*") if k.startswith(b"jit:active:")] == []
         # The record is kept for history, and Redis drops it too once that has passed.
-        history_ms = proxy.app[GRANTS].history_ttl * 1000
+        history_ms = proxy.app[STATE].grants.history_ttl * 1000
         assert history_ms - 1000 < c.pttl(f"jit:grant:{grant_id}") <= history_ms
 
 
@@ -247,7 +247,7 @@ async def test_audit_records_every_decision(proxy: TestClient, tmp_path: Path) -
     await proxy.get(SNAPSHOTS, headers=bearer("bob"))
     await proxy.get(SNAPSHOTS)
     await proxy.get("/a%2fb", headers=bearer())
-    await proxy.app[AUDIT].flush(force=True)
+    await proxy.app[STATE].audit.flush(force=True)
     lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     allow, deny, unauth, bad = lines
     assert allow["event"] == "access.allow"
@@ -261,7 +261,7 @@ async def test_audit_records_every_decision(proxy: TestClient, tmp_path: Path) -
     assert unauth["status"] == 401 and "user" not in unauth
     assert bad["status"] == 400 and bad["route"] == "_invalid"
     assert all(x["policy_version"] == allow["policy_version"] for x in lines)
-    stream = redis_sync.Redis.from_url(proxy.app[SETTINGS].redis.url or "")
+    stream = redis_sync.Redis.from_url(proxy.app[STATE].settings.redis.url or "")
     with stream:
         entries = stream.xrange("jit:audit")
     assert [json.loads(e[1][b"record"])["id"] for e in entries] == [x["id"] for x in lines]
@@ -274,12 +274,12 @@ async def test_concurrent_requests_each_get_one_audit_record(
     n = 200
     results = await asyncio.gather(*(proxy.get(SNAPSHOTS, headers=bearer()) for _ in range(n)))
     assert [r.status for r in results] == [200] * n
-    await proxy.app[AUDIT].flush(force=True)
+    await proxy.app[STATE].audit.flush(force=True)
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
     ids = {json.loads(x)["id"] for x in lines}
     assert len(lines) == n and len(ids) == n
     # The Redis trail has the same n, and its index answers "who viewed demo-1" with them.
-    page = await proxy.app[AUDIT_STORE].query(Query(recording="demo-1", limit=1000))
+    page = await proxy.app[STATE].audit_store.query(Query(recording="demo-1", limit=1000))
     assert {r["id"] for r in page.records} == ids and page.next is None
 
 
@@ -290,12 +290,12 @@ async def test_audit_sink_outage_is_counted_and_recovered(
     own_redis.kill()
     for _ in range(3):
         await client.get("/dashboard", headers=bearer())
-    await client.app[AUDIT].flush(force=True)
+    await client.app[STATE].audit.flush(force=True)
     metrics = await (await client.get("/_jit/metrics")).text()
     assert 'jitgate_audit_write_failures_total{sink="redis"}' in metrics
     assert 'jitgate_audit_records_delivered_total{sink="file"} 3.0' in metrics
     own_redis.start()
-    await client.app[AUDIT].flush(force=True)
+    await client.app[STATE].audit.flush(force=True)
     with own_redis.client() as c:
         assert c.xlen("jit:audit") == 3
 

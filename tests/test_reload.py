@@ -19,8 +19,7 @@ from conftest import ROOT, ProxyFactory, Upstream, bearer, write_config
 
 from proxy import settings as settings_mod
 from proxy.app import build_app
-from proxy.appkeys import AUDIT, AUTHORIZER, METRICS
-from proxy.reload import RELOADER
+from proxy.state import STATE
 
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 BASE = (ROOT / "config" / "policy.yaml").read_text()
@@ -37,11 +36,11 @@ def version_of(text: str) -> str:
 
 
 def running_version(client: TestClient) -> str:
-    return client.app[AUTHORIZER][0].policy.version
+    return client.app[STATE].config.policy.version
 
 
 def reloads(client: TestClient, result: str) -> float:
-    value = client.app[METRICS].registry.get_sample_value(
+    value = client.app[STATE].metrics.registry.get_sample_value(
         "jitgate_policy_reloads_total", {"result": result}
     )
     return value or 0.0
@@ -62,7 +61,7 @@ def replace_file(path: Path, text: str) -> None:
 
 
 async def policy_records(client: TestClient, tmp_path: Path) -> list[dict[str, Any]]:
-    await client.app[AUDIT].flush(force=True)
+    await client.app[STATE].audit.flush(force=True)
     path = tmp_path / "audit.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return [r for r in map(json.loads, lines) if r["event"].startswith("policy.")]
@@ -180,19 +179,19 @@ async def test_sighup_reloads_when_watching_is_off(
 
 async def test_unchanged_content_is_not_a_reload(make_proxy: ProxyFactory, tmp_path: Path) -> None:
     client = await make_proxy()
-    reloader = client.app[RELOADER]
-    before = client.app[AUTHORIZER][0]
+    reloader = client.app[STATE].reloader
+    before = client.app[STATE].config
     assert await reloader.reload_now() == "unchanged"
     (tmp_path / "policy.yaml").write_text(BASE)  # rewritten, same bytes
     await until(lambda: reloads(client, "unchanged") >= 2, "the watcher's unchanged reload")
-    assert client.app[AUTHORIZER][0] is before
+    assert client.app[STATE].config is before
     assert await policy_records(client, tmp_path) == []
     assert reloads(client, "ok") == 0 and reloads(client, "error") == 0
 
 
 async def test_reload_now_reports_each_result(make_proxy: ProxyFactory, tmp_path: Path) -> None:
     client = await make_proxy()
-    reloader = client.app[RELOADER]
+    reloader = client.app[STATE].reloader
     path = tmp_path / "policy.yaml"
     await reloader.stop()  # only the explicit calls below reload
     path.write_text(BAD)

@@ -18,7 +18,7 @@ from test_pages import CSRF, POLICY_ENTITLEMENTS, Person, people
 from test_pages import proxy as pages_proxy
 from yarl import URL
 
-from proxy.appkeys import REDIS, SETTINGS
+from proxy.state import STATE
 
 RECORDING = "/api/projects/1/session_recordings/demo-1"
 # The pages' proxy: an auto rule (recording:…) and an approvers rule with a ticket pattern
@@ -221,8 +221,8 @@ async def test_denial_and_lapse_are_shown_with_a_way_to_ask_again(proxy: TestCli
 
     lapsing = await _submit(mallory, "project:2", reason="b", ticket="SUP-2")
     grant_id = URL(lapsing).path.rsplit("/", 1)[1]
-    settings = proxy.app[SETTINGS]
-    await proxy.app[REDIS].hset(
+    settings = proxy.app[STATE].settings
+    await proxy.app[STATE].redis.hset(
         f"{settings.redis.key_prefix}grant:{grant_id}", "pending_until", str(time.time() - 1)
     )
     _, text = await mallory.open(lapsing)

@@ -26,8 +26,8 @@ from browserkit import ARTIFACTS, JITGATE, launch, need_browser, serve, upstream
 from conftest import ProxyFactory, free_port, make_token, write_config
 
 from proxy import settings as settings_mod
-from proxy.appkeys import GRANTS
 from proxy.errors import ConfigErrors
+from proxy.state import STATE
 from proxy.statusbar import MAX_PAGE, brotli, extend_csp
 
 REC = "/api/projects/1/session_recordings/demo-1"
@@ -114,7 +114,7 @@ async def site(aiohttp_server: Any) -> str:
 
 async def _proxy(make_proxy: ProxyFactory, site: str, extra: str = ON) -> TestClient:
     client: TestClient = await make_proxy(extra=extra, upstream_url=site)
-    await client.app[GRANTS].add("alice", "recording:1/demo-1", 600, "test", "pytest")
+    await client.app[STATE].grants.add("alice", "recording:1/demo-1", 600, "test", "pytest")
     return client
 
 

@@ -1,6 +1,7 @@
 """Who is asking: tokens, SSO headers and assertions, browser sessions and sign-in.
 
 - `verifier`: `Verifier.identify` turns a request's credentials into an `Identity`.
+- `caller`: `identify(request, ...)`, once per request, cached on it as a `Caller`.
 - `jwks`: key sets of OpenID providers (discovery, rate-limited refetch).
 - `claims`: claim paths and group aliases.
 - `session`: encrypted browser sessions (cookie or Redis store).
@@ -10,6 +11,16 @@
 It reads only its settings: it imports neither policy, grants nor audit.
 """
 
+from .caller import Caller, identify
 from .verifier import Identity, IdentityError, MintError, SessionLookup, Verifier, mint
 
-__all__ = ["Identity", "IdentityError", "MintError", "SessionLookup", "Verifier", "mint"]
+__all__ = [
+    "Caller",
+    "Identity",
+    "IdentityError",
+    "MintError",
+    "SessionLookup",
+    "Verifier",
+    "identify",
+    "mint",
+]

@@ -19,11 +19,11 @@ from multidict import MultiDictProxy
 from redis.exceptions import RedisError
 from yarl import URL
 
-from ..appkeys import SETTINGS, WORKFLOW
 from ..grants import Grant
 from ..identity import Identity
 from ..policy import Policy, format_duration
 from ..settings.read import parse_duration
+from ..state import app_state
 from ..workflow import Workflow, WorkflowError
 from . import SCRIPT_CSP, csrf
 from .origin import same_origin
@@ -61,9 +61,9 @@ _FRIENDLY = {
 
 def nav(request: web.Request, ident: Identity, current: str) -> dict[str, Any]:
     """Return the page chrome's context: the signed-in user and the nav for their role."""
-    prefix = request.config_dict[SETTINGS].prefix
+    prefix = app_state(request).settings.prefix
     links = [("access", "My access"), ("approvals", "Approvals")]
-    if request.config_dict[WORKFLOW].is_admin(ident):
+    if app_state(request).workflow.is_admin(ident):
         links += [("admin", "Admin"), ("audit", "Audit")]
     return {
         "user": ident.subject,
@@ -78,7 +78,7 @@ async def _signed_in(request: web.Request) -> csrf.Visitor:
     """Return the visitor, or send them to sign in and come back here."""
     who = await csrf.visitor(request)
     if who is None:
-        settings = request.config_dict[SETTINGS]
+        settings = app_state(request).settings
         back = safe_next(
             request.path_qs if request.method == "GET" else request.path, settings.prefix
         )
@@ -125,7 +125,7 @@ def _unavailable(request: web.Request, who: csrf.Visitor, exc: Exception) -> web
 async def my_access(request: web.Request) -> web.Response:
     """The visitor's own grants (with extend and relinquish), requests and history."""
     who = await _signed_in(request)
-    flow = request.config_dict[WORKFLOW]
+    flow = app_state(request).workflow
     try:
         grants = await flow.mine(who.identity)
     except RedisError as exc:
@@ -165,7 +165,7 @@ def _extend_options(policy: Policy, grant: Grant) -> dict[str, Any] | None:
 async def approvals(request: web.Request) -> web.Response:
     """Pending requests the visitor may decide, and break-glass uses awaiting their review."""
     who = await _signed_in(request)
-    flow = request.config_dict[WORKFLOW]
+    flow = app_state(request).workflow
     try:
         pending = await flow.pending_for(who.identity)
         unreviewed = await flow.unreviewed(who.identity)
@@ -194,7 +194,7 @@ async def admin(request: web.Request) -> web.Response:
     """Every active grant, filtered by user, scope and how soon it expires, and every
     break-glass use awaiting review; admins only."""
     who = await _signed_in(request)
-    flow = request.config_dict[WORKFLOW]
+    flow = app_state(request).workflow
     if not flow.is_admin(who.identity):
         return _forbidden(request, who, "The admin page is for jitgate's admins.")
     filters = _filters(request.query)
@@ -252,14 +252,14 @@ async def act(request: web.Request) -> web.StreamResponse:
     """Apply one form's action through the Workflow and go back to the page it came from."""
     where = request.match_info["page"]
     who = await _signed_in(request)
-    settings = request.config_dict[SETTINGS]
+    settings = app_state(request).settings
     form = await checked_form(request, who, "changed")
     if isinstance(form, web.Response):
         return form
     action = _field(form, "action")
     if action not in ACTIONS[where]:
         return _forbidden(request, who, f"The {where} page offers no action {action[:40]!r}.")
-    flow = request.config_dict[WORKFLOW]
+    flow = app_state(request).workflow
     grant_id = request.match_info["grant_id"]
     try:
         kind, text = "ok", await _apply(flow, who.identity, action, grant_id, form)
@@ -333,7 +333,7 @@ def _clock(epoch: float) -> str:
 
 async def home(request: web.Request) -> web.StreamResponse:
     """The prefix itself leads to My access."""
-    raise web.HTTPFound(f"{request.config_dict[SETTINGS].prefix}/access")
+    raise web.HTTPFound(f"{app_state(request).settings.prefix}/access")
 
 
 def add_routes(app: web.Application) -> None:

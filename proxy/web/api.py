@@ -16,12 +16,12 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from ..appkeys import AUDIT_STORE, AUTHORIZER, SESSIONS, SETTINGS, WORKFLOW
 from ..audit import query as auditquery
 from ..audit.store import AuditStore
 from ..grants import STATES, Grant
-from ..identity import Identity, IdentityError
+from ..identity import Identity
 from ..settings.read import parse_duration
+from ..state import app_state
 from ..workflow import WorkflowError
 from .origin import same_origin
 
@@ -39,16 +39,10 @@ def _grant(grant: Grant) -> dict[str, Any]:
 
 
 async def _identity(request: web.Request, *, changes_state: bool) -> Identity:
-    verifier = request.config_dict[AUTHORIZER][0].verifier
-    sessions = request.config_dict.get(SESSIONS)
-    session = sessions.lookup(request) if sessions is not None else None
-    try:
-        found = await verifier.identify(request.headers, request.cookies, request.remote, session)
-    except IdentityError as exc:
-        raise WorkflowError(401, "unauthenticated", str(exc)) from None
+    caller = await app_state(request).identify(request)
+    found = caller.found
     if found is None:
-        reason = verifier.no_identity_reason(request.headers, request.remote)
-        raise WorkflowError(401, "unauthenticated", reason)
+        raise WorkflowError(401, "unauthenticated", caller.reason)
     # The cookies (token, session), and an SSO proxy's headers, come with any request the
     # browser makes.
     if changes_state and found.ambient and not same_origin(request):
@@ -114,7 +108,7 @@ async def create_request(request: web.Request, ident: Identity) -> tuple[Any, in
     break_glass = data.get("break_glass", False)
     if not isinstance(break_glass, bool):
         raise WorkflowError(400, "bad_request", "break_glass must be true or false")
-    grant = await request.config_dict[WORKFLOW].request(
+    grant = await app_state(request).workflow.request(
         ident,
         _str(data, "scope"),
         reason=_str(data, "reason"),
@@ -133,7 +127,7 @@ async def act(request: web.Request, ident: Identity) -> tuple[Any, int]:
     grant_id = request.match_info["grant_id"]
     data = await _body(request)
     comment = _str(data, "comment")
-    flow = request.config_dict[WORKFLOW]
+    flow = app_state(request).workflow
     if action == "extend":
         extra = _seconds(data, "duration")
         if extra is None:
@@ -148,25 +142,25 @@ async def act(request: web.Request, ident: Identity) -> tuple[Any, int]:
 
 @_api(changes_state=False)
 async def show(request: web.Request, ident: Identity) -> tuple[Any, int]:
-    grant = await request.config_dict[WORKFLOW].show(ident, request.match_info["grant_id"])
+    grant = await app_state(request).workflow.show(ident, request.match_info["grant_id"])
     return _grant(grant), 200
 
 
 @_api(changes_state=False)
 async def mine(request: web.Request, ident: Identity) -> tuple[Any, int]:
-    grants = await request.config_dict[WORKFLOW].mine(ident)
+    grants = await app_state(request).workflow.mine(ident)
     return {"grants": [_grant(g) for g in grants]}, 200
 
 
 @_api(changes_state=False)
 async def pending(request: web.Request, ident: Identity) -> tuple[Any, int]:
-    grants = await request.config_dict[WORKFLOW].pending_for(ident)
+    grants = await app_state(request).workflow.pending_for(ident)
     return {"grants": [_grant(g) for g in grants]}, 200
 
 
 @_api(changes_state=False)
 async def unreviewed(request: web.Request, ident: Identity) -> tuple[Any, int]:
-    grants = await request.config_dict[WORKFLOW].unreviewed(ident)
+    grants = await app_state(request).workflow.unreviewed(ident)
     return {"grants": [_grant(g) for g in grants]}, 200
 
 
@@ -176,16 +170,16 @@ async def list_all(request: web.Request, ident: Identity) -> tuple[Any, int]:
     for state in states or ():
         if state not in _STATES:
             raise WorkflowError(400, "bad_request", f"unknown state {state!r}")
-    grants = await request.config_dict[WORKFLOW].all(
+    grants = await app_state(request).workflow.all(
         ident, user=request.query.get("user") or None, states=states
     )
     return {"grants": [_grant(g) for g in grants]}, 200
 
 
 def _audit_store(request: web.Request, ident: Identity) -> AuditStore:
-    if not request.config_dict[WORKFLOW].is_admin(ident):
+    if not app_state(request).workflow.is_admin(ident):
         raise WorkflowError(403, "forbidden", "the audit trail is for admins")
-    store = request.config_dict.get(AUDIT_STORE)
+    store = app_state(request).audit_store
     if store is None:
         raise WorkflowError(404, "not_found", "the Redis audit stream is off (audit.redis: null)")
     return store
@@ -231,7 +225,7 @@ async def audit_summary(request: web.Request, ident: Identity) -> tuple[Any, int
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(request.config_dict[SETTINGS].prefix))
+    return web.json_response(openapi_document(app_state(request).settings.prefix))
 
 
 def add_routes(app: web.Application) -> None:

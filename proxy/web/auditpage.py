@@ -13,10 +13,10 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from yarl import URL
 
-from ..appkeys import AUDIT_STORE, SETTINGS, WORKFLOW
 from ..audit import query as auditquery
 from ..audit.store import AuditStore
 from ..identity import Identity
+from ..state import app_state
 from .accesspages import nav
 from .views import page, signed_in
 
@@ -30,14 +30,14 @@ EVENTS = (
 async def _admin(request: web.Request) -> tuple[Identity, AuditStore | None]:
     """Return the signed-in admin and the store; otherwise raise the right answer."""
     ident = await signed_in(request)
-    prefix = request.config_dict[SETTINGS].prefix
+    prefix = app_state(request).settings.prefix
     if ident is None:
         raise web.HTTPSeeOther(str(URL(f"{prefix}/login").with_query(next=request.path_qs)))
-    if not request.config_dict[WORKFLOW].is_admin(ident):
+    if not app_state(request).workflow.is_admin(ident):
         raise web.HTTPForbidden(
             text=f"jitgate: the audit trail is for admins; you are {ident.subject}\n"
         )
-    return ident, request.config_dict.get(AUDIT_STORE)
+    return ident, app_state(request).audit_store
 
 
 async def audit_search(request: web.Request) -> web.Response:
@@ -63,7 +63,7 @@ async def audit_search(request: web.Request) -> web.Response:
             error, status = str(exc), 400
         except RedisError as exc:
             error, status = f"The audit store is unavailable: {exc}", 503
-    prefix = request.config_dict[SETTINGS].prefix
+    prefix = app_state(request).settings.prefix
     exports = {}
     if searched and not error:
         params = [(k, v) for k, v in query.items() if k not in ("cursor", "format")]

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..appkeys import AUTHORIZER, REDIS, SESSIONS, SETTINGS
-from ..identity import Identity, IdentityError
+from ..identity import Identity
+from ..state import app_state
 
 FIELD = "csrf"
 FLASH_COOKIE = "jitgate_flash"
@@ -57,8 +57,8 @@ class KeyCache:
     async def get(self, request: web.Request, *, fresh: bool = False) -> bytes:
         if self.key is not None and not fresh:
             return self.key
-        redis = request.config_dict[REDIS]
-        name = f"{request.config_dict[SETTINGS].redis.key_prefix}csrf:key"
+        redis = app_state(request).redis
+        name = f"{app_state(request).settings.redis.key_prefix}csrf:key"
         await redis.set(name, secrets.token_hex(32), nx=True)
         raw = await redis.get(name)
         if raw is None:  # emptied between the two calls: use one of our own this time
@@ -72,23 +72,18 @@ KEYS = web.AppKey("csrf_keys", KeyCache)
 
 async def visitor(request: web.Request) -> Visitor | None:
     """Return who is signed in and how, or None (no credential, or a bad one)."""
-    verifier = request.config_dict[AUTHORIZER][0].verifier
-    sessions = request.config_dict.get(SESSIONS)
-    lookup = sessions.lookup(request) if sessions is not None else None
-    try:
-        found = await verifier.identify(request.headers, request.cookies, request.remote, lookup)
-    except IdentityError:
-        return None
+    st = app_state(request)
+    found = (await st.identify(request)).found
     if found is None:
         return None
     ident = found.identity
     binding = f"{found.source}|{ident.subject}"
-    if found.source == "session" and sessions is not None:
-        session = await sessions.read(request)  # cached for the request by the lookup above
+    if found.source == "session" and st.sessions is not None:
+        session = await st.sessions.read(request)  # cached for the request by identify
         if session is not None:
             binding += f"|{session.created!r}"
     elif found.source == "cookie":
-        name = request.config_dict[SETTINGS].identity.cookie or ""
+        name = st.settings.identity.cookie or ""
         binding += "|" + hashlib.sha256(request.cookies.get(name, "").encode()).hexdigest()
     return Visitor(ident, found.source, binding)
 
@@ -130,7 +125,7 @@ async def set_flash(
         FLASH_COOKIE,
         f"{body}.{_mac(key, 'flash', who.binding, body)}",
         max_age=_FLASH_AGE,
-        path=f"{request.config_dict[SETTINGS].prefix}/",
+        path=f"{app_state(request).settings.prefix}/",
         httponly=True,
         samesite="Lax",
         secure=request.secure,
@@ -158,4 +153,4 @@ async def read_flash(request: web.Request, who: Visitor) -> tuple[str, str] | No
 def clear_flash(request: web.Request, response: web.StreamResponse) -> None:
     """Drop a shown (or unusable) message, so a reload does not show it again."""
     if FLASH_COOKIE in request.cookies:
-        response.del_cookie(FLASH_COOKIE, path=f"{request.config_dict[SETTINGS].prefix}/")
+        response.del_cookie(FLASH_COOKIE, path=f"{app_state(request).settings.prefix}/")

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from .. import metrics
-from ..appkeys import ASSERTION, AUDIT, GRANTS, LIVE, METRICS, REDIS, SETTINGS
+from ..state import app_state
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -18,13 +18,13 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Answer 200 only if Redis answers PING, the upstream accepts a connection and, in
     strict audit mode, audit records can be kept."""
-    settings = request.config_dict[SETTINGS]
+    settings = app_state(request).settings
     checks: dict[str, str] = {}
     try:
-        await asyncio.wait_for(request.config_dict[REDIS].ping(), settings.redis.timeout)
+        await asyncio.wait_for(app_state(request).redis.ping(), settings.redis.timeout)
         checks["redis"] = "ok"
     except Exception as exc:
-        request.config_dict[METRICS].redis_errors.labels("ping").inc()
+        app_state(request).metrics.redis_errors.labels("ping").inc()
         checks["redis"] = f"failed: {type(exc).__name__}"
     url = settings.upstream.url
     try:
@@ -36,7 +36,7 @@ async def readyz(request: web.Request) -> web.Response:
         checks["upstream"] = "ok"
     except (OSError, TimeoutError) as exc:
         checks["upstream"] = f"failed: {type(exc).__name__}"
-    audit_log = request.config_dict[AUDIT]
+    audit_log = app_state(request).audit
     if settings.audit.strict:
         checks["audit"] = "ok" if audit_log.writable() else f"failed: {audit_log.why_unwritable()}"
     ok = all(v == "ok" for v in checks.values())
@@ -45,24 +45,24 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_view(request: web.Request) -> web.Response:
     """Expose the metrics, refreshing the gauges that are counted on demand."""
-    m = request.config_dict[METRICS]
+    m = app_state(request).metrics
     try:
-        m.active_grants.set(await request.config_dict[GRANTS].count_active())
+        m.active_grants.set(await app_state(request).grants.count_active())
     except Exception:
         m.redis_errors.labels("count_active").inc()
-    audit_log = request.config_dict[AUDIT]
+    audit_log = app_state(request).audit
     for sink, (backlog, spooled) in audit_log.stats().items():
         m.audit_backlog.labels(sink).set(backlog)
         m.audit_spooled.labels(sink).set(spooled)
     m.audit_spool_bytes.set(audit_log.spool.bytes() if audit_log.spool else 0)
     m.audit_writable.set(1 if audit_log.writable() else 0)
-    m.live_connections.set(len(request.config_dict[LIVE]))
+    m.live_connections.set(len(app_state(request).live))
     return web.Response(body=m.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
 async def jwks_view(request: web.Request) -> web.Response:
     """Serve the public key the upstream verifies jitgate's identity assertions with."""
-    signer = request.config_dict.get(ASSERTION)
+    signer = app_state(request).assertion
     if signer is None:
         raise web.HTTPNotFound(text="jitgate: forward.assertion is off: no keys to publish\n")
     # Short caching: a replaced key file shows up at the upstream within minutes.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..appkeys import SETTINGS
+from ..state import app_state
 
 
 def same_origin(request: web.Request) -> bool:
@@ -19,7 +19,7 @@ def same_origin(request: web.Request) -> bool:
     `public_url` is how browsers reach jitgate when a TLS-terminating proxy in front
     makes the request look like plain http here.
     """
-    oidc = request.config_dict[SETTINGS].identity.oidc
+    oidc = app_state(request).settings.identity.oidc
     public_url = oidc.public_url if oidc is not None else None
     origin = request.headers.get("Origin")
     if origin is not None:

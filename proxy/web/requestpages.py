@@ -18,10 +18,10 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from yarl import URL
 
-from ..appkeys import SETTINGS, WORKFLOW
 from ..grants import Grant
 from ..identity import Identity
 from ..policy import Policy, format_duration
+from ..state import app_state
 from ..workflow import WorkflowError
 from . import CSP, SCRIPT_CSP, csrf
 from .accesspages import _field, _signed_in, checked_form, nav
@@ -34,7 +34,7 @@ _ENDED = ("denied", "lapsed", "expired", "revoked", "relinquished")
 
 def _target(request: web.Request, value: str | None) -> str:
     """Where to go once access is granted: a checked same-origin path, else My access."""
-    prefix = request.config_dict[SETTINGS].prefix
+    prefix = app_state(request).settings.prefix
     return safe_next(value, prefix) if value else f"{prefix}/access"
 
 
@@ -74,11 +74,11 @@ async def _request_page(
     values: Mapping[str, str] | None = None,
 ) -> web.Response:
     ident = who.identity if who is not None else None
-    policy = request.config_dict[WORKFLOW].policy()
+    policy = app_state(request).workflow.policy()
     form = _form(policy, ident, scope) if ident is not None and scope else None
     if form is not None and ident is not None:
         await _mark_waiting(request, ident, [form], target)
-    prefix = request.config_dict[SETTINGS].prefix
+    prefix = app_state(request).settings.prefix
     here = URL(f"{prefix}/request").with_query({"scope": scope or "", "next": target})
     chrome = nav(request, ident, "") if ident is not None else {"user": None, "nav": []}
     return page(
@@ -111,7 +111,7 @@ async def offer(
     who = await csrf.visitor(request)
     if who is None:
         return [], ""
-    ident, policy = who.identity, request.config_dict[WORKFLOW].policy()
+    ident, policy = who.identity, app_state(request).workflow.policy()
     forms = [form for scope in dict.fromkeys(scopes) if (form := _form(policy, ident, scope))]
     if not forms:
         return [], ""
@@ -124,10 +124,10 @@ async def _mark_waiting(
 ) -> None:
     """Attach to each form the visitor's request for its scope still awaiting approval."""
     try:
-        waiting = await request.config_dict[WORKFLOW].waiting(ident)
+        waiting = await app_state(request).workflow.waiting(ident)
     except RedisError:
         waiting = {}  # the forms stay; a second request would be refused when filed
-    prefix = request.config_dict[SETTINGS].prefix
+    prefix = app_state(request).settings.prefix
     for form in forms:
         grant = waiting.get(form["scope"])
         form["waiting"] = grant
@@ -145,7 +145,7 @@ async def request_access(request: web.Request) -> web.Response:
 async def submit_request(request: web.Request) -> web.StreamResponse:
     """File the form's request through the Workflow; go back to `next` or wait for approval."""
     who = await _signed_in(request)
-    settings = request.config_dict[SETTINGS]
+    settings = app_state(request).settings
     form = await checked_form(request, who, "requested")
     if isinstance(form, web.Response):
         return form
@@ -156,7 +156,7 @@ async def submit_request(request: web.Request) -> web.StreamResponse:
         duration = float(values["duration"]) if values["duration"] else None
     except ValueError:
         duration = -1.0  # not offered: the Workflow says which are
-    flow = request.config_dict[WORKFLOW]
+    flow = app_state(request).workflow
     try:
         grant = await flow.request(
             who.identity,
@@ -185,7 +185,7 @@ async def pending(request: web.Request) -> web.Response:
     """One request's state for its requester; static/pending.js follows it to `next`."""
     who = await _signed_in(request)
     target = _target(request, request.query.get("next"))
-    flow = request.config_dict[WORKFLOW]
+    flow = app_state(request).workflow
     try:
         grant: Grant = await flow.show(who.identity, request.match_info["grant_id"])
     except WorkflowError as exc:
@@ -196,7 +196,7 @@ async def pending(request: web.Request) -> web.Response:
         text = f"The grant store is unavailable ({type(exc).__name__}); try again shortly."
         return page(request, "forbidden.html", 503, csp=SCRIPT_CSP, message=text,
                     **nav(request, who.identity, ""))  # fmt: skip
-    prefix = request.config_dict[SETTINGS].prefix
+    prefix = app_state(request).settings.prefix
     again = URL(f"{prefix}/request").with_query(scope=grant.scope, next=target)
     return page(
         request,

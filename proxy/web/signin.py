@@ -8,9 +8,9 @@ from aiohttp import web
 from yarl import URL
 
 from .. import audit
-from ..appkeys import AUDIT, AUTHORIZER, OIDC, SESSIONS, SETTINGS
 from ..identity import IdentityError
 from ..identity.oidc import LoginError, OidcClient, Pending
+from ..state import app_state
 from . import CSP
 from .origin import same_origin
 from .views import page, safe_next, signed_in
@@ -21,14 +21,14 @@ STATE_COOKIE = "jitgate_oidc"  # the logins in flight, encrypted (identity/oidc.
 
 
 def _client(request: web.Request) -> OidcClient:
-    oidc = request.config_dict.get(OIDC)
+    oidc = app_state(request).oidc
     if oidc is None:
         raise web.HTTPNotFound(text="jitgate: OIDC sign-in is not configured (identity.oidc)\n")
     return oidc
 
 
 def _set_state(request: web.Request, response: web.StreamResponse, pending: list[Pending]) -> None:
-    settings = request.config_dict[SETTINGS]
+    settings = app_state(request).settings
     oidc = _client(request)
     secure = settings.identity.session.secure if settings.identity.session else True
     path = f"{settings.prefix}/"
@@ -49,7 +49,7 @@ def _set_state(request: web.Request, response: web.StreamResponse, pending: list
 async def oidc_login(request: web.Request) -> web.StreamResponse:
     """Send the browser to the provider, remembering (in its state cookie) where to return."""
     oidc = _client(request)
-    target = safe_next(request.query.get("next"), request.config_dict[SETTINGS].prefix)
+    target = safe_next(request.query.get("next"), app_state(request).settings.prefix)
     try:
         url, pending = await oidc.begin(target)
     except LoginError as exc:
@@ -65,7 +65,8 @@ async def oidc_login(request: web.Request) -> web.StreamResponse:
 async def oidc_callback(request: web.Request) -> web.StreamResponse:
     """The provider's redirect back: check the state, redeem the code, start the session."""
     oidc = _client(request)
-    sessions = request.config_dict[SESSIONS]
+    sessions = app_state(request).sessions
+    assert sessions is not None  # identity.oidc needs a session store
     held = oidc.unpack(request.cookies.get(STATE_COOKIE))
     state = request.query.get("state", "")
     pending, rest = oidc.take(held, state) if state else (None, held)
@@ -81,7 +82,7 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
             # Unknown, already used, or from another browser: never redeem its code.
             raise LoginError("unknown or already used sign-in state")
         claims, id_token = await oidc.finish(request.query, pending)
-        verifier = request.config_dict[AUTHORIZER][0].verifier
+        verifier = app_state(request).config.verifier
         try:
             ident = verifier.identity_of(claims)
         except IdentityError as exc:
@@ -93,7 +94,7 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
         _set_state(request, failed, rest)
         return failed
     # Checked again: the cookie is ours, but the path must still be one we would accept.
-    response = web.HTTPSeeOther(safe_next(pending.next, request.config_dict[SETTINGS].prefix))
+    response = web.HTTPSeeOther(safe_next(pending.next, app_state(request).settings.prefix))
     response.headers["Cache-Control"] = "no-store"
     await sessions.start(request, response, ident, id_token)
     _set_state(request, response, rest)
@@ -114,14 +115,14 @@ async def logout_form(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.StreamResponse:
     """End the session here and, where the provider offers it, at the provider too."""
-    settings = request.config_dict[SETTINGS]
-    oidc = request.config_dict.get(OIDC)
+    settings = app_state(request).settings
+    oidc = app_state(request).oidc
     if not same_origin(request):
         raise web.HTTPForbidden(text="jitgate: cross-site sign-out refused\n")
     response = web.HTTPSeeOther(f"{settings.prefix}/login")
     response.headers["Cache-Control"] = "no-store"
     ended = None
-    sessions = request.config_dict.get(SESSIONS)
+    sessions = app_state(request).sessions
     if sessions is not None:
         ended = await sessions.end(request, response)
     if settings.identity.cookie:
@@ -138,7 +139,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
 async def _logout_csp(request: web.Request) -> str:
     # Browsers apply form-action to the redirect a form post leads to, and sign-out goes
     # on to the provider's end-session endpoint.
-    oidc = request.config_dict.get(OIDC)
+    oidc = app_state(request).oidc
     url = await oidc.logout_url(None) if oidc is not None else None
     if url is None:
         return CSP
@@ -146,13 +147,13 @@ async def _logout_csp(request: web.Request) -> str:
 
 
 def _failed(request: web.Request, status: int, reason: str, target: str) -> web.Response:
-    prefix = request.config_dict[SETTINGS].prefix
+    prefix = app_state(request).settings.prefix
     again = str(URL(f"{prefix}/oidc/login").with_query(next=target))
     return page(request, "signin-failed.html", status=status, user=None, reason=reason, again=again)
 
 
 def _audit(request: web.Request, event: str, user: str | None, reason: str) -> None:
-    request.config_dict[AUDIT].emit(
+    app_state(request).audit.emit(
         audit.record(
             event,
             actor=user,

@@ -7,10 +7,10 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from ..appkeys import AUTHORIZER, OIDC, SETTINGS
 from ..errors import BadPath
 from ..identity import Identity, IdentityError
 from ..paths import normalise, split_target
+from ..state import app_state
 from . import CSP, csrf, render
 from .origin import same_origin
 
@@ -47,7 +47,7 @@ def page(
 ) -> web.Response:
     return web.Response(
         status=status,
-        text=render(request, template, prefix=request.config_dict[SETTINGS].prefix, **context),
+        text=render(request, template, prefix=app_state(request).settings.prefix, **context),
         content_type="text/html",
         headers={"Content-Security-Policy": csp, "Cache-Control": "no-store"},
     )
@@ -61,15 +61,15 @@ async def signed_in(request: web.Request) -> Identity | None:
 
 async def login_form(request: web.Request) -> web.Response:
     """The sign-in page: the identity provider's button (with OIDC) and the token form."""
-    settings = request.config_dict[SETTINGS]
+    settings = app_state(request).settings
     target = safe_next(request.query.get("next"), settings.prefix)
     return page(request, "login.html", **_login_context(request, target))
 
 
 def _login_context(request: web.Request, target: str) -> dict[str, Any]:
-    settings = request.config_dict[SETTINGS]
+    settings = app_state(request).settings
     sso = None
-    if request.config_dict.get(OIDC) is not None:
+    if app_state(request).oidc is not None:
         sso = str(URL(f"{settings.prefix}/oidc/login").with_query(next=target))
     return {
         "user": None,
@@ -82,7 +82,7 @@ def _login_context(request: web.Request, target: str) -> dict[str, Any]:
 
 async def login(request: web.Request) -> web.Response:
     """Check a pasted token and keep it in the identity cookie for the browser."""
-    settings = request.config_dict[SETTINGS]
+    settings = app_state(request).settings
     if request.headers.get("Origin") is not None and not same_origin(request):
         # A sign-in posted from another site would sign the browser in as someone else.
         raise web.HTTPForbidden(text="jitgate: cross-site sign-in refused\n")
@@ -93,7 +93,7 @@ async def login(request: web.Request) -> web.Response:
     if cookie is None:
         raise web.HTTPNotFound(text="jitgate: cookie sign-in is disabled (identity.cookie)\n")
     try:
-        ident = await request.config_dict[AUTHORIZER][0].verifier.verify(token)
+        ident = await app_state(request).config.verifier.verify(token)
     except IdentityError as exc:
         context = {**_login_context(request, target), "error": str(exc)}
         return page(request, "login.html", status=401, **context)
