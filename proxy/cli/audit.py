@@ -21,7 +21,7 @@ from ..audit import query as auditquery
 from ..audit.store import AuditStore, Page, Query, store_for
 from ..redisd import connect_redis
 from ..settings import Settings
-from .main import EXIT_FINDING, EXIT_OK, UsageError, api_args, api_url, config_arg, redis_url_for
+from .common import EXIT_FINDING, EXIT_OK, UsageError, api_args, api_url, config_arg, redis_url_for
 
 
 def add_parser(nouns: Any) -> None:

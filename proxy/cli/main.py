@@ -8,24 +8,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import json
 import logging
-import os
 import shutil
-import socket
 import sys
-import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from typing import TYPE_CHECKING
 
 from .. import redisd
 from ..errors import ConfigError, ConfigErrors
 from ..settings import Settings, load
-from ..settings.read import parse_duration
+from .common import (
+    EXIT_FINDING,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    api_args,
+    config_arg,
+    duration,
+    redis_url_for,
+)
 
 if TYPE_CHECKING:
     from .. import policy
@@ -33,24 +36,9 @@ if TYPE_CHECKING:
 # Modules for one command each are imported by that command: every `jitgate` call (an
 # `audit query` included) starts faster.
 
-EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad arguments or an unusable environment; exit code 2."""
-
-
-def config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="config file (default: $JITGATE_CONFIG or config/jitgate.yaml)",
-    )
-
 
 def _parser() -> argparse.ArgumentParser:
-    from . import audit as auditcli  # it builds on this module
+    from . import audit as auditcli
 
     parser = argparse.ArgumentParser(prog="jitgate", description=__doc__)
     nouns = parser.add_subparsers(dest="noun", required=True, metavar="COMMAND")
@@ -155,15 +143,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def api_args(p: argparse.ArgumentParser) -> None:
-    config_arg(p)
-    p.add_argument("--token", default=None, help="your token (default: $JITGATE_TOKEN)")
-    p.add_argument(
-        "--url", default=None, help="jitgate's URL (default: $JITGATE_URL, else from the config)"
-    )
-    p.add_argument("--json", action="store_true")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -183,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from .. import policy  # auditcli builds on this module
+    from .. import policy
     from . import audit as auditcli
 
     if args.noun == "serve":
@@ -207,22 +186,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ..identity import MintError, mint
 
         settings = load(args.config)
-        ttl = _duration(args.ttl) if args.ttl else None
+        ttl = duration(args.ttl) if args.ttl else None
         groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
         try:
             print(mint(settings.identity, args.sub, groups=groups, ttl=ttl))
         except MintError as exc:
             raise UsageError(str(exc)) from None
         return EXIT_OK
-    settings = load(args.config)
-    token = getattr(args, "token", None) or os.environ.get("JITGATE_TOKEN")
-    if token and args.verb != "add":  # add is an admin action straight on Redis
-        return asyncio.run(_grants_api(args, settings, token))
-    if args.verb not in ("add", "revoke", "list", "show"):
-        raise UsageError(f"grants {args.verb} acts as you: pass --token or set JITGATE_TOKEN")
-    if args.verb == "list" and (args.pending or args.all or args.unreviewed):
-        raise UsageError("--pending, --all and --unreviewed need a token (they use the API)")
-    return asyncio.run(_grants(args, settings))
+    from . import grants
+
+    return asyncio.run(grants.run(args, load(args.config)))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -238,98 +211,6 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(str(redisd.RedisServerMissing()))
     run(settings)
     return EXIT_OK
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def redis_url_for(settings: Settings) -> str:
-    """Return the configured Redis URL, or the embedded server's socket if it is running."""
-    if settings.redis.url:
-        return settings.redis.url
-    sock = redisd.socket_path(settings.state_dir)
-    if not sock.exists():
-        raise UsageError(
-            f"jitgate's embedded Redis is not running (no socket at {sock}); "
-            "start `jitgate serve` first, or set redis.url in the config"
-        )
-    return redisd.redis_url(settings.state_dir)
-
-
-def _actor(by: str | None) -> str:
-    return by or f"{getpass.getuser()}@{socket.gethostname()} (cli)"
-
-
-async def _grants(args: argparse.Namespace, settings: Settings) -> int:
-    from .. import policy
-    from ..app import make_audit_log
-    from ..grants import RedisGrants
-    from ..metrics import Metrics
-    from ..redisd import connect_redis
-    from ..workflow import grant_record
-
-    compiled = policy.load(settings.policy_file)  # every audit record names its version
-    redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
-    store = RedisGrants(redis, settings.redis.key_prefix)
-    audit_log = make_audit_log(settings, redis, Metrics())
-    await audit_log.start()  # through the spool: a record survives Redis failing right after
-    try:
-        if args.verb == "add":
-            ttl = _duration(args.ttl)
-            if ttl > settings.grant_max_ttl:
-                raise UsageError(
-                    f"--ttl {args.ttl} exceeds grant_max_ttl ({settings.grant_max_ttl:.0f}s)"
-                )
-            if not args.reason.strip():
-                raise UsageError("--reason must not be empty")
-            grant = await store.add(args.user, args.scope, ttl, args.reason, _actor(args.by))
-            audit_log.emit(
-                grant_record(
-                    "grant.activated",
-                    grant,
-                    actor=grant.granted_by,
-                    policy_version=compiled.version,
-                    recording=compiled.recording_of(grant.scope),
-                )
-            )
-            print(json.dumps(grant.to_dict()) if args.json else grant.id)
-            return EXIT_OK
-        if args.verb == "revoke":
-            revoked = await store.revoke(
-                args.grant_id, by=_actor(args.by), comment=args.comment or ""
-            )
-            if revoked is None:
-                print(f"no active grant {args.grant_id}", file=sys.stderr)
-                return EXIT_FINDING
-            audit_log.emit(
-                grant_record(
-                    "grant.revoked",
-                    revoked,
-                    actor=_actor(args.by),
-                    comment=args.comment,
-                    policy_version=compiled.version,
-                    recording=compiled.recording_of(revoked.scope),
-                )
-            )
-            print(json.dumps(revoked.to_dict()) if args.json else f"revoked {revoked.id}")
-            return EXIT_OK
-        if args.verb == "show":
-            found = await store.get(args.grant_id)
-            if found is None:
-                print(f"no grant {args.grant_id}", file=sys.stderr)
-                return EXIT_FINDING
-            _show(found.to_dict(), args.json)
-            return EXIT_OK
-        grants = await store.list(args.user)
-        _listing([g.to_dict() for g in grants], args.json)
-        return EXIT_OK
-    finally:
-        await audit_log.close()
-        await redis.aclose()
 
 
 async def _explain(args: argparse.Namespace, settings: Settings) -> int:
@@ -411,118 +292,3 @@ async def _policy_test(args: argparse.Namespace) -> int:
             print(r.line())
         print(f"{len(results) - failed} passed, {failed} failed")
     return EXIT_FINDING if failed else EXIT_OK
-
-
-def api_url(settings: Settings) -> str:
-    """Return the API base URL: $JITGATE_URL, else jitgate's own listen address."""
-    env = os.environ.get("JITGATE_URL")
-    if env:
-        return env.rstrip("/") + settings.prefix
-    host = settings.listen.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
-    return f"http://{host}:{settings.listen.port}{settings.prefix}"
-
-
-async def _grants_api(args: argparse.Namespace, settings: Settings, token: str) -> int:
-    import aiohttp
-
-    from .client import ApiClient, ApiError
-
-    base = (args.url.rstrip("/") + settings.prefix) if args.url else api_url(settings)
-    verb, comment = args.verb, {"comment": getattr(args, "comment", None) or ""}
-    async with ApiClient(base, token) as api:
-        try:
-            if verb == "request":
-                body: dict[str, Any] = {"scope": args.scope, "reason": args.reason}
-                if args.ticket:
-                    body["ticket"] = args.ticket
-                if args.duration:
-                    body["duration"] = args.duration
-                if args.break_glass:
-                    body["break_glass"] = True
-                result = await api.call("POST", "/requests", body)
-            elif verb == "extend":
-                body = {**comment, "duration": args.duration}
-                result = await api.call("POST", f"/grants/{args.grant_id}/extend", body)
-            elif verb in ("approve", "deny", "relinquish", "revoke", "review"):
-                result = await api.call("POST", f"/grants/{args.grant_id}/{verb}", comment)
-            elif verb == "show":
-                result = await api.call("GET", f"/grants/{args.grant_id}")
-            else:
-                path = "/grants/pending" if args.pending else "/grants/mine"
-                if args.unreviewed:
-                    path = "/grants/unreviewed"
-                if args.all:
-                    query = {k: v for k, v in (("user", args.user), ("state", args.state)) if v}
-                    path = "/grants" + (f"?{urlencode(query)}" if query else "")
-                grants = (await api.call("GET", path))["grants"]
-                if args.user and not args.all:
-                    grants = [g for g in grants if g["user"] == args.user]
-                _listing(grants, args.json)
-                return EXIT_OK
-        except ApiError as exc:
-            print(f"jitgate: {exc}", file=sys.stderr)
-            return EXIT_USAGE if exc.status in (400, 401) else EXIT_FINDING
-        except aiohttp.ClientError as exc:
-            raise UsageError(f"cannot reach jitgate at {base}: {exc}") from None
-    if verb == "show" or args.json:
-        _show(result, args.json)
-    elif result.get("kind") == "extension":
-        print(f"{result['id']}  {result['state']}  (extension of {result['extends']})")
-    else:
-        print(f"{result['id']}  {result['state']}")
-    return EXIT_OK
-
-
-def _show(grant: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(grant, indent=2))
-        return
-    for key, value in grant.items():
-        if value in (None, "", [], 0, False) and key not in ("state",):
-            continue
-        if key == "kind" and value == "grant":
-            continue
-        if key.endswith("_at") or key == "pending_until":
-            value = _when(value)
-        elif key == "approvals":
-            value = ", ".join(f"{a['by']} ({_when(a['at'])})" for a in value)
-        print(f"{key:<14} {value}")
-
-
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _listing(grants: list[dict[str, Any]], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(grants, indent=2))
-    else:
-        _table(grants)
-
-
-def _table(grants: list[dict[str, Any]]) -> None:
-    now = time.time()
-    rows = [("ID", "USER", "SCOPE", "STATE", "EXPIRES (UTC)", "LEFT", "GRANTED BY", "REASON")]
-    for g in grants:
-        expires = g.get("expires_at") or 0
-        left = int(max(0, expires - now)) if g.get("state") == "active" else 0
-        rows.append(
-            (
-                g["id"],
-                g["user"],
-                g["scope"],
-                g.get("state", ""),
-                datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%d %H:%M:%S")
-                if expires
-                else "-",
-                f"{left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s" if left else "-",
-                g.get("granted_by") or "-",
-                g.get("reason", ""),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    if len(rows) == 1:
-        print("(no grants)")
