@@ -9,10 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ProxyFactory, Upstream, demo_policy, make_token
 
+from proxy.audit import query as auditquery
+from proxy.grants import STATES
 from proxy.state import STATE
+from proxy.web import api as api_module
 
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
 ENTITLEMENTS = r"""
@@ -243,6 +247,29 @@ async def test_openapi_document(api: TestClient) -> None:
     from openapi_spec_validator import validate
 
     validate(doc)
+    assert doc["servers"] == [{"url": "/_jit"}]
+
+
+def test_openapi_document_matches_the_code() -> None:
+    """openapi.yaml is text: this keeps it in step with the routes and the constants."""
+    doc = api_module.openapi_document("/_jit")
+    app = web.Application()
+    api_module.add_routes(app)
+    routes = set()
+    for resource in app.router.resources():
+        path = resource.canonical
+        if path == "/api/openapi.json":
+            continue
+        if path.endswith("/{action}"):
+            routes |= {path.replace("{action}", a) for a in api_module._ACTIONS}
+        else:
+            routes.add(path)
+    assert routes == set(doc["paths"])
+    grant = doc["components"]["schemas"]["Grant"]["properties"]
+    assert grant["state"]["enum"] == list(STATES)
+    audit = {p["name"]: p for p in doc["paths"]["/api/audit"]["get"]["parameters"]}
+    assert set(audit) == {*auditquery.FILTERS, "cursor", "limit", "order", "format"}
+    assert audit["limit"]["schema"]["maximum"] == auditquery.MAX_LIMIT
 
 
 async def test_unknown_grant_is_404(api: TestClient) -> None:
