@@ -17,11 +17,10 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from multidict import CIMultiDict, MultiMapping
-
-from .web import STATIC_DIR
 
 brotli: Any
 try:
@@ -31,8 +30,10 @@ except ImportError:  # br pages are then left alone
 
 MAX_PAGE = 5 * 1024 * 1024
 
-_CSS = (STATIC_DIR / "statusbar.css").read_text()
-_JS = (STATIC_DIR / "statusbar.js").read_text()
+# The bar's files are served with the pages' static files; the byte path reads them here.
+_STATIC = Path(__file__).parent / "web" / "static"
+_CSS = (_STATIC / "statusbar.css").read_text()
+_JS = (_STATIC / "statusbar.js").read_text()
 # Both are inlined: a closing tag inside them would end the element early.
 assert "</" not in _CSS and "</" not in _JS
 

@@ -1,61 +1,25 @@
-"""Server-rendered pages and their static files."""
+"""jitgate's own pages and endpoints under the prefix; nothing here is on the byte path.
 
-from __future__ import annotations
+- `rendering`: templates, filters and the pages' content security policies.
+- `views`: sign-in with a token and what every page shares; `signin`: OIDC sign-in.
+- `accesspages`, `requestpages`, `auditpage`: My access, Approvals, Admin, the request
+  and pending pages, the audit pages.
+- `refusal`: what the gate's refusals look like, as a page or as JSON.
+- `csrf`, `origin`: form tokens and flash messages, the same-origin check.
+- `api`: the JSON API (described by openapi.yaml); `ops`: health, readiness, metrics.
 
-import time
-from pathlib import Path
-from typing import Any
+It reads the application's state (state.py), and never imports forward, gate or live.
+"""
 
-import aiohttp_jinja2
-import jinja2
 from aiohttp import web
 
-STATIC_DIR = Path(__file__).parent / "static"
+from . import accesspages, requestpages
+from .rendering import CSP, SCRIPT_CSP, STATIC_DIR, render, setup
 
-# The pages load nothing from elsewhere and run no script.
-CSP = (
-    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'"
-)
-# The access pages run one script of jitgate's own (a countdown), never an inline one.
-SCRIPT_CSP = f"{CSP}; script-src 'self'"
-
-
-def _when(epoch: float) -> str:
-    """Write a unix time as people read it on the pages (UTC, to the second)."""
-    if not epoch:
-        return "—"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
-
-
-def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
-
-def setup(app: web.Application) -> None:
-    """Give the application (the gate's refusals, and the pages' sub-application) the page
-    templates and the CSRF key cache."""
-    from . import csrf
-
-    app[csrf.KEYS] = csrf.KeyCache()
-    aiohttp_jinja2.setup(
-        app,
-        loader=jinja2.PackageLoader("proxy.web", "templates"),
-        undefined=jinja2.StrictUndefined,
-        filters={"when": _when, "iso": _iso},
-        default_helpers=False,
-    )
-
-
-def render(request: web.Request, template: str, **context: Any) -> str:
-    """Render one page template for a request."""
-    return aiohttp_jinja2.render_string(template, request, context)
+__all__ = ["CSP", "SCRIPT_CSP", "STATIC_DIR", "add_routes", "render", "setup"]
 
 
 def add_routes(app: web.Application) -> None:
     """Register the access pages and the request pages on jitgate's own sub-app."""
-    # Imported here: the pages import render() and CSP from this module.
-    from . import accesspages, requestpages
-
     accesspages.add_routes(app)
     requestpages.add_routes(app)

@@ -25,8 +25,9 @@ from ..policy import Policy, format_duration
 from ..settings.read import parse_duration
 from ..state import app_state
 from ..workflow import Workflow, WorkflowError
-from . import SCRIPT_CSP, csrf
+from . import csrf
 from .origin import same_origin
+from .rendering import SCRIPT_CSP
 from .views import page, safe_next
 
 # Which actions each page's forms may post: a form can only do what its page offers.

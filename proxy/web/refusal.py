@@ -15,8 +15,9 @@ from yarl import URL
 
 from ..authorize import Decision
 from ..state import app_state
-from . import CSP, render, requestpages
+from . import requestpages
 from .accesspages import nav
+from .rendering import CSP, render
 from .views import safe_next
 
 _HEADINGS = {

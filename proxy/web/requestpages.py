@@ -23,8 +23,9 @@ from ..identity import Identity
 from ..policy import Policy, format_duration
 from ..state import app_state
 from ..workflow import WorkflowError
-from . import CSP, SCRIPT_CSP, csrf
+from . import csrf
 from .accesspages import _field, _signed_in, checked_form, nav
+from .rendering import CSP, SCRIPT_CSP
 from .views import page, safe_next
 
 # The pending page's script reads its request from the JSON API, and nothing else.

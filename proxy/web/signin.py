@@ -11,8 +11,8 @@ from .. import audit
 from ..identity import IdentityError
 from ..identity.oidc import LoginError, OidcClient, Pending
 from ..state import app_state
-from . import CSP
 from .origin import same_origin
+from .rendering import CSP
 from .views import page, safe_next, signed_in
 
 log = logging.getLogger("jitgate.signin")

@@ -11,8 +11,9 @@ from ..errors import BadPath
 from ..identity import Identity, IdentityError
 from ..paths import normalise, split_target
 from ..state import app_state
-from . import CSP, csrf, render
+from . import csrf
 from .origin import same_origin
+from .rendering import CSP, render
 
 # Raw characters a return path may carry: printable ASCII that no browser or server
 # reads as a separator (no space, backslash, quote or angle bracket).
