@@ -8,7 +8,6 @@ everything that writes to it, and Redis after the audit log).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -320,14 +319,17 @@ def _workflow(state: State) -> Ctx:
         )
         await forwarder.start()
         app[GATE] = Gate(
-            settings,
-            state,
-            forwarder,
-            state.audit,
-            state.metrics,
-            state.live,
-            refusal.refuse,
-            state.assertion,
+            settings.prefix,
+            settings.forward,
+            settings.identity,
+            strict_audit=settings.audit.strict,
+            state=state,
+            forwarder=forwarder,
+            audit_log=state.audit,
+            metrics=state.metrics,
+            live=state.live,
+            refuse=refusal.refuse,
+            assertion=state.assertion,
         )
         sweeper = asyncio.create_task(
             _sweep_forever(state.workflow, settings.sweep_interval, state.metrics),
@@ -357,10 +359,14 @@ def _reloader(state: State) -> Ctx:
     return ctx
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
+async def _cancel(task: asyncio.Task[None], within: float = 5.0) -> None:
+    """Cancel a background task and wait for it, but never let it hold up the shutdown."""
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    done, _ = await asyncio.wait({task}, timeout=within)
+    if not done:
+        log.warning("%s did not stop within %.0fs of being cancelled", task.get_name(), within)
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("%s ended with %r", task.get_name(), task.exception())
 
 
 async def _sweep_forever(workflow: Workflow, interval: float, m: metrics.Metrics) -> None:

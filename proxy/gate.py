@@ -19,7 +19,8 @@ from .identity.assertion import AssertionSigner
 from .live import LiveConnections
 from .metrics import Metrics
 from .paths import normalise, split_target
-from .settings import Settings
+from .settings import ForwardSettings
+from .settings.identity import IdentitySettings
 from .state import State
 from .statusbar import StatusBar
 
@@ -32,7 +33,11 @@ class Gate:
 
     def __init__(
         self,
-        settings: Settings,
+        prefix: str,
+        forward: ForwardSettings,
+        identity: IdentitySettings,
+        *,
+        strict_audit: bool,
         state: State,
         forwarder: Forwarder,
         audit_log: audit.AuditLog,
@@ -41,7 +46,6 @@ class Gate:
         refuse: Refuse,
         assertion: AssertionSigner | None = None,
     ) -> None:
-        self.settings = settings
         self.state = state
         self.forwarder = forwarder
         self.audit = audit_log
@@ -49,32 +53,32 @@ class Gate:
         self.live = live
         self.refuse = refuse
         self.assertion = assertion
-        self.prefix = settings.prefix
-        self.strict = settings.audit.strict
-        fwd = settings.forward
-        self.reject_underscores = fwd.reject_underscore_headers
-        self.user_headers = fwd.user_headers
-        self.status_bar = StatusBar(settings.prefix) if fwd.status_bar else None
+        self.prefix = prefix
+        self.strict = strict_audit
+        self.reject_underscores = forward.reject_underscore_headers
+        self.reject_semicolons = forward.reject_semicolons
+        self.user_headers = forward.user_headers
+        self.status_bar = StatusBar(prefix) if forward.status_bar else None
         # Every header jitgate reads or sets for identity: a client's copy never goes up.
-        names = set(fwd.identity_headers)
-        trusted = settings.identity.trusted_headers
+        names = set(forward.identity_headers)
+        trusted = identity.trusted_headers
         if trusted is not None:
             names.update(trusted.names())
-        if fwd.assertion is not None:
-            names.add(fwd.assertion.header)
-        if fwd.user_headers:
+        if forward.assertion is not None:
+            names.add(forward.assertion.header)
+        if forward.user_headers:
             names.update(_USER_HEADERS)
-        if not fwd.pass_authorization:
+        if not forward.pass_authorization:
             names.add("authorization")
         # Compared as the forwarder compares them: lower case, "_" read as "-".
         self.drop_headers = frozenset(n.lower().replace("_", "-") for n in names)
-        cookie = settings.identity.cookie
+        cookie = identity.cookie
         drop: set[str] = set()
-        if cookie is not None and not fwd.pass_identity_cookie:
+        if cookie is not None and not forward.pass_identity_cookie:
             drop.add(cookie)
-        if settings.identity.session is not None:
+        if identity.session is not None:
             # The session is jitgate's alone: never the upstream's, whatever pass_* says.
-            drop.add(settings.identity.session.cookie)
+            drop.add(identity.session.cookie)
         self.drop_cookies = frozenset(drop)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -90,7 +94,7 @@ class Gate:
                 return self._bad_request(request, reason, started, "header")
         try:
             raw_path, query = split_target(request.raw_path)
-            path = normalise(raw_path, reject_semicolons=self.settings.forward.reject_semicolons)
+            path = normalise(raw_path, reject_semicolons=self.reject_semicolons)
         except BadPath as exc:
             return self._bad_request(request, str(exc), started, "path")
         low = path.lower()
