@@ -15,14 +15,14 @@ import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
-from . import audit, metrics, policy
+from . import audit, metrics, policy, policyfile
 from . import web as pages
 from .audit import sinks as auditsinks
 from .audit.store import AuditStore, store_for
 from .authorize import Authorizer
 from .forward import Forwarder, UpstreamConfig
 from .gate import Gate
-from .grants import RedisGrants
+from .grantstore import RedisGrants
 from .identity import Verifier
 from .identity.assertion import AssertionSigner
 from .identity.oidc import OidcClient
@@ -102,7 +102,7 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     state = State(settings, metrics.Metrics())
     app[STATE] = state
     pages.setup(app)
-    compiled = compiled or policy.load(settings.policy_file)
+    compiled = compiled or policyfile.load(settings.policy_file)
     app.cleanup_ctx.extend(ctx(state) for ctx in _resources(compiled))
 
     # jitgate's own endpoints live in a sub-application under the prefix (its handlers

@@ -22,7 +22,8 @@ from typing import Any
 
 import aiohttp
 
-from .grants import Grant, RedisGrants
+from .grants import Grant
+from .grantstore import RedisGrants
 from .metrics import Metrics
 from .policy import format_duration
 from .settings import NotificationSettings, WebhookSettings

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 from watchfiles import Change, awatch
 
-from . import audit, policy
+from . import audit, policyfile
 from .errors import ConfigErrors
 from .metrics import Metrics
 
@@ -107,7 +107,7 @@ class PolicyReloader:
         """Load the policy file and swap it in if it is valid and new; return what happened."""
         async with self._lock:
             try:
-                new = await asyncio.to_thread(policy.load, self.path)
+                new = await asyncio.to_thread(policyfile.load, self.path)
             except ConfigErrors as exc:
                 return self._failed(actor, [str(e) for e in exc.errors])
             except Exception as exc:  # e.g. a file that is not UTF-8: still keep the old one

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # the resources' types only: importing state starts nothing
 
     from .audit import AuditLog
     from .audit.store import AuditStore
-    from .grants import RedisGrants
+    from .grantstore import RedisGrants
     from .identity.assertion import AssertionSigner
     from .identity.oidc import OidcClient
     from .identity.session import Sessions

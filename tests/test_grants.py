@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from proxy.grants import Grant, GrantError, RedisGrants
+from proxy.grants import Grant, GrantError
+from proxy.grantstore import RedisGrants
 
 
 @pytest.fixture

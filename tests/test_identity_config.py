@@ -13,7 +13,7 @@ from conftest import ROOT
 from cryptography.fernet import Fernet
 
 from proxy.errors import ConfigErrors
-from proxy.identity import Verifier, jwks
+from proxy.identity import Verifier, keyset
 from proxy.settings import load
 from proxy.settings.identity import JWKS_ALGORITHMS
 
@@ -59,7 +59,7 @@ async def test_each_example_builds_a_verifier(name: str) -> None:
 
 
 def test_jwks_algorithms_match_what_proxy_jwks_verifies() -> None:
-    assert frozenset(JWKS_ALGORITHMS) == jwks.SUPPORTED_ALGORITHMS
+    assert frozenset(JWKS_ALGORITHMS) == keyset.SUPPORTED_ALGORITHMS
 
 
 MISTAKES = [

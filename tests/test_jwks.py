@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 from idp import Idp, IdpError, idp_fixture, start_idp
 
-from proxy.identity.jwks import IssuerConfig, KeySet, MultiVerifier, TokenError, check_kid, discover
+from proxy.identity.jwks import IssuerConfig, MultiVerifier, discover
+from proxy.identity.keyset import KeySet, TokenError, check_kid
 
 idp = idp_fixture("idp", scope="module")
 idp2 = idp_fixture("idp2", scope="module")

@@ -10,7 +10,7 @@ import pytest
 from conftest import RedisServer
 from redis.asyncio import Redis
 
-from proxy.grants import RedisGrants
+from proxy.grantstore import RedisGrants
 from proxy.live import LiveConnections, follow_revocations
 
 

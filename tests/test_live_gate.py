@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from conftest import ProxyFactory, bearer, free_port, make_token, write_config
 from redis.asyncio import Redis
 
-from proxy.grants import RedisGrants
+from proxy.grantstore import RedisGrants
 from proxy.state import STATE
 
 WS = "/api/projects/1/session_recordings/demo-1/live"

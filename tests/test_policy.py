@@ -6,7 +6,8 @@ import pytest
 from conftest import ROOT
 
 from proxy.errors import ConfigErrors
-from proxy.policy import Access, Approval, Entitlement, compile_text, format_duration, load
+from proxy.policy import Access, Approval, Entitlement, format_duration
+from proxy.policyfile import compile_text, load
 
 POLICY = load(ROOT / "config" / "policy.yaml")
 

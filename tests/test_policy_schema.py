@@ -11,7 +11,7 @@ from conftest import ROOT
 from jsonschema import Draft202012Validator
 
 from proxy.errors import ConfigErrors
-from proxy.policy import _ENTITLEMENT_FIELDS, compile_text
+from proxy.policyfile import _ENTITLEMENT_FIELDS, compile_text
 
 SCHEMA = json.loads((ROOT / "config" / "policy.schema.json").read_text())
 VALIDATOR = Draft202012Validator(SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER)

@@ -12,9 +12,9 @@ from conftest import ROOT, free_port, write_config
 from redis.asyncio import Redis
 
 from proxy.authorize import Authorizer
-from proxy.grants import RedisGrants
+from proxy.grantstore import RedisGrants
 from proxy.identity import Caller, IdentityError, Verifier
-from proxy.policy import load
+from proxy.policyfile import load
 from proxy.policytest import SimulatedGrants
 from proxy.settings.identity import IdentitySettings
 

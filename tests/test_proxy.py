@@ -316,13 +316,13 @@ async def test_upstream_redirect_location_is_rewritten(
 
 
 async def test_bad_config_policy_is_startup_error(tmp_path: Path) -> None:
-    from proxy import policy
+    from proxy import policyfile
     from proxy.errors import ConfigErrors
 
     bad = tmp_path / "p.yaml"
     bad.write_text((ROOT / "config" / "policy.yaml").read_text().replace('{recording}"', '{x}"'))
     with pytest.raises(ConfigErrors) as exc:
-        policy.load(bad)
+        policyfile.load(bad)
     assert f"{bad}:" in str(exc.value) and "unknown parameter {x}" in str(exc.value)
 
 

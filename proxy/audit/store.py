@@ -46,6 +46,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from .. import lua
 from ..settings import Settings
 
 log = logging.getLogger("jitgate.auditstore")
@@ -75,199 +76,14 @@ _LIFECYCLE_MAX = 10_000
 _SLACK_MS = 1.0
 _MEMBER = re.compile(r"(\d+)-(\d+)")
 
-# Shared by every script that adds or removes index members, so that trimming removes
+# The scripts (proxy/lua/audit_*.lua, each saying its KEYS and ARGV). The index library is
+# shared by every script that adds or removes index members, so that trimming removes
 # exactly the members that writing added.
-_INDEX_LUA = r"""
-local FIELDS = {
-  {'user', 'user:'}, {'scope', 'scope:'}, {'recording', 'recording:'},
-  {'grant_id', 'grant:'}, {'event', 'event:'},
-}
-
-local function member_of(id)
-  local ms, seq = string.match(id, '^(%d+)%-(%d+)$')
-  if #seq < SEQ_WIDTH then seq = string.rep('0', SEQ_WIDTH - #seq) .. seq end
-  return ms .. '-' .. seq
-end
-
-local function entry_of(member)
-  return (string.gsub(member, '%-0+(%d)', '-%1'))
-end
-
--- The index score (nil: use the entry's time), the index keys, and whether the line
--- is a JSON object.
-local function index_of(prefix, line)
-  local keys = {prefix .. 't'}
-  if type(line) ~= 'string' then return nil, keys, false end
-  local ok, rec = pcall(cjson.decode, line)
-  -- cjson decodes arrays to tables too; only an object is a record.
-  if not ok or type(rec) ~= 'table' or not string.find(line, '^%s*{') then
-    return nil, keys, false
-  end
-  local score = nil
-  local ts = rec['ts']
-  if type(ts) == 'number' and ts == ts and ts ~= math.huge and ts ~= -math.huge then
-    score = string.format('%.17g', ts * 1000)
-  end
-  for _, f in ipairs(FIELDS) do
-    local v = rec[f[1]]
-    if type(v) == 'string' then keys[#keys + 1] = prefix .. f[2] .. v end
-  end
-  local event, grant = rec['event'], rec['grant_id']
-  if type(event) == 'string' and type(grant) == 'string'
-      and (string.sub(event, 1, 6) == 'grant.' or event == 'break_glass') then
-    keys[#keys + 1] = prefix .. 'lifecycle:' .. grant
-  end
-  return score, keys, true
-end
-
-local function record_of(fields)
-  for j = 1, #fields, 2 do
-    if fields[j] == 'record' then return fields[j + 1] end
-  end
-  return nil
-end
-""".replace("SEQ_WIDTH", str(_SEQ_WIDTH))
-
-# KEYS: stream, batch marker. ARGV: index prefix, the marker's lifetime in seconds, the lines.
-# Returns -1 when the batch marker was already set, else how many lines were not JSON objects.
-_WRITE = (
-    "#!lua\n"
-    + _INDEX_LUA
-    + r"""
-local stream, prefix = KEYS[1], ARGV[1]
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return -1 end
-local malformed = 0
-for i = 3, #ARGV do
-  local line = ARGV[i]
-  local score, keys, ok = index_of(prefix, line)
-  if not ok then malformed = malformed + 1 end
-  local id = redis.call('XADD', stream, '*', 'record', line)
-  local member = member_of(id)
-  score = score or string.match(id, '^(%d+)')
-  for _, k in ipairs(keys) do redis.call('ZADD', k, score, member) end
-end
-return malformed
-"""
-)
-
-# KEYS: stream. ARGV: index prefix, maxlen (-1: none), retention in ms (-1: none), chunk.
-# Returns how many entries were removed.
-_TRIM = (
-    "#!lua\n"
-    + _INDEX_LUA
-    + r"""
-local stream, prefix = KEYS[1], ARGV[1]
-local maxlen, retention, chunk = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local excess = 0
-if maxlen >= 0 then excess = redis.call('XLEN', stream) - maxlen end
-local cutoff = -1
-if retention >= 0 then
-  local now = redis.call('TIME')
-  cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - retention
-end
-local entries = redis.call('XRANGE', stream, '-', '+', 'COUNT', chunk + 1)
-local removed, boundary = 0, nil
-for i, e in ipairs(entries) do
-  local id = e[1]
-  local ms = tonumber(string.match(id, '^(%d+)'))
-  if i > chunk or not (i <= excess or ms < cutoff) then
-    boundary = id
-    break
-  end
-  local _, keys = index_of(prefix, record_of(e[2]))
-  local member = member_of(id)
-  for _, k in ipairs(keys) do redis.call('ZREM', k, member) end
-  removed = removed + 1
-end
-if removed > 0 then
-  if boundary then
-    redis.call('XTRIM', stream, 'MINID', boundary)
-  else
-    redis.call('XTRIM', stream, 'MAXLEN', 0)
-  end
-end
-return removed
-"""
-)
-
-# KEYS: stream. ARGV: index prefix, the last entry id done ('' to start), chunk.
-# Returns {entries indexed, last entry id or ''}.
-_REINDEX = (
-    "#!lua\n"
-    + _INDEX_LUA
-    + r"""
-local stream, prefix, after, chunk = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
-local start = '-'
-if after ~= '' then start = '(' .. after end
-local entries = redis.call('XRANGE', stream, start, '+', 'COUNT', chunk)
-local last = ''
-for _, e in ipairs(entries) do
-  local id = e[1]
-  local score, keys = index_of(prefix, record_of(e[2]))
-  score = score or string.match(id, '^(%d+)')
-  local member = member_of(id)
-  for _, k in ipairs(keys) do redis.call('ZADD', k, score, member) end
-  last = id
-end
-return {#entries, last}
-"""
-)
-
-# KEYS: index, stream. ARGV: min score, max score, count, '1' for newest first, and the
-# member to continue after with its score ('' '' to start at the range's end).
-# Returns flat {member, score, line or false, ...}; false where the entry is gone.
-_PAGE = (
-    "#!lua flags=no-writes\n"
-    + _INDEX_LUA
-    + r"""
-local index, stream = KEYS[1], KEYS[2]
-local lo, hi, count, rev = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
-local after, after_score = ARGV[5], ARGV[6]
-local function num(s)
-  if s == '+inf' then return math.huge elseif s == '-inf' then return -math.huge end
-  return tonumber(s)
-end
-local rank = false
-if after ~= '' then
-  rank = redis.call(rev and 'ZREVRANK' or 'ZRANK', index, after)
-end
-local members
-if rank then
-  -- Continue by rank right after the member: as cheap inside a millisecond holding
-  -- thousands of members as anywhere else.
-  if rev then
-    members = redis.call('ZRANGE', index, rank + 1, rank + count, 'REV', 'WITHSCORES')
-  else
-    members = redis.call('ZRANGE', index, rank + 1, rank + count, 'WITHSCORES')
-  end
-else
-  -- A fresh start, or the member is gone: start at its score; the caller skips the
-  -- members up to it.
-  if after ~= '' then
-    if rev then hi = after_score else lo = after_score end
-  end
-  if rev then
-    members = redis.call('ZRANGE', index, hi, lo, 'BYSCORE', 'REV', 'LIMIT', 0, count, 'WITHSCORES')
-  else
-    members = redis.call('ZRANGE', index, lo, hi, 'BYSCORE', 'LIMIT', 0, count, 'WITHSCORES')
-  end
-end
-local stop = num(rev and lo or hi)
-local out = {}
-for i = 1, #members, 2 do
-  local score = tonumber(members[i + 1])
-  if (rev and score < stop) or (not rev and score > stop) then break end
-  local id = entry_of(members[i])
-  local found = redis.call('XRANGE', stream, id, id)
-  local line = false
-  if found[1] then line = record_of(found[1][2]) or false end
-  out[#out + 1] = members[i]
-  out[#out + 1] = members[i + 1]
-  out[#out + 1] = line
-end
-return out
-"""
-)
+_INDEX_LUA = lua.read("audit_index").replace("SEQ_WIDTH", str(_SEQ_WIDTH))
+_WRITE = lua.compose("audit_write", _INDEX_LUA)
+_TRIM = lua.compose("audit_trim", _INDEX_LUA)
+_REINDEX = lua.compose("audit_reindex", _INDEX_LUA)
+_PAGE = lua.compose("audit_page", _INDEX_LUA)
 
 
 @dataclass(frozen=True)

@@ -37,14 +37,14 @@ def _actor(by: str | None) -> str:
 
 
 async def _grants(args: argparse.Namespace, settings: Settings) -> int:
-    from .. import policy
+    from .. import policyfile
     from ..app import make_audit_log
-    from ..grants import RedisGrants
+    from ..grantstore import RedisGrants
     from ..metrics import Metrics
     from ..redisd import connect_redis
     from ..workflow import grant_record
 
-    compiled = policy.load(settings.policy_file)  # every audit record names its version
+    compiled = policyfile.load(settings.policy_file)  # every audit record names its version
     redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
     store = RedisGrants(redis, settings.redis.key_prefix)
     audit_log = make_audit_log(settings, redis, Metrics())

@@ -162,14 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from .. import policy
+    from .. import policyfile
     from . import audit as auditcli
 
     if args.noun == "serve":
         return _serve(args)
     if args.noun == "check":
         settings = load(args.config)
-        compiled = policy.load(settings.policy_file)
+        compiled = policyfile.load(settings.policy_file)
         print(f"ok: {settings.file} and {settings.policy_file} (policy version {compiled.version})")
         return EXIT_OK
     if args.noun == "policy" and args.verb == "explain":
@@ -177,7 +177,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.noun == "policy" and args.verb == "test":
         return asyncio.run(_policy_test(args))
     if args.noun == "policy":
-        compiled = policy.load(args.file)
+        compiled = policyfile.load(args.file)
         print(f"ok: {args.file}: {len(compiled.routes)} routes, version {compiled.version}")
         return EXIT_OK
     if args.noun == "audit":
@@ -199,14 +199,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .. import policy
+    from .. import policyfile
     from ..app import run  # aiohttp app wiring is only needed here
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = load(args.config)
-    policy.load(settings.policy_file)  # a bad policy is a start-up error
+    policyfile.load(settings.policy_file)  # a bad policy is a start-up error
     if settings.redis.url is None and shutil.which("redis-server") is None:
         raise UsageError(str(redisd.RedisServerMissing()))
     run(settings)
@@ -214,15 +214,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _explain(args: argparse.Namespace, settings: Settings) -> int:
-    from .. import policy, policytest
-    from ..grants import RedisGrants
+    from .. import policyfile, policytest
+    from ..grantstore import RedisGrants
     from ..identity import Identity
     from ..redisd import connect_redis
 
     if not policytest.METHOD.match(args.method):
         raise UsageError(f"invalid METHOD {args.method!r}")
     method = args.method.upper()
-    compiled = policy.load(settings.policy_file)
+    compiled = policyfile.load(settings.policy_file)
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
     ident = Identity(args.user, groups) if args.user else None
     redis = store = None
@@ -272,10 +272,10 @@ def _needs_grant(compiled: policy.Policy, method: str, target: str, reject: bool
 
 
 async def _policy_test(args: argparse.Namespace) -> int:
-    from .. import policy, policytest
+    from .. import policyfile, policytest
 
     suite = policytest.load_suite(args.file, args.policy)
-    compiled = policy.load(suite.policy_file)
+    compiled = policyfile.load(suite.policy_file)
     results = await policytest.run_suite(suite, compiled)
     failed = sum(not r.passed for r in results)
     if args.json:

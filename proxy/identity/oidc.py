@@ -29,7 +29,8 @@ import aiohttp
 from cryptography.fernet import InvalidToken, MultiFernet
 
 from ..settings.identity import OidcSettings
-from .jwks import IssuerConfig, MultiVerifier, TokenError, secure_url
+from .jwks import IssuerConfig, MultiVerifier
+from .keyset import TokenError, secure_url
 
 log = logging.getLogger("jitgate.oidc")
 

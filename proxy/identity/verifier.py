@@ -26,7 +26,8 @@ from multidict import MultiMapping
 
 from ..settings.identity import IdentitySettings, IssuerSettings, TrustedHeadersSettings
 from . import claims as claim
-from .jwks import IssuerConfig, MultiVerifier, TokenError, decode_segment, safe_text
+from .jwks import IssuerConfig, MultiVerifier
+from .keyset import TokenError, decode_segment, safe_text
 
 
 @dataclass(frozen=True)
