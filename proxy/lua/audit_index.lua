@@ -1,5 +1,5 @@
 -- Shared by every script that adds or removes index members, so that trimming removes
--- exactly the members that writing added. SEQ_WIDTH is filled in by audit/store.py.
+-- exactly the members that writing added. audit/store.py fills in the sequence width.
 local FIELDS = {
   {'user', 'user:'}, {'scope', 'scope:'}, {'recording', 'recording:'},
   {'grant_id', 'grant:'}, {'event', 'event:'},
