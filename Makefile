@@ -30,7 +30,8 @@ test: $(STAMP) ## Lint, then run the whole test suite
 	$(MAKE) lint
 	$(BIN)/pytest -q
 
-bench: $(STAMP) ## Load-test upstream, a plain aiohttp pass-through and jitgate side by side
+bench: $(STAMP) ## Load-test upstream, pass-through, jitgate and a naive check side by side
+	bash .ci/install.sh wrk:wrk nginx:nginx-light  # the load generator and the fast upstream
 	$(BIN)/python bench/run.py
 
 clean: ## Remove the venv, caches and the demo state directory

@@ -9,7 +9,7 @@ arrives: the least any aiohttp proxy does, so jitgate's overhead can be read aga
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -79,11 +79,15 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
     await app[SESSION].close()
 
 
-def build_app(upstream: str) -> web.Application:
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_app(upstream: str, handler: Handler = proxy) -> web.Application:
+    """The pass-through app; bench/naive.py hands in its checked handler instead."""
     app = web.Application(client_max_size=0)
     app[UPSTREAM] = upstream.rstrip("/")
     app.cleanup_ctx.append(_session)
-    app.router.add_route("*", "/{tail:.*}", proxy)
+    app.router.add_route("*", "/{tail:.*}", handler)
     return app
 
 

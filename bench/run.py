@@ -3,10 +3,13 @@
     make bench                      # or: .venv/bin/python bench/run.py --rounds 3
 
 (a) the upstream directly, (b) a check-free aiohttp proxy in front of it, (c) jitgate with
-full enforcement (JWT, policy, a Redis grant check and an audit record per request) in
-front of it. Each server is its own process; the load generator is wrk if installed, else
-bench/loadgen.py. It measures and prints; it asserts nothing about speed. The results are
-also written to .jitgate/bench-latest.json.
+full enforcement in front of it: an RS256 token checked against the issuer's JWKS, the
+policy, a Redis grant check, metrics, and an audit record per request to the Redis stream
+and the file with the HMAC chain; (d) a naive check as a yardstick (bench/naive.py).
+The upstream is nginx serving files when it is installed (it competes least for Python's
+CPU), else bench/upstream.py. Each server is its own process; the load generator is wrk
+if installed, else bench/loadgen.py. It measures and prints; it asserts nothing about
+speed. The results are also written to .jitgate/bench-latest.json.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
+import upstream as upstream_app  # bench/ is the script's directory
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -44,7 +51,9 @@ PATH = "/api/projects/1/session_recordings/demo-1/snapshots"
 SCOPE = "recording:1/demo-1"
 USER = "alice"
 SECRET = "bench-only-secret-0123456789abcdef0123456789"
-ISSUER = "jitgate-bench"
+AUDIT_KEY = "bench-only-audit-key-0123456789abcdef0123"
+KID = "bench-1"
+ISSUER = "https://issuer.bench.invalid"  # only compared with iss: keys come from jwks_uri
 AUDIENCE = "jitgate"
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -181,7 +190,9 @@ def http_get(url: str, headers: Mapping[str, str] | None = None) -> tuple[int, b
         return exc.code, exc.read()
 
 
-def wait_http(server: Server, url: str, timeout: float = 30.0) -> None:
+def wait_http(
+    server: Server, url: str, timeout: float = 30.0, headers: Mapping[str, str] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if server.proc.poll() is not None:
@@ -190,7 +201,7 @@ def wait_http(server: Server, url: str, timeout: float = 30.0) -> None:
                 + tail(server.log_file)
             )
         try:
-            status, _ = http_get(url)
+            status, _ = http_get(url, headers)
             if status == 200:
                 return
         except OSError:
@@ -374,6 +385,7 @@ class Target:
     label: str
     url: str
     front: Server  # the process whose CPU per request is reported
+    headers: Mapping[str, str] = field(default_factory=dict)
     runs: list[Run] = field(default_factory=list)
     cpu_us: list[dict[str, float]] = field(default_factory=list)
 
@@ -390,10 +402,11 @@ def jitgate_env() -> dict[str, str]:
 
 # The audit section of (c)'s config: every sink as deployed (full), or fewer, to see what
 # each costs. "none" writes no record anywhere: it is not a deployable configuration.
+_CHAIN = f"\n  hmac_key: {AUDIT_KEY}"
 AUDIT_SECTIONS = {
-    "full": "redis: {stream: audit, maxlen: 200000}\n  file: audit.jsonl",
-    "redis": "redis: {stream: audit, maxlen: 200000}",
-    "file": "redis: null\n  file: audit.jsonl",
+    "full": "redis: {stream: audit, maxlen: 200000}\n  file: audit.jsonl" + _CHAIN,
+    "redis": "redis: {stream: audit, maxlen: 200000}" + _CHAIN,
+    "file": "redis: null\n  file: audit.jsonl" + _CHAIN,
     "none": "redis: null\n  spool: null",
 }
 
@@ -401,7 +414,8 @@ AUDIT_SECTIONS = {
 def write_config(
     tmp: Path, *, port: int, upstream_url: str, redis_port: int, audit: str = "full"
 ) -> Path:
-    """Write a full-enforcement jitgate config and the repo's policy into tmp."""
+    """Write a full-enforcement jitgate config and the repo's policy into tmp; tokens are
+    RS256, verified with the keys the upstream serves at /jwks.json."""
     (tmp / "policy.yaml").write_text((ROOT / "config" / "policy.yaml").read_text())
     cfg = tmp / "jitgate.yaml"
     cfg.write_text(
@@ -412,16 +426,93 @@ redis: {{url: "redis://{HOST}:{redis_port}/0", timeout: 1.0}}
 state_dir: state
 policy: {{file: policy.yaml}}
 identity:
-  algorithms: [HS256]
-  hs_secret: {SECRET}
-  dev_key: {SECRET}
-  issuer: {ISSUER}
-  audience: {AUDIENCE}
+  issuers:
+    - issuer: {ISSUER}
+      audience: {AUDIENCE}
+      algorithms: [RS256]
+      jwks_uri: "{upstream_url}/jwks.json"
 audit:
   {AUDIT_SECTIONS[audit]}
 """
     )
     return cfg
+
+
+def make_key(www: Path) -> rsa.RSAPrivateKey:
+    """Return (c)'s signing key; its JWKS goes where the upstream serves /jwks.json."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid=KID, use="sig", alg="RS256")
+    (www / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    return key
+
+
+def mint(key: rsa.RSAPrivateKey | str, ttl: int) -> str:
+    """An RS256 token from the issuer's key for (c), or an HS256 one for (d)."""
+    now = int(time.time())
+    claims = {"sub": USER, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + ttl}
+    if isinstance(key, str):
+        return jwt.encode(claims, key, algorithm="HS256")
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": KID})
+
+
+def write_www(www: Path) -> bytes:
+    """The upstream's files: the recording's snapshots (what every run fetches), /healthz."""
+    body = upstream_app.snapshot_body()
+    target = www / PATH.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(body)
+    (www / "healthz").write_text("ok\n")
+    return body
+
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    default_type application/json;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen {host}:{port};
+        root {www};
+        location / {{ try_files $uri =404; }}
+    }}
+}}
+"""
+
+
+def start_upstream(choice: str, procs: Processes, tmp: Path, www: Path, port: int) -> str:
+    """Start nginx on the files in www if asked or available, else bench/upstream.py."""
+    nginx = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None
+    )
+    if choice == "nginx" and nginx is None:
+        raise BenchError("--upstream nginx: nginx is not installed (Debian: nginx-light)")
+    if choice in ("nginx", "auto") and nginx is not None:
+        conf_dir = tmp / "nginx"
+        conf_dir.mkdir()
+        conf = conf_dir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(tmp=conf_dir, host=HOST, port=port, www=www))
+        procs.start("upstream", [nginx, "-c", str(conf), "-p", str(conf_dir)])
+        version = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False)
+        return f"nginx serving files ({version.stderr.strip().removeprefix('nginx version: ')})"
+    procs.start(
+        "upstream",
+        [sys.executable, str(BENCH / "upstream.py"), "--port", str(port),
+         "--jwks", str(www / "jwks.json")],
+    )  # fmt: skip
+    return "bench/upstream.py (aiohttp)"
 
 
 def jitgate_cli(*args: str) -> str:
@@ -510,12 +601,13 @@ def render(report: dict[str, Any]) -> str:
         f"  date:      {report['date']}",
         f"  code:      {report['code'] or 'unknown (not a git checkout)'}",
         f"  loadgen:   {report['loadgen']}",
+        f"  upstream:  {report['upstream']}",
         f"  load:      {report['duration_s']:g}s per run after {report['warmup_s']:g}s warm-up, "
         f"{report['connections']} connections, {report['rounds']} round(s)"
-        + (", interleaved a,b,c; medians shown" if report["rounds"] > 1 else "")
+        + (", interleaved a,b,c,d; medians shown" if report["rounds"] > 1 else "")
         + ("" if report["audit_sinks"] == "full" else f"; (c) audit: {report['audit_sinks']}"),
         f"  request:   GET {PATH} ({report['body_bytes']} B JSON), "
-        f"Authorization: Bearer <{USER}'s JWT>",
+        f"Authorization: Bearer <{USER}'s JWT: RS256 via JWKS for (c), HS256 for (d)>",
         f"  machine:   nproc {report['nproc']}, load average at start "
         + " ".join(f"{x:.2f}" for x in report["loadavg_start"]),
         f"  versions:  Python {report['python']}, aiohttp {report['aiohttp']}, "
@@ -532,8 +624,9 @@ def render(report: dict[str, Any]) -> str:
     r = report["ratios"]
     lines += [
         "",
-        f"  c/b req/s: {_num(r['c/b'], '.2f')}    c/a req/s: {_num(r['c/a'], '.2f')}"
-        f"    (b/a: {_num(r['b/a'], '.2f')})",
+        f"  c/b req/s: {_num(r['c/b'], '.2f')} (target >= 1.0)    c/d req/s: "
+        f"{_num(r['c/d'], '.2f')} (target >= 4)    c/a: {_num(r['c/a'], '.2f')}"
+        f"    b/a: {_num(r['b/a'], '.2f')}",
     ]
     if report["rounds"] > 1:
         per_round = "   ".join(
@@ -543,7 +636,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  req/s per round: {per_round}")
     lines += [
         "  cpu us/req: CPU time of the server under test per request ((a) upstream,"
-        " (b) pass-through, (c) jitgate);",
+        " (b) pass-through, (c) jitgate, (d) naive);",
         "              all servers incl. upstream and redis: "
         + ", ".join(
             f"{k} {_num(res['cpu_us_per_req_all_servers'], '.0f')}"
@@ -594,6 +687,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
     p.add_argument("--connections", type=int, default=32, help="concurrent connections (32)")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    p.add_argument(
+        "--upstream",
+        choices=("auto", "nginx", "aiohttp"),
+        default="auto",
+        help="nginx serving files (auto: when installed), or bench/upstream.py",
+    )
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before each run (2)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians shown")
     p.add_argument(
@@ -630,7 +729,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
     ).stdout.split(" sha=")[0]
     loadavg = list(os.getloadavg())
     started = datetime.now().astimezone()
-    up_port, pass_port, jit_port, redis_port = free_ports(4)
+    up_port, pass_port, jit_port, naive_port, redis_port = free_ports(5)
     upstream_url = f"http://{HOST}:{up_port}"
     log(f"bench: temp dir {tmp}, load generator {loadgen.name}")
 
@@ -641,55 +740,67 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
         [redis_bin, "--port", str(redis_port), "--bind", HOST, "--save", "",
          "--appendonly", "no", "--dir", str(redis_dir)],
     )  # fmt: skip
-    upstream = procs.start(
-        "upstream", [sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)]
-    )
+    www = tmp / "www"
+    want = write_www(www)
+    key = make_key(www)
+    upstream_kind = start_upstream(args.upstream, procs, tmp, www, up_port)
+    upstream = procs.servers[-1]
     passthrough = procs.start(
         "passthrough",
         [sys.executable, str(BENCH / "passthrough.py"), "--port", str(pass_port),
          "--upstream", upstream_url],
     )  # fmt: skip
+    naive = procs.start(
+        "naive",
+        [sys.executable, str(BENCH / "naive.py"), "--port", str(naive_port),
+         "--upstream", upstream_url, "--redis-port", str(redis_port), "--secret", SECRET],
+    )  # fmt: skip
     wait_redis(redis, redis_port)
+    wait_http(upstream, f"{upstream_url}/healthz")  # jitgate fetches its keys at start
     cfg = write_config(
         tmp, port=jit_port, upstream_url=upstream_url, redis_port=redis_port, audit=args.audit
     )
     jitgate = procs.start(
         "jitgate", [*jitgate_command(), "serve", "--config", str(cfg)], env=jitgate_env()
     )
-    wait_http(upstream, f"{upstream_url}/healthz")
     wait_http(passthrough, f"http://{HOST}:{pass_port}/healthz")
     wait_http(jitgate, f"http://{HOST}:{jit_port}/_jit/healthz")
 
     # Long enough for the whole run, however many rounds were asked for.
-    ttl = f"{max(3600, math.ceil(4 * args.rounds * (args.warmup + args.duration + 5)))}s"
+    seconds = max(3600, math.ceil(4 * args.rounds * (args.warmup + args.duration + 5)))
     grant_id = jitgate_cli(
         "grants", "add", "--config", str(cfg), "--user", USER, "--scope", SCOPE,
-        "--ttl", ttl, "--reason", "bench", "--by", "bench/run.py",
+        "--ttl", f"{seconds}s", "--reason", "bench", "--by", "bench/run.py",
     )  # fmt: skip
-    token = jitgate_cli("token", "mint", "--config", str(cfg), "--sub", USER, "--ttl", ttl)
-    log(f"bench: grant {grant_id} for {USER} on {SCOPE}; token minted")
-    headers = {"Authorization": f"Bearer {token}"}
+    redis_command(redis_port, "SET", f"naive:grant:{USER}:{SCOPE}", "1", "EX", str(seconds))
+    log(f"bench: grant {grant_id} for {USER} on {SCOPE}; tokens minted")
+    rs256 = {"Authorization": f"Bearer {mint(key, seconds)}"}
+    hs256 = {"Authorization": f"Bearer {mint(SECRET, seconds)}"}
+    naive_url = f"http://{HOST}:{naive_port}{PATH}"
+    wait_http(naive, naive_url, headers=hs256)
 
     targets = [
-        Target("a", "upstream (direct)", f"{upstream_url}{PATH}", upstream),
-        Target("b", "aiohttp pass-through", f"http://{HOST}:{pass_port}{PATH}", passthrough),
-        Target("c", "jitgate (full enforcement)", f"http://{HOST}:{jit_port}{PATH}", jitgate),
+        Target("a", "upstream (direct)", f"{upstream_url}{PATH}", upstream, rs256),
+        Target("b", "aiohttp pass-through", f"http://{HOST}:{pass_port}{PATH}", passthrough, rs256),
+        Target(
+            "c", "jitgate (full enforcement)", f"http://{HOST}:{jit_port}{PATH}", jitgate, rs256
+        ),
+        Target("d", "naive check (yardstick)", naive_url, naive, hs256),
     ]
-    _, want = http_get(targets[0].url)
     for target in targets:
-        check_target(target, headers, want)
+        check_target(target, target.headers, want)
     # Every bench server, for the CPU-per-request figures.
-    servers = [upstream, passthrough, jitgate, redis]
+    servers = [upstream, passthrough, jitgate, naive, redis]
 
     sent_to_c = 0
     for rnd in range(1, args.rounds + 1):
         for target in targets:
             if args.warmup > 0:
-                warm = loadgen.run(target.url, headers, args.warmup)
+                warm = loadgen.run(target.url, target.headers, args.warmup)
                 if target.key == "c":
                     sent_to_c += warm.requests
             before = {s.name: cpu_seconds(s.proc.pid) for s in servers}
-            result = loadgen.run(target.url, headers, args.duration)
+            result = loadgen.run(target.url, target.headers, args.duration)
             after = {s.name: cpu_seconds(s.proc.pid) for s in servers}
             for server in servers:
                 if server.proc.poll() is not None:
@@ -726,6 +837,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
         "code": code_revision(),
         "loadgen": described,
         "loadgen_kind": loadgen.name,
+        "upstream": upstream_kind,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "connections": args.connections,
@@ -743,6 +855,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
         "results": results,
         "ratios": {
             "c/b": ratio(rps["c"], rps["b"]),
+            "c/d": ratio(rps["c"], rps["d"]),
             "c/a": ratio(rps["c"], rps["a"]),
             "b/a": ratio(rps["b"], rps["a"]),
         },

@@ -1,12 +1,15 @@
 """Benchmark upstream: a fixed ~4 KB snapshots answer, a small body for anything else.
 
-python bench/upstream.py --port 8081
+python bench/upstream.py --port 8081 [--jwks FILE]
+
+With --jwks, FILE is served at /jwks.json (the key set of the bench's token issuer).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from aiohttp import web
 
@@ -45,8 +48,15 @@ async def anything(request: web.Request) -> web.Response:
     return web.Response(body=SMALL_BODY, content_type="application/json")
 
 
-def build_app() -> web.Application:
+def build_app(jwks: bytes | None = None) -> web.Application:
     app = web.Application()
+    if jwks is not None:
+        body = jwks
+
+        async def keys(request: web.Request) -> web.Response:
+            return web.Response(body=body, content_type="application/json")
+
+        app.router.add_get("/jwks.json", keys)
     app.router.add_get(SNAPSHOTS, snapshots)
     app.router.add_route("*", "/{tail:.*}", anything)
     return app
@@ -56,8 +66,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--jwks", type=Path, default=None, help="served at /jwks.json")
     args = parser.parse_args()
-    web.run_app(build_app(), host=args.host, port=args.port, access_log=None, print=None)
+    jwks = args.jwks.read_bytes() if args.jwks else None
+    web.run_app(build_app(jwks), host=args.host, port=args.port, access_log=None, print=None)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""`make bench`'s script runs end to end: every target answers, nothing is timed or judged.
+
+It runs with the aiohttp upstream and the Python load generator, so it needs neither nginx
+nor wrk; the figures it prints are not looked at, only that each target served 200s.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.mark.timeout(180)
+def test_bench_runs_every_target() -> None:
+    argv = [
+        sys.executable, str(ROOT / "bench" / "run.py"), "--duration", "1", "--warmup", "0",
+        "--connections", "4", "--loadgen", "python", "--upstream", "aiohttp", "--json",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=170, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["upstream"] == "bench/upstream.py (aiohttp)"
+    assert set(report["results"]) == {"a", "b", "c", "d"}
+    for key, result in report["results"].items():
+        assert result["requests"] > 0 and result["errors"] == 0, (key, result)
+    assert set(report["ratios"]) >= {"c/b", "c/d"}
+    # Every request jitgate served left its decision in the file and the stream.
+    audit = report["audit"]
+    assert audit["allow_records_in_file"] >= audit["requests_sent"] > 0
+    assert audit["stream_length"] >= audit["requests_sent"]
