@@ -515,6 +515,19 @@ def start_upstream(choice: str, procs: Processes, tmp: Path, www: Path, port: in
     return "bench/upstream.py (aiohttp)"
 
 
+def profile(procs: Processes, server: Server, out: Path, seconds: float) -> subprocess.Popen[Any]:
+    """Sample `server` with py-spy while (c) is measured; collapsed stacks go to `out`."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        raise BenchError("--profile needs py-spy (pip install py-spy)")
+    argv = [spy, "record", "--pid", str(server.proc.pid), "--duration", str(int(seconds)),
+            "--rate", "500", "--format", "raw", "--nonblocking",
+            "--output", str(out.resolve())]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.transient.append(proc)
+    return proc
+
+
 def jitgate_cli(*args: str) -> str:
     proc = subprocess.run(
         [*jitgate_command(), *args],
@@ -702,6 +715,12 @@ def _parser() -> argparse.ArgumentParser:
         help="(c)'s audit sinks: full (Redis stream and file, as deployed), redis, file, or "
         "none (no record anywhere: only to see what the audit costs)",
     )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="sample jitgate with py-spy during (c)'s runs; collapsed stacks to this file",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON only")
     return p
 
@@ -800,7 +819,12 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
                 if target.key == "c":
                     sent_to_c += warm.requests
             before = {s.name: cpu_seconds(s.proc.pid) for s in servers}
+            spy = None
+            if args.profile and target.key == "c":
+                spy = profile(procs, jitgate, args.profile, args.duration)
             result = loadgen.run(target.url, target.headers, args.duration)
+            if spy is not None:
+                spy.wait(timeout=args.duration + 30)
             after = {s.name: cpu_seconds(s.proc.pid) for s in servers}
             for server in servers:
                 if server.proc.poll() is not None:
