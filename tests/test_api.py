@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ProxyFactory, Upstream, demo_policy, make_token
+from waiting import eventually, past
 
 from proxy.audit import query as auditquery
 from proxy.grants import STATES
@@ -174,7 +175,11 @@ async def test_pending_request_lapses(api: TestClient) -> None:
     lara = who("lara")
     status, g = await post(api, "/requests", lara, scope="project:2", reason="x")
     assert status == 201 and g["state"] == "pending"
-    await asyncio.sleep(1.2)
+
+    async def lapsed() -> bool:
+        return (await get(api, f"/grants/{g['id']}", lara))[1]["state"] == "lapsed"
+
+    await eventually(lapsed, what="the request to lapse")
     status, body = await post(api, f"/grants/{g['id']}/approve", BOB)
     assert (status, body["error"]) == (409, "not_pending")
     assert (await get(api, f"/grants/{g['id']}", lara))[1]["state"] == "lapsed"
@@ -507,14 +512,14 @@ async def test_approved_extension_keeps_live_connections_past_the_old_end(
         new_end = done["expires_at"]
         assert new_end == pytest.approx(g["expires_at"] + 2, abs=0.002)
 
-        await asyncio.sleep(max(0.0, g["expires_at"] + 0.5 - time.time()))  # past the old end
+        await past(g["expires_at"] + 0.5)  # the old end is what is under test
         await ws.send_str("still here")
         assert await asyncio.wait_for(ws.receive_str(), 1) == "still here"
         r = await live_api.get(STREAM, headers=erin)
         assert r.status == 200
         r.close()
 
-        await asyncio.sleep(max(0.0, new_end - 0.3 - time.time()))
+        await past(new_end - 0.3)
         _, code = await ws_closed_within(ws, 2.0)  # cut at the new end
         assert code == 1008
         assert time.time() - new_end < 1.0
@@ -529,9 +534,12 @@ async def test_expiry_and_lapse_are_audited_once(make_proxy: ProxyFactory, tmp_p
     _, g = await post(client, "/requests", who("lara"), scope="project:3", reason="x")
     assert g["state"] == "pending"
     await client.app[STATE].grants.add("mallory", "project:1", 0.3, "test", "admin")
-    await asyncio.sleep(1.5)
-    events = await audit_events(client, tmp_path)
-    ended = [
-        (e["event"], e["actor"]) for e in events if e["event"] in ("grant.expired", "grant.lapsed")
-    ]
+
+    async def ended_records() -> list[tuple[str, str]]:
+        events = await audit_events(client, tmp_path)
+        kinds = ("grant.expired", "grant.lapsed")
+        found = [(e["event"], e["actor"]) for e in events if e["event"] in kinds]
+        return found if len(found) >= 2 else []
+
+    ended = await eventually(ended_records, what="the sweep's expiry and lapse records")
     assert sorted(ended) == [("grant.expired", "jitgate"), ("grant.lapsed", "jitgate")]

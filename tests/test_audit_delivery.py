@@ -107,6 +107,7 @@ async def test_outages_under_load_lose_nothing_and_keep_order(
             sent += len(responses)
 
     task = asyncio.create_task(load())
+    # Intended: each phase of the outage lasts a while under load, whatever it counts.
     await asyncio.sleep(0.5)
     aof_redis.kill()  # the grant store and the audit stream go down together
     await asyncio.sleep(0.5)
@@ -215,7 +216,7 @@ def test_sigkill_then_restart_replays_the_spool(
     try:
         for _ in range(30):
             assert http_get(port, "/static/app.css") == 404  # public, answered by the replay app
-        time.sleep(0.3)  # each record is written after its response
+        time.sleep(0.3)  # intended: the records reach the spool (not the file) meanwhile
     finally:
         first.send_signal(signal.SIGKILL)  # nothing flushed: the flusher waits 30 s
         first.wait()

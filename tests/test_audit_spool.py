@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from waiting import eventually
 
 from proxy.audit import AuditLog, record
 from proxy.audit.spool import Spool, SpoolFull
@@ -45,11 +46,8 @@ def make_log(sinks: list[ListSink], spool: Path | None, **kw: object) -> AuditLo
     return AuditLog(sinks, spool_dir=spool, **kw)  # type: ignore[arg-type]
 
 
-async def until(check: object, within: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not check():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
+async def until(check: Callable[[], object], within: float = 15.0) -> None:
+    await eventually(check, within=within)
 
 
 def entries(directory: Path) -> list[Path]:

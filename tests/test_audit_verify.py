@@ -265,7 +265,7 @@ async def test_a_truncated_tail_is_caught(tmp_path: Path) -> None:
 
     # Cut after a plain record: a live writer would have checkpointed within the interval.
     save(cfg, lines[: where(lines, w, 5) + 1])
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # intended: the writer's checkpoint interval (0.1 s) passes
     out = verify(cfg, "--file", str(path))
     assert out.returncode == 1
     assert "error: ends after seq 5 without a closing checkpoint" in out.stdout

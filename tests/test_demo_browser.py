@@ -98,7 +98,7 @@ def test_the_whole_loop_in_a_browser_against_the_demo(tmp_path: Path) -> None:
                 # Expire: once the grant's time is up, the same page is refused again.
                 (grant,) = json.loads(cli(env, "grants", "list", "--user", "alice", "--json"))
                 assert grant["id"] == grant_id and grant["state"] == "active"
-                time.sleep(max(0.0, grant["expires_at"] - time.time()) + 0.5)
+                time.sleep(max(0.0, grant["expires_at"] - time.time()) + 0.5)  # its end
                 alice.goto(f"{base}/replay/demo-1")
                 assert "Access needed" in alice.inner_text("h1")
                 _shot(alice, "5-expired")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, free_port
+from waiting import eventually_sync
 
 JITGATE = str(Path(sys.executable).parent / "jitgate")
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
@@ -121,9 +122,12 @@ def test_readme_walkthrough(demo: tuple[str, dict[str, str]]) -> None:
 
     # The trail so far (jitgate and the two CLI writers) verifies clean; jitgate is still
     # running, so its open tail is only a warning.
-    time.sleep(0.5)  # the audit batch reaches the file
     trail = env["JITGATE_AUDIT__FILE"]
-    assert "3 writers: clean" in cli(env, "audit", "verify", "--file", trail)
+    verified = eventually_sync(  # once the audit batch has reached the file
+        lambda: "3 writers: clean" in cli(env, "audit", "verify", "--file", trail),
+        what="the trail to verify clean",
+    )
+    assert verified
     # The replay app's list needs only an identity; a recording's player page, its grant.
     assert get(base + "/", token)[0] == 200
     assert get(base + "/replay/demo-2", token)[0] == 200

@@ -10,9 +10,21 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from waiting import eventually
 
 from proxy.grants import Grant, GrantError
 from proxy.grantstore import RedisGrants
+
+
+async def _gone(redis: Redis, key: str) -> bool:
+    """Whether Redis has dropped `key` (its TTL has run out)."""
+    return not await redis.exists(key)
+
+
+async def _in_state(store: RedisGrants, grant_id: str, state: str) -> Grant | None:
+    """The grant once it reads as `state` (expired and lapsed are derived from the clock)."""
+    grant = await store.get(grant_id)
+    return grant if grant is not None and grant.state == state else None
 
 
 @pytest.fixture
@@ -92,7 +104,7 @@ async def test_expiry_is_redis_ttl(store: RedisGrants) -> None:
     assert 0 < await store.redis.pttl(active_key) <= 300
     history_ms = store.history_ttl * 1000
     assert history_ms < await store.redis.pttl(f"jit:grant:{g.id}") <= history_ms + 300
-    await asyncio.sleep(0.45)
+    await eventually(lambda: _gone(store.redis, active_key), what="the grant to expire")
     assert await store.check("alice", ("project:1",)) is None
     assert await store.redis.exists(active_key) == 0
     assert await store.list() == []
@@ -254,8 +266,7 @@ async def test_deny_and_withdraw(store: RedisGrants) -> None:
 
 async def test_pending_request_lapses(store: RedisGrants) -> None:
     g = await request(store, pending_ttl=0.3)
-    await asyncio.sleep(0.4)
-    lapsed = await store.get(g.id)
+    lapsed = await eventually(lambda: _in_state(store, g.id, "lapsed"), what="the lapse")
     assert lapsed is not None and lapsed.state == "lapsed"
     assert await store.list_pending() == []
     assert [x.id for x in await store.list(states=["lapsed"])] == [g.id]
@@ -369,7 +380,7 @@ async def test_history_outlives_the_grant_then_goes(redis_url: str) -> None:
     assert kept is not None and kept.state == "revoked" and kept.approvals[0].comment == "ok"
     assert 0 < await client.pttl(f"jit:grant:{g.id}") <= 500
     assert [x.id for x in await store.list(states=None)] == [g.id]
-    await asyncio.sleep(0.6)
+    await eventually(lambda: _gone(client, f"jit:grant:{g.id}"), what="the record to expire")
     assert await store.get(g.id) is None
     assert await store.list(states=None) == []
     assert await client.keys("jit:*") == []  # the index sets expired by themselves too
@@ -536,7 +547,7 @@ async def test_review_after_the_grant_ended(store: RedisGrants) -> None:
     relinquished = await break_glass(store, scope="project:2")
     await store.relinquish(relinquished.id, "alice")
     expired = await break_glass(store, scope="project:3", duration=0.2)
-    await asyncio.sleep(0.3)
+    await eventually(lambda: _in_state(store, expired.id, "expired"), what="the expiry")
     assert await unreviewed_ids(store) == [revoked.id, relinquished.id, expired.id]
     for grant_id, state in (
         (revoked.id, "revoked"), (relinquished.id, "relinquished"), (expired.id, "expired")
@@ -573,7 +584,7 @@ async def test_unreviewed_entry_lives_as_long_as_the_record(redis_url: str) -> N
     await store.revoke(g.id, by="sam")  # the record now goes history_ttl after the revocation
     assert await client.zscore("jit:unreviewed", g.id) == await client.zscore("jit:history", g.id)
     assert await unreviewed_ids(store) == [g.id]
-    await asyncio.sleep(0.6)
+    await eventually(lambda: _gone(client, "jit:unreviewed"), what="the set to expire")
     assert await unreviewed_ids(store) == []
     assert await client.keys("jit:*") == []  # the unreviewed set expired with its last entry
     await client.aclose()
@@ -620,7 +631,7 @@ async def test_claim_notices_is_won_once(store: RedisGrants, replica: RedisGrant
     )  # fmt: skip
     assert [sum(r[i] for r in results) for i in (0, 1)] == [1, 1]
     assert 0 < await store.redis.pttl("jit:notified:expiring:g-2") <= 200
-    await asyncio.sleep(0.3)
+    await eventually(lambda: _gone(store.redis, "jit:notified:expiring:g-2"))
     assert await store.claim_notices("expiring", [("g-1", 60), ("g-2", 60)]) == [False, True]
 
 
@@ -750,8 +761,7 @@ async def test_deny_withdraw_and_lapse_leave_the_grant_alone(store: RedisGrants)
         assert await refused("not_pending", store.approve(ext.id, "carol"))
     ext = await extension(store, g, pending_ttl=0.3)
     before = await store.get(g.id)
-    await asyncio.sleep(0.4)
-    lapsed = await store.get(ext.id)
+    lapsed = await eventually(lambda: _in_state(store, ext.id, "lapsed"), what="the lapse")
     assert lapsed is not None and lapsed.state == "lapsed"
     assert await refused("not_pending", store.approve(ext.id, "bob"))
     assert await store.get(g.id) == before
@@ -768,7 +778,7 @@ async def test_extension_of_a_grant_that_ended_is_not_applied(store: RedisGrants
     elif end == "revoke":
         await store.revoke(g.id, by="sam")
     else:
-        await asyncio.sleep(0.4)
+        await eventually(lambda: _in_state(store, g.id, "expired"), what="the expiry")
     ended = await store.get(g.id)
     states = {"relinquish": "relinquished", "revoke": "revoked", "expire": "expired"}
     assert ended is not None and ended.state == states[end]
@@ -874,7 +884,12 @@ async def test_sweep_writes_each_expiry_and_lapse_once(
     )
     revoked = await store.add("carol", "project:1", 0.2, "r", "admin")
     await store.revoke(revoked.id)
-    await asyncio.sleep(0.3)
+
+    async def both_ended() -> bool:
+        expired = await _in_state(store, short.id, "expired")
+        return expired is not None and await _in_state(store, pending.id, "lapsed") is not None
+
+    await eventually(both_ended, what="the expiry and the lapse")
     # Two replicas sweep at once: each ending is written down by exactly one of them.
     a, b = await asyncio.gather(store.sweep(), replica.sweep())
     ended = sorted((g.id, g.state) for g in [*a, *b])

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from idp import Idp, idp_fixture
 from jwtkit import KeyServer, b64, key_server, public_jwk, unsigned
+from waiting import eventually
 
 from proxy.state import STATE
 
@@ -174,7 +175,7 @@ async def test_an_unknown_kid_is_refused_after_exactly_one_refetch(
 ) -> None:
     proxy = await make_proxy(extra=config(idp, refetch=1.0))
     await add_grant(proxy, "mallory")
-    await asyncio.sleep(1.05)
+    await asyncio.sleep(1.05)  # intended: past the refetch rate limit since start-up
     before = await idp.jwks_requests()
     token = jwt.encode(
         claims(idp.issuer, "jitgate"), ATTACKER_KEY, "RS256", headers={"kid": "nope-1"}
@@ -200,8 +201,11 @@ async def test_tokens_fail_closed_until_the_keys_load(
         reason = await refused(await proxy.get(IDENTITY_ROUTE, headers=auth(token)))
         assert "JWKS" in reason and "503" in reason
         await idp.set_jwks_status(200)
-        await asyncio.sleep(0.55)
-        assert (await proxy.get(IDENTITY_ROUTE, headers=auth(token))).status == 200
+
+        async def accepted() -> bool:  # once the refetch rate limit lets it try again
+            return (await proxy.get(IDENTITY_ROUTE, headers=auth(token))).status == 200
+
+        await eventually(accepted, what="the keys to load")
     finally:
         await idp.set_jwks_status(200)
     assert upstream.paths() == [IDENTITY_ROUTE]

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from conftest import RedisServer
 from redis.asyncio import Redis
+from waiting import eventually
 
 from proxy.grantstore import RedisGrants
 from proxy.live import LiveConnections, follow_revocations
@@ -19,6 +20,16 @@ async def store(redis_url: str) -> AsyncIterator[RedisGrants]:
     client = Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
     yield RedisGrants(client)
     await client.aclose()
+
+
+async def subscribed(store: RedisGrants) -> None:
+    """Wait until the revocation feed listens on the grants' channel."""
+
+    async def listening() -> bool:
+        ((_, count),) = await store.redis.pubsub_numsub(store.channel)
+        return bool(count)
+
+    await eventually(listening, what="the revocation feed to subscribe")
 
 
 async def wait_set(event: asyncio.Event, limit: float) -> float:
@@ -36,7 +47,7 @@ async def test_revoke_anywhere_cuts_within_100ms(store: RedisGrants, redis_url: 
         other = await store.add("alice", "recording:1/demo-2", 60, "r", "t")
         a, b = live.open(grant.id, grant.expires_at), live.open(grant.id, grant.expires_at)
         c = live.open(other.id, other.expires_at)
-        await asyncio.sleep(0.2)  # subscribed
+        await subscribed(store)
         # Another replica revokes, through its own connection.
         replica = Redis.from_url(redis_url)
         await RedisGrants(replica).revoke(grant.id)
@@ -71,7 +82,7 @@ async def test_extended_grant_is_not_cut() -> None:
     live = LiveConnections(lookup)
     stop = live.open("g-1", ends["g-1"])
     ends["g-1"] = time.time() + 0.6  # extended before the first end
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(0.4)  # intended: past the first end, which must not cut it
     assert not stop.is_set()
     await wait_set(stop, 1.0)
     await live.close_all()
@@ -110,7 +121,7 @@ async def test_losing_the_feed_fails_closed_and_recheck_follows(own_redis: Redis
     try:
         grant = await store.add("alice", "project:1", 60, "r", "t")
         stop = live.open(grant.id, grant.expires_at)
-        await asyncio.sleep(0.2)
+        await subscribed(store)
         own_redis.kill()
         await wait_set(stop, 3.0)
         assert cuts == ["redis_unavailable"]

@@ -195,7 +195,7 @@ async def test_slack_and_json_messages_for_request_approve_deny(
         "mallory requested access to recording:1/demo-1; active at once"
     )
     assert (plain["event"], plain["grant"]) == ("requested", auto)
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # intended: no message more arrives
     assert len(receiver.calls) == 10
     assert [b["event"] for b in receiver.got("/json")] == [
         "requested", "approved", "requested", "denied", "requested",
@@ -432,7 +432,7 @@ async def test_extension_request_and_its_approval(start: Start, receiver: Receiv
     }
     assert fields["*Approved by*"] == "bob,carol" and fields["*Now expires*"].endswith(" UTC")
     assert (plain["event"], plain["grant"]) == ("approved", done)
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # intended: no message more arrives
     assert len(receiver.calls) == 8
 
 

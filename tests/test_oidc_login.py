@@ -284,7 +284,7 @@ async def test_expired_state_is_refused(start: Any, idp: Idp) -> None:
     async with browser() as s:
         auth = await start_login(s, BASE, "/dashboard")
         callback = await idp.sign_in(s, auth, CALLBACK, "alice")
-        await asyncio.sleep(1.3)
+        await asyncio.sleep(1.3)  # intended: past login_timeout, the subject of the test
         async with s.get(callback, allow_redirects=False) as r:
             assert r.status in (400, 401)
             assert "jitgate_session" not in r.cookies
@@ -358,6 +358,7 @@ async def test_idle_timeout_ends_the_session(start: Any, idp: Idp) -> None:
     await start(session="max_age: 30, idle_timeout: 2")
     async with browser() as s:
         await sign_in(s, idp, BASE, "/dashboard")
+        # Intended sleeps: the session's lifetimes are what is under test.
         for _ in range(3):  # kept alive by use, past the idle timeout in total
             await asyncio.sleep(1.1)
             async with s.get(BASE + "/dashboard", headers=HTML, allow_redirects=False) as r:
@@ -371,7 +372,7 @@ async def test_absolute_lifetime_ends_the_session_in_use(start: Any, idp: Idp) -
     await start(session="max_age: 3, idle_timeout: 2")
     async with browser() as s:
         await sign_in(s, idp, BASE, "/dashboard")
-        for _ in range(2):
+        for _ in range(2):  # intended sleeps: the absolute lifetime is under test
             await asyncio.sleep(1.2)
             async with s.get(BASE + "/dashboard", headers=HTML, allow_redirects=False) as r:
                 assert r.status == 200

@@ -1,4 +1,3 @@
-import asyncio
 import contextlib
 import logging
 import os
@@ -8,13 +7,13 @@ import socket
 import stat
 import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from waiting import eventually
 
 from proxy.redisd import (
     MAX_SOCKET_PATH,
@@ -113,11 +112,8 @@ async def _client(url: str) -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
-async def _wait_for(cond: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
+async def _wait_for(cond: Callable[[], bool], within: float = 15.0) -> None:
+    await eventually(cond, within=within)
 
 
 def test_socket_path_and_url() -> None:
