@@ -15,6 +15,7 @@ speed. The results are also written to .jitgate/bench-latest.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -528,6 +529,40 @@ def profile(procs: Processes, server: Server, out: Path, seconds: float) -> subp
     return proc
 
 
+def scale_policy(base: str, routes: int) -> str:
+    """The repo's policy with `routes` more routes ahead of the recording's, none matching."""
+    extra = "".join(
+        f"  - id: scale-{i}\n    path: /scale/{i}/{{thing}}\n    access: identity\n"
+        for i in range(routes)
+    )
+    return base.replace("\nroutes:\n", "\nroutes:\n" + extra, 1)
+
+
+def add_other_grants(redis_port: int, count: int, hours: float = 4.0) -> None:
+    """Give `count` other users an active grant each, laid out as the grant store keeps them."""
+    import redis as redis_sync  # only the scale runs need the client here
+
+    expiry = int((time.time() + hours * 3600) * 1000)
+    with redis_sync.Redis(host=HOST, port=redis_port) as r:
+        for start in range(0, count, 10_000):
+            pipe = r.pipeline(transaction=False)
+            for i in range(start, min(count, start + 10_000)):
+                user, grant = f"user{i}", f"g-scale{i:010d}"
+                pipe.zadd(f"jit:active:{len(user)}:{user}:{SCOPE}", {grant: expiry})
+                pipe.zadd("jit:grants", {grant: expiry})
+            pipe.execute()
+
+
+def wait_policy(url: str, text: str, timeout: float = 60.0) -> None:
+    """Wait until jitgate runs the policy `text` (its version is in the metrics)."""
+    version = hashlib.sha256(text.encode()).hexdigest()[:16]
+    deadline = time.monotonic() + timeout
+    while f'version="{version}"' not in http_get(url)[1].decode():
+        if time.monotonic() > deadline:
+            raise BenchError(f"jitgate did not load the scale policy {version} in {timeout:.0f}s")
+        time.sleep(0.2)
+
+
 def jitgate_cli(*args: str) -> str:
     proc = subprocess.run(
         [*jitgate_command(), *args],
@@ -599,6 +634,10 @@ def summary(target: Target) -> dict[str, Any]:
     }
 
 
+def _brief(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: result[k] for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req")}
+
+
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -663,6 +702,15 @@ def render(report: dict[str, Any]) -> str:
             f"file, stream length {audit['stream_length']}, for "
             f"{audit['requests_sent']} requests completed against (c)"
         )
+    scale = report.get("scale")
+    if scale:
+        small, large = scale["small"], scale["large"]
+        lines.append(
+            f"  scale:     (c) at 10,000 more routes and 1,000,000 other grants: "
+            f"{_num(large['rps'], '.0f')} req/s, {_num(large['cpu_us_per_req'], '.0f')} us/req "
+            f"against {_num(small['rps'], '.0f')} req/s, {_num(small['cpu_us_per_req'], '.0f')}"
+            f" us/req (cpu x{_num(scale['cpu_ratio'], '.2f')}, target within 0.90-1.10)"
+        )
     lines.append(f"  results:   {report['results_file']}")
     return "\n".join(lines)
 
@@ -720,6 +768,11 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="sample jitgate with py-spy during (c)'s runs; collapsed stacks to this file",
+    )
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help="then run (c) again with 10,000 more policy routes and 1,000,000 other grants",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON only")
     return p
@@ -846,6 +899,35 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
             # Let the audit flusher and the sockets in TIME_WAIT settle between runs.
             time.sleep(0.5)
 
+    scale = None
+    if args.scale:
+        # The same (c) again, with 10,000 more policy routes ahead of the matching one and
+        # 1,000,000 other users' active grants: per-request cost should not move.
+        small = summary(targets[2])
+        text = scale_policy((tmp / "policy.yaml").read_text(), 10_000)
+        (tmp / "policy.yaml").write_text(text)  # jitgate's watcher reloads it
+        wait_policy(f"http://{HOST}:{jit_port}/_jit/metrics", text)
+        add_other_grants(redis_port, 1_000_000)
+        log("bench: scale state in place: 10,000 more routes, 1,000,000 other grants")
+        big = Target("c+", "jitgate, 10k routes, 1M grants", targets[2].url, jitgate, rs256)
+        for _ in range(args.rounds):
+            if args.warmup > 0:
+                loadgen.run(big.url, big.headers, args.warmup)
+            before = cpu_seconds(jitgate.proc.pid)
+            result = loadgen.run(big.url, big.headers, args.duration)
+            after = cpu_seconds(jitgate.proc.pid)
+            big.runs.append(result)
+            if before is not None and after is not None and result.requests:
+                big.cpu_us.append({"jitgate": (after - before) / result.requests * 1e6})
+            log(f"scale round: {result.rps:.0f} req/s, p99 {_num(result.p99_ms, '.2f')} ms")
+        large = summary(big)
+        scale = {
+            "small": {"routes": "repo policy", "other_grants": 0, **_brief(small)},
+            "large": {"routes": "+10,000", "other_grants": 1_000_000, **_brief(large)},
+            "cpu_ratio": ratio(large["cpu_us_per_req"], small["cpu_us_per_req"]),
+            "rps_ratio": ratio(large["rps"], small["rps"]),
+        }
+
     time.sleep(1.0)  # jitgate's audit flush interval is 0.25 s
     stream_len = redis_command(redis_port, "XLEN", "jit:audit").lstrip(b":").decode()
     results = {t.key: summary(t) for t in targets}
@@ -888,6 +970,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
             "stream_length": int(stream_len) if stream_len.isdigit() else None,
             "requests_sent": sent_to_c,
         },
+        "scale": scale,
         "results_file": str(RESULTS_FILE.relative_to(ROOT)),
     }
 

@@ -144,7 +144,11 @@ class _Compiler:
         elif scope is not None:
             self.err(item, "scope", f"{where}.scope", "only protected routes have a scope")
             scope = None
-        return Route(rid, methods, regex, access, scope if isinstance(scope, str) else None)
+        segments = path.strip("/").split("/")
+        first = (
+            segments[0].lower() if path != "/" and not SCOPE_PARAM.fullmatch(segments[0]) else None
+        )
+        return Route(rid, methods, regex, access, scope if isinstance(scope, str) else None, first)
 
     def _methods(self, item: Node, where: str) -> frozenset[str] | None:
         value = item.get("methods")

@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT
 
 from proxy.errors import ConfigErrors
-from proxy.policy import Access, Approval, Entitlement, format_duration
+from proxy.policy import Access, Approval, Entitlement, Policy, format_duration
 from proxy.policyfile import compile_text, load
 
 POLICY = load(ROOT / "config" / "policy.yaml")
@@ -507,3 +507,65 @@ def test_auto_approval_needs_a_reason_and_identity_only_is_accepted() -> None:
     )
     p = compile_text("routes:\n  - {id: r, path: /x, access: identity-only}\n", "r.yaml")
     assert p.match("GET", "/x").access is Access.IDENTITY
+
+
+def _first_match_by_scan(policy: Policy, method: str, path: str) -> str:
+    """The first-match rule read literally: every route in order, no index."""
+    for route in policy.routes:
+        if (route.methods is None or method in route.methods) and route.regex.match(path):
+            return route.id
+    return "_default"
+
+
+INTERLEAVED = compile_text(
+    """\
+version: 1
+default: identity
+routes:
+  - {id: api-health, path: /api/health, access: public}
+  - {id: any-first, path: "/{tenant}/health", access: public}
+  - {id: api-rec, path: "/api/rec/{id}", subpaths: true, access: protected, scope: "rec:{id}"}
+  - {id: api-post, methods: [POST], path: /api, subpaths: true, access: blocked}
+  - {id: tenant-any, path: "/{tenant}", subpaths: true, access: identity}
+  - {id: api-late, path: /api/late, access: public}
+  - {id: root, path: /, access: public}
+  - {id: static, path: /static, subpaths: true, access: public}
+""",
+    "interleaved.yaml",
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "route"),
+    [
+        ("GET", "/api/health", "api-health"),
+        ("GET", "/API/Health", "api-health"),
+        ("GET", "/x/health", "any-first"),
+        ("GET", "/api/rec/7/events", "api-rec"),
+        ("POST", "/api/anything", "api-post"),
+        ("GET", "/api/late", "tenant-any"),  # a parameter route earlier in the file wins
+        ("GET", "/static/app.js", "tenant-any"),
+        ("GET", "/", "root"),
+        ("GET", "/nothing/else/here", "tenant-any"),
+    ],
+)
+def test_matching_keeps_policy_order_across_literal_and_parameter_routes(
+    method: str, path: str, route: str
+) -> None:
+    assert INTERLEAVED.match(method, path).route == route
+    assert _first_match_by_scan(INTERLEAVED, method, path) == route
+
+
+def test_many_routes_match_as_a_scan_would() -> None:
+    routes = "".join(
+        f"  - {{id: r{i}, path: '/seg{i % 50}/{{x}}/n{i}', access: identity}}\n"
+        for i in range(2000)
+    )
+    policy = compile_text(
+        f"version: 1\ndefault: public\nroutes:\n{routes}"
+        "  - {id: catch, path: '/{a}/{b}', access: blocked}\n",
+        "many.yaml",
+    )
+    paths = [f"/seg{i % 60}/v/n{i}" for i in range(0, 2400, 7)] + ["/seg3/v", "/x/y", "/"]
+    for path in paths:
+        assert policy.match("GET", path).route == _first_match_by_scan(policy, "GET", path), path
