@@ -901,25 +901,30 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
 
     scale = None
     if args.scale:
-        # The same (c) again, with 10,000 more policy routes ahead of the matching one and
-        # 1,000,000 other users' active grants: per-request cost should not move.
-        small = summary(targets[2])
+        # (c) again, right before and right after adding 10,000 policy routes ahead of the
+        # matching one and 1,000,000 other users' active grants, so that both sides see the
+        # same audit trail and Redis: per-request cost should not move.
+        def measure(label: str) -> Target:
+            t = Target("c", label, targets[2].url, jitgate, rs256)
+            for _ in range(args.rounds):
+                if args.warmup > 0:
+                    loadgen.run(t.url, t.headers, args.warmup)
+                before = cpu_seconds(jitgate.proc.pid)
+                result = loadgen.run(t.url, t.headers, args.duration)
+                after = cpu_seconds(jitgate.proc.pid)
+                t.runs.append(result)
+                if before is not None and after is not None and result.requests:
+                    t.cpu_us.append({"jitgate": (after - before) / result.requests * 1e6})
+                log(f"scale ({label}): {result.rps:.0f} req/s, p99 {_num(result.p99_ms, '.2f')} ms")
+            return t
+
+        small = summary(measure("repo policy"))
         text = scale_policy((tmp / "policy.yaml").read_text(), 10_000)
         (tmp / "policy.yaml").write_text(text)  # jitgate's watcher reloads it
         wait_policy(f"http://{HOST}:{jit_port}/_jit/metrics", text)
         add_other_grants(redis_port, 1_000_000)
         log("bench: scale state in place: 10,000 more routes, 1,000,000 other grants")
-        big = Target("c+", "jitgate, 10k routes, 1M grants", targets[2].url, jitgate, rs256)
-        for _ in range(args.rounds):
-            if args.warmup > 0:
-                loadgen.run(big.url, big.headers, args.warmup)
-            before = cpu_seconds(jitgate.proc.pid)
-            result = loadgen.run(big.url, big.headers, args.duration)
-            after = cpu_seconds(jitgate.proc.pid)
-            big.runs.append(result)
-            if before is not None and after is not None and result.requests:
-                big.cpu_us.append({"jitgate": (after - before) / result.requests * 1e6})
-            log(f"scale round: {result.rps:.0f} req/s, p99 {_num(result.p99_ms, '.2f')} ms")
+        big = measure("10k routes, 1M grants")
         large = summary(big)
         scale = {
             "small": {"routes": "repo policy", "other_grants": 0, **_brief(small)},
