@@ -10,6 +10,7 @@ which some servers strip before routing.
 
 from __future__ import annotations
 
+import re
 import string
 
 from .errors import BadPath
@@ -19,6 +20,7 @@ _SUB_DELIMS = frozenset("!$&'()*+,;=")
 _ALLOWED = _UNRESERVED | _SUB_DELIMS | frozenset(":@/%")
 _HEX = frozenset(string.hexdigits)
 # Bytes whose encoded form would change meaning once an upstream decodes it.
+_DOUBLE = re.compile(r"%25[0-9A-Fa-f]{2}")
 _FORBIDDEN_ENCODED = {0x2F: "'/'", 0x5C: "'\\'", 0x23: "'#'", 0x00: "NUL"}
 
 
@@ -50,7 +52,12 @@ def normalise(raw_path: str, *, reject_semicolons: bool = True) -> str:
             raise BadPath("';' path parameters are not allowed")
         out.append(ch)
         i += 1
-    return _resolve_segments("".join(out))
+    path = "".join(out)
+    if _DOUBLE.search(path):
+        # %25 followed by hex digits that were themselves encoded (%25%32%66): the same
+        # double encoding as %252f once an upstream decodes the digits.
+        raise BadPath("double percent-encoding is not allowed in paths")
+    return _resolve_segments(path)
 
 
 def _decode_escape(raw: str, i: int, reject_semicolons: bool) -> str:

@@ -51,6 +51,9 @@ REFUSED = [
     ("/a%7F", "encoded control characters"),
     ("/a%252f", "double percent-encoding"),
     ("/a%2525", "double percent-encoding"),
+    ("/a%25%32%66", "double percent-encoding"),  # the digits encoded too: still %252f
+    ("/a%25%35%43", "double percent-encoding"),
+    ("/a%25%3", "malformed percent-escape"),
     ("/a%2", "malformed percent-escape at offset 2"),
     ("/a%zz", "malformed percent-escape"),
     ("/a b", "character ' ' is not allowed"),
