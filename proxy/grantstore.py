@@ -510,7 +510,7 @@ class RedisGrants:
                     await pubsub.ping()
                     last_ping = time.monotonic()
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
 
     async def count_active(self) -> int:
         return int(await self.redis.zcount(self._index, _now_ms() + 1, "+inf"))

@@ -10,7 +10,6 @@ made once, up front. Screenshots go to tests/artifacts/a11y-<page>-<width>.png.
 
 from __future__ import annotations
 
-import time
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from test_browser_pages import (  # noqa: F401  (jitgate: a fixture)
     _sign_in,
     jitgate,
 )
+from waiting import eventually_sync
 
 AXE_DIR = Path(__file__).resolve().parent / "a11y"
 TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
@@ -82,17 +82,17 @@ def _check(page: Any, axe_js: Path, path: str, name: str, status: int = 200) -> 
 
 def _wait_for_audit(grant_id: str, admin_token: str) -> None:
     """The audit stream is written asynchronously: wait until the grant's summary exists."""
-    deadline = time.monotonic() + 10
-    while True:
+
+    def recorded() -> bool:
         try:
             summary = _api("GET", f"/audit/grants/{grant_id}/summary", admin_token)
-            if summary["requests"]["allowed"]:
-                return
         except urllib.error.HTTPError as exc:
             if exc.code != 404:
                 raise
-        assert time.monotonic() < deadline, f"no audit records for {grant_id}"
-        time.sleep(0.1)
+            return False
+        return bool(summary["requests"]["allowed"])
+
+    eventually_sync(recorded, interval=0.1, what=f"audit records for {grant_id}")
 
 
 def test_every_page_passes_axe_at_laptop_and_phone_width(jitgate: Path) -> None:  # noqa: F811

@@ -8,8 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from conftest import (
     free_port,
     write_config,
 )
+from waiting import eventually, eventually_sync
 
 from proxy.state import STATE
 
@@ -106,25 +106,34 @@ async def test_outages_under_load_lose_nothing_and_keep_order(
             )
             sent += len(responses)
 
+    log = client.app[STATE].audit
+
+    def failing(sink: str) -> bool:
+        return any(lane.failures for lane in log.lanes if lane.name == sink)
+
+    async def phase(what: str, reached: Callable[[], bool]) -> None:
+        """Go on under load until 20 more requests were sent in this phase and `reached`."""
+        mark = sent
+        await eventually(lambda: sent >= mark + 20 and reached(), what=what)
+
     task = asyncio.create_task(load())
-    # Intended: each phase of the outage lasts a while under load, whatever it counts.
-    await asyncio.sleep(0.5)
+    await phase("records delivered before the outage", lambda: bool(collector.lines))
     aof_redis.kill()  # the grant store and the audit stream go down together
-    await asyncio.sleep(0.5)
+    await phase("the audit stream to fail", lambda: failing("redis"))
     await collector.stop()
-    await asyncio.sleep(0.7)
+    await phase("the collector to fail", lambda: failing("http:siem"))
     aof_redis.start()
-    await asyncio.sleep(0.5)
+    await phase("the audit stream to take records again", lambda: not failing("redis"))
     await collector.start()
-    await asyncio.sleep(0.5)
+    await phase("the collector to take records again", lambda: not failing("http:siem"))
     stop.set()
     await task
 
-    log = client.app[STATE].audit
-    deadline = time.monotonic() + 15
-    while log.backlog() and time.monotonic() < deadline:
+    async def drained() -> bool:
         await log.flush(force=True)
-        await asyncio.sleep(0.05)
+        return log.backlog() == 0
+
+    await eventually(drained, interval=0.05, what="the backlog to drain")
     assert log.backlog() == 0
 
     reference = file_ids(tmp_path / "audit.jsonl")  # the file sink never went down
@@ -216,7 +225,13 @@ def test_sigkill_then_restart_replays_the_spool(
     try:
         for _ in range(30):
             assert http_get(port, "/static/app.css") == 404  # public, answered by the replay app
-        time.sleep(0.3)  # intended: the records reach the spool (not the file) meanwhile
+        # Each record is written after its response: wait until all 30 are in the spool.
+        spool = tmp_path / "state" / "audit-spool"
+
+        def spooled() -> int:
+            return sum(p.read_text().count('"access.allow"') for p in spool.glob("*/*.wal"))
+
+        eventually_sync(lambda: spooled() >= 30, what="the 30 records in the spool")
     finally:
         first.send_signal(signal.SIGKILL)  # nothing flushed: the flusher waits 30 s
         first.wait()
@@ -231,12 +246,13 @@ def test_sigkill_then_restart_replays_the_spool(
     second: subprocess.Popen[bytes] | None = None
     try:
         second = serve()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            path = tmp_path / "audit.jsonl"
-            if path.exists() and len(file_ids(path)) >= 30:
-                break
-            time.sleep(0.1)
+        path = tmp_path / "audit.jsonl"
+        eventually_sync(
+            lambda: path.exists() and len(file_ids(path)) >= 30,
+            within=20,
+            interval=0.1,
+            what="the spool replayed to the file",
+        )
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=20)
     finally:
@@ -256,12 +272,14 @@ def test_sigkill_then_restart_replays_the_spool(
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while http_get(port, "/_jit/healthz") != 200:
+    def ready() -> bool:
+        if http_get(port, "/_jit/healthz") == 200:
+            return True
         if proc.poll() is not None:
             raise AssertionError(proc.stderr.read().decode() if proc.stderr else "exited")
-        assert time.monotonic() < deadline, "jitgate did not start"
-        time.sleep(0.1)
+        return False
+
+    eventually_sync(ready, within=20, interval=0.1, what="jitgate to start")
 
 
 def http_get(port: int, path: str) -> int:
@@ -285,10 +303,14 @@ def upstream_process() -> Iterator[str]:
         [sys.executable, str(ROOT / "deploy" / "demo" / "replay_app.py"), "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while http_get(port, "/") == 0:
-        assert time.monotonic() < deadline and proc.poll() is None, "replay app did not start"
-        time.sleep(0.1)
+
+    def up() -> bool:
+        if http_get(port, "/") != 0:
+            return True
+        assert proc.poll() is None, "replay app did not start"
+        return False
+
+    eventually_sync(up, within=20, interval=0.1, what="the replay app to start")
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=10)

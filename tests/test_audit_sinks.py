@@ -618,7 +618,7 @@ async def test_a_redirect_is_not_followed(collector: Collector) -> None:
 
 async def test_a_slow_collector_times_out(collector: Collector) -> None:
     async def reply(post: Post) -> web.StreamResponse:
-        await asyncio.sleep(5)
+        await asyncio.sleep(5)  # intended: a collector slower than the sink's 0.2 s timeout
         return web.Response(status=204)
 
     collector.answer = reply

@@ -467,7 +467,7 @@ async def test_trimming_while_writing(redis_url: str) -> None:
         async def trim() -> None:
             for _ in range(40):
                 await trimmer.maintain()
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # intended: no wait, a yield so writes interleave
 
         await asyncio.gather(write(), trim())
         await trimmer.maintain()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -14,6 +13,7 @@ import redis as redis_sync
 from conftest import SECRET
 from redis.asyncio import Redis
 from test_cli import run
+from waiting import eventually
 
 from proxy import settings as settings_mod
 from proxy.app import make_audit_log
@@ -126,7 +126,15 @@ async def test_checkpoints_every_n_records_and_every_t_seconds(tmp_path: Path) -
     await log.start()
     for i in range(7):
         log.emit(record("access.allow", n=i))
-    await asyncio.sleep(0.3)  # idle past the interval: the open window gets a checkpoint
+
+    def checkpoints() -> int:
+        path = tmp_path / "a.jsonl"
+        text = path.read_text() if path.exists() else ""
+        whole = text[: text.rfind("\n") + 1].splitlines()  # a batch may be half written
+        return sum(json.loads(x)["event"] == CHECKPOINT for x in whole)
+
+    # Idle past the interval: the open window gets a checkpoint (the third) by itself.
+    await eventually(lambda: checkpoints() >= 3, what="the checkpoint of the open window")
     await log.close()
     events = [json.loads(x)["event"] for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     a = "access.allow"
@@ -263,10 +271,15 @@ async def test_a_truncated_tail_is_caught(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert f"{path}:{cut + 1}: error: ends after seq 4 without a closing checkpoint" in out.stdout
 
-    # Cut after a plain record: a live writer would have checkpointed within the interval.
+    # Cut after a plain record: a live writer would have checkpointed within the interval,
+    # so once that time (twice the 0.2 s interval) has passed since the record, it is an error.
     save(cfg, lines[: where(lines, w, 5) + 1])
-    await asyncio.sleep(0.5)  # intended: the writer's checkpoint interval (0.1 s) passes
-    out = verify(cfg, "--file", str(path))
+
+    def stale() -> subprocess.CompletedProcess[str] | None:
+        out = verify(cfg, "--file", str(path))
+        return out if out.returncode == 1 else None
+
+    out = await eventually(stale, what="the open tail to be older than the checkpoint interval")
     assert out.returncode == 1
     assert "error: ends after seq 5 without a closing checkpoint" in out.stdout
 

@@ -19,6 +19,7 @@ from typing import Any
 from browserkit import ARTIFACTS, launch, need_browser
 from conftest import ROOT
 from test_demo_walkthrough import SNAPSHOTS, cli, running_demo
+from waiting import eventually_sync
 
 SECONDS = 10
 
@@ -98,9 +99,17 @@ def test_the_whole_loop_in_a_browser_against_the_demo(tmp_path: Path) -> None:
                 # Expire: once the grant's time is up, the same page is refused again.
                 (grant,) = json.loads(cli(env, "grants", "list", "--user", "alice", "--json"))
                 assert grant["id"] == grant_id and grant["state"] == "active"
-                time.sleep(max(0.0, grant["expires_at"] - time.time()) + 0.5)  # its end
-                alice.goto(f"{base}/replay/demo-1")
-                assert "Access needed" in alice.inner_text("h1")
+
+                def refused() -> bool:
+                    alice.goto(f"{base}/replay/demo-1")
+                    return "Access needed" in alice.inner_text("h1")
+
+                eventually_sync(
+                    refused,
+                    within=max(0.0, grant["expires_at"] - time.time()) + 15,
+                    interval=0.25,
+                    what="the page to be refused at the grant's end",
+                )
                 _shot(alice, "5-expired")
                 # My access: no longer active, and in the history as expired.
                 alice.goto(f"{base}/_jit/access")

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -60,11 +59,12 @@ def running_demo(**overrides: str) -> Iterator[tuple[str, dict[str, str]]]:
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while get(f"{base}/_jit/readyz")[0] != 200:
+
+        def ready() -> bool:
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "demo did not become ready"
-            time.sleep(0.2)
+            return get(f"{base}/_jit/readyz")[0] == 200
+
+        eventually_sync(ready, within=30, interval=0.2, what="the demo to become ready")
         yield base, env
     finally:
         proc.terminate()
@@ -144,14 +144,14 @@ def test_grants_survive_a_restart_of_jitgate_and_its_redis(
     )  # fmt: skip
     pid = int((Path(env["JITGATE_STATE_DIR"]) / "redis.pid").read_text())
     os.kill(pid, signal.SIGKILL)  # the supervisor restarts it from the AOF
-    deadline = time.monotonic() + 15
-    while True:
+
+    def answered() -> str | None:  # the JSON text: "[]" too is an answer
         try:
-            listed = json.loads(cli(env, "grants", "list", "--json"))
-            break
-        except AssertionError:
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+            return cli(env, "grants", "list", "--json")
+        except AssertionError:  # redis not back yet
+            return None
+
+    listed = json.loads(eventually_sync(answered, interval=0.3, what="redis to be back"))
     assert [g["id"] for g in listed] == [grant_id]
     token = cli(env, "token", "mint", "--sub", "bob")
     assert get(base + SNAPSHOTS, token)[0] == 200

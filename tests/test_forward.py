@@ -19,6 +19,7 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
+from waiting import eventually
 from yarl import URL
 
 from proxy.forward import Forwarder, Outcome, UpstreamConfig
@@ -129,7 +130,7 @@ async def peer(request: web.Request) -> web.Response:
 
 
 async def slow(request: web.Request) -> web.Response:
-    await asyncio.sleep(1)
+    await asyncio.sleep(1)  # intended: a slow upstream, past the proxy's read timeout
     return web.Response(text="late")
 
 
@@ -138,7 +139,7 @@ async def slow_body(request: web.Request) -> web.StreamResponse:
     resp.content_length = 10
     await resp.prepare(request)
     await resp.write(b"12345")
-    await asyncio.sleep(1)
+    await asyncio.sleep(1)  # intended: the body stalls halfway, past the read timeout
     return resp
 
 
@@ -148,7 +149,7 @@ async def forever(request: web.Request) -> web.StreamResponse:
     try:
         for _ in range(200):  # bounded: 10 s at most
             await resp.write(b"tick\n")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # intended: an endless stream's pace, until it is cut
     except ConnectionError:
         pass
     return resp
@@ -693,11 +694,7 @@ async def test_websocket_echo_and_subprotocol(upstream: TestServer, make_proxy: 
 
 
 async def wait_for_outcome(proxy: Proxy, count: int = 1) -> None:
-    for _ in range(100):
-        if len(proxy.outcomes) >= count:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the proxy handler did not return")
+    await eventually(lambda: len(proxy.outcomes) >= count, what="the proxy handler to return")
 
 
 async def test_websocket_client_close_code_reaches_upstream(

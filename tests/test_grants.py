@@ -196,7 +196,7 @@ async def test_lifecycle_request_approve_twice_extend_relinquish(store: RedisGra
     assert [(a.by, a.comment) for a in first.approvals] == [("bob", "looks fine")]
     assert await store.check("alice", ("project:1",)) is None
 
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # intended: a gap between request and activation, checked below
     g, activated = await store.approve(g.id, "carol", "")
     assert activated and g.state == "active"
     assert [a.by for a in g.approvals] == ["bob", "carol"] and g.granted_by == "bob,carol"

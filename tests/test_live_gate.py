@@ -18,6 +18,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from conftest import ProxyFactory, bearer, free_port, make_token, write_config
 from redis.asyncio import Redis
+from waiting import eventually
 
 from proxy.grantstore import RedisGrants
 from proxy.state import STATE
@@ -39,7 +40,7 @@ def live_upstream() -> web.Application:
         await resp.prepare(request)
         for _ in range(600):  # a minute of events unless cut
             await resp.write(b'{"type":3}\n')
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # intended: a live stream's pace, until it is cut
         return resp
 
     app = web.Application()
@@ -147,15 +148,15 @@ web.run_app(live_upstream(), host="127.0.0.1", port=int(sys.argv[1]), print=None
 
 async def _ready(base: str) -> None:
     async with aiohttp.ClientSession() as s:
-        for _ in range(100):
+
+        async def ready() -> bool:
             try:
                 async with s.get(base + "/_jit/readyz") as r:
-                    if r.status == 200:
-                        return
+                    return r.status == 200
             except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{base} not ready")
+                return False
+
+        await eventually(ready, interval=0.1, what=f"{base} to be ready")
 
 
 async def test_two_replicas_revoke_on_one_holds_on_the_other(

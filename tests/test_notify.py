@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import ProxyFactory, demo_policy, free_port
 from test_api import ADMIN, ALICE, BOB, CAROL, ENTITLEMENTS, MALLORY, get, post, who
+from waiting import eventually
 
 from proxy.app import build_app
 from proxy.grants import Grant
@@ -56,12 +57,14 @@ class Receiver:
         ]
 
     async def wait(
-        self, n: int, path: str | None = None, *, answered: bool = True, within: float = 3.0
+        self, n: int, path: str | None = None, *, answered: bool = True, within: float = 15.0
     ) -> list[Any]:
-        deadline = time.monotonic() + within
-        while len(self.got(path, answered=answered)) < n:
-            assert time.monotonic() < deadline, f"not {n} messages: {self.calls}"
-            await asyncio.sleep(0.01)
+        try:
+            await eventually(
+                lambda: len(self.got(path, answered=answered)) >= n, within=within, interval=0.01
+            )
+        except AssertionError:
+            raise AssertionError(f"not {n} messages: {self.calls}") from None
         return self.got(path, answered=answered)
 
 
@@ -122,10 +125,16 @@ async def metric(client: TestClient, name: str, event: str) -> float:
 async def counted(client: TestClient, kind: str, event: str, want: float) -> None:
     """Wait until /_jit/metrics shows jitgate_notifications_{kind}_total{event} == want."""
     name = f"jitgate_notifications_{kind}_total"
-    deadline = time.monotonic() + 3
-    while (got := await metric(client, name, event)) != want:
-        assert time.monotonic() < deadline, f"{name}{{event={event!r}}} is {got}, not {want}"
-        await asyncio.sleep(0.02)
+    got: list[float] = []
+
+    async def reached() -> bool:
+        got.append(await metric(client, name, event))
+        return got[-1] == want
+
+    try:
+        await eventually(reached)
+    except AssertionError:
+        raise AssertionError(f"{name}{{event={event!r}}} is {got[-1]}, not {want}") from None
 
 
 async def test_slack_and_json_messages_for_request_approve_deny(
@@ -294,8 +303,26 @@ async def test_expiring_is_sent_once_by_two_replicas(
         second, "/requests", MALLORY, scope="recording:1/b", reason="x", duration="1h"
     )
     assert soon["expires_at"] - time.time() > 14 * 60  # 15m: inside the 20m window
+    looks = [0, 0]  # how often each replica has looked for grants about to expire
+    for i, notifier in enumerate(p.app[STATE].notifier for p in (first, second)):
+
+        async def counting(
+            now: float | None = None, _i: int = i, _look: Any = notifier.check_expiring
+        ) -> int:
+            looks[_i] += 1
+            return int(await _look(now))
+
+        notifier.check_expiring = counting
     await receiver.wait(1)
-    await asyncio.sleep(0.5)  # each replica looks about ten more times
+    # Each replica looks ten more times and delivers what it queued: still one message.
+    after = list(looks)
+    await eventually(
+        lambda: (
+            all(n >= m + 10 for n, m in zip(looks, after, strict=True))
+            and not any(p.app[STATE].notifier.backlog() for p in (first, second))
+        ),
+        what="ten more looks by each replica",
+    )
     (body,) = receiver.got()
     assert (body["event"], body["grant"]["id"]) == ("expiring", soon["id"])
     assert len(receiver.calls) == 1

@@ -11,7 +11,6 @@ import gzip
 import json
 import re
 import subprocess
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
@@ -24,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from browserkit import ARTIFACTS, JITGATE, launch, need_browser, serve, upstream
 from conftest import ProxyFactory, free_port, make_token, write_config
+from waiting import eventually_sync
 
 from proxy import settings as settings_mod
 from proxy.errors import ConfigErrors
@@ -339,13 +339,18 @@ def served(redis_url: str, tmp_path: Path) -> Iterator[tuple[Path, str]]:
             yield cfg, base
 
 
-def _poll(read: Callable[[], str], pattern: str, timeout: float = 5.0) -> str:
+def _poll(read: Callable[[], str], pattern: str, timeout: float = 15.0) -> str:
     """Wait for read() to match; polled from here, as the page's CSP forbids eval."""
-    deadline = time.monotonic() + timeout
-    while not re.fullmatch(pattern, text := read()):
-        assert time.monotonic() < deadline, f"{text!r} never matched {pattern!r}"
-        time.sleep(0.1)
-    return text
+    texts: list[str] = []
+
+    def matched() -> str | None:
+        texts.append(read())
+        return texts[-1] if re.fullmatch(pattern, texts[-1]) else None
+
+    try:
+        return eventually_sync(matched, within=timeout, interval=0.1)
+    except AssertionError:
+        raise AssertionError(f"{texts[-1]!r} never matched {pattern!r}") from None
 
 
 def test_chromium_shows_the_bar_under_the_pages_csp(served: tuple[Path, str]) -> None:
