@@ -413,7 +413,13 @@ AUDIT_SECTIONS = {
 
 
 def write_config(
-    tmp: Path, *, port: int, upstream_url: str, redis_port: int, audit: str = "full"
+    tmp: Path,
+    *,
+    port: int,
+    upstream_url: str,
+    redis_port: int,
+    audit: str = "full",
+    grant_view: bool = True,
 ) -> Path:
     """Write a full-enforcement jitgate config and the repo's policy into tmp; tokens are
     RS256, verified with the keys the upstream serves at /jwks.json."""
@@ -423,7 +429,7 @@ def write_config(
         f"""\
 listen: {{host: {HOST}, port: {port}}}
 upstream: {{url: "{upstream_url}", connect_timeout: 5, read_timeout: 60}}
-redis: {{url: "redis://{HOST}:{redis_port}/0", timeout: 1.0}}
+redis: {{url: "redis://{HOST}:{redis_port}/0", timeout: 1.0, local_view: {str(grant_view).lower()}}}
 state_dir: state
 policy: {{file: policy.yaml}}
 identity:
@@ -601,6 +607,41 @@ def check_target(target: Target, headers: Mapping[str, str], want: bytes) -> Non
 # --- reporting -------------------------------------------------------------------------
 
 
+def constant_rate(
+    procs: Processes, direct: Target, jit: Target, rate: float | None, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Open-loop runs at one rate against the upstream and jitgate, rounds interleaved;
+    medians of each percentile, and what jitgate adds at p99."""
+    if not rate:
+        raise BenchError("--latency: (c) has no req/s to take half of")
+    connections = max(64, args.connections)
+    runs: dict[str, list[dict[str, Any]]] = {"a": [], "c": []}
+    for rnd in range(1, args.rounds + 1):
+        for target in (direct, jit):
+            argv = [sys.executable, str(BENCH / "loadgen.py"), target.url, "--rate", f"{rate:.0f}"]
+            argv += ["-c", str(connections), "-d", f"{args.duration:g}"]
+            for name, value in target.headers.items():
+                argv += ["-H", f"{name}: {value}"]
+            code, out, err = procs.run(argv, args.duration + 60)
+            if code != 0:
+                raise BenchError(f"bench/loadgen.py --rate failed with code {code}:\n{err or out}")
+            data = json.loads(out)
+            runs[target.key].append(data)
+            log(
+                f"latency {rnd}/{args.rounds} ({target.key}) at {rate:.0f} req/s: "
+                f"p50 {_num(data['p50_ms'], '.2f')} ms, p99 {_num(data['p99_ms'], '.2f')} ms, "
+                f"{data['errors']} errors"
+            )
+    out: dict[str, Any] = {"rate": rate, "connections": connections}
+    for key, found in runs.items():
+        out[key] = {
+            k: median([r[k] for r in found]) for k in ("rps", "p50_ms", "p99_ms", "p999_ms")
+        } | {"errors": sum(int(r["errors"]) for r in found)}
+    a99, c99 = out["a"]["p99_ms"], out["c"]["p99_ms"]
+    out["added_p99_ms"] = c99 - a99 if a99 is not None and c99 is not None else None
+    return out
+
+
 def median(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -702,6 +743,11 @@ def render(report: dict[str, Any]) -> str:
             f"file, stream length {audit['stream_length']}, for "
             f"{audit['requests_sent']} requests completed against (c)"
         )
+    checks = report.get("grant_checks") or {}
+    lines.append(
+        f"  grants:    {checks.get('view', 0)} checks answered by jitgate's local view, "
+        f"{checks.get('redis', 0)} by Redis (--grant-view {report['grant_view']})"
+    )
     scale = report.get("scale")
     if scale:
         small, large = scale["small"], scale["large"]
@@ -710,6 +756,17 @@ def render(report: dict[str, Any]) -> str:
             f"{_num(large['rps'], '.0f')} req/s, {_num(large['cpu_us_per_req'], '.0f')} us/req "
             f"against {_num(small['rps'], '.0f')} req/s, {_num(small['cpu_us_per_req'], '.0f')}"
             f" us/req (cpu x{_num(scale['cpu_ratio'], '.2f')}, target within 0.90-1.10)"
+        )
+    lat = report.get("latency")
+    if lat:
+        lines.append(
+            f"  latency:   open loop at {lat['rate']:.0f} req/s (half of (c)'s), "
+            f"{lat['connections']} connections, p50/p99/p99.9 ms: "
+            f"(a) {_num(lat['a']['p50_ms'], '.2f')}/{_num(lat['a']['p99_ms'], '.2f')}/"
+            f"{_num(lat['a']['p999_ms'], '.2f')}, "
+            f"(c) {_num(lat['c']['p50_ms'], '.2f')}/{_num(lat['c']['p99_ms'], '.2f')}/"
+            f"{_num(lat['c']['p999_ms'], '.2f')}; "
+            f"added p99 {_num(lat['added_p99_ms'], '.2f')} ms (target <= 1 ms)"
         )
     lines.append(f"  results:   {report['results_file']}")
     return "\n".join(lines)
@@ -764,6 +821,12 @@ def _parser() -> argparse.ArgumentParser:
         "none (no record anywhere: only to see what the audit costs)",
     )
     p.add_argument(
+        "--grant-view",
+        choices=("on", "off"),
+        default="on",
+        help="(c)'s redis.local_view: grant checks answered from memory (on), or Redis always",
+    )
+    p.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -773,6 +836,12 @@ def _parser() -> argparse.ArgumentParser:
         "--scale",
         action="store_true",
         help="then run (c) again with 10,000 more policy routes and 1,000,000 other grants",
+    )
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="then send at a constant rate of half (c)'s req/s to (a) and (c), open loop "
+        "(bench/loadgen.py --rate), and report the latency (c) adds",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON only")
     return p
@@ -830,7 +899,12 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
     wait_redis(redis, redis_port)
     wait_http(upstream, f"{upstream_url}/healthz")  # jitgate fetches its keys at start
     cfg = write_config(
-        tmp, port=jit_port, upstream_url=upstream_url, redis_port=redis_port, audit=args.audit
+        tmp,
+        port=jit_port,
+        upstream_url=upstream_url,
+        redis_port=redis_port,
+        audit=args.audit,
+        grant_view=args.grant_view == "on",
     )
     jitgate = procs.start(
         "jitgate", [*jitgate_command(), "serve", "--config", str(cfg)], env=jitgate_env()
@@ -933,8 +1007,17 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
             "rps_ratio": ratio(large["rps"], small["rps"]),
         }
 
+    latency = None
+    if args.latency:
+        latency = constant_rate(procs, targets[0], targets[2], summary(targets[2])["rps"] / 2, args)
+
     time.sleep(1.0)  # jitgate's audit flush interval is 0.25 s
     stream_len = redis_command(redis_port, "XLEN", "jit:audit").lstrip(b":").decode()
+    _, text = http_get(f"http://{HOST}:{jit_port}/_jit/metrics")
+    checks = {
+        m[1]: int(float(m[2]))
+        for m in re.finditer(rb'jitgate_grant_checks_total\{answer="(\w+)"\} (\S+)', text)
+    }
     results = {t.key: summary(t) for t in targets}
     rps = {k: v["rps"] for k, v in results.items()}
     if isinstance(loadgen, Wrk):
@@ -954,6 +1037,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
         "connections": args.connections,
         "rounds": args.rounds,
         "audit_sinks": args.audit,
+        "grant_view": args.grant_view,
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_count": os.cpu_count(),
         "loadavg_start": loadavg,
@@ -975,7 +1059,9 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
             "stream_length": int(stream_len) if stream_len.isdigit() else None,
             "requests_sent": sent_to_c,
         },
+        "grant_checks": {k.decode(): v for k, v in checks.items()},
         "scale": scale,
+        "latency": latency,
         "results_file": str(RESULTS_FILE.relative_to(ROOT)),
     }
 

@@ -23,6 +23,7 @@ from .authorize import Authorizer
 from .forward import Forwarder, UpstreamConfig
 from .gate import Gate
 from .grantstore import RedisGrants
+from .grantview import GrantView
 from .identity import Verifier
 from .identity.assertion import AssertionSigner
 from .identity.oidc import OidcClient
@@ -168,9 +169,9 @@ def _resources(compiled: policy.Policy) -> list[Callable[[State], Ctx]]:
                 m.redis_errors.labels("grant_check").inc()
                 log.warning("grant check failed: %r", exc)
 
-            state.config = Config(
-                settings, Authorizer(compiled, state.grants, grant_error), verifier
-            )
+            view = state.grant_view
+            checker = view if view is not None else state.grants
+            state.config = Config(settings, Authorizer(compiled, checker, grant_error), verifier)
             try:
                 yield
             finally:
@@ -204,9 +205,20 @@ def _redis(state: State) -> Ctx:
             log.info("embedded redis-server running on %s", url)
         state.redis = connect_redis(url, settings.redis.timeout, settings.redis.max_connections)
         state.grants = RedisGrants(state.redis, settings.redis.key_prefix)
+        follower = None
+        if settings.redis.local_view:
+            view = state.grant_view = GrantView(state.grants, lag=settings.redis.view_lag)
+            state.metrics.watch_grant_view(
+                lambda: (view.hits, view.misses, view.current(), len(view))
+            )
+            follower = asyncio.create_task(
+                state.grant_view.follow(state.grants.events), name="grant-view"
+            )
         try:
             yield
         finally:
+            if follower is not None:
+                await _cancel(follower)
             await state.redis.aclose()
             if embedded is not None:
                 await embedded.stop()
@@ -390,10 +402,14 @@ async def _gate_handler(request: web.Request) -> web.StreamResponse:
 
 
 def run(settings: Settings) -> None:
-    """Serve until interrupted."""
+    """Serve until interrupted, on uvloop where it is installed."""
     app = build_app(settings)
+    loop = new_event_loop()
+    for level, line in speedups(loop):
+        log.log(level, "%s", line)
     web.run_app(
         app,
+        loop=loop,
         host=settings.listen.host,
         port=settings.listen.port,
         access_log=None,
@@ -404,3 +420,29 @@ def run(settings: Settings) -> None:
             settings.upstream.url,
         ),
     )
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed (a dependency on Linux and macOS), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def speedups(loop: asyncio.AbstractEventLoop) -> list[tuple[int, str]]:
+    """Say which event loop and HTTP parser serve, with a log level: slow ones warn."""
+    from aiohttp import http_parser
+
+    out = []
+    if type(loop).__module__.startswith("uvloop"):
+        out.append((logging.INFO, "using the uvloop event loop"))
+    else:
+        out.append((logging.WARNING, "uvloop is not installed: asyncio's slower loop serves"))
+    if http_parser.HttpRequestParser.__module__.endswith("_http_parser"):
+        out.append((logging.INFO, "using aiohttp's C HTTP parser (llhttp)"))
+    else:
+        why = "a pure-Python wheel, or AIOHTTP_NO_EXTENSIONS is set"
+        out.append((logging.WARNING, f"aiohttp's C HTTP parser is not loaded ({why})"))
+    return out

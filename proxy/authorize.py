@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from .grants import GrantChecker
 from .identity import Caller, Identity
 from .policy import Access, Match, Policy
-
-
-class GrantChecker(Protocol):
-    """The one grant-store call a decision needs (RedisGrants, or a simulation in tests)."""
-
-    async def check(self, user: str, scopes: tuple[str, ...]) -> tuple[str, float] | None:
-        """Return (grant id, expiry) of an active grant covering any scope, or None."""
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,13 @@ class Grant:
         return d
 
 
+class GrantChecker(Protocol):
+    """The one grant-store call a decision needs (RedisGrants, or a simulation in tests)."""
+
+    async def check(self, user: str, scopes: tuple[str, ...]) -> tuple[str, float] | None:
+        """Return (grant id, expiry) of an active grant covering any scope, or None."""
+
+
 class GrantStore(Protocol):
     async def check(self, user: str, scopes: tuple[str, ...]) -> tuple[str, float] | None: ...
 

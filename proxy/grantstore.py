@@ -26,8 +26,9 @@ Keys (after the configured prefix, default `jit:`):
                              scored like history; a review removes the id
   notified:{kind}:{id}       string set once (SET NX) by the replica that sends a notice,
                              e.g. kind "expiring"; expires by itself
-  events                     pub/sub channel: "revoked {id}" (revoked or relinquished) and
-                             "extended {id}" reach every replica at once
+  events                     pub/sub channel: "revoked {id}" (revoked or relinquished),
+                             "extended {id}" and "granted {id}" (made active) reach every
+                             replica at once
 The index sets expire by themselves after their last entry. Every change is one Lua script,
 so concurrent approvals, revocations and extensions can never leave a doubled or broken state.
 """
@@ -289,6 +290,7 @@ class RedisGrants:
                 self._pending,
                 self._history,
                 self._unreviewed,
+                self.channel,
             ],
             args=[now_ms, self._keep_ms, grant_id, deadline, *flat],
         )
@@ -492,25 +494,40 @@ class RedisGrants:
             return None
         return float(_text(value))
 
-    async def revocations(self, ping_every: float = 5.0) -> AsyncIterator[str | None]:
-        """Yield None once subscribed, then the id of every grant ended early on any replica."""
+    async def events(self, ping_every: float = 5.0) -> AsyncIterator[tuple[str, str]]:
+        """Yield ("subscribed", "") once subscribed, then every change announced on the
+        channel as (kind, grant id): "revoked", "extended", "granted". The feed is pinged
+        every `ping_every` seconds; ("heard", t) says the ping sent at monotonic time t was
+        answered, so every change announced before t has been yielded. A dead feed raises.
+        """
         pubsub = self.redis.pubsub()
         try:
             await pubsub.subscribe(self.channel)
-            yield None
-            last_ping = time.monotonic()
+            yield "subscribed", ""
+            sent = -ping_every
             while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if msg is not None and msg.get("type") == "message":
+                if time.monotonic() - sent >= ping_every:
+                    sent = time.monotonic()
+                    await pubsub.ping(repr(sent))
+                wait = max(0.0, sent + ping_every - time.monotonic())
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+                if msg is None:
+                    continue
+                if msg.get("type") == "message":
                     kind, _, grant_id = _text(msg["data"]).partition(" ")
-                    if kind == "revoked":
-                        yield grant_id
-                if time.monotonic() - last_ping > ping_every:
-                    # A silent feed may be a dead one: a ping on it raises if so.
-                    await pubsub.ping()
-                    last_ping = time.monotonic()
+                    yield kind, grant_id
+                elif msg.get("type") == "pong":
+                    yield "heard", _text(msg["data"])
         finally:
             await pubsub.aclose()
+
+    async def revocations(self, ping_every: float = 5.0) -> AsyncIterator[str | None]:
+        """Yield None once subscribed, then the id of every grant ended early on any replica."""
+        async for kind, grant_id in self.events(ping_every):
+            if kind == "subscribed":
+                yield None
+            elif kind == "revoked":
+                yield grant_id
 
     async def count_active(self) -> int:
         return int(await self.redis.zcount(self._index, _now_ms() + 1, "+inf"))

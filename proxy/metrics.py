@@ -7,8 +7,12 @@ in prometheus-client's label dictionaries.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -108,5 +112,33 @@ class Metrics:
             self._bound[key] = bound
         return bound
 
+    def watch_grant_view(self, read: Callable[[], tuple[int, int, bool, int]]) -> None:
+        """Expose the grant view's counts, read at scrape time: (hits, misses, current, size)."""
+        self.registry.register(_GrantViewCollector(read))
+
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
+
+
+class _GrantViewCollector(Collector):
+    def __init__(self, read: Callable[[], tuple[int, int, bool, int]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        hits, misses, current, size = self.read()
+        checks = CounterMetricFamily(
+            "jitgate_grant_checks",
+            "Grant checks by where they were answered: the local view (memory) or Redis.",
+            labels=["answer"],
+        )
+        checks.add_metric(["view"], hits)
+        checks.add_metric(["redis"], misses)
+        yield checks
+        yield GaugeMetricFamily(
+            "jitgate_grant_view_current",
+            "1 while the grant view may answer (its event feed is current), else 0.",
+            value=int(current),
+        )
+        yield GaugeMetricFamily(
+            "jitgate_grant_view_entries", "Found grant checks the view remembers.", value=size
+        )

@@ -33,9 +33,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from .authorize import Authorizer, GrantChecker
+from .authorize import Authorizer
 from .errors import BadPath, ConfigError, ConfigErrors
-from .grants import Grant
+from .grants import Grant, GrantChecker
 from .identity import Identity
 from .paths import normalise, split_target
 from .policy import Access, Policy

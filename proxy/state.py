@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the resources' types only: importing state starts nothing
     from .audit import AuditLog
     from .audit.store import AuditStore
     from .grantstore import RedisGrants
+    from .grantview import GrantView
     from .identity.assertion import AssertionSigner
     from .identity.oidc import OidcClient
     from .identity.session import Sessions
@@ -60,6 +61,7 @@ class State:
     live: LiveConnections
     workflow: Workflow
     reloader: PolicyReloader
+    grant_view: GrantView | None = None  # with redis.local_view
     audit_store: AuditStore | None = None  # with the Redis audit sink
     sessions: Sessions | None = None  # with identity.session (or identity.oidc)
     oidc: OidcClient | None = None  # with identity.oidc

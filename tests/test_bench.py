@@ -18,7 +18,7 @@ from conftest import ROOT
 def test_bench_runs_every_target() -> None:
     argv = [
         sys.executable, str(ROOT / "bench" / "run.py"), "--duration", "1", "--warmup", "0",
-        "--connections", "4", "--loadgen", "python", "--upstream", "aiohttp", "--json",
+        "--connections", "4", "--loadgen", "python", "--upstream", "aiohttp", "--latency", "--json",
     ]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=170, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -32,3 +32,11 @@ def test_bench_runs_every_target() -> None:
     audit = report["audit"]
     assert audit["allow_records_in_file"] >= audit["requests_sent"] > 0
     assert audit["stream_length"] >= audit["requests_sent"]
+    # The grant checks went through the local view, most answered from memory.
+    checks = report["grant_checks"]
+    assert checks["view"] > checks["redis"] > 0
+    # The open-loop runs reached both targets at the same rate.
+    latency = report["latency"]
+    for key in ("a", "c"):
+        assert latency[key]["rps"] > 0 and latency[key]["errors"] == 0, (key, latency)
+    assert latency["added_p99_ms"] is not None

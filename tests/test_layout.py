@@ -129,7 +129,7 @@ def test_pages_stay_off_the_byte_path(name: str) -> None:
 SERVICES = {
     "identity": ("proxy.identity",),
     "policy": ("proxy.policy", "proxy.policyfile"),
-    "grants": ("proxy.grants", "proxy.grantstore"),
+    "grants": ("proxy.grants", "proxy.grantstore", "proxy.grantview"),
     "audit": ("proxy.audit",),
 }
 

@@ -328,3 +328,16 @@ def test_audit_http_headers_must_be_a_mapping_of_strings(tmp_path: Path) -> None
     with pytest.raises(ConfigErrors) as exc:
         load(cfg, environ={})
     assert f"{cfg}:5: audit.http[0].headers: must map header names to strings" in str(exc.value)
+
+
+def test_grant_view_settings(tmp_path: Path) -> None:
+    s = load(ROOT / "config" / "jitgate.yaml", environ={})
+    assert (s.redis.local_view, s.redis.view_lag) == (True, 0.1)
+    cfg = _config(tmp_path, "redis: {local_view: false, view_lag: 0.25}\n")
+    s = load(cfg, environ={})
+    assert (s.redis.local_view, s.redis.view_lag) == (False, 0.25)
+    cfg = _config(tmp_path, "redis: {local_view: sometimes, view_lag: 0}\n")
+    with pytest.raises(ConfigErrors) as exc:
+        load(cfg, environ={})
+    text = str(exc.value)
+    assert "redis.local_view: must be" in text and "redis.view_lag: must be greater than 0" in text

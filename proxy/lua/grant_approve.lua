@@ -73,4 +73,5 @@ redis.call('ZREM', KEYS[3], id)
 activate(prefix, g, id, exp, now, KEYS[2], keep)
 retain(rec, KEYS[4], id, exp + keep, now)
 if g.break_glass == '1' then index(KEYS[5], exp + keep, id, now, 0) end
+redis.call('PUBLISH', KEYS[6], 'granted ' .. id)
 return reply(rec, 'ok', '1')

@@ -1,4 +1,4 @@
--- KEYS: record, its active set, grants, pending, history, unreviewed.
+-- KEYS: record, its active set, grants, pending, history, unreviewed, events channel.
 -- ARGV: now ms, history ms, id, deadline ms (expiry if active, else pending_until), fields.
 local rec, id = KEYS[1], ARGV[3]
 local now, keep, deadline = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
@@ -10,6 +10,7 @@ if redis.call('HGET', rec, 'state') == 'active' then
   if redis.call('HGET', rec, 'break_glass') == '1' then
     index(KEYS[6], deadline + keep, id, now, 0)
   end
+  redis.call('PUBLISH', KEYS[7], 'granted ' .. id)
 else
   index(KEYS[4], deadline, id, now - keep, keep)
 end

@@ -55,6 +55,8 @@ class RedisSettings:
     timeout: float = 1.0
     key_prefix: str = "jit:"
     max_connections: int = 512
+    local_view: bool = True  # answer repeated grant checks from memory (grantview.py)
+    view_lag: float = 0.1  # ... only while every change older than this has been seen
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,9 @@ def validate(
     )
 
     s = r.section(raw, "redis", "redis")
-    r.known(s, {"url", "timeout", "key_prefix", "max_connections"}, "redis")
+    r.known(
+        s, {"url", "timeout", "key_prefix", "max_connections", "local_view", "view_lag"}, "redis"
+    )
     redis_url = r.optional_str(s, "url", None, "redis.url") or None
     if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
         r.error(s, "url", "redis.url", "must start with redis://, rediss:// or unix://")
@@ -219,6 +223,8 @@ def validate(
         timeout=r.positive(s, "timeout", float, 1.0, "redis.timeout"),
         key_prefix=r.get(s, "key_prefix", str, "jit:", "redis.key_prefix"),
         max_connections=r.positive(s, "max_connections", int, 512, "redis.max_connections"),
+        local_view=r.get(s, "local_view", bool, True, "redis.local_view"),
+        view_lag=r.positive(s, "view_lag", float, 0.1, "redis.view_lag"),
     )
 
     prefix = r.get(raw, "prefix", str, "/_jit", "prefix").rstrip("/")
