@@ -32,7 +32,8 @@ test: $(STAMP) ## Lint, then run the whole test suite
 
 bench: $(STAMP) ## Load-test upstream, pass-through, jitgate and a naive check side by side
 	bash .ci/install.sh wrk:wrk nginx:nginx-light  # the load generator and the fast upstream
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --latency
+	$(BIN)/python bench/kept.py
 
 clean: ## Remove the venv, caches and the demo state directory
 	rm -rf $(VENV) .jitgate .pytest_cache .mypy_cache .ruff_cache

@@ -454,10 +454,10 @@ def make_key(www: Path) -> rsa.RSAPrivateKey:
     return key
 
 
-def mint(key: rsa.RSAPrivateKey | str, ttl: int) -> str:
+def mint(key: rsa.RSAPrivateKey | str, ttl: int, sub: str = USER) -> str:
     """An RS256 token from the issuer's key for (c), or an HS256 one for (d)."""
     now = int(time.time())
-    claims = {"sub": USER, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + ttl}
+    claims = {"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + ttl}
     if isinstance(key, str):
         return jwt.encode(claims, key, algorithm="HS256")
     return jwt.encode(claims, key, algorithm="RS256", headers={"kid": KID})
@@ -744,10 +744,13 @@ def render(report: dict[str, Any]) -> str:
             f"{audit['requests_sent']} requests completed against (c)"
         )
     checks = report.get("grant_checks") or {}
-    lines.append(
-        f"  grants:    {checks.get('view', 0)} checks answered by jitgate's local view, "
-        f"{checks.get('redis', 0)} by Redis (--grant-view {report['grant_view']})"
-    )
+    if report["grant_view"] == "on":
+        lines.append(
+            f"  grants:    {checks.get('view', 0)} checks answered by jitgate's local view, "
+            f"{checks.get('redis', 0)} by Redis"
+        )
+    else:
+        lines.append("  grants:    every check asked Redis (--grant-view off)")
     scale = report.get("scale")
     if scale:
         small, large = scale["small"], scale["large"]

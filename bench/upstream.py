@@ -2,12 +2,16 @@
 
 python bench/upstream.py --port 8081 [--jwks FILE]
 
-With --jwks, FILE is served at /jwks.json (the key set of the bench's token issuer).
+With --jwks, FILE is served at /jwks.json (the key set of the bench's token issuer). For
+bench/kept.py a recording also has `big?bytes=N` (N bytes, streamed) and `live` (a line
+every 20 ms for up to a minute); any other request's body is counted as it streams in,
+never held, and the count is the answer.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from pathlib import Path
 
@@ -15,6 +19,8 @@ from aiohttp import web
 
 SNAPSHOTS = "/api/projects/{project}/session_recordings/{recording}/snapshots"
 SMALL_BODY = b'{"ok":true}\n'
+RECORDING = "/api/projects/{project}/session_recordings/{recording}"
+CHUNK = b"x" * (1 << 16)
 
 
 def snapshot_body(size: int = 4096) -> bytes:
@@ -44,8 +50,33 @@ async def snapshots(request: web.Request) -> web.Response:
 
 
 async def anything(request: web.Request) -> web.Response:
-    await request.read()
-    return web.Response(body=SMALL_BODY, content_type="application/json")
+    received = 0
+    async for chunk in request.content.iter_any():
+        received += len(chunk)
+    if not received:
+        return web.Response(body=SMALL_BODY, content_type="application/json")
+    return web.json_response({"received": received})
+
+
+async def big(request: web.Request) -> web.StreamResponse:
+    left = int(request.query.get("bytes", "0"))
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    resp.content_length = left
+    await resp.prepare(request)
+    while left > 0:
+        part = CHUNK if left >= len(CHUNK) else CHUNK[:left]
+        await resp.write(part)
+        left -= len(part)
+    return resp
+
+
+async def live(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    for _ in range(3000):
+        await resp.write(b'{"type":3}\n')
+        await asyncio.sleep(0.02)
+    return resp
 
 
 def build_app(jwks: bytes | None = None) -> web.Application:
@@ -58,6 +89,8 @@ def build_app(jwks: bytes | None = None) -> web.Application:
 
         app.router.add_get("/jwks.json", keys)
     app.router.add_get(SNAPSHOTS, snapshots)
+    app.router.add_get(RECORDING + "/big", big)
+    app.router.add_get(RECORDING + "/live", live)
     app.router.add_route("*", "/{tail:.*}", anything)
     return app
 

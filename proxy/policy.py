@@ -142,6 +142,8 @@ class Policy:
     # only the latter. Compiled once, so matching does not walk every route.
     _by_first: dict[str, tuple[Route, ...]] = field(init=False, repr=False, compare=False)
     _generic: tuple[Route, ...] = field(init=False, repr=False, compare=False)
+    # Decisions repeat: the Match of a recent (method, path), emptied when it gets full.
+    _matched: dict[tuple[str, str], Match] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Every scope template with a {recording} variable, so audit records can name the
@@ -156,6 +158,7 @@ class Policy:
         }
         object.__setattr__(self, "_by_first", by_first)
         object.__setattr__(self, "_generic", tuple(r for r in self.routes if r.first is None))
+        object.__setattr__(self, "_matched", {})
 
     def recording_of(self, scope: str | None) -> str | None:
         """Return the {recording} a scope names (e.g. demo-1 for recording:1/demo-1), if any."""
@@ -168,6 +171,16 @@ class Policy:
 
     def match(self, method: str, path: str) -> Match:
         """Return the first route that matches a normalised path, or the default."""
+        key = (method, path)
+        found = self._matched.get(key)
+        if found is None:
+            found = self._match(method, path)
+            if len(self._matched) >= MATCH_CACHE:
+                self._matched.clear()  # rare, and only costs the next matches a walk
+            self._matched[key] = found
+        return found
+
+    def _match(self, method: str, path: str) -> Match:
         first = path[1:].split("/", 1)[0].lower()
         for route in self._by_first.get(first, self._generic):
             if route.methods is not None and method not in route.methods:
@@ -222,6 +235,9 @@ class Policy:
 
     def entitlement(self, entitlement_id: str) -> Entitlement | None:
         return next((ent for ent in self.entitlements if ent.id == entitlement_id), None)
+
+
+MATCH_CACHE = 4096  # recent (method, path) pairs whose Match a policy keeps
 
 
 def scope_pattern(template: str) -> str:

@@ -40,3 +40,21 @@ def test_bench_runs_every_target() -> None:
     for key in ("a", "c"):
         assert latency[key]["rps"] > 0 and latency[key]["errors"] == 0, (key, latency)
     assert latency["added_p99_ms"] is not None
+
+
+@pytest.mark.timeout(180)
+def test_kept_bench_runs() -> None:
+    """bench/kept.py end to end on small figures: a body each way, revocations, cuts."""
+    argv = [
+        sys.executable, str(ROOT / "bench" / "kept.py"), "--bytes", "8MiB", "--revocations",
+        "5", "--cuts", "2", "--json",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=170, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["body"]["bytes"] == 8 << 20
+    for way in ("download", "upload"):
+        assert report["body"][way]["rss_growth_mib"] >= 0
+    assert report["revocation"]["rounds"] == 5
+    assert report["revocation"]["from_revoke_sent_ms"]["max"] > 0
+    assert report["live_cut"]["rounds"] == 2

@@ -569,3 +569,22 @@ def test_many_routes_match_as_a_scan_would() -> None:
     paths = [f"/seg{i % 60}/v/n{i}" for i in range(0, 2400, 7)] + ["/seg3/v", "/x/y", "/"]
     for path in paths:
         assert policy.match("GET", path).route == _first_match_by_scan(policy, "GET", path), path
+
+
+def test_a_repeated_match_is_remembered_and_the_memory_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import proxy.policy
+
+    p = load(ROOT / "config" / "policy.yaml")
+    path = "/api/projects/1/session_recordings/demo-1/snapshots"
+    first = p.match("GET", path)
+    assert first.scopes == ("recording:1/demo-1", "project:1")
+    assert p.match("GET", path) is first
+    assert p.match("POST", path) is not first  # the method is part of the key
+    monkeypatch.setattr(proxy.policy, "MATCH_CACHE", 10)
+    for i in range(25):
+        assert p.match("GET", f"/api/projects/1/session_recordings/r{i}").scope == (
+            f"recording:1/r{i}"
+        )
+        assert len(p._matched) <= 10

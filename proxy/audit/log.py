@@ -372,6 +372,19 @@ class AuditLog:
             return all(results)
 
     async def _flush_lane(self, lane: _Lane, force: bool) -> bool:
+        saves: list[Callable[[], None]] = []
+        try:
+            return await self._deliver(lane, force, saves)
+        finally:
+            if saves:
+                # Cursor files and spent segments, off the event loop: a disk that is slow
+                # to rename must not hold up requests.
+                try:
+                    await asyncio.to_thread(_run_all, saves)
+                except OSError as exc:  # the records went out; at worst they are sent again
+                    log.warning("audit spool cursor for %s not saved: %s", lane.name, exc)
+
+    async def _deliver(self, lane: _Lane, force: bool, saves: list[Callable[[], None]]) -> bool:
         while True:
             if not force and time.monotonic() < lane.retry_at:
                 return False
@@ -392,7 +405,9 @@ class AuditLog:
             lane.failures = 0
             lane.inflight = None
             self._on_written(lane.name, len(batch))
-            self._advance(lane, source, len(batch))
+            save = self._advance(lane, source, len(batch))
+            if save is not None:
+                saves.append(save)
 
     def _next_batch(self, lane: _Lane) -> tuple[Spool | None, list[str]]:
         """Return where the next batch comes from (a spool, or None for memory) and it."""
@@ -417,22 +432,24 @@ class AuditLog:
             lane.on_disk = False  # caught up: new records go through memory again
         return None, []
 
-    def _advance(self, lane: _Lane, source: Spool | None, count: int) -> None:
+    def _advance(self, lane: _Lane, source: Spool | None, count: int) -> Callable[[], None] | None:
+        """Move the lane past `count` delivered records; return the spool's disk work."""
         if source is None:
             last = -1
             for _ in range(count):
                 lineno, _line = lane.queue.popleft()
                 last = max(last, lineno)
             if last < 0 or self.spool is None:
-                return
+                return None
             lane.cursor = last + 1
             source = self.spool
         elif source is self.spool:
             lane.cursor += count
         else:
-            source.commit(lane.name, source.cursors[lane.name] + count)
-            return
-        try:
-            source.commit(lane.name, lane.cursor)
-        except OSError as exc:  # the records went out; at worst they are sent again
-            log.warning("audit spool cursor for %s not saved: %s", lane.name, exc)
+            return source.advance(lane.name, source.cursors[lane.name] + count)
+        return source.advance(lane.name, lane.cursor)
+
+
+def _run_all(work: list[Callable[[], None]]) -> None:
+    for step in work:
+        step()

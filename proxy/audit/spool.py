@@ -20,7 +20,7 @@ import fcntl
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -189,16 +189,30 @@ class Spool:
 
     def commit(self, sink: str, cursor: int) -> None:
         """Record that a sink has taken every record before line number cursor."""
+        self.advance(sink, cursor)()
+
+    def advance(self, sink: str, cursor: int) -> Callable[[], None]:
+        """Record in memory that a sink has taken every record before line number cursor;
+        return the disk work that follows (its cursor file, and deleting the segments every
+        sink is past), for a worker thread: until it runs, a crash replays a little more."""
         self.cursors[sink] = cursor
-        tmp = self.dir / (_cursor(sink) + ".tmp")
-        tmp.write_text(str(cursor))
-        os.replace(tmp, self.dir / _cursor(sink))
         floor = min(self.cursors.values(), default=self.total)
         # Whole segments every sink is past go; the newest stays open for appends.
+        gone: list[Path] = []
         while len(self.segments) > 1 and self.segments[1].first <= floor:
-            seg = self.segments.pop(0)
-            with contextlib.suppress(FileNotFoundError):
-                seg.path.unlink()
+            gone.append(self.segments.pop(0).path)
+        name, text = _cursor(sink), str(cursor)
+
+        def save() -> None:
+            tmp = self.dir / (name + ".tmp")
+            with contextlib.suppress(FileNotFoundError):  # the spool was done and removed
+                tmp.write_text(text)
+                os.replace(tmp, self.dir / name)
+            for path in gone:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+        return save
 
     def done(self) -> bool:
         return all(self.pending(name) == 0 for name in self.cursors)
