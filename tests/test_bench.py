@@ -58,3 +58,15 @@ def test_kept_bench_runs() -> None:
     assert report["revocation"]["rounds"] == 5
     assert report["revocation"]["from_revoke_sent_ms"]["max"] > 0
     assert report["live_cut"]["rounds"] == 2
+
+
+@pytest.mark.timeout(120)
+def test_grant_check_bench_runs() -> None:
+    """bench/grantcheck.py end to end on few checks: every way answers with the grant."""
+    argv = [
+        sys.executable, str(ROOT / "bench" / "grantcheck.py"), "--checks", "320", "--rounds", "1",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0] for line in out.stdout.splitlines()[2:5]}
+    assert rows == {"direct", "pipelined", "view"}, out.stdout
