@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import jwt
 import redis as redis_sync
 from conftest import ROOT, SECRET, write_config
+from waiting import eventually_sync
 
 JITGATE = str(Path(sys.executable).parent / "jitgate")
 
@@ -125,3 +127,26 @@ def test_serve_without_redis_server_says_how_to_get_it(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "redis-server not found on PATH: install it" in out.stderr
     assert "apt-get install redis-server" in out.stderr
+
+
+def test_serve_says_what_serves_and_freezes_start_up_objects(
+    tmp_path: Path, redis_url: str
+) -> None:
+    cfg = write_config(tmp_path, upstream_url="http://127.0.0.1:1", redis_url=redis_url)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([JITGATE, "serve", "--config", str(cfg)], stderr=out)
+
+    def started() -> str | None:
+        text = log.read_text()
+        return text if "frozen for the garbage" in text else None
+
+    try:
+        text = eventually_sync(started, what="jitgate to finish starting")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "using the uvloop event loop" in text
+    assert "using aiohttp's C HTTP parser (llhttp)" in text
+    frozen = re.search(r"start-up objects frozen for the garbage collector: (\d+)", text)
+    assert frozen is not None and int(frozen[1]) > 10_000
