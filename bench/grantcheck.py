@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from statistics import median
 
+import redis as redis_sync
 import uvloop
 from redis.asyncio import Redis
 
@@ -86,18 +86,14 @@ async def run(check: Check, checks: int, concurrency: int) -> tuple[float, float
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def redis_cpu(port: int) -> float:
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"INFO cpu\r\n")
-        text = b""
-        while b"used_cpu_user:" not in text or not text.endswith(b"\r\n"):
-            text += s.recv(65536)
-    fields = dict(line.split(":", 1) for line in text.decode().splitlines() if ":" in line)
-    return float(fields["used_cpu_sys"]) + float(fields["used_cpu_user"])
+def redis_cpu(client: redis_sync.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
-async def main_async(port: int, checks: int, concurrency: int, rounds: int) -> None:
-    client = Redis.from_url(f"redis://127.0.0.1:{port}/0")
+async def main_async(sock: Path, checks: int, concurrency: int, rounds: int) -> None:
+    client = Redis(unix_socket_path=str(sock))
+    cpu_of = redis_sync.Redis(unix_socket_path=str(sock))
     store = RedisGrants(client)
     await store.add(USER, SCOPES[1], 3600, "bench", "bench")
     view = GrantView(store)
@@ -116,11 +112,12 @@ async def main_async(port: int, checks: int, concurrency: int, rounds: int) -> N
     figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ways}
     for _ in range(rounds):
         for name, check in ways.items():
-            before = redis_cpu(port)
+            before = redis_cpu(cpu_of)
             cpu, wall = await run(check, checks, concurrency)
-            figures[name].append((cpu, wall, redis_cpu(port) - before))
+            figures[name].append((cpu, wall, redis_cpu(cpu_of) - before))
     follower.cancel()
     await client.aclose()
+    cpu_of.close()
     done = checks // concurrency * concurrency
     print(f"{done} checks per round, {concurrency} at a time, {rounds} rounds (medians)")
     print(f"{'':12}{'client us/check':>16}{'checks/s':>12}{'redis us/check':>16}")
@@ -144,22 +141,21 @@ def main() -> int:
     if binary is None:
         print("redis-server is missing", file=sys.stderr)
         return 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     tmp = Path(tempfile.mkdtemp(prefix="jitgate-grantcheck-"))
+    sock = tmp / "redis.sock"  # a socket file of its own: no port to share with anyone
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp)],
+        [binary, "--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", str(tmp)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port)).close()
+        for _ in range(200):
+            if sock.exists():
                 break
-            except OSError:
-                time.sleep(0.05)
-        uvloop.run(main_async(port, args.checks, args.concurrency, args.rounds))
+            if proc.poll() is not None:
+                print("redis-server did not start", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+        uvloop.run(main_async(sock, args.checks, args.concurrency, args.rounds))
     finally:
         proc.terminate()
         proc.wait()

@@ -327,7 +327,12 @@ def _workflow(state: State) -> Ctx:
         up = settings.upstream
         forwarder = Forwarder(
             UpstreamConfig(
-                up.url, up.host_header, up.connect_timeout, up.read_timeout, up.pool_size
+                up.url,
+                up.host_header,
+                up.connect_timeout,
+                up.read_timeout,
+                up.pool_size,
+                up.keepalive,
             )
         )
         await forwarder.start()

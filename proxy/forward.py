@@ -13,6 +13,8 @@ from aiohttp import WSMsgType, hdrs, web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
+from .upstream import ConnectFailed, Pool, Response
+
 _HOP_BY_HOP = frozenset(
     [
         "connection",
@@ -64,6 +66,7 @@ class UpstreamConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     pool_size: int = 100
+    keepalive: float = 15.0  # below the upstream's own idle timeout
 
 
 class BodyRewrite(Protocol):
@@ -95,12 +98,12 @@ class Outcome:
 class Forwarder:
     def __init__(self, config: UpstreamConfig) -> None:
         self._config = config
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # for WebSockets
+        self._pool: Pool | None = None  # for everything else
         url = config.url
         scheme = url.scheme.lower()
         authority = url.host_port_subcomponent or ""
         base = url.raw_path.rstrip("/")
-        self._prefix = f"{scheme}://{authority}{base}"
         self._ws_prefix = f"{'wss' if scheme == 'https' else 'ws'}://{authority}{base}"
         self._host = config.host_header or authority
         self._base = base
@@ -117,8 +120,15 @@ class Forwarder:
         self._origin_len = len(self._origins[0])
 
     async def start(self) -> None:
-        """Open the pooled client session used for all forwarding."""
+        """Open the connection pool, and the client session for WebSockets."""
         cfg = self._config
+        self._pool = Pool(
+            cfg.url,
+            size=cfg.pool_size,
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            idle_timeout=cfg.keepalive,
+        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=cfg.pool_size),
             timeout=aiohttp.ClientTimeout(
@@ -137,6 +147,9 @@ class Forwarder:
         )
 
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -154,8 +167,8 @@ class Forwarder:
         rewrite: BodyRewrite | None = None,
     ) -> tuple[web.StreamResponse, Outcome]:
         """Forward the request upstream; return the response to hand back and what happened."""
-        session = self._session
-        assert session is not None, "Forwarder.start() was not awaited"
+        session, pool = self._session, self._pool
+        assert session is not None and pool is not None, "Forwarder.start() was not awaited"
         target = f"{path}?{query}" if query else path
         ws = _is_websocket(request)
         headers = self._request_headers(
@@ -167,12 +180,11 @@ class Forwarder:
             return await self._websocket(session, request, target, headers, stop)
 
         try:
-            upstream = await session.request(
+            upstream = await pool.request(
                 request.method,
-                URL(self._prefix + target, encoded=True),
-                headers=headers,
-                data=request.content if request.body_exists else None,
-                allow_redirects=False,
+                self._base + target,
+                headers,
+                request.content if request.body_exists else None,
             )
         except Exception as exc:
             return self._failure(exc)
@@ -184,7 +196,7 @@ class Forwarder:
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         stop: asyncio.Event | None,
         rewrite: BodyRewrite | None = None,
     ) -> tuple[web.StreamResponse, Outcome]:
@@ -447,6 +459,9 @@ class Forwarder:
             status, kind, text = 504, "connect", "jitgate: upstream connect timed out"
         elif isinstance(exc, TimeoutError):
             status, kind, text = 504, "timeout", self._read_timeout_text
+        elif isinstance(exc, ConnectFailed):
+            status, kind = 502, "connect"
+            text = f"jitgate: upstream unreachable (connect failed: {exc.strerror})"
         elif isinstance(exc, aiohttp.ClientConnectorError):
             reason = exc.os_error.strerror or str(exc.os_error)
             status, kind = 502, "connect"

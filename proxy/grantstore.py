@@ -37,14 +37,16 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import time
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from typing import Any
 
 from redis.asyncio import Redis
 
 from . import lua
 from .grants import HISTORY_TTL, STATES, Approval, Grant, GrantError
+from .redisd import quiet_probe
 
 # The scripts (proxy/lua/grant_*.lua, each saying its KEYS and ARGV): every change is one
 # of them, so concurrent approvals, revocations and extensions stay consistent.
@@ -494,15 +496,28 @@ class RedisGrants:
             return None
         return float(_text(value))
 
-    async def events(self, ping_every: float = 5.0) -> AsyncIterator[tuple[str, str]]:
+    async def events(
+        self,
+        ping_every: float = 5.0,
+        *,
+        watch: Callable[[Callable[[], bool]], None] | None = None,
+    ) -> AsyncIterator[tuple[str, str]]:
         """Yield ("subscribed", "") once subscribed, then every change announced on the
         channel as (kind, grant id): "revoked", "extended", "granted". The feed is pinged
         every `ping_every` seconds; ("heard", t) says the ping sent at monotonic time t was
         answered, so every change announced before t has been yielded. A dead feed raises.
+
+        Once subscribed, `watch` is given a function that says whether everything the
+        subscription received has been yielded: nothing unread in its buffer or its socket,
+        and no end of stream pending (a Redis that just died). It says False when unsure.
         """
         pubsub = self.redis.pubsub()
+        peek: socket.socket | None = None
         try:
             await pubsub.subscribe(self.channel)
+            if watch is not None:
+                peek, quiet = quiet_probe(pubsub)
+                watch(quiet)
             yield "subscribed", ""
             sent = -ping_every
             while True:
@@ -519,6 +534,8 @@ class RedisGrants:
                 elif msg.get("type") == "pong":
                     yield "heard", _text(msg["data"])
         finally:
+            if peek is not None:
+                peek.close()
             await pubsub.aclose()
 
     async def revocations(self, ping_every: float = 5.0) -> AsyncIterator[str | None]:

@@ -24,14 +24,21 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from .grants import GrantChecker
 
 log = logging.getLogger("jitgate.grants")
 
-# The feed's events: ("subscribed", ""), a change (kind, grant id), or ("heard", t) when
-# the ping sent at monotonic time t was answered.
-Feed = Callable[[float], AsyncIterator[tuple[str, str]]]
+
+class Feed(Protocol):
+    """The grant store's event feed (RedisGrants.events): ("subscribed", ""), a change
+    (kind, grant id), or ("heard", t) when the ping sent at monotonic time t was answered;
+    `watch` gets a probe that says whether everything received has been yielded."""
+
+    def __call__(
+        self, ping_every: float, *, watch: Callable[[Callable[[], bool]], None]
+    ) -> AsyncIterator[tuple[str, str]]: ...
 
 
 class GrantView:
@@ -55,12 +62,14 @@ class GrantView:
         self.misses = 0
         self._entries: dict[tuple[str, tuple[str, ...]], tuple[str, float]] = {}
         self._heard: float | None = None  # the send time of the latest answered ping
+        self._quiet: Callable[[], bool] = lambda: False  # nothing unread on the feed
         self._generation = 0  # bumped by every change and every loss of the feed
 
     def current(self) -> bool:
-        """Whether every change announced more than `lag` ago has been seen."""
+        """Whether every change announced more than `lag` ago has been seen, and nothing
+        the feed received (a change, or the end of a Redis that died) waits unread."""
         heard = self._heard
-        return heard is not None and self.clock() - heard <= self.lag
+        return heard is not None and self.clock() - heard <= self.lag and self._quiet()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -97,14 +106,18 @@ class GrantView:
     def lost(self) -> None:
         """The feed is gone: changes may be missed from now on, so trust nothing."""
         self._heard = None
+        self._quiet = lambda: False
         self.changed()
+
+    def _watch(self, quiet: Callable[[], bool]) -> None:
+        self._quiet = quiet
 
     async def follow(self, feed: Feed, *, backoff_max: float = 5.0) -> None:
         """Keep the view current from `feed` until cancelled; resubscribe when it breaks."""
         delay = 0.1
         while True:
             try:
-                async for kind, value in feed(self.lag / 2):
+                async for kind, value in feed(self.lag / 2, watch=self._watch):
                     if kind == "heard":
                         self.heard(float(value))
                         delay = 0.1

@@ -1,5 +1,6 @@
-"""How jitgate reaches Redis: a fail-fast client, and the embedded redis-server child it
-runs and supervises on a unix socket in its state dir when no Redis URL is configured."""
+"""How jitgate reaches Redis: a fail-fast client, a probe of a subscription's connection,
+and the embedded redis-server child it runs and supervises on a unix socket in its state
+dir when no Redis URL is configured."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.client import PubSub
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -351,3 +355,37 @@ def connect_redis(url: str, timeout: float, max_connections: int = 512) -> Redis
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     return Redis(connection_pool=pool)
+
+
+def quiet_probe(pubsub: PubSub) -> tuple[socket.socket | None, Callable[[], bool]]:
+    """A probe of a subscription's connection: True while nothing is left unread.
+
+    It looks at redis-py's stream reader (bytes read but not parsed yet) and peeks at the
+    socket itself (bytes, or the end of the stream, not read yet). If redis-py's internals
+    are not what it expects, it always says False: the caller then trusts nothing.
+    """
+    conn = pubsub.connection
+    reader = getattr(conn, "_reader", None)
+    writer = getattr(conn, "_writer", None)
+    if not isinstance(reader, asyncio.StreamReader) or writer is None:
+        return None, lambda: False
+    try:
+        fd = writer.transport.get_extra_info("socket").fileno()
+        peek = socket.socket(fileno=os.dup(fd))
+    except (AttributeError, OSError):
+        return None, lambda: False
+    flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+    def quiet() -> bool:
+        buffered: object = getattr(reader, "_buffer", None)  # read, not parsed yet
+        if reader.at_eof() or buffered is None or buffered:
+            return False
+        try:
+            peek.recv(1, flags)
+        except BlockingIOError:
+            return True  # nothing pending, and the connection is open
+        except OSError:
+            return False
+        return False  # a byte, or the end of the stream, waits to be read
+
+    return peek, quiet

@@ -236,7 +236,7 @@ def make_proxy(aiohttp_client: Any) -> MakeProxy:
     async def factory(
         url: URL, *, client_kwargs: dict[str, Any] | None = None, **options: Any
     ) -> Proxy:
-        config_keys = {"host_header", "connect_timeout", "read_timeout", "pool_size"}
+        config_keys = {"host_header", "connect_timeout", "read_timeout", "pool_size", "keepalive"}
         config = UpstreamConfig(url=url, **{k: options.pop(k) for k in config_keys & set(options)})
         forwarder = Forwarder(config)
         outcomes: list[Outcome] = []

@@ -65,6 +65,14 @@ async def caught_up(view: GrantView) -> None:
     await eventually(lambda: view._heard is not None and view._heard > now, what="a later ping")
 
 
+async def add(view: GrantView, store: RedisGrants, user: str = "alice") -> str:
+    """Add a grant and wait until the view has seen its announcement (which empties it)."""
+    changes = view._generation
+    grant = await store.add(user, "project:1", 60, "r", "admin")
+    await eventually(lambda: view._generation > changes, what="the grant's announcement")
+    return grant.id
+
+
 async def stop(task: asyncio.Task[None]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -273,6 +281,52 @@ async def test_losing_redis_empties_the_view_and_fails_closed(own_redis: RedisSe
     finally:
         await stop(task)
         await client.aclose()
+
+
+async def test_a_redis_that_just_died_is_not_trusted_before_the_feed_notices(
+    own_redis: RedisServer,
+) -> None:
+    client = Redis.from_url(own_redis.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    store = RedisGrants(client)
+    view = GrantView(store, lag=10.0)  # a lag that cannot be what refuses here
+    task = await following(view, store)
+    try:
+        await add(view, store)
+        assert await view.check("alice", SCOPES) is not None and len(view) == 1
+        own_redis.kill()
+        # Nothing has run on the event loop since: the feed has not seen the end of its
+        # connection, but the view looks at the socket and does not answer.
+        assert not view.current()
+        with pytest.raises(Exception):  # noqa: B017 - whatever redis-py raises
+            await view.check("alice", SCOPES)
+        assert view.hits == 0
+    finally:
+        await stop(task)
+        await client.aclose()
+
+
+async def test_a_revocation_holds_once_its_announcement_arrived(
+    store: RedisGrants, other: RedisGrants
+) -> None:
+    """As soon as the announcement is in this host's socket, before the feed has read it,
+    the view stops answering: the wait below never lets the event loop (and the feed) run.
+    """
+    view = GrantView(store, lag=10.0)  # a lag that cannot be what refuses here
+    task = await following(view, store)
+    try:
+        for i in range(20):
+            user = f"user-{i}"
+            grant_id = await add(view, store, user)
+            assert await view.check(user, SCOPES) is not None and len(view) == 1
+            await other.revoke(grant_id)
+            deadline = time.monotonic() + 5
+            while view.current():  # a blocking wait: the feed cannot run meanwhile
+                assert time.monotonic() < deadline, "the announcement never arrived"
+                time.sleep(0.0005)  # noqa: ASYNC251 - blocking on purpose, see above
+            assert len(view) == 1  # still there: the feed has not read it yet
+            assert await view.check(user, SCOPES) is None
+    finally:
+        await stop(task)
 
 
 async def test_nothing_is_remembered_before_the_feed_is_current(store: RedisGrants) -> None:

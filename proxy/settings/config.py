@@ -47,6 +47,7 @@ class UpstreamSettings:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     pool_size: int = 100
+    keepalive: float = 15.0  # seconds an idle upstream connection is kept for reuse
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,11 @@ def validate(
         r.error(s, "port", "listen.port", "must be between 0 and 65535")
 
     s = r.section(raw, "upstream", "upstream")
-    r.known(s, {"url", "host_header", "connect_timeout", "read_timeout", "pool_size"}, "upstream")
+    r.known(
+        s,
+        {"url", "host_header", "connect_timeout", "read_timeout", "pool_size", "keepalive"},
+        "upstream",
+    )
     url_text = r.get(s, "url", str, "", "upstream.url")
     upstream_url = URL(url_text) if url_text else URL()
     if not url_text:
@@ -209,6 +214,7 @@ def validate(
         connect_timeout=r.positive(s, "connect_timeout", float, 5.0, "upstream.connect_timeout"),
         read_timeout=r.positive(s, "read_timeout", float, 60.0, "upstream.read_timeout"),
         pool_size=r.positive(s, "pool_size", int, 100, "upstream.pool_size"),
+        keepalive=r.positive(s, "keepalive", float, 15.0, "upstream.keepalive"),
     )
 
     s = r.section(raw, "redis", "redis")
