@@ -18,6 +18,10 @@ Keys (after the configured prefix, default `jit:`):
   grants                     sorted set of grant ids made active, scored by expiry (ms); an
                              early end removes the id, an expiry leaves it for history_ttl
                              (a sweeper finds expired grants below now)
+  waiting:{len(user)}:{user}:{scope}
+                             string: the id of the user's latest request for the scope that
+                             waits for approval, expiring at its pending_until; it stops one
+                             more from being filed while that request is still pending
   pending                    sorted set of requests made pending, scored by pending_until (ms);
                              approve and deny remove the id, a lapse leaves it for history_ttl
   history                    sorted set of every retained record, scored by when Redis
@@ -284,17 +288,19 @@ class RedisGrants:
                 "expires_at": _secs(deadline),
             }
         flat = [item for pair in fields.items() for item in pair]
+        keys = [
+            self._grant_key(grant_id),
+            self._active_key(user, scope),
+            self._index,
+            self._pending,
+            self._history,
+            self._unreviewed,
+            self.channel,
+        ]
+        if needed:
+            keys.append(f"{self.prefix}waiting:{len(user.encode())}:{user}:{scope}")
         reply = await self._create(
-            keys=[
-                self._grant_key(grant_id),
-                self._active_key(user, scope),
-                self._index,
-                self._pending,
-                self._history,
-                self._unreviewed,
-                self.channel,
-            ],
-            args=[now_ms, self._keep_ms, grant_id, deadline, *flat],
+            keys=keys, args=[now_ms, self._keep_ms, grant_id, deadline, *flat]
         )
         return _outcome(reply)[0]
 

@@ -10,6 +10,9 @@ grant store's event feed is known to be current:
   before it, so once the ping sent at time t is answered, every change announced before t
   has been seen. The view answers only while that t is at most `lag` ago: a revocation holds
   on this replica within `lag`, even when the feed stalls without breaking.
+- Nor while anything the feed received waits unread (the subscription's buffer and socket
+  are looked at): a change holds once its announcement reaches this host, and a Redis
+  that just died is not trusted before the feed has noticed.
 - Losing the feed empties the view and stops it answering until the feed is back: every
   check goes to Redis then, and a Redis in doubt refuses with 503 as before.
 - A check that went to Redis while a change or a loss was seen is answered, but not
@@ -50,14 +53,12 @@ class GrantView:
         *,
         lag: float = 0.1,
         max_entries: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if lag <= 0:
             raise ValueError(f"lag must be positive, not {lag}")
         self.store = store
         self.lag = lag
         self.max_entries = max_entries
-        self.clock = clock
         self.hits = 0
         self.misses = 0
         self._entries: dict[tuple[str, tuple[str, ...]], tuple[str, float]] = {}
@@ -69,7 +70,7 @@ class GrantView:
         """Whether every change announced more than `lag` ago has been seen, and nothing
         the feed received (a change, or the end of a Redis that died) waits unread."""
         heard = self._heard
-        return heard is not None and self.clock() - heard <= self.lag and self._quiet()
+        return heard is not None and time.monotonic() - heard <= self.lag and self._quiet()
 
     def __len__(self) -> int:
         return len(self._entries)

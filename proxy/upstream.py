@@ -11,8 +11,9 @@ so the bytes on the wire and the parsing are aiohttp's; only the pooling is here
 - an idle connection is reused (the most recent first) unless it was idle longer than
   `idle_timeout` or the upstream closed it; a response that was not read to its end, or
   that asked to close, closes its connection;
-- a request without a body that fails on a reused connection before any byte of the
-  answer arrived (the upstream closed it while idle) is tried once more on a new one.
+- a GET, HEAD, OPTIONS or TRACE without a body that fails on a reused connection (the
+  upstream closed it while idle) is tried once more on a new one; nothing else is ever
+  sent twice.
 
 WebSockets still go through aiohttp's client (forward.py).
 """
@@ -31,7 +32,7 @@ from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no body expected; retried
 _STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionResetError)
 
 
@@ -90,8 +91,13 @@ class Response:
             pool._free()
 
     def _stop_sending(self) -> None:
-        if self._sending is not None and not self._sending.done():
-            self._sending.cancel()
+        sending = self._sending
+        if sending is None:
+            return
+        if not sending.done():
+            sending.cancel()
+        elif not sending.cancelled():
+            sending.exception()  # seen: its failure is why the connection closes
 
 
 class Pool:
@@ -131,7 +137,7 @@ class Pool:
                     return await self._exchange(proto, method, target, headers, body)
                 except _STALE:
                     proto.close()
-                    if reused and body is None and attempt == 1:
+                    if reused and body is None and method in _SAFE_METHODS and attempt == 1:
                         continue  # closed by the upstream while idle: once more, afresh
                     raise
                 except BaseException:
@@ -199,7 +205,7 @@ class Pool:
         writer = StreamWriter(proto, loop)
         sending = None
         if body is None:
-            if method not in _NO_BODY_METHODS and hdrs.CONTENT_LENGTH not in headers:
+            if method not in _SAFE_METHODS and hdrs.CONTENT_LENGTH not in headers:
                 headers[hdrs.CONTENT_LENGTH] = "0"
             await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
             await writer.write_eof()

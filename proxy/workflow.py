@@ -102,17 +102,22 @@ class Workflow:
                     "already_pending",
                     f"your request {waiting.id} for {scope} is already waiting for approval",
                 )
-        grant = await self.grants.request(
-            ident.subject,
-            scope,
-            duration=seconds,
-            reason=reason,
-            ticket=ticket,
-            entitlement=ent.id,
-            needed=needed,
-            pending_ttl=ent.pending_ttl,
-            break_glass=ent.break_glass,
-        )
+        try:
+            # The store checks for a waiting request again, atomically with filing this
+            # one: concurrent identical requests cannot all get past the check above.
+            grant = await self.grants.request(
+                ident.subject,
+                scope,
+                duration=seconds,
+                reason=reason,
+                ticket=ticket,
+                entitlement=ent.id,
+                needed=needed,
+                pending_ttl=ent.pending_ttl,
+                break_glass=ent.break_glass,
+            )
+        except GrantError as exc:
+            raise _from(exc) from None
         self._audit("grant.requested", grant, actor=ident.subject)
         self._notify("requested", grant)
         if ent.break_glass:

@@ -61,12 +61,17 @@ def test_kept_bench_runs() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_grant_check_bench_runs() -> None:
-    """bench/grantcheck.py end to end on few checks: every way answers with the grant."""
-    argv = [
-        sys.executable, str(ROOT / "bench" / "grantcheck.py"), "--checks", "320", "--rounds", "1",
-    ]  # fmt: skip
+@pytest.mark.parametrize(
+    ("script", "count", "ways"),
+    [
+        ("grantcheck.py", "--checks", {"direct", "pipelined", "view"}),
+        ("client.py", "--requests", {"session", "pool"}),
+    ],
+)
+def test_side_by_side_benches_run(script: str, count: str, ways: set[str]) -> None:
+    """bench/grantcheck.py and bench/client.py end to end on few calls: a row each way."""
+    argv = [sys.executable, str(ROOT / "bench" / script), count, "320", "--rounds", "1"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=110, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    rows = {line.split()[0] for line in out.stdout.splitlines()[2:5]}
-    assert rows == {"direct", "pipelined", "view"}, out.stdout
+    rows = {line.split()[0] for line in out.stdout.splitlines()[2 : 2 + len(ways)]}
+    assert rows == ways, out.stdout

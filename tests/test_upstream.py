@@ -82,7 +82,7 @@ async def test_a_bodiless_request_on_a_connection_closed_under_it_is_tried_once_
     assert (closing.answered, closing.reused, closing.connections) == (3, 2, 3)
 
 
-async def test_a_request_with_a_body_is_not_sent_twice(
+async def test_a_request_that_is_not_safe_to_repeat_is_not_sent_twice(
     closing: ClosingUpstream,
     make_proxy: MakeProxy,  # noqa: F811
 ) -> None:
@@ -93,6 +93,12 @@ async def test_a_request_with_a_body_is_not_sent_twice(
         assert resp.status == 502
         assert "upstream protocol error" in await resp.text()
     assert closing.answered == 1
+    # Nor a bodiless request whose method is not safe to repeat.
+    async with proxy.client.get("/x") as resp:
+        assert resp.status == 200
+    async with proxy.client.delete("/x") as resp:
+        assert resp.status == 502
+    assert closing.answered == 2
 
 
 def gated_upstream() -> tuple[web.Application, dict[str, Any]]:

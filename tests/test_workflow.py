@@ -155,6 +155,27 @@ async def test_one_waiting_request_per_person_and_scope(flow: Flow) -> None:
     assert set(await wf.waiting(ALICE)) == {"project:1", "project:2"}
 
 
+async def test_concurrent_identical_requests_file_one(flow: Flow) -> None:
+    """Sent at once, all pass the first check for a waiting request; the store's atomic
+    one takes exactly one of them."""
+    wf = flow.workflow
+    results = await asyncio.gather(
+        *(wf.request(ALICE, "project:1", reason=f"r{i}", ticket="INC-1") for i in range(5)),
+        return_exceptions=True,
+    )
+    filed = [r for r in results if not isinstance(r, BaseException)]
+    refusals = [r for r in results if isinstance(r, WorkflowError)]
+    assert len(filed) == 1 and len(refusals) == 4, results
+    assert {(e.status, e.code) for e in refusals} == {(409, "already_pending")}
+    assert all(filed[0].id in e.message for e in refusals)
+    assert [g.id for g in (await wf.waiting(ALICE)).values()] == [filed[0].id]
+    # Once it is decided, the next request is filed.
+    await wf.deny(ALICE, filed[0].id)
+    assert (await wf.request(ALICE, "project:1", reason="again", ticket="INC-2")).state == (
+        "pending"
+    )
+
+
 async def test_deny_and_withdraw(flow: Flow) -> None:
     wf = flow.workflow
     denied = await wf.request(ALICE, "project:1", reason="a", ticket="INC-1")
@@ -216,3 +237,18 @@ async def test_sweep_writes_each_expiry_once(flow: Flow) -> None:
         swept = await wf.sweep()
     assert swept == 1 and await wf.sweep() == 0
     assert (await flow.events(grant.id))[-1] == "grant.expired"
+
+
+async def test_a_decided_request_frees_its_waiting_slot_at_once(flow: Flow) -> None:
+    """Whatever characters the name holds, approving or denying frees the slot (no key is
+    left behind), so the next request is filed."""
+    wf = flow.workflow
+    jo = Identity("jöe", ("eng",))
+    first = await wf.request(jo, "project:1", reason="a", ticket="INC-1")
+    await wf.approve(LEAD1, first.id)
+    assert (await wf.approve(LEAD2, first.id)).state == "active"
+    redis = wf.grants.redis  # type: ignore[attr-defined]
+    assert await redis.keys("jit:waiting:*") == []
+    second = await wf.request(jo, "project:2", reason="b", ticket="INC-2")
+    await wf.deny(LEAD1, second.id)
+    assert await redis.keys("jit:waiting:*") == []

@@ -19,6 +19,7 @@ local function moot(code, message)
   redis.call('HSET', rec, 'state', 'lapsed', 'ended_at', secs(now), 'ended_by', by,
     'end_comment', message)
   redis.call('ZREM', KEYS[3], id)
+  unwait(prefix, g, id)
   retain(rec, KEYS[4], id, now + keep, now)
   return reply(rec, code, message)
 end
@@ -67,6 +68,7 @@ if parent then
 end
 
 local exp = now + ms(g.duration)
+unwait(prefix, g, id)
 redis.call('HSET', rec, 'state', 'active', 'activated_at', secs(now), 'expires_at', secs(exp),
   'granted_by', names)
 redis.call('ZREM', KEYS[3], id)

@@ -10,6 +10,7 @@ if verb == 'deny' then
   if g.state ~= 'pending' then return wrong(id, g.state, 'pending') end
   final = 'denied'
   redis.call('ZREM', KEYS[3], id)
+  unwait(prefix, g, id)
 else
   if g.state ~= 'active' then return wrong(id, g.state, 'active') end
   if verb == 'relinquish' and by ~= g.user then

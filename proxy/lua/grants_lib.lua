@@ -39,6 +39,12 @@ local function active_key(prefix, g)
   return prefix .. 'active:' .. string.len(g.user) .. ':' .. g.user .. ':' .. g.scope
 end
 
+-- A request leaves pending: its person may file the next one for that scope at once.
+local function unwait(prefix, g, id)
+  local key = prefix .. 'waiting:' .. #g.user .. ':' .. g.user .. ':' .. g.scope
+  if redis.call('GET', key) == id then redis.call('DEL', key) end
+end
+
 local function activate(prefix, g, id, exp, now, grants, keep)
   index(active_key(prefix, g), exp, id, now, 0)
   index(grants, exp, id, now - keep, keep)
