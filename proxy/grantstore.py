@@ -521,6 +521,9 @@ class RedisGrants:
         peek: socket.socket | None = None
         try:
             await pubsub.subscribe(self.channel)
+            # redis-py reconnects and subscribes again by itself after a dropped connection;
+            # what was announced meanwhile is lost, so a new connection ends this feed.
+            first = getattr(pubsub.connection, "_reader", None)
             if watch is not None:
                 peek, quiet = quiet_probe(pubsub)
                 watch(quiet)
@@ -532,6 +535,8 @@ class RedisGrants:
                     await pubsub.ping(repr(sent))
                 wait = max(0.0, sent + ping_every - time.monotonic())
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+                if getattr(pubsub.connection, "_reader", None) is not first:
+                    raise ConnectionError("the event feed reconnected: announcements missed")
                 if msg is None:
                     continue
                 if msg.get("type") == "message":

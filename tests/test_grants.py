@@ -14,6 +14,7 @@ from waiting import eventually
 
 from proxy.grants import Grant, GrantError
 from proxy.grantstore import RedisGrants
+from proxy.redisd import connect_redis
 
 
 async def _gone(redis: Redis, key: str) -> bool:
@@ -332,6 +333,30 @@ async def test_ending_announces_on_the_channel(store: RedisGrants, replica: Redi
     assert await asyncio.wait_for(anext(feed), 2) == given.id
     assert await asyncio.wait_for(anext(feed), 2) == kept.id
     await feed.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_feed_whose_connection_was_dropped_ends(redis_url: str) -> None:
+    """jitgate's client retries once after a dropped connection, and redis-py then
+    subscribes again by itself: what was announced in between would be missed without a
+    word. The feed ends instead, so its followers treat it as lost (and fail closed)."""
+    client = connect_redis(redis_url, 1.0)
+    feed = RedisGrants(client).events(ping_every=0.05)
+    killer = Redis.from_url(redis_url)
+    try:
+        assert await anext(feed) == ("subscribed", "")
+        assert (await anext(feed))[0] == "heard"
+        await killer.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+
+        async def drain() -> None:
+            async for _ in feed:
+                pass
+
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(drain(), 5)
+    finally:
+        await feed.aclose()  # type: ignore[attr-defined]
+        await killer.aclose()
+        await client.aclose()
 
 
 async def test_extended_message_format(store: RedisGrants) -> None:

@@ -329,6 +329,28 @@ async def test_a_revocation_holds_once_its_announcement_arrived(
         await stop(task)
 
 
+async def test_a_dropped_feed_connection_is_a_lost_feed(
+    store: RedisGrants, other: RedisGrants
+) -> None:
+    """Redis drops the subscription's connection (CLIENT KILL) and stays up: redis-py
+    would reconnect and subscribe again by itself, but announcements made in between are
+    lost, so the view is emptied and trusts only what comes after."""
+    view = GrantView(store)
+    task = await following(view, store)
+    try:
+        await add(view, store)
+        assert await view.check("alice", SCOPES) is not None and len(view) == 1
+        changes = view._generation
+        await other.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await eventually(lambda: view._generation > changes, what="the loss to be seen")
+        assert len(view) == 0
+        await eventually(view.current, what="the feed back")
+        assert await view.check("alice", SCOPES) is not None  # from Redis, then kept
+        assert await view.check("alice", SCOPES) is not None and len(view) == 1
+    finally:
+        await stop(task)
+
+
 async def test_nothing_is_remembered_before_the_feed_is_current(store: RedisGrants) -> None:
     view = GrantView(store)
     await store.add("alice", "project:1", 60, "r", "admin")
