@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench
+from loadgen import percentile
 
 from proxy.grantstore import RedisGrants
 from proxy.settings.read import parse_size
@@ -77,11 +78,6 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_kib(self.pid))
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, int(len(ordered) * pct / 100 + 0.5) - 1))]
 
 
 async def body_streaming(
@@ -200,12 +196,10 @@ async def live_cuts(
 
 
 def _stats(seconds: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in seconds]
-    return {
-        "p50": round(percentile(ms, 50), 2),
-        "p99": round(percentile(ms, 99), 2),
-        "max": round(max(ms), 2),
-    }
+    ms = sorted(s * 1000 for s in seconds)
+    p50, p99 = percentile(ms, 50), percentile(ms, 99)
+    assert p50 is not None and p99 is not None  # at least one round: argparse checks it
+    return {"p50": round(p50, 2), "p99": round(p99, 2), "max": round(ms[-1], 2)}
 
 
 def start(args: argparse.Namespace, tmp: Path, procs: bench.Processes) -> dict[str, Any]:

@@ -41,6 +41,26 @@ def percentile(ordered: list[float], pct: float) -> float | None:
     return ordered[min(rank, len(ordered)) - 1]
 
 
+async def _get(
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    since: float,
+    stats: Stats,
+) -> None:
+    """GET once and record it: its latency counted from `since`, or its exception."""
+    try:
+        async with session.get(url, headers=headers, allow_redirects=False) as resp:
+            body = await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        stats.exceptions[type(exc).__name__] += 1
+        return
+    stats.latencies.append(time.perf_counter() - since)
+    stats.statuses[status] += 1
+    stats.bytes_read += len(body)
+
+
 async def _worker(
     session: aiohttp.ClientSession,
     url: str,
@@ -48,18 +68,8 @@ async def _worker(
     stop_at: float,
     stats: Stats,
 ) -> None:
-    clock = time.perf_counter
-    while (started := clock()) < stop_at:
-        try:
-            async with session.get(url, headers=headers, allow_redirects=False) as resp:
-                body = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            stats.exceptions[type(exc).__name__] += 1
-            continue
-        stats.latencies.append(clock() - started)
-        stats.statuses[status] += 1
-        stats.bytes_read += len(body)
+    while (started := time.perf_counter()) < stop_at:
+        await _get(session, url, headers, started, stats)
 
 
 async def run(
@@ -113,19 +123,6 @@ async def run_rate(
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=request_timeout)
     ) as session:
-
-        async def one(due: float) -> None:
-            try:
-                async with session.get(url, headers=headers, allow_redirects=False) as resp:
-                    body = await resp.read()
-                    status = resp.status
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                stats.exceptions[type(exc).__name__] += 1
-                return
-            stats.latencies.append(clock() - due)
-            stats.statuses[status] += 1
-            stats.bytes_read += len(body)
-
         total = int(duration * rate)
         started = clock()
         tasks: list[asyncio.Task[None]] = []
@@ -133,7 +130,8 @@ async def run_rate(
             now = clock()
             # Every request due by now goes out in this turn, each stamped with its due time.
             while len(tasks) < total and started + len(tasks) / rate <= now:
-                tasks.append(asyncio.create_task(one(started + len(tasks) / rate)))
+                due = started + len(tasks) / rate
+                tasks.append(asyncio.create_task(_get(session, url, headers, due, stats)))
             await asyncio.sleep(max(0.0, started + len(tasks) / rate - clock()))
         await asyncio.gather(*tasks)
         elapsed = clock() - started

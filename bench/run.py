@@ -615,13 +615,12 @@ def constant_rate(
     if not rate:
         raise BenchError("--latency: (c) has no req/s to take half of")
     connections = max(64, args.connections)
+    loadgen = PythonLoadGen(procs, connections)
     runs: dict[str, list[dict[str, Any]]] = {"a": [], "c": []}
     for rnd in range(1, args.rounds + 1):
         for target in (direct, jit):
-            argv = [sys.executable, str(BENCH / "loadgen.py"), target.url, "--rate", f"{rate:.0f}"]
-            argv += ["-c", str(connections), "-d", f"{args.duration:g}"]
-            for name, value in target.headers.items():
-                argv += ["-H", f"{name}: {value}"]
+            argv = loadgen.argv(target.url, target.headers, args.duration)
+            argv += ["--rate", f"{rate:.0f}"]
             code, out, err = procs.run(argv, args.duration + 60)
             if code != 0:
                 raise BenchError(f"bench/loadgen.py --rate failed with code {code}:\n{err or out}")

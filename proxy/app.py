@@ -212,9 +212,7 @@ def _redis(state: State) -> Ctx:
             state.metrics.watch_grant_view(
                 lambda: (view.hits, view.misses, view.current(), len(view))
             )
-            follower = asyncio.create_task(
-                state.grant_view.follow(state.grants.events), name="grant-view"
-            )
+            follower = asyncio.create_task(view.follow(state.grants.events), name="grant-view")
         try:
             yield
         finally:

@@ -78,14 +78,14 @@ def test_spool_append_read_commit_and_segments(
     assert spool.read("a", 0, 5) == lines[:5]
     assert spool.read("a", 5, 100) == lines[5:]  # across segments, continuing the reader
     assert spool.read("b", 7, 3) == lines[7:10]  # any start
-    spool.commit("a", 20)
+    spool.advance("a", 20)()
     assert spool.pending("a") == 0 and spool.pending("b") == 20
     files = sorted(p.name for p in spool.dir.glob("*.wal"))
-    spool.commit("b", 12)
+    spool.advance("b", 12)()
     # Segments both sinks are past are gone; the rest stays readable.
     assert len(sorted(spool.dir.glob("*.wal"))) < len(files)
     assert spool.read("b", 12, 100) == lines[12:]
-    spool.commit("b", 20)
+    spool.advance("b", 20)()
     assert spool.done()
     spool.close()
     assert not spool.dir.exists()  # everything delivered: nothing left behind
@@ -107,7 +107,7 @@ def test_a_live_spool_is_not_adopted_a_left_one_is(tmp_path: Path) -> None:
     left = Spool.create(tmp_path, "left", ["a", "b"], max_bytes=1 << 20)
     for i in range(5):
         left.append(json.dumps({"n": i}))
-    left.commit("a", 3)
+    left.advance("a", 3)()
     left.close()  # not done: stays on disk
     assert left.dir.exists()
     assert Spool.leftovers(tmp_path, "live") == [left.dir]

@@ -187,10 +187,6 @@ class Spool:
             self._readers[sink] = (start, fh)
         return out
 
-    def commit(self, sink: str, cursor: int) -> None:
-        """Record that a sink has taken every record before line number cursor."""
-        self.advance(sink, cursor)()
-
     def advance(self, sink: str, cursor: int) -> Callable[[], None]:
         """Record in memory that a sink has taken every record before line number cursor;
         return the disk work that follows (its cursor file, and deleting the segments every
