@@ -1,6 +1,6 @@
-"""How jitgate reaches Redis: a fail-fast client, a probe of a subscription's connection,
-and the embedded redis-server child it runs and supervises on a unix socket in its state
-dir when no Redis URL is configured."""
+"""How jitgate reaches Redis: a fail-fast client (of one server, or of the master that
+Sentinel names), probes of a subscription's connection, and the embedded redis-server child
+it runs and supervises on a unix socket in its state dir when no Redis is configured."""
 
 from __future__ import annotations
 
@@ -13,16 +13,21 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
+
+from .settings import RedisSettings
 
 # sun_path is 108 bytes on Linux (104 on the BSDs/macOS), including the trailing NUL.
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 107
@@ -37,6 +42,7 @@ _BACKOFF_MAX = 5.0
 _STABLE_AFTER = 30.0
 _STOP_GRACE = 10.0
 _LOG_TAIL_LINES = 20
+log = logging.getLogger("jitgate.redis")
 
 
 class RedisServerMissing(RuntimeError):
@@ -339,22 +345,107 @@ class EmbeddedRedis:
         await asyncio.shield(proc.wait())
 
 
-def connect_redis(url: str, timeout: float, max_connections: int = 512) -> Redis:
-    """Return a client that fails fast, so a dead Redis means a quick 503, not a hang.
+class SentinelRedis(Redis):
+    """A client of the master that Sentinel names; closing it closes the sentinel clients too."""
+
+    sentinels: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinels is not None:
+            await self.sentinels.aclose()
+
+
+def connect_redis(
+    settings: RedisSettings, embedded_url: str | None = None, *, timeout: float | None = None
+) -> Redis:
+    """Return the client the settings name (redis.url, redis.sentinel, else the embedded
+    server at `embedded_url`), failing fast, so a dead Redis means a quick 503, not a hang.
 
     A plain pool: redis-py's blocking pool, which queues callers past the limit, cost
     about 7% of jitgate's throughput in `make bench`. Past max_connections concurrent
     Redis calls a request fails closed (503) instead of waiting.
+
+    Through Sentinel, every new connection asks the sentinels for the master first; while
+    they name none (a failover under way) a call fails as if Redis were down.
     """
-    pool = ConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
-    return Redis(connection_pool=pool)
+    within = settings.timeout if timeout is None else timeout
+    common: dict[str, Any] = {
+        "max_connections": settings.max_connections,
+        "socket_timeout": within,
+        "socket_connect_timeout": within,
+        "retry": Retry(NoBackoff(), 1),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
+    s = settings.sentinel
+    if s is not None:
+        sentinel = Sentinel(
+            s.sentinels,
+            sentinel_kwargs={
+                "socket_timeout": within,
+                "socket_connect_timeout": within,
+                "username": s.sentinel_username,
+                "password": s.sentinel_password.reveal() if s.sentinel_password else None,
+                "ssl": s.tls,
+            },
+        )
+        password = s.password.reveal() if s.password else None
+        client: SentinelRedis = sentinel.master_for(
+            s.master,
+            redis_class=SentinelRedis,
+            **common,
+            db=s.db,
+            ssl=s.tls,
+            username=s.username,
+            password=password,
+        )
+        client.sentinels = sentinel
+        return client
+    url = settings.url or embedded_url
+    if url is None:
+        raise ValueError("no Redis to connect to: neither redis.url nor redis.sentinel is set")
+    return Redis(connection_pool=ConnectionPool.from_url(url, **common))
+
+
+Script = Callable[..., Awaitable[Any]]
+
+
+def durable_script(redis: Redis, text: str, replicas: int, within: float) -> Script:
+    """Register a script whose every run, when `replicas` > 0, is followed on its connection
+    by WAIT: it returns once that many replicas have the change, or after `within` seconds
+    (logged: the change then stands on the master alone, and a failover may lose it)."""
+    script = redis.register_script(text)
+    if replicas <= 0:
+        return script
+
+    async def run(keys: list[Any], args: list[Any]) -> Any:
+        pipe = redis.pipeline(transaction=False)
+        await script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", replicas, max(1, round(within * 1000)))
+        reply, acknowledged = await pipe.execute()
+        if int(acknowledged) < replicas:
+            log.warning(
+                "a grant change reached %s of %d replica(s) within %gs: until it replicates, "
+                "a failover would lose it",
+                acknowledged,
+                replicas,
+                within,
+            )
+        return reply
+
+    return run
+
+
+async def master_moved(pubsub: PubSub) -> bool:
+    """Whether the sentinels now name a master other than the one `pubsub` is connected to.
+
+    False for a client that is not Sentinel's. Raises (a ConnectionError) while the sentinels
+    name no master, during a failover: the subscription's server is in doubt then too.
+    """
+    pool, conn = pubsub.connection_pool, pubsub.connection
+    if not isinstance(pool, SentinelConnectionPool) or not isinstance(conn, Connection):
+        return False
+    return bool(await pool.get_master_address() != (conn.host, conn.port))
 
 
 def quiet_probe(pubsub: PubSub) -> tuple[socket.socket | None, Callable[[], bool]]:

@@ -27,7 +27,7 @@ from .common import (
     api_args,
     config_arg,
     duration,
-    redis_url_for,
+    redis_for,
 )
 
 if TYPE_CHECKING:
@@ -207,7 +207,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     settings = load(args.config)
     policyfile.load(settings.policy_file)  # a bad policy is a start-up error
-    if settings.redis.url is None and shutil.which("redis-server") is None:
+    embedded = settings.redis.url is None and settings.redis.sentinel is None
+    if embedded and shutil.which("redis-server") is None:
         raise UsageError(str(redisd.RedisServerMissing()))
     run(settings)
     return EXIT_OK
@@ -217,7 +218,6 @@ async def _explain(args: argparse.Namespace, settings: Settings) -> int:
     from .. import policyfile, policytest
     from ..grantstore import RedisGrants
     from ..identity import Identity
-    from ..redisd import connect_redis
 
     if not policytest.METHOD.match(args.method):
         raise UsageError(f"invalid METHOD {args.method!r}")
@@ -233,10 +233,9 @@ async def _explain(args: argparse.Namespace, settings: Settings) -> int:
         and _needs_grant(compiled, method, args.path, reject)
     ):
         try:
-            url = redis_url_for(settings)
+            redis = redis_for(settings)
         except UsageError as exc:
             raise UsageError(f"{exc}; or pass --no-redis") from None
-        redis = connect_redis(url, max(settings.redis.timeout, 5.0))
         store = RedisGrants(redis, settings.redis.key_prefix)
     try:
         found = await policytest.explain(

@@ -51,8 +51,25 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True)
+class SentinelSettings:
+    """A master that Redis Sentinel watches and fails over; clients ask the sentinels for it."""
+
+    master: str  # the name the sentinels monitor it by
+    sentinels: tuple[tuple[str, int], ...]
+    username: str | None = None  # the Redis ACL user on the master and its replicas
+    password: Secret | None = None
+    db: int = 0
+    sentinel_username: str | None = None  # for the sentinels themselves
+    sentinel_password: Secret | None = None
+    tls: bool = False  # TLS to the sentinels and to Redis
+
+
+@dataclass(frozen=True)
 class RedisSettings:
-    url: str | None = None  # None: jitgate runs its own redis-server in state_dir
+    url: str | None = None  # None (and no sentinel): jitgate runs its own redis-server
+    sentinel: SentinelSettings | None = None
+    wait_replicas: int = 0  # grant changes wait for this many replicas to acknowledge them
+    wait_timeout: float = 0.5  # ... for at most this long
     timeout: float = 1.0
     key_prefix: str = "jit:"
     max_connections: int = 512
@@ -217,21 +234,7 @@ def validate(
         keepalive=r.positive(s, "keepalive", float, 15.0, "upstream.keepalive"),
     )
 
-    s = r.section(raw, "redis", "redis")
-    r.known(
-        s, {"url", "timeout", "key_prefix", "max_connections", "local_view", "view_lag"}, "redis"
-    )
-    redis_url = r.optional_str(s, "url", None, "redis.url") or None
-    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        r.error(s, "url", "redis.url", "must start with redis://, rediss:// or unix://")
-    redis = RedisSettings(
-        url=redis_url,
-        timeout=r.positive(s, "timeout", float, 1.0, "redis.timeout"),
-        key_prefix=r.get(s, "key_prefix", str, "jit:", "redis.key_prefix"),
-        max_connections=r.positive(s, "max_connections", int, 512, "redis.max_connections"),
-        local_view=r.get(s, "local_view", bool, True, "redis.local_view"),
-        view_lag=r.positive(s, "view_lag", float, 0.1, "redis.view_lag"),
-    )
+    redis = _redis(r, r.section(raw, "redis", "redis"))
 
     prefix = r.get(raw, "prefix", str, "/_jit", "prefix").rstrip("/")
     if not prefix.startswith("/") or len(prefix) < 2 or "//" in prefix:
@@ -277,6 +280,100 @@ def validate(
     if r.errors:
         raise ConfigErrors(r.errors)
     return settings
+
+
+def _redis(r: Reader, s: Node) -> RedisSettings:
+    at = "redis"
+    r.known(
+        s,
+        {"url", "sentinel", "cluster", "timeout", "key_prefix", "max_connections", "local_view"}
+        | {"view_lag", "wait_replicas", "wait_timeout"},
+        at,
+    )
+    url = r.optional_str(s, "url", None, f"{at}.url") or None
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        r.error(s, "url", f"{at}.url", "must start with redis://, rediss:// or unix://")
+    sentinel = None
+    if s.get("sentinel") is not None:
+        sentinel = _sentinel(r, r.section(s, "sentinel", f"{at}.sentinel"))
+    if s.get("cluster") is not None:
+        message = "Redis Cluster is not supported yet; use redis.sentinel for high availability"
+        r.error(s, "cluster", f"{at}.cluster", message)
+    if url and s.get("sentinel") is not None:
+        r.error(s, "sentinel", f"{at}.sentinel", "set either redis.url or redis.sentinel, not both")
+    wait_replicas = r.get(s, "wait_replicas", int, 0, f"{at}.wait_replicas")
+    if wait_replicas < 0:
+        r.error(s, "wait_replicas", f"{at}.wait_replicas", "must not be negative")
+    timeout = r.positive(s, "timeout", float, 1.0, f"{at}.timeout")
+    wait_timeout = r.positive(s, "wait_timeout", float, min(0.5, timeout / 2), f"{at}.wait_timeout")
+    if wait_timeout >= timeout:
+        message = f"must be shorter than redis.timeout ({timeout:g}s), which WAIT runs within"
+        r.error(s, "wait_timeout", f"{at}.wait_timeout", message)
+    return RedisSettings(
+        url=url,
+        sentinel=sentinel,
+        wait_replicas=max(0, wait_replicas),
+        wait_timeout=wait_timeout,
+        timeout=timeout,
+        key_prefix=r.get(s, "key_prefix", str, "jit:", f"{at}.key_prefix"),
+        max_connections=r.positive(s, "max_connections", int, 512, f"{at}.max_connections"),
+        local_view=r.get(s, "local_view", bool, True, f"{at}.local_view"),
+        view_lag=r.positive(s, "view_lag", float, 0.1, f"{at}.view_lag"),
+    )
+
+
+def _sentinel(r: Reader, s: Node) -> SentinelSettings | None:
+    at = "redis.sentinel"
+    r.known(
+        s,
+        {"master", "sentinels", "username", "password", "db", "sentinel_username", "tls"}
+        | {"sentinel_password"},
+        at,
+    )
+    master = r.get(s, "master", str, "", f"{at}.master")
+    if not master:
+        r.error(s, "master", f"{at}.master", "is required: the name the sentinels monitor")
+    addresses = []
+    for text in r.str_list(s, "sentinels", (), f"{at}.sentinels"):
+        address = _host_port(text, 26379)
+        if address is None:
+            message = f"must be host:port addresses such as 10.0.0.5:26379, got {text!r}"
+            r.error(s, "sentinels", f"{at}.sentinels", message)
+        else:
+            addresses.append(address)
+    if not addresses and "sentinels" not in s:
+        r.error(s, "sentinels", f"{at}.sentinels", "is required: the sentinels' host:port")
+    elif not addresses:
+        r.error(s, "sentinels", f"{at}.sentinels", "must name at least one sentinel")
+    db = r.get(s, "db", int, 0, f"{at}.db")
+    if db < 0:
+        r.error(s, "db", f"{at}.db", "must not be negative")
+    password = r.optional_str(s, "password", None, f"{at}.password")
+    sentinel_password = r.optional_str(s, "sentinel_password", None, f"{at}.sentinel_password")
+    return SentinelSettings(
+        master=master,
+        sentinels=tuple(addresses),
+        username=r.optional_str(s, "username", None, f"{at}.username") or None,
+        password=Secret(password) if password else None,
+        db=max(0, db),
+        sentinel_username=r.optional_str(s, "sentinel_username", None, f"{at}.sentinel_username")
+        or None,
+        sentinel_password=Secret(sentinel_password) if sentinel_password else None,
+        tls=r.get(s, "tls", bool, False, f"{at}.tls"),
+    )
+
+
+def _host_port(text: str, default_port: int) -> tuple[str, int] | None:
+    """Parse host:port, [v6]:port or a bare host; None if it is not one."""
+    text = text.strip()
+    if not text or any(c in text for c in "/@?#"):
+        return None
+    try:
+        url = URL("tcp://" + text)
+        host, port = url.host, url.explicit_port
+    except ValueError:
+        return None
+    return (host, port or default_port) if host else None
 
 
 def _forward(r: Reader, s: Node, base: Path, state_dir: Path, upstream_url: URL) -> ForwardSettings:

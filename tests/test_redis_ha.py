@@ -1,0 +1,310 @@
+"""Redis behind Sentinel: the settings, a master killed under load, a coordinated failover
+of the event feed, and the CLI, against real redis-server and redis-sentinel processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from conftest import Upstream, bearer, write_config
+from redis.asyncio import Redis
+from sentinelkit import MASTER_NAME, SentinelKit
+from waiting import eventually
+
+from proxy import settings as settings_mod
+from proxy.app import build_app
+from proxy.errors import ConfigErrors
+from proxy.grantstore import RedisGrants
+from proxy.redisd import connect_redis
+from proxy.settings import RedisSettings, SentinelSettings
+from proxy.state import STATE
+
+JITGATE = str(Path(sys.executable).parent / "jitgate")
+SNAPSHOTS = "/api/projects/1/session_recordings/demo-{}/snapshots"
+LOST = "a failover would lose it"
+
+
+@pytest.fixture
+def kit() -> Iterator[SentinelKit]:
+    """A master, a replica and three sentinels (quorum 2), for this test alone."""
+    k = SentinelKit(sentinels=3, quorum=2)
+    try:
+        yield k.start()
+    finally:
+        k.close()
+
+
+@pytest.fixture(scope="module")
+def small_kit() -> Iterator[SentinelKit]:
+    """A master, a replica and one sentinel (quorum 1), shared by the module's quick tests."""
+    k = SentinelKit(sentinels=1, quorum=1)
+    try:
+        yield k.start()
+    finally:
+        k.close()
+
+
+def sentinel_yaml(kit: SentinelKit, extra: str = "") -> str:
+    addresses = ", ".join(f'"{a}"' for a in kit.sentinel_addresses)
+    return (
+        f"redis: {{timeout: 0.5, {extra}"
+        f"sentinel: {{master: {MASTER_NAME}, sentinels: [{addresses}]}}}}"
+    )
+
+
+def sentinel_config(tmp: Path, kit: SentinelKit, upstream_url: str, extra: str = "") -> Path:
+    cfg = write_config(tmp, upstream_url=upstream_url, redis_url=None)
+    text = cfg.read_text()
+    assert "redis: {url: null, timeout: 0.5}" in text
+    cfg.write_text(text.replace("redis: {url: null, timeout: 0.5}", sentinel_yaml(kit, extra)))
+    return cfg
+
+
+def settings_of(kit: SentinelKit) -> RedisSettings:
+    addresses = tuple(("127.0.0.1", p) for p in kit.sentinel_ports)
+    return RedisSettings(timeout=0.5, sentinel=SentinelSettings(MASTER_NAME, addresses))
+
+
+# -- settings --------------------------------------------------------------------------
+
+
+def _load(tmp_path: Path, redis_yaml: str) -> settings_mod.Settings:
+    cfg = write_config(tmp_path, upstream_url="http://127.0.0.1:9", redis_url=None)
+    text = cfg.read_text().replace("redis: {url: null, timeout: 0.5}", redis_yaml)
+    cfg.write_text(text)
+    return settings_mod.load(cfg, environ={})
+
+
+def test_sentinel_settings_are_read(tmp_path: Path) -> None:
+    s = _load(
+        tmp_path,
+        "redis:\n"
+        "  wait_replicas: 1\n"
+        "  sentinel:\n"
+        "    master: main\n"
+        "    sentinels: [10.0.0.1:26379, '[fd00::2]:26380', sentinel-3]\n"
+        "    password: redis-secret\n"
+        "    sentinel_password: sentinel-secret\n"
+        "    db: 2\n",
+    ).redis
+    assert s.url is None and s.sentinel is not None
+    assert s.sentinel.master == "main" and s.sentinel.db == 2
+    assert s.sentinel.sentinels == (
+        ("10.0.0.1", 26379),
+        ("fd00::2", 26380),
+        ("sentinel-3", 26379),
+    )
+    assert s.sentinel.password is not None and s.sentinel.password.reveal() == "redis-secret"
+    assert "redis-secret" not in repr(s) and "sentinel-secret" not in repr(s)
+    assert (s.wait_replicas, s.wait_timeout) == (1, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("redis_yaml", "message"),
+    [
+        (
+            'redis: {url: "redis://r:6379/0", sentinel: {master: m, sentinels: ["s:1"]}}',
+            "redis.sentinel: set either redis.url or redis.sentinel, not both",
+        ),
+        ("redis: {sentinel: {sentinels: ['s:1']}}", "redis.sentinel.master: is required"),
+        ("redis: {sentinel: {master: m}}", "redis.sentinel.sentinels: is required"),
+        ("redis: {sentinel: {master: m, sentinels: []}}", "must name at least one sentinel"),
+        (
+            "redis: {sentinel: {master: m, sentinels: ['s:port']}}",
+            "redis.sentinel.sentinels: must be host:port addresses",
+        ),
+        ("redis: {sentinel: {master: m, sentinels: ['s:1'], pasword: x}}", "unknown field"),
+        (
+            "redis: {cluster: {nodes: ['r:7000']}}",
+            "redis.cluster: Redis Cluster is not supported yet; use redis.sentinel",
+        ),
+        ("redis: {wait_replicas: -1}", "redis.wait_replicas: must not be negative"),
+        (
+            "redis: {timeout: 0.5, wait_timeout: 0.5}",
+            "redis.wait_timeout: must be shorter than redis.timeout (0.5s)",
+        ),
+    ],
+)
+def test_bad_redis_settings_are_refused(tmp_path: Path, redis_yaml: str, message: str) -> None:
+    with pytest.raises(ConfigErrors) as info:
+        _load(tmp_path, redis_yaml)
+    assert message in str(info.value)
+
+
+# -- a master killed under load ---------------------------------------------------------
+
+
+async def test_master_killed_under_load_fails_closed_and_comes_back(
+    kit: SentinelKit,
+    aiohttp_client: Any,
+    tmp_path: Path,
+    upstream: Upstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="jitgate.redis")
+    cfg = sentinel_config(tmp_path, kit, upstream.url, "wait_replicas: 1, wait_timeout: 0.3, ")
+    client: TestClient = await aiohttp_client(build_app(settings_mod.load(cfg, environ={})))
+    state = client.app[STATE]
+    # Written with WAIT 1: each add returns once the replica has the grant.
+    grants = [
+        await state.grants.add("alice", f"recording:1/demo-{i}", 600, "ha test", "pytest")
+        for i in range(20)
+    ]
+    assert LOST not in caplog.text
+    assert (await client.get(SNAPSHOTS.format(1), headers=bearer("alice"))).status == 200
+    assert (await client.get(SNAPSHOTS.format(1), headers=bearer("mallory"))).status == 403
+
+    watcher = Redis(port=kit.sentinel_ports[0])
+    switches = watcher.pubsub()
+    await switches.subscribe("+switch-master")
+    seen: list[tuple[float, str, int]] = []
+    stop = asyncio.Event()
+
+    async def load(user: str, n: int) -> None:
+        while not stop.is_set():
+            r = await client.get(SNAPSHOTS.format(n), headers=bearer(user))
+            seen.append((time.monotonic(), user, r.status))
+            r.release()
+            await asyncio.sleep(0.005)  # pacing: the sentinels share the two cores
+
+    loaders = [asyncio.create_task(load("alice", 1)), asyncio.create_task(load("mallory", 1))]
+    try:
+        await eventually(lambda: len(seen) > 20, what="the load to run")
+        killed = time.monotonic()
+        kit.kill("a")
+
+        async def switched() -> float | None:
+            msg = await switches.get_message(ignore_subscribe_messages=True, timeout=0.5)
+            return time.monotonic() if msg and msg["type"] == "message" else None
+
+        promoted = await eventually(switched, within=30, what=f"+switch-master\n{kit.logs()}")
+        assert kit.master_port() == kit.ports["b"]
+
+        def served_again() -> bool:
+            return any(t > promoted and u == "alice" and s == 200 for t, u, s in seen)
+
+        # Service is back within 5 s of the promotion.
+        await eventually(served_again, within=5, what="alice to be served by the new master")
+        await eventually(
+            lambda: any(t > promoted and u == "mallory" and s == 403 for t, u, s in seen),
+            within=5,
+            what="mallory to be refused by the new master",
+        )
+    finally:
+        stop.set()
+        await asyncio.gather(*loaders)
+        await switches.aclose()
+        await watcher.aclose()
+
+    during = [(u, s) for t, u, s in seen if t > killed]
+    assert ("alice", 503) in during  # the failover was seen, and refused
+    assert {s for _, u, s in seen if u == "alice"} <= {200, 503}
+    assert {s for _, u, s in seen if u == "mallory"} <= {403, 503}  # never 200 without a grant
+    back = min(t for t, u, s in seen if t > promoted and u == "alice" and s == 200)
+    print(f"promoted {promoted - killed:.2f}s after the kill, back {back - promoted:.2f}s later")
+    # No grant written before the kill is lost.
+    for g in grants:
+        found = await state.grants.get(g.id)
+        assert found is not None and found.state == "active", g.id
+
+    # The event feed follows the new master: a revocation there holds here at once.
+    view = state.grant_view
+    assert view is not None
+    await eventually(view.current, what="the grant view to follow the new master")
+    assert await state.grants.revoke(grants[1].id) is not None
+    assert (await client.get(SNAPSHOTS.format(1), headers=bearer("alice"))).status == 403
+    # With the old master gone the new one has no replica: WAIT says so in the log.
+    assert LOST in caplog.text
+
+
+# -- a coordinated failover: the old master stays up ------------------------------------
+
+
+async def test_the_event_feed_ends_when_sentinel_moves_the_master(small_kit: SentinelKit) -> None:
+    """A failover that leaves the old master up (SENTINEL FAILOVER, or a partition) drops
+    no connection: the feed itself notices that the sentinels name another master, ends
+    (its followers fail closed), and a new feed subscribes on the new master."""
+    client = connect_redis(settings_of(small_kit))
+    store = RedisGrants(client)
+    feed = store.events(ping_every=0.05)
+    sentinel = Redis(port=small_kit.sentinel_ports[0])
+    try:
+        assert await anext(feed) == ("subscribed", "")
+        before = small_kit.master_port()
+        assert await sentinel.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+
+        async def drain() -> None:
+            async for _ in feed:
+                pass
+
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(drain(), 30)
+        assert small_kit.master_port() != before
+        await feed.aclose()  # type: ignore[attr-defined]
+
+        feed = await _subscribe(store)
+        grant = await store.add("alice", "recording:1/x", 60, "r", "pytest")
+        await store.revoke(grant.id)
+        kinds = []
+        while ("revoked", grant.id) not in kinds:
+            kinds.append(await asyncio.wait_for(anext(feed), 5))
+    finally:
+        await feed.aclose()  # type: ignore[attr-defined]
+        await sentinel.aclose()
+        await client.aclose()
+
+
+async def _subscribe(store: RedisGrants) -> Any:
+    """A new event feed once subscribing works (the sentinels settle after a failover)."""
+    feeds: list[Any] = []
+
+    async def subscribed() -> bool:
+        feed = store.events(ping_every=0.05)
+        try:
+            if await anext(feed) == ("subscribed", ""):
+                feeds.append(feed)
+                return True
+        except ConnectionError:
+            pass
+        await feed.aclose()
+        return False
+
+    await eventually(subscribed, within=10, interval=0.1, what="a feed on the new master")
+    return feeds[0]
+
+
+# -- the CLI through Sentinel -----------------------------------------------------------
+
+
+def test_cli_reaches_redis_through_sentinel(
+    small_kit: SentinelKit, tmp_path: Path, upstream: Upstream
+) -> None:
+    cfg = sentinel_config(tmp_path, small_kit, upstream.url)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [JITGATE, *args, "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    added = run("grants", "add", "--user", "carol", "--scope", "recording:1/demo-7", "--ttl",
+                "5m", "--reason", "via sentinel")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    grant_id = added.stdout.split()[0]
+    listed = run("grants", "list", "--user", "carol")
+    assert listed.returncode == 0 and grant_id in listed.stdout, listed.stderr
+    explained = run("policy", "explain", "GET", SNAPSHOTS.format(7), "--user", "carol")
+    assert explained.returncode == 0 and grant_id in explained.stdout, explained.stderr
+    queried = run("audit", "query", "--grant", grant_id, "--json")
+    assert queried.returncode == 0 and f"\"grant_id\": \"{grant_id}\"" in queried.stdout
