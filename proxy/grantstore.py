@@ -63,7 +63,7 @@ _EXTEND = lua.compose("grant_extend", _LIB)
 _REQUEST_EXTENSION = lua.compose("grant_request_extension", _LIB)
 _SWEEP = lua.compose("grant_sweep", _LIB)
 _REVIEW = lua.compose("grant_review", _LIB)
-_ASK_SENTINEL_EVERY = 1.0  # how often a feed through Sentinel asks where the master is
+_ASK_EVERY = 1.0  # how often a feed through Sentinel asks where the master is
 
 
 def _text(value: Any) -> str:
@@ -539,11 +539,11 @@ class RedisGrants:
                 if time.monotonic() - sent >= ping_every:
                     sent = time.monotonic()
                     await pubsub.ping(repr(sent))
-                if time.monotonic() - asked >= _ASK_SENTINEL_EVERY:  # failed over: end
+                if time.monotonic() - asked >= _ASK_EVERY:  # failed over: end
                     asked = time.monotonic()
                     if await master_moved(pubsub):
                         raise ConnectionError("the Redis master moved: announcements missed")
-                wait = max(0.0, sent + ping_every - time.monotonic())
+                wait = max(0.0, min(sent + ping_every, asked + _ASK_EVERY) - time.monotonic())
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
                 if getattr(pubsub.connection, "_reader", None) is not first:
                     raise ConnectionError("the event feed reconnected: announcements missed")

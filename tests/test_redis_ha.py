@@ -307,4 +307,4 @@ def test_cli_reaches_redis_through_sentinel(
     explained = run("policy", "explain", "GET", SNAPSHOTS.format(7), "--user", "carol")
     assert explained.returncode == 0 and grant_id in explained.stdout, explained.stderr
     queried = run("audit", "query", "--grant", grant_id, "--json")
-    assert queried.returncode == 0 and f"\"grant_id\": \"{grant_id}\"" in queried.stdout
+    assert queried.returncode == 0 and f'"grant_id": "{grant_id}"' in queried.stdout
