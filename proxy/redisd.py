@@ -410,7 +410,9 @@ def connect_redis(
 Script = Callable[..., Awaitable[Any]]
 
 
-def durable_script(redis: Redis, text: str, replicas: int, within: float) -> Script:
+def durable_script(
+    redis: Redis, text: str, replicas: int, within: float, *, what: str = "a grant change"
+) -> Script:
     """Register a script whose every run, when `replicas` > 0, is followed on its connection
     by WAIT: it returns once that many replicas have the change, or after `within` seconds
     (logged: the change then stands on the master alone, and a failover may lose it)."""
@@ -425,8 +427,9 @@ def durable_script(redis: Redis, text: str, replicas: int, within: float) -> Scr
         reply, acknowledged = await pipe.execute()
         if int(acknowledged) < replicas:
             log.warning(
-                "a grant change reached %s of %d replica(s) within %gs: until it replicates, "
+                "%s reached %s of %d replica(s) within %gs: until it replicates, "
                 "a failover would lose it",
+                what,
                 acknowledged,
                 replicas,
                 within,

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from conftest import Upstream, bearer, write_config
 from redis.asyncio import Redis
@@ -29,6 +31,7 @@ from proxy.state import STATE
 
 JITGATE = str(Path(sys.executable).parent / "jitgate")
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-{}/snapshots"
+LIVE = "/api/projects/1/session_recordings/demo-1/live"
 LOST = "a failover would lose it"
 
 
@@ -142,17 +145,49 @@ def test_bad_redis_settings_are_refused(tmp_path: Path, redis_yaml: str, message
 # -- a master killed under load ---------------------------------------------------------
 
 
+def replay_upstream() -> web.Application:
+    """JSON for any path, and an echoing WebSocket on LIVE: a live connection under a grant."""
+
+    async def anything(request: web.Request) -> web.Response:
+        return web.json_response({"path": request.path})
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get(LIVE, echo)
+    app.router.add_route("*", "/{tail:.*}", anything)
+    return app
+
+
+async def closed(ws: aiohttp.ClientWebSocketResponse) -> int:
+    """Wait for the end of a WebSocket; return its close code."""
+    while True:
+        msg = await ws.receive()
+        if msg.type is WSMsgType.CLOSE:
+            return int(msg.data)
+        if msg.type in (WSMsgType.CLOSED, WSMsgType.CLOSING):
+            return ws.close_code or 0
+
+
 async def test_master_killed_under_load_fails_closed_and_comes_back(
     kit: SentinelKit,
     aiohttp_client: Any,
+    aiohttp_server: Any,
     tmp_path: Path,
-    upstream: Upstream,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="jitgate.redis")
-    cfg = sentinel_config(tmp_path, kit, upstream.url, "wait_replicas: 1, wait_timeout: 0.3, ")
+    up = str((await aiohttp_server(replay_upstream())).make_url("")).rstrip("/")
+    cfg = sentinel_config(tmp_path, kit, up, "wait_replicas: 1, wait_timeout: 0.3, ")
     client: TestClient = await aiohttp_client(build_app(settings_mod.load(cfg, environ={})))
     state = client.app[STATE]
+    view = state.grant_view
+    assert view is not None
     # Written with WAIT 1: each add returns once the replica has the grant.
     grants = [
         await state.grants.add("alice", f"recording:1/demo-{i}", 600, "ha test", "pytest")
@@ -161,6 +196,11 @@ async def test_master_killed_under_load_fails_closed_and_comes_back(
     assert LOST not in caplog.text
     assert (await client.get(SNAPSHOTS.format(1), headers=bearer("alice"))).status == 200
     assert (await client.get(SNAPSHOTS.format(1), headers=bearer("mallory"))).status == 403
+    # The event feed runs on the master Sentinel names, and its probe works there.
+    await eventually(view.current, what="the grant view to follow the master")
+    live = await client.ws_connect(LIVE, headers=bearer("alice"))
+    await live.send_str("hello")
+    assert await live.receive_str() == "hello"
 
     watcher = Redis(port=kit.sentinel_ports[0])
     switches = watcher.pubsub()
@@ -180,12 +220,18 @@ async def test_master_killed_under_load_fails_closed_and_comes_back(
         await eventually(lambda: len(seen) > 20, what="the load to run")
         killed = time.monotonic()
         kit.kill("a")
+        # Failing closed: the feed ends, so the view empties and live connections are cut.
+        await eventually(lambda: not view.current() and not len(view), what="the view to stop")
+        assert await asyncio.wait_for(closed(live), 10) == 1008
 
         async def switched() -> float | None:
             msg = await switches.get_message(ignore_subscribe_messages=True, timeout=0.5)
             return time.monotonic() if msg and msg["type"] == "message" else None
 
-        promoted = await eventually(switched, within=30, what=f"+switch-master\n{kit.logs()}")
+        try:
+            promoted = await eventually(switched, within=30, what="+switch-master")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{kit.logs()}") from None
         assert kit.master_port() == kit.ports["b"]
 
         def served_again() -> bool:
@@ -203,26 +249,30 @@ async def test_master_killed_under_load_fails_closed_and_comes_back(
         await asyncio.gather(*loaders)
         await switches.aclose()
         await watcher.aclose()
+        await live.close()
 
     during = [(u, s) for t, u, s in seen if t > killed]
     assert ("alice", 503) in during  # the failover was seen, and refused
     assert {s for _, u, s in seen if u == "alice"} <= {200, 503}
     assert {s for _, u, s in seen if u == "mallory"} <= {403, 503}  # never 200 without a grant
-    back = min(t for t, u, s in seen if t > promoted and u == "alice" and s == 200)
-    print(f"promoted {promoted - killed:.2f}s after the kill, back {back - promoted:.2f}s later")
+    refused = max(t for t, u, s in seen if u == "alice" and s == 503)
+    back = min(t for t, u, s in seen if t > refused and u == "alice" and s == 200)
+    print(f"after the kill: promoted at {promoted - killed:.2f}s, served at {back - killed:.2f}s")
     # No grant written before the kill is lost.
     for g in grants:
         found = await state.grants.get(g.id)
         assert found is not None and found.state == "active", g.id
 
+    metrics = await (await client.get("/_jit/metrics")).text()
+    assert 'jitgate_live_connections_cut_total{reason="redis_unavailable"} 1.0' in metrics
     # The event feed follows the new master: a revocation there holds here at once.
-    view = state.grant_view
-    assert view is not None
     await eventually(view.current, what="the grant view to follow the new master")
     assert await state.grants.revoke(grants[1].id) is not None
     assert (await client.get(SNAPSHOTS.format(1), headers=bearer("alice"))).status == 403
     # With the old master gone the new one has no replica: WAIT says so in the log.
-    assert LOST in caplog.text
+    assert "a grant change reached 0 of 1 replica(s)" in caplog.text
+    await state.audit.flush(force=True)
+    assert "an audit batch reached 0 of 1 replica(s)" in caplog.text
 
 
 # -- a coordinated failover: the old master stays up ------------------------------------
