@@ -28,15 +28,20 @@ def _binary(name: str) -> str:
     return found
 
 
-def _info(port: int, section: str) -> dict[str, str]:
-    with redis_sync.Redis(port=port, socket_timeout=1, socket_connect_timeout=1) as c:
-        return {str(k): str(v) for k, v in c.info(section).items()}
-
-
 class SentinelKit:
     """A master, one replica and `sentinels` sentinels watching them, in one temp dir."""
 
-    def __init__(self, *, sentinels: int = 3, quorum: int = 2, down_after: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        sentinels: int = 3,
+        quorum: int = 2,
+        down_after: int = 1000,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+    ) -> None:
+        self.password = password  # requirepass of the servers (and masterauth)
+        self.sentinel_password = sentinel_password  # requirepass of the sentinels
         self.dir = Path(tempfile.mkdtemp(prefix="jitgate-sentinel-"))
         self.ports = {"a": free_port(), "b": free_port()}  # redis servers by name
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
@@ -52,10 +57,12 @@ class SentinelKit:
         return [f"127.0.0.1:{p}" for p in self.sentinel_ports]
 
     def redis(self, name: str) -> redis_sync.Redis:
-        return redis_sync.Redis(port=self.ports[name], socket_timeout=2)
+        port = self.ports[name]
+        return redis_sync.Redis(port=port, password=self.password, socket_timeout=2)
 
     def sentinel(self, i: int = 0) -> redis_sync.Redis:
-        return redis_sync.Redis(port=self.sentinel_ports[i], socket_timeout=2)
+        port = self.sentinel_ports[i]
+        return redis_sync.Redis(port=port, password=self.sentinel_password, socket_timeout=2)
 
     def master_port(self) -> int | None:
         """The master's port as the first sentinel names it."""
@@ -68,6 +75,8 @@ class SentinelKit:
     def _server(self, name: str, *extra: str) -> None:
         port = self.ports[name]
         log = self.dir / f"redis-{name}.log"
+        if self.password:
+            extra = (*extra, "--requirepass", self.password, "--masterauth", self.password)
         self.procs[name] = subprocess.Popen(
             [_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.dir),
@@ -78,7 +87,7 @@ class SentinelKit:
 
         def up() -> bool:
             try:
-                with redis_sync.Redis(port=port, socket_connect_timeout=0.2) as c:
+                with self.redis(name) as c:
                     return bool(c.ping())
             except redis_sync.ConnectionError:
                 assert self.procs[name].poll() is None, f"redis-server {name} exited"
@@ -88,8 +97,14 @@ class SentinelKit:
 
     def _sentinel_process(self, i: int, port: int) -> None:
         conf = self.dir / f"sentinel-{i}.conf"
+        auth = ""
+        if self.password:
+            auth += f"sentinel auth-pass {MASTER_NAME} {self.password}\n"
+        if self.sentinel_password:  # the sentinels' own, which they use with each other too
+            auth += f"requirepass {self.sentinel_password}\n"
+            auth += f"sentinel sentinel-pass {self.sentinel_password}\n"
         conf.write_text(
-            f"port {port}\n"
+            auth + f"port {port}\n"
             "bind 127.0.0.1\n"
             f"dir {self.dir}\n"
             f"logfile {self.dir / f'sentinel-{i}.log'}\n"
@@ -104,11 +119,15 @@ class SentinelKit:
             stderr=subprocess.DEVNULL,
         )
 
+    def _replication(self, name: str) -> dict[str, object]:
+        with self.redis(name) as c:
+            return dict(c.info("replication"))
+
     def start(self) -> SentinelKit:
         self._server("a")
         self._server("b", "--replicaof", "127.0.0.1", str(self.ports["a"]))
         eventually_sync(
-            lambda: _info(self.ports["b"], "replication").get("master_link_status") == "up",
+            lambda: self._replication("b").get("master_link_status") == "up",
             within=15,
             what="the replica to sync with the master",
         )
@@ -156,8 +175,3 @@ class SentinelKit:
             lines = log.read_text(errors="replace").splitlines()[-15:]
             out.append(f"== {log.name}\n" + "\n".join(lines))
         return "\n".join(out)
-
-
-def wait_for_master(kit: SentinelKit, port: int, within: float = 30.0) -> None:
-    """Wait until the sentinels name the server on `port` as the master."""
-    eventually_sync(lambda: kit.master_port() == port, within=within, what=f"master on {port}")

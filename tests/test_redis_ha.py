@@ -27,6 +27,7 @@ from proxy.errors import ConfigErrors
 from proxy.grantstore import RedisGrants
 from proxy.redisd import connect_redis
 from proxy.settings import RedisSettings, SentinelSettings
+from proxy.settings.read import Secret
 from proxy.state import STATE
 
 JITGATE = str(Path(sys.executable).parent / "jitgate")
@@ -47,8 +48,9 @@ def kit() -> Iterator[SentinelKit]:
 
 @pytest.fixture(scope="module")
 def small_kit() -> Iterator[SentinelKit]:
-    """A master, a replica and one sentinel (quorum 1), shared by the module's quick tests."""
-    k = SentinelKit(sentinels=1, quorum=1)
+    """A master, a replica and one sentinel (quorum 1), shared by the module's quick tests;
+    the servers and the sentinel each ask for a password."""
+    k = SentinelKit(sentinels=1, quorum=1, password="redis-pw", sentinel_password="sentinel-pw")
     try:
         yield k.start()
     finally:
@@ -57,9 +59,14 @@ def small_kit() -> Iterator[SentinelKit]:
 
 def sentinel_yaml(kit: SentinelKit, extra: str = "") -> str:
     addresses = ", ".join(f'"{a}"' for a in kit.sentinel_addresses)
+    auth = "".join(
+        f", {key}: {value}"
+        for key, value in (("password", kit.password), ("sentinel_password", kit.sentinel_password))
+        if value
+    )
     return (
         f"redis: {{timeout: 0.5, {extra}"
-        f"sentinel: {{master: {MASTER_NAME}, sentinels: [{addresses}]}}}}"
+        f"sentinel: {{master: {MASTER_NAME}, sentinels: [{addresses}]{auth}}}}}"
     )
 
 
@@ -73,7 +80,13 @@ def sentinel_config(tmp: Path, kit: SentinelKit, upstream_url: str, extra: str =
 
 def settings_of(kit: SentinelKit) -> RedisSettings:
     addresses = tuple(("127.0.0.1", p) for p in kit.sentinel_ports)
-    return RedisSettings(timeout=0.5, sentinel=SentinelSettings(MASTER_NAME, addresses))
+    sentinel = SentinelSettings(
+        MASTER_NAME,
+        addresses,
+        password=Secret(kit.password) if kit.password else None,
+        sentinel_password=Secret(kit.sentinel_password) if kit.sentinel_password else None,
+    )
+    return RedisSettings(timeout=0.5, sentinel=sentinel)
 
 
 # -- settings --------------------------------------------------------------------------
@@ -285,7 +298,7 @@ async def test_the_event_feed_ends_when_sentinel_moves_the_master(small_kit: Sen
     client = connect_redis(settings_of(small_kit))
     store = RedisGrants(client)
     feed = store.events(ping_every=0.05)
-    sentinel = Redis(port=small_kit.sentinel_ports[0])
+    sentinel = Redis(port=small_kit.sentinel_ports[0], password=small_kit.sentinel_password)
     try:
         assert await anext(feed) == ("subscribed", "")
         before = small_kit.master_port()
