@@ -379,6 +379,9 @@ def connect_redis(
     }
     s = settings.sentinel
     if s is not None:
+        tls: dict[str, Any] = {"ssl": s.tls}
+        if s.tls and s.tls_ca_file is not None:
+            tls["ssl_ca_certs"] = str(s.tls_ca_file)
         sentinel = Sentinel(
             s.sentinels,
             sentinel_kwargs={
@@ -386,7 +389,7 @@ def connect_redis(
                 "socket_connect_timeout": within,
                 "username": s.sentinel_username,
                 "password": s.sentinel_password.reveal() if s.sentinel_password else None,
-                "ssl": s.tls,
+                **tls,
             },
         )
         password = s.password.reveal() if s.password else None
@@ -394,8 +397,8 @@ def connect_redis(
             s.master,
             redis_class=SentinelRedis,
             **common,
+            **tls,
             db=s.db,
-            ssl=s.tls,
             username=s.username,
             password=password,
         )

@@ -8,14 +8,21 @@ are short (`down_after` ms before the master counts as down) so a failover takes
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import shutil
 import signal
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import redis as redis_sync
 from conftest import free_port
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from waiting import eventually_sync
 
 MASTER_NAME = "jm"
@@ -39,10 +46,13 @@ class SentinelKit:
         down_after: int = 1000,
         password: str | None = None,
         sentinel_password: str | None = None,
+        tls: bool = False,
     ) -> None:
         self.password = password  # requirepass of the servers (and masterauth)
         self.sentinel_password = sentinel_password  # requirepass of the sentinels
         self.dir = Path(tempfile.mkdtemp(prefix="jitgate-sentinel-"))
+        # TLS only, everywhere (clients, replication, sentinels), under a CA of the kit's own.
+        self.ca_file = _certificates(self.dir) if tls else None
         self.ports = {"a": free_port(), "b": free_port()}  # redis servers by name
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.quorum = quorum
@@ -56,13 +66,29 @@ class SentinelKit:
     def sentinel_addresses(self) -> list[str]:
         return [f"127.0.0.1:{p}" for p in self.sentinel_ports]
 
+    def _tls_client(self) -> dict[str, Any]:
+        return {"ssl": True, "ssl_ca_certs": str(self.ca_file)} if self.ca_file else {}
+
+    def _tls_server(self) -> list[str]:
+        if self.ca_file is None:
+            return []
+        return [
+            "tls-cert-file", str(self.dir / "server.pem"),
+            "tls-key-file", str(self.dir / "server.key"),
+            "tls-ca-cert-file", str(self.ca_file),
+            "tls-auth-clients", "no",
+            "tls-replication", "yes",
+        ]  # fmt: skip
+
     def redis(self, name: str) -> redis_sync.Redis:
-        port = self.ports[name]
-        return redis_sync.Redis(port=port, password=self.password, socket_timeout=2)
+        return self._client(self.ports[name], self.password)
 
     def sentinel(self, i: int = 0) -> redis_sync.Redis:
-        port = self.sentinel_ports[i]
-        return redis_sync.Redis(port=port, password=self.sentinel_password, socket_timeout=2)
+        return self._client(self.sentinel_ports[i], self.sentinel_password)
+
+    def _client(self, port: int, password: str | None) -> redis_sync.Redis:
+        tls = self._tls_client()
+        return redis_sync.Redis("127.0.0.1", port, password=password, socket_timeout=2, **tls)
 
     def master_port(self) -> int | None:
         """The master's port as the first sentinel names it."""
@@ -77,8 +103,13 @@ class SentinelKit:
         log = self.dir / f"redis-{name}.log"
         if self.password:
             extra = (*extra, "--requirepass", self.password, "--masterauth", self.password)
+        tls = self._tls_server()
+        ports = ["--port", str(port)]
+        if tls:
+            ports = ["--port", "0", "--tls-port", str(port)]
+            ports += [f"--{a}" if i % 2 == 0 else a for i, a in enumerate(tls)]
         self.procs[name] = subprocess.Popen(
-            [_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+            [_binary("redis-server"), *ports, "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.dir),
              "--dbfilename", f"dump-{name}.rdb", "--logfile", str(log),
              "--notify-keyspace-events", "Ex", *extra],
@@ -103,9 +134,14 @@ class SentinelKit:
         if self.sentinel_password:  # the sentinels' own, which they use with each other too
             auth += f"requirepass {self.sentinel_password}\n"
             auth += f"sentinel sentinel-pass {self.sentinel_password}\n"
+        if self.ca_file is not None:
+            tls = self._tls_server()
+            auth += f"port 0\ntls-port {port}\n"
+            auth += "".join(f"{k} {v}\n" for k, v in zip(tls[::2], tls[1::2], strict=True))
+        else:
+            auth += f"port {port}\n"
         conf.write_text(
-            auth + f"port {port}\n"
-            "bind 127.0.0.1\n"
+            auth + "bind 127.0.0.1\n"
             f"dir {self.dir}\n"
             f"logfile {self.dir / f'sentinel-{i}.log'}\n"
             f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.ports[self.master]} {self.quorum}\n"
@@ -175,3 +211,35 @@ class SentinelKit:
             lines = log.read_text(errors="replace").splitlines()[-15:]
             out.append(f"== {log.name}\n" + "\n".join(lines))
         return "\n".join(out)
+
+
+def _certificates(where: Path) -> Path:
+    """Write a CA and a server certificate for 127.0.0.1 signed by it; return the CA's file."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jitgate test CA")])
+
+    def cert(name: x509.Name, public: Any, ca: bool) -> x509.Certificate:
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(ca_name)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            ip = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+            b = b.add_extension(x509.SubjectAlternativeName([ip]), critical=False)
+        return b.sign(ca_key, hashes.SHA256())
+
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    pem = serialization.Encoding.PEM
+    (where / "ca.pem").write_bytes(cert(ca_name, ca_key.public_key(), True).public_bytes(pem))
+    server = cert(server_name, key.public_key(), False)
+    (where / "server.pem").write_bytes(server.public_bytes(pem))
+    pkcs8, none = serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    (where / "server.key").write_bytes(key.private_bytes(pem, pkcs8, none))
+    return where / "ca.pem"

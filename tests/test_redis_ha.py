@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from conftest import Upstream, bearer, write_config
 from redis.asyncio import Redis
+from redis.asyncio.sentinel import MasterNotFoundError
 from sentinelkit import MASTER_NAME, SentinelKit
 from waiting import eventually
 
@@ -342,6 +344,54 @@ async def _subscribe(store: RedisGrants) -> Any:
 
     await eventually(subscribed, within=10, interval=0.1, what="a feed on the new master")
     return feeds[0]
+
+
+# -- TLS ------------------------------------------------------------------------------
+
+
+async def test_sentinel_and_redis_over_tls() -> None:
+    """TLS only (servers, replication, sentinel), under a CA of the test's own: jitgate's
+    client verifies both against redis.sentinel.tls_ca_file, and refuses without it."""
+    kit = await asyncio.to_thread(SentinelKit(sentinels=1, quorum=1, tls=True).start)
+    try:
+        assert kit.ca_file is not None
+        plain = settings_of(kit)
+        assert plain.sentinel is not None
+        verified = replace(plain.sentinel, tls=True, tls_ca_file=kit.ca_file)
+        for refused in (plain.sentinel, replace(plain.sentinel, tls=True)):
+            client = connect_redis(replace(plain, sentinel=refused))
+            with pytest.raises(MasterNotFoundError):
+                await client.ping()
+            await client.aclose()
+        client = connect_redis(replace(plain, sentinel=verified))
+        store = RedisGrants(client)
+        feed = store.events(ping_every=0.05)
+        try:
+            assert await anext(feed) == ("subscribed", "")
+            grant = await store.add("alice", "recording:1/demo-1", 60, "r", "pytest")
+            assert await store.check("alice", ("recording:1/demo-1",)) is not None
+            await store.revoke(grant.id)
+            kinds = []
+            while ("revoked", grant.id) not in kinds:
+                kinds.append(await asyncio.wait_for(anext(feed), 5))
+        finally:
+            await feed.aclose()  # type: ignore[attr-defined]
+            await client.aclose()
+    finally:
+        kit.close()
+
+
+def test_tls_ca_file_is_checked(tmp_path: Path) -> None:
+    base = "redis: {sentinel: {master: m, sentinels: ['s:1'], "
+    with pytest.raises(ConfigErrors) as info:
+        _load(tmp_path, base + "tls: true, tls_ca_file: missing.pem}}")
+    assert "redis.sentinel.tls_ca_file: no such file:" in str(info.value)
+    (tmp_path / "ca.pem").write_text("x")
+    with pytest.raises(ConfigErrors) as info:
+        _load(tmp_path, base + "tls_ca_file: ca.pem}}")
+    assert "redis.sentinel.tls_ca_file: needs redis.sentinel.tls: true" in str(info.value)
+    s = _load(tmp_path, base + "tls: true, tls_ca_file: ca.pem}}").redis.sentinel
+    assert s is not None and s.tls_ca_file == tmp_path / "ca.pem"
 
 
 # -- the CLI through Sentinel -----------------------------------------------------------

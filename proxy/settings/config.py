@@ -62,6 +62,7 @@ class SentinelSettings:
     sentinel_username: str | None = None  # for the sentinels themselves
     sentinel_password: Secret | None = None
     tls: bool = False  # TLS to the sentinels and to Redis
+    tls_ca_file: Path | None = None  # the CA that signed their certificates (default: system's)
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ def validate(
         keepalive=r.positive(s, "keepalive", float, 15.0, "upstream.keepalive"),
     )
 
-    redis = _redis(r, r.section(raw, "redis", "redis"))
+    redis = _redis(r, r.section(raw, "redis", "redis"), base)
 
     prefix = r.get(raw, "prefix", str, "/_jit", "prefix").rstrip("/")
     if not prefix.startswith("/") or len(prefix) < 2 or "//" in prefix:
@@ -282,7 +283,7 @@ def validate(
     return settings
 
 
-def _redis(r: Reader, s: Node) -> RedisSettings:
+def _redis(r: Reader, s: Node, base: Path) -> RedisSettings:
     at = "redis"
     r.known(
         s,
@@ -295,7 +296,7 @@ def _redis(r: Reader, s: Node) -> RedisSettings:
         r.error(s, "url", f"{at}.url", "must start with redis://, rediss:// or unix://")
     sentinel = None
     if s.get("sentinel") is not None:
-        sentinel = _sentinel(r, r.section(s, "sentinel", f"{at}.sentinel"))
+        sentinel = _sentinel(r, r.section(s, "sentinel", f"{at}.sentinel"), base)
     if s.get("cluster") is not None:
         message = "Redis Cluster is not supported yet; use redis.sentinel for high availability"
         r.error(s, "cluster", f"{at}.cluster", message)
@@ -322,12 +323,12 @@ def _redis(r: Reader, s: Node) -> RedisSettings:
     )
 
 
-def _sentinel(r: Reader, s: Node) -> SentinelSettings | None:
+def _sentinel(r: Reader, s: Node, base: Path) -> SentinelSettings | None:
     at = "redis.sentinel"
     r.known(
         s,
         {"master", "sentinels", "username", "password", "db", "sentinel_username", "tls"}
-        | {"sentinel_password"},
+        | {"sentinel_password", "tls_ca_file"},
         at,
     )
     master = r.get(s, "master", str, "", f"{at}.master")
@@ -350,6 +351,13 @@ def _sentinel(r: Reader, s: Node) -> SentinelSettings | None:
         r.error(s, "db", f"{at}.db", "must not be negative")
     password = r.optional_str(s, "password", None, f"{at}.password")
     sentinel_password = r.optional_str(s, "sentinel_password", None, f"{at}.sentinel_password")
+    tls = r.get(s, "tls", bool, False, f"{at}.tls")
+    ca_text = r.optional_str(s, "tls_ca_file", None, f"{at}.tls_ca_file")
+    ca_file = resolve(base, ca_text) if ca_text else None
+    if ca_file is not None and not ca_file.is_file():
+        r.error(s, "tls_ca_file", f"{at}.tls_ca_file", f"no such file: {ca_file}")
+    elif ca_file is not None and not tls:
+        r.error(s, "tls_ca_file", f"{at}.tls_ca_file", "needs redis.sentinel.tls: true")
     return SentinelSettings(
         master=master,
         sentinels=tuple(addresses),
@@ -359,7 +367,8 @@ def _sentinel(r: Reader, s: Node) -> SentinelSettings | None:
         sentinel_username=r.optional_str(s, "sentinel_username", None, f"{at}.sentinel_username")
         or None,
         sentinel_password=Secret(sentinel_password) if sentinel_password else None,
-        tls=r.get(s, "tls", bool, False, f"{at}.tls"),
+        tls=tls,
+        tls_ca_file=ca_file,
     )
 
 
