@@ -200,7 +200,7 @@ def _redis(state: State) -> Ctx:
         settings = state.settings
         embedded: EmbeddedRedis | None = None
         url = None
-        if settings.redis.url is None and settings.redis.sentinel is None:
+        if settings.redis.embedded:
             embedded = EmbeddedRedis(settings.state_dir)
             url = await embedded.start()
             log.info("embedded redis-server running on %s", url)

@@ -50,7 +50,8 @@ from redis.asyncio import Redis
 
 from . import lua
 from .grants import HISTORY_TTL, STATES, Approval, Grant, GrantError
-from .redisd import durable_script, master_moved, quiet_probe
+from .redisd import quiet_probe
+from .redisha import ASK_EVERY, durable_script, master_moved
 
 # The scripts (proxy/lua/grant_*.lua, each saying its KEYS and ARGV): every change is one
 # of them, so concurrent approvals, revocations and extensions stay consistent.
@@ -63,7 +64,6 @@ _EXTEND = lua.compose("grant_extend", _LIB)
 _REQUEST_EXTENSION = lua.compose("grant_request_extension", _LIB)
 _SWEEP = lua.compose("grant_sweep", _LIB)
 _REVIEW = lua.compose("grant_review", _LIB)
-_ASK_EVERY = 1.0  # how often a feed through Sentinel asks where the master is
 
 
 def _text(value: Any) -> str:
@@ -539,11 +539,11 @@ class RedisGrants:
                 if time.monotonic() - sent >= ping_every:
                     sent = time.monotonic()
                     await pubsub.ping(repr(sent))
-                if time.monotonic() - asked >= _ASK_EVERY:  # failed over: end
+                if time.monotonic() - asked >= ASK_EVERY:  # failed over: end
                     asked = time.monotonic()
                     if await master_moved(pubsub):
                         raise ConnectionError("the Redis master moved: announcements missed")
-                wait = max(0.0, min(sent + ping_every, asked + _ASK_EVERY) - time.monotonic())
+                wait = max(0.0, min(sent + ping_every, asked + ASK_EVERY) - time.monotonic())
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
                 if getattr(pubsub.connection, "_reader", None) is not first:
                     raise ConnectionError("the event feed reconnected: announcements missed")

@@ -1,6 +1,7 @@
-"""How jitgate reaches Redis: a fail-fast client (of one server, or of the master that
-Sentinel names), probes of a subscription's connection, and the embedded redis-server child
-it runs and supervises on a unix socket in its state dir when no Redis is configured."""
+"""How jitgate reaches Redis: a fail-fast client (of one server, of the master that Sentinel
+names, or of the master of jitgate's slot in a cluster: see redisha.py), a probe of a
+subscription's connection, and the embedded redis-server child it runs and supervises on a
+unix socket in its state dir when no Redis is configured."""
 
 from __future__ import annotations
 
@@ -13,21 +14,22 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .redisha import SentinelRedis, SlotPool
 from .settings import RedisSettings
+from .settings.read import Secret
 
 # sun_path is 108 bytes on Linux (104 on the BSDs/macOS), including the trailing NUL.
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 107
@@ -42,7 +44,6 @@ _BACKOFF_MAX = 5.0
 _STABLE_AFTER = 30.0
 _STOP_GRACE = 10.0
 _LOG_TAIL_LINES = 20
-log = logging.getLogger("jitgate.redis")
 
 
 class RedisServerMissing(RuntimeError):
@@ -345,17 +346,6 @@ class EmbeddedRedis:
         await asyncio.shield(proc.wait())
 
 
-class SentinelRedis(Redis):
-    """A client of the master that Sentinel names; closing it closes the sentinel clients too."""
-
-    sentinels: Sentinel | None = None
-
-    async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        await super().aclose(close_connection_pool)
-        if self.sentinels is not None:
-            await self.sentinels.aclose()
-
-
 def connect_redis(
     settings: RedisSettings, embedded_url: str | None = None, *, timeout: float | None = None
 ) -> Redis:
@@ -377,11 +367,16 @@ def connect_redis(
         "retry": Retry(NoBackoff(), 1),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
     }
-    s = settings.sentinel
+    s, c = settings.sentinel, settings.cluster
+    if c is not None:
+        access = _access(c.tls, c.tls_ca_file, c.username, c.password)
+        # One try per node: the next node is the retry, as with the sentinels.
+        asking = {"socket_timeout": within, "socket_connect_timeout": within, **access}
+        asking["retry"] = Retry(NoBackoff(), 0)
+        pool = SlotPool(c.nodes, settings.key_prefix, asking, **common, **access)
+        return Redis(connection_pool=pool)
     if s is not None:
-        tls: dict[str, Any] = {"ssl": s.tls}
-        if s.tls and s.tls_ca_file is not None:
-            tls["ssl_ca_certs"] = str(s.tls_ca_file)
+        tls = _access(s.tls, s.tls_ca_file)
         sentinel = Sentinel(
             s.sentinels,
             sentinel_kwargs={
@@ -392,15 +387,12 @@ def connect_redis(
                 **tls,
             },
         )
-        password = s.password.reveal() if s.password else None
         client: SentinelRedis = sentinel.master_for(
             s.master,
             redis_class=SentinelRedis,
             **common,
-            **tls,
+            **_access(s.tls, s.tls_ca_file, s.username, s.password),
             db=s.db,
-            username=s.username,
-            password=password,
         )
         client.sentinels = sentinel
         return client
@@ -410,48 +402,16 @@ def connect_redis(
     return Redis(connection_pool=ConnectionPool.from_url(url, **common))
 
 
-Script = Callable[..., Awaitable[Any]]
-
-
-def durable_script(
-    redis: Redis, text: str, replicas: int, within: float, *, what: str = "a grant change"
-) -> Script:
-    """Register a script whose every run, when `replicas` > 0, is followed on its connection
-    by WAIT: it returns once that many replicas have the change, or after `within` seconds
-    (logged: the change then stands on the master alone, and a failover may lose it)."""
-    script = redis.register_script(text)
-    if replicas <= 0:
-        return script
-
-    async def run(keys: list[Any], args: list[Any]) -> Any:
-        pipe = redis.pipeline(transaction=False)
-        await script(keys=keys, args=args, client=pipe)
-        pipe.execute_command("WAIT", replicas, max(1, round(within * 1000)))
-        reply, acknowledged = await pipe.execute()
-        if int(acknowledged) < replicas:
-            log.warning(
-                "%s reached %s of %d replica(s) within %gs: until it replicates, "
-                "a failover would lose it",
-                what,
-                acknowledged,
-                replicas,
-                within,
-            )
-        return reply
-
-    return run
-
-
-async def master_moved(pubsub: PubSub) -> bool:
-    """Whether the sentinels now name a master other than the one `pubsub` is connected to.
-
-    False for a client that is not Sentinel's. Raises (a ConnectionError) while the sentinels
-    name no master, during a failover: the subscription's server is in doubt then too.
-    """
-    pool, conn = pubsub.connection_pool, pubsub.connection
-    if not isinstance(pool, SentinelConnectionPool) or not isinstance(conn, Connection):
-        return False
-    return bool(await pool.get_master_address() != (conn.host, conn.port))
+def _access(
+    tls: bool, ca_file: Path | None, username: str | None = None, password: Secret | None = None
+) -> dict[str, Any]:
+    """Return redis-py's connection arguments for TLS and, if given, AUTH."""
+    out: dict[str, Any] = {"ssl": True} if tls else {}
+    if tls and ca_file is not None:
+        out["ssl_ca_certs"] = str(ca_file)
+    if username or password:
+        out |= {"username": username, "password": password.reveal() if password else None}
+    return out
 
 
 def quiet_probe(pubsub: PubSub) -> tuple[socket.socket | None, Callable[[], bool]]:

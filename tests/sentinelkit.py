@@ -28,7 +28,7 @@ from waiting import eventually_sync
 MASTER_NAME = "jm"
 
 
-def _binary(name: str) -> str:
+def binary(name: str) -> str:
     sbin = Path("/usr/sbin") / name
     found = shutil.which(name) or (str(sbin) if sbin.exists() else None)
     assert found, f"{name} is required for the Redis HA tests (.ci/run installs it)"
@@ -109,7 +109,7 @@ class SentinelKit:
             ports = ["--port", "0", "--tls-port", str(port)]
             ports += [f"--{a}" if i % 2 == 0 else a for i, a in enumerate(tls)]
         self.procs[name] = subprocess.Popen(
-            [_binary("redis-server"), *ports, "--bind", "127.0.0.1",
+            [binary("redis-server"), *ports, "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.dir),
              "--dbfilename", f"dump-{name}.rdb", "--logfile", str(log),
              "--notify-keyspace-events", "Ex", *extra],
@@ -150,7 +150,7 @@ class SentinelKit:
             f"sentinel parallel-syncs {MASTER_NAME} 1\n"
         )
         self.procs[f"sentinel-{i}"] = subprocess.Popen(
-            [_binary("redis-sentinel"), str(conf)],
+            [binary("redis-sentinel"), str(conf)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

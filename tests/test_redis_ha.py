@@ -1,5 +1,6 @@
-"""Redis behind Sentinel: the settings, a master killed under load, a coordinated failover
-of the event feed, and the CLI, against real redis-server and redis-sentinel processes."""
+"""Redis high availability against real processes: the settings; behind Sentinel, a master
+killed under load, a coordinated failover of the event feed, TLS and the CLI; in a Redis
+Cluster, the master of jitgate's slot killed under load and a coordinated failover."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
+from clusterkit import ClusterKit
 from conftest import Upstream, bearer, write_config
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import MasterNotFoundError
@@ -28,7 +30,7 @@ from proxy.app import build_app
 from proxy.errors import ConfigErrors
 from proxy.grantstore import RedisGrants
 from proxy.redisd import connect_redis
-from proxy.settings import RedisSettings, SentinelSettings
+from proxy.settings import ClusterSettings, RedisSettings, SentinelSettings
 from proxy.settings.read import Secret
 from proxy.state import STATE
 
@@ -130,11 +132,15 @@ def test_sentinel_settings_are_read(tmp_path: Path) -> None:
     [
         (
             'redis: {url: "redis://r:6379/0", sentinel: {master: m, sentinels: ["s:1"]}}',
-            "redis.sentinel: set either redis.url or redis.sentinel, not both",
+            "redis.sentinel: set only one of redis.url, redis.sentinel and redis.cluster",
+        ),
+        (
+            "redis: {sentinel: {master: m, sentinels: ['s:1']}, cluster: {nodes: ['r:1']}}",
+            "redis.cluster: set only one of redis.url, redis.sentinel and redis.cluster",
         ),
         ("redis: {sentinel: {sentinels: ['s:1']}}", "redis.sentinel.master: is required"),
         ("redis: {sentinel: {master: m}}", "redis.sentinel.sentinels: is required"),
-        ("redis: {sentinel: {master: m, sentinels: []}}", "must name at least one sentinel"),
+        ("redis: {sentinel: {master: m, sentinels: []}}", "must name at least one address"),
         (
             "redis: {sentinel: {master: m, sentinels: ['s:port']}}",
             "redis.sentinel.sentinels: must be host:port addresses",
@@ -142,8 +148,11 @@ def test_sentinel_settings_are_read(tmp_path: Path) -> None:
         ("redis: {sentinel: {master: m, sentinels: ['s:1'], pasword: x}}", "unknown field"),
         (
             "redis: {cluster: {nodes: ['r:7000']}}",
-            "redis.cluster: Redis Cluster is not supported yet; use redis.sentinel",
+            "redis.key_prefix: must carry a hash tag such as '{jit}:' with redis.cluster",
         ),
+        ("redis: {key_prefix: '{}:', cluster: {nodes: ['r:7000']}}", "got '{}:'"),
+        ("redis: {key_prefix: '{j}:', cluster: {nodes: []}}", "redis.cluster.nodes: must name"),
+        ("redis: {key_prefix: '{j}:', cluster: {nodes: ['r:1'], db: 1}}", "unknown field"),
         ("redis: {wait_replicas: -1}", "redis.wait_replicas: must not be negative"),
         (
             "redis: {timeout: 0.5, wait_timeout: 0.5}",
@@ -189,17 +198,17 @@ async def closed(ws: aiohttp.ClientWebSocketResponse) -> int:
             return ws.close_code or 0
 
 
-async def test_master_killed_under_load_fails_closed_and_comes_back(
-    kit: SentinelKit,
-    aiohttp_client: Any,
-    aiohttp_server: Any,
-    tmp_path: Path,
+async def kill_under_load(
+    client: TestClient,
+    kill: Callable[[], None],
+    promoted: Callable[[], Awaitable[float | None]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="jitgate.redis")
-    up = str((await aiohttp_server(replay_upstream())).make_url("")).rstrip("/")
-    cfg = sentinel_config(tmp_path, kit, up, "wait_replicas: 1, wait_timeout: 0.3, ")
-    client: TestClient = await aiohttp_client(build_app(settings_mod.load(cfg, environ={})))
+    """Write grants with WAIT 1, then kill the master under continuous protected requests
+    from a user with a grant and one without, and a WebSocket open under the grant.
+
+    `promoted` returns the time a replica was seen promoted, or None while not yet.
+    """
     state = client.app[STATE]
     view = state.grant_view
     assert view is not None
@@ -211,15 +220,12 @@ async def test_master_killed_under_load_fails_closed_and_comes_back(
     assert LOST not in caplog.text
     assert (await client.get(SNAPSHOTS.format(1), headers=bearer("alice"))).status == 200
     assert (await client.get(SNAPSHOTS.format(1), headers=bearer("mallory"))).status == 403
-    # The event feed runs on the master Sentinel names, and its probe works there.
+    # The event feed runs on the master, and its probe works there.
     await eventually(view.current, what="the grant view to follow the master")
     live = await client.ws_connect(LIVE, headers=bearer("alice"))
     await live.send_str("hello")
     assert await live.receive_str() == "hello"
 
-    watcher = Redis(port=kit.sentinel_ports[0])
-    switches = watcher.pubsub()
-    await switches.subscribe("+switch-master")
     seen: list[tuple[float, str, int]] = []
     stop = asyncio.Event()
 
@@ -228,42 +234,31 @@ async def test_master_killed_under_load_fails_closed_and_comes_back(
             r = await client.get(SNAPSHOTS.format(n), headers=bearer(user))
             seen.append((time.monotonic(), user, r.status))
             r.release()
-            await asyncio.sleep(0.005)  # pacing: the sentinels share the two cores
+            await asyncio.sleep(0.005)  # pacing: the Redis processes share the two cores
 
     loaders = [asyncio.create_task(load("alice", 1)), asyncio.create_task(load("mallory", 1))]
     try:
         await eventually(lambda: len(seen) > 20, what="the load to run")
         killed = time.monotonic()
-        kit.kill("a")
+        kill()
         # Failing closed: the feed ends, so the view empties and live connections are cut.
         await eventually(lambda: not view.current() and not len(view), what="the view to stop")
         assert await asyncio.wait_for(closed(live), 10) == 1008
-
-        async def switched() -> float | None:
-            msg = await switches.get_message(ignore_subscribe_messages=True, timeout=0.5)
-            return time.monotonic() if msg and msg["type"] == "message" else None
-
-        try:
-            promoted = await eventually(switched, within=30, what="+switch-master")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{kit.logs()}") from None
-        assert kit.master_port() == kit.ports["b"]
+        at = await eventually(promoted, within=30, interval=0.02, what="a replica promoted")
 
         def served_again() -> bool:
-            return any(t > promoted and u == "alice" and s == 200 for t, u, s in seen)
+            return any(t > at and u == "alice" and s == 200 for t, u, s in seen)
 
         # Service is back within 5 s of the promotion.
         await eventually(served_again, within=5, what="alice to be served by the new master")
         await eventually(
-            lambda: any(t > promoted and u == "mallory" and s == 403 for t, u, s in seen),
+            lambda: any(t > at and u == "mallory" and s == 403 for t, u, s in seen),
             within=5,
             what="mallory to be refused by the new master",
         )
     finally:
         stop.set()
         await asyncio.gather(*loaders)
-        await switches.aclose()
-        await watcher.aclose()
         await live.close()
 
     during = [(u, s) for t, u, s in seen if t > killed]
@@ -272,7 +267,7 @@ async def test_master_killed_under_load_fails_closed_and_comes_back(
     assert {s for _, u, s in seen if u == "mallory"} <= {403, 503}  # never 200 without a grant
     refused = max(t for t, u, s in seen if u == "alice" and s == 503)
     back = min(t for t, u, s in seen if t > refused and u == "alice" and s == 200)
-    print(f"after the kill: promoted at {promoted - killed:.2f}s, served at {back - killed:.2f}s")
+    print(f"after the kill: promoted at {at - killed:.2f}s, served at {back - killed:.2f}s")
     # No grant written before the kill is lost.
     for g in grants:
         found = await state.grants.get(g.id)
@@ -288,6 +283,121 @@ async def test_master_killed_under_load_fails_closed_and_comes_back(
     assert "a grant change reached 0 of 1 replica(s)" in caplog.text
     await state.audit.flush(force=True)
     assert "an audit batch reached 0 of 1 replica(s)" in caplog.text
+
+
+async def test_master_killed_under_load_fails_closed_and_comes_back(
+    kit: SentinelKit,
+    aiohttp_client: Any,
+    aiohttp_server: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="jitgate.redis")
+    up = str((await aiohttp_server(replay_upstream())).make_url("")).rstrip("/")
+    cfg = sentinel_config(tmp_path, kit, up, "wait_replicas: 1, wait_timeout: 0.3, ")
+    client: TestClient = await aiohttp_client(build_app(settings_mod.load(cfg, environ={})))
+    watcher = Redis(port=kit.sentinel_ports[0])
+    switches = watcher.pubsub()
+    await switches.subscribe("+switch-master")
+
+    async def switched() -> float | None:
+        msg = await switches.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        return time.monotonic() if msg and msg["type"] == "message" else None
+
+    try:
+        await kill_under_load(client, lambda: kit.kill("a"), switched, caplog)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{kit.logs()}") from exc
+    finally:
+        await switches.aclose()
+        await watcher.aclose()
+    assert kit.master_port() == kit.ports["b"]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterKit]:
+    """A Redis Cluster of three masters and three replicas, shared by the module."""
+    k = ClusterKit()
+    try:
+        yield k.start()
+    finally:
+        k.close()
+
+
+def cluster_settings(kit: ClusterKit) -> RedisSettings:
+    nodes = tuple(("127.0.0.1", p) for p in kit.ports)
+    return RedisSettings(timeout=0.5, key_prefix="{jit}:", cluster=ClusterSettings(nodes))
+
+
+async def test_cluster_failover_moves_the_feed_and_the_clients(cluster: ClusterKit) -> None:
+    """CLUSTER FAILOVER on the replica of jitgate's slot leaves the old master up, now a
+    replica: the feed notices the new master and ends; a pooled connection to the old one
+    gets MOVED, and the call goes to the new master instead of failing."""
+    client, other = (
+        connect_redis(cluster_settings(cluster)),
+        connect_redis(cluster_settings(cluster)),
+    )
+    store, elsewhere = RedisGrants(client, "{jit}:"), RedisGrants(other, "{jit}:")
+    grant = await store.add("alice", "recording:1/x", 60, "r", "pytest")
+    assert await elsewhere.check("alice", ("recording:1/x",)) is not None  # pools a connection
+    feed = store.events(ping_every=0.05)
+    try:
+        assert await anext(feed) == ("subscribed", "")
+        master, _ = cluster.owner("{jit}:grants")
+        with cluster.node(cluster.replica_of(master)) as replica:
+            assert replica.execute_command("CLUSTER", "FAILOVER")
+
+        async def drain() -> None:
+            async for _ in feed:
+                pass
+
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(drain(), 30)
+        assert cluster.owner("{jit}:grants")[0] != master
+        found = await elsewhere.check("alice", ("recording:1/x",))
+        assert found is not None and found[0] == grant.id
+        await feed.aclose()  # type: ignore[attr-defined]
+        feed = await _subscribe(store)
+        await elsewhere.revoke(grant.id)
+        kinds = []
+        while ("revoked", grant.id) not in kinds:
+            kinds.append(await asyncio.wait_for(anext(feed), 5))
+    finally:
+        await feed.aclose()  # type: ignore[attr-defined]
+        await client.aclose()
+        await other.aclose()
+
+
+async def test_cluster_master_killed_under_load(
+    cluster: ClusterKit,
+    aiohttp_client: Any,
+    aiohttp_server: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same through a Redis Cluster of three masters and three replicas: jitgate's keys
+    (prefix {jit}:) share one slot, and the master of that slot is killed."""
+    caplog.set_level(logging.WARNING, logger="jitgate.redis")
+    await asyncio.to_thread(cluster.settle)
+    up = str((await aiohttp_server(replay_upstream())).make_url("")).rstrip("/")
+    nodes = ", ".join(f'"{a}"' for a in cluster.addresses)
+    redis_yaml = (
+        "redis: {timeout: 0.5, wait_replicas: 1, wait_timeout: 0.3, "
+        f'key_prefix: "{{jit}}:", cluster: {{nodes: [{nodes}]}}}}'
+    )
+    cfg = write_config(tmp_path, upstream_url=up, redis_url=None)
+    cfg.write_text(cfg.read_text().replace("redis: {url: null, timeout: 0.5}", redis_yaml))
+    client: TestClient = await aiohttp_client(build_app(settings_mod.load(cfg, environ={})))
+    master, _ = cluster.owner("{jit}:grants")
+
+    async def moved() -> float | None:
+        owner, _ = await asyncio.to_thread(cluster.owner, "{jit}:grants")
+        return time.monotonic() if owner != master else None
+
+    try:
+        await kill_under_load(client, lambda: cluster.kill(master), moved, caplog)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{cluster.logs()}") from exc
 
 
 # -- a coordinated failover: the old master stays up ------------------------------------

@@ -47,7 +47,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from .. import lua
-from ..redisd import durable_script
+from ..redisha import durable_script
 from ..settings import Settings
 
 log = logging.getLogger("jitgate.auditstore")

@@ -45,10 +45,10 @@ def duration(text: str) -> float:
 
 
 def redis_for(settings: Settings) -> Redis:
-    """Return a client of the configured Redis (redis.url or redis.sentinel), else of the
-    embedded server if it is running."""
+    """Return a client of the configured Redis (redis.url, redis.sentinel or redis.cluster),
+    else of the embedded server if it is running."""
     embedded = None
-    if settings.redis.url is None and settings.redis.sentinel is None:
+    if settings.redis.embedded:
         sock = redisd.socket_path(settings.state_dir)
         if not sock.exists():
             raise UsageError(

@@ -207,8 +207,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     settings = load(args.config)
     policyfile.load(settings.policy_file)  # a bad policy is a start-up error
-    embedded = settings.redis.url is None and settings.redis.sentinel is None
-    if embedded and shutil.which("redis-server") is None:
+    if settings.redis.embedded and shutil.which("redis-server") is None:
         raise UsageError(str(redisd.RedisServerMissing()))
     run(settings)
     return EXIT_OK

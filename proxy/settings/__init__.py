@@ -9,6 +9,7 @@
 from .config import (
     DEFAULT_CONFIG,
     AdminSettings,
+    ClusterSettings,
     ForwardSettings,
     ListenSettings,
     NotificationSettings,
@@ -24,6 +25,7 @@ from .config import (
 __all__ = [
     "DEFAULT_CONFIG",
     "AdminSettings",
+    "ClusterSettings",
     "ForwardSettings",
     "ListenSettings",
     "NotificationSettings",

@@ -13,6 +13,7 @@ Values are parsed as YAML scalars, so `JITGATE_AUDIT__STDOUT=true` is a bool.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,9 +67,21 @@ class SentinelSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """A Redis Cluster; jitgate's keys share one hash slot, served by that slot's master."""
+
+    nodes: tuple[tuple[str, int], ...]  # where to ask for the slots' masters first
+    username: str | None = None
+    password: Secret | None = None
+    tls: bool = False
+    tls_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class RedisSettings:
-    url: str | None = None  # None (and no sentinel): jitgate runs its own redis-server
+    url: str | None = None  # None (no sentinel, no cluster): jitgate runs its own redis-server
     sentinel: SentinelSettings | None = None
+    cluster: ClusterSettings | None = None
     wait_replicas: int = 0  # grant changes wait for this many replicas to acknowledge them
     wait_timeout: float = 0.5  # ... for at most this long
     timeout: float = 1.0
@@ -76,6 +89,11 @@ class RedisSettings:
     max_connections: int = 512
     local_view: bool = True  # answer repeated grant checks from memory (grantview.py)
     view_lag: float = 0.1  # ... only while every change older than this has been seen
+
+    @property
+    def embedded(self) -> bool:
+        """Whether jitgate runs its own redis-server (no Redis is configured)."""
+        return self.url is None and self.sentinel is None and self.cluster is None
 
 
 @dataclass(frozen=True)
@@ -294,14 +312,22 @@ def _redis(r: Reader, s: Node, base: Path) -> RedisSettings:
     url = r.optional_str(s, "url", None, f"{at}.url") or None
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
         r.error(s, "url", f"{at}.url", "must start with redis://, rediss:// or unix://")
-    sentinel = None
+    sentinel = cluster = None
     if s.get("sentinel") is not None:
         sentinel = _sentinel(r, r.section(s, "sentinel", f"{at}.sentinel"), base)
     if s.get("cluster") is not None:
-        message = "Redis Cluster is not supported yet; use redis.sentinel for high availability"
-        r.error(s, "cluster", f"{at}.cluster", message)
-    if url and s.get("sentinel") is not None:
-        r.error(s, "sentinel", f"{at}.sentinel", "set either redis.url or redis.sentinel, not both")
+        cluster = _cluster(r, r.section(s, "cluster", f"{at}.cluster"), base)
+    chosen = [k for k in ("url", "sentinel", "cluster") if s.get(k) is not None]
+    if len(chosen) > 1:
+        message = "set only one of redis.url, redis.sentinel and redis.cluster"
+        r.error(s, chosen[-1], f"{at}.{chosen[-1]}", message)
+    key_prefix = r.get(s, "key_prefix", str, "jit:", f"{at}.key_prefix")
+    if cluster is not None and not _HASH_TAG.search(key_prefix):
+        message = (
+            "must carry a hash tag such as '{jit}:' with redis.cluster, so that every key "
+            f"jitgate writes is in one hash slot; got {key_prefix!r}"
+        )
+        r.error(s, "key_prefix", f"{at}.key_prefix", message)
     wait_replicas = r.get(s, "wait_replicas", int, 0, f"{at}.wait_replicas")
     if wait_replicas < 0:
         r.error(s, "wait_replicas", f"{at}.wait_replicas", "must not be negative")
@@ -313,56 +339,34 @@ def _redis(r: Reader, s: Node, base: Path) -> RedisSettings:
     return RedisSettings(
         url=url,
         sentinel=sentinel,
+        cluster=cluster,
         wait_replicas=max(0, wait_replicas),
         wait_timeout=wait_timeout,
         timeout=timeout,
-        key_prefix=r.get(s, "key_prefix", str, "jit:", f"{at}.key_prefix"),
+        key_prefix=key_prefix,
         max_connections=r.positive(s, "max_connections", int, 512, f"{at}.max_connections"),
         local_view=r.get(s, "local_view", bool, True, f"{at}.local_view"),
         view_lag=r.positive(s, "view_lag", float, 0.1, f"{at}.view_lag"),
     )
 
 
-def _sentinel(r: Reader, s: Node, base: Path) -> SentinelSettings | None:
+def _sentinel(r: Reader, s: Node, base: Path) -> SentinelSettings:
     at = "redis.sentinel"
-    r.known(
-        s,
-        {"master", "sentinels", "username", "password", "db", "sentinel_username", "tls"}
-        | {"sentinel_password", "tls_ca_file"},
-        at,
-    )
+    keys = {"master", "sentinels", "db", "sentinel_username", "sentinel_password"}
+    r.known(s, _SERVER_KEYS | keys, at)
     master = r.get(s, "master", str, "", f"{at}.master")
     if not master:
         r.error(s, "master", f"{at}.master", "is required: the name the sentinels monitor")
-    addresses = []
-    for text in r.str_list(s, "sentinels", (), f"{at}.sentinels"):
-        address = _host_port(text, 26379)
-        if address is None:
-            message = f"must be host:port addresses such as 10.0.0.5:26379, got {text!r}"
-            r.error(s, "sentinels", f"{at}.sentinels", message)
-        else:
-            addresses.append(address)
-    if not addresses and "sentinels" not in s:
-        r.error(s, "sentinels", f"{at}.sentinels", "is required: the sentinels' host:port")
-    elif not addresses:
-        r.error(s, "sentinels", f"{at}.sentinels", "must name at least one sentinel")
     db = r.get(s, "db", int, 0, f"{at}.db")
     if db < 0:
         r.error(s, "db", f"{at}.db", "must not be negative")
-    password = r.optional_str(s, "password", None, f"{at}.password")
     sentinel_password = r.optional_str(s, "sentinel_password", None, f"{at}.sentinel_password")
-    tls = r.get(s, "tls", bool, False, f"{at}.tls")
-    ca_text = r.optional_str(s, "tls_ca_file", None, f"{at}.tls_ca_file")
-    ca_file = resolve(base, ca_text) if ca_text else None
-    if ca_file is not None and not ca_file.is_file():
-        r.error(s, "tls_ca_file", f"{at}.tls_ca_file", f"no such file: {ca_file}")
-    elif ca_file is not None and not tls:
-        r.error(s, "tls_ca_file", f"{at}.tls_ca_file", "needs redis.sentinel.tls: true")
+    username, password, tls, ca_file = _server_access(r, s, base, at)
     return SentinelSettings(
         master=master,
-        sentinels=tuple(addresses),
-        username=r.optional_str(s, "username", None, f"{at}.username") or None,
-        password=Secret(password) if password else None,
+        sentinels=_addresses(r, s, "sentinels", 26379, at),
+        username=username,
+        password=password,
         db=max(0, db),
         sentinel_username=r.optional_str(s, "sentinel_username", None, f"{at}.sentinel_username")
         or None,
@@ -370,6 +374,55 @@ def _sentinel(r: Reader, s: Node, base: Path) -> SentinelSettings | None:
         tls=tls,
         tls_ca_file=ca_file,
     )
+
+
+def _cluster(r: Reader, s: Node, base: Path) -> ClusterSettings:
+    at = "redis.cluster"
+    r.known(s, _SERVER_KEYS | {"nodes"}, at)
+    username, password, tls, ca_file = _server_access(r, s, base, at)
+    return ClusterSettings(
+        nodes=_addresses(r, s, "nodes", 6379, at),
+        username=username,
+        password=password,
+        tls=tls,
+        tls_ca_file=ca_file,
+    )
+
+
+_SERVER_KEYS = {"username", "password", "tls", "tls_ca_file"}
+_HASH_TAG = re.compile(r"\{[^}]+\}")  # as Redis reads it: the first {...}, not empty
+
+
+def _server_access(
+    r: Reader, s: Node, base: Path, at: str
+) -> tuple[str | None, Secret | None, bool, Path | None]:
+    """Read the AUTH user and password and the TLS settings of Redis servers."""
+    password = r.optional_str(s, "password", None, f"{at}.password")
+    tls = r.get(s, "tls", bool, False, f"{at}.tls")
+    ca_text = r.optional_str(s, "tls_ca_file", None, f"{at}.tls_ca_file")
+    ca_file = resolve(base, ca_text) if ca_text else None
+    if ca_file is not None and not ca_file.is_file():
+        r.error(s, "tls_ca_file", f"{at}.tls_ca_file", f"no such file: {ca_file}")
+    elif ca_file is not None and not tls:
+        r.error(s, "tls_ca_file", f"{at}.tls_ca_file", f"needs {at}.tls: true")
+    username = r.optional_str(s, "username", None, f"{at}.username") or None
+    return username, Secret(password) if password else None, tls, ca_file
+
+
+def _addresses(r: Reader, s: Node, key: str, port: int, at: str) -> tuple[tuple[str, int], ...]:
+    found = []
+    for text in r.str_list(s, key, (), f"{at}.{key}"):
+        address = _host_port(text, port)
+        if address is None:
+            message = f"must be host:port addresses such as 10.0.0.5:{port}, got {text!r}"
+            r.error(s, key, f"{at}.{key}", message)
+        else:
+            found.append(address)
+    if not found and key not in s:
+        r.error(s, key, f"{at}.{key}", "is required: host:port addresses")
+    elif not found:
+        r.error(s, key, f"{at}.{key}", "must name at least one address")
+    return tuple(found)
 
 
 def _host_port(text: str, default_port: int) -> tuple[str, int] | None:
