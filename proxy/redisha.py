@@ -85,6 +85,14 @@ class SlotPool(ConnectionPool):
         self.slot = key_slot(key.encode())
         self.asking = asking
         self.master: tuple[str, int] | None = None
+        self._nodes: dict[tuple[str, int], Redis] = {}  # clients to ask, kept open
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # the whole pool closes: so do the clients it asks with
+            nodes, self._nodes = list(self._nodes.values()), {}
+            for node in nodes:
+                await node.aclose()
 
     async def owner(self) -> tuple[str, int]:
         """Return the address of the slot's master: as the first node that answers says,
@@ -114,11 +122,10 @@ class SlotPool(ConnectionPool):
 
     async def _ask(self, host: str, port: int) -> tuple[str, int] | None:
         """Return the slot's master as the node at host:port sees it (None: not served)."""
-        node = Redis(host=host, port=port, **self.asking)
-        try:
-            ranges = await node.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
-        finally:
-            await node.aclose()
+        node = self._nodes.get((host, port))
+        if node is None:
+            node = self._nodes[host, port] = Redis(host=host, port=port, **self.asking)
+        ranges = await node.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
         named = None
         for start, end, *servers in ranges:
             for server in servers:  # learn every node, in case the ones given go

@@ -368,6 +368,31 @@ async def test_cluster_failover_moves_the_feed_and_the_clients(cluster: ClusterK
         await other.aclose()
 
 
+def cluster_config(tmp: Path, kit: ClusterKit, upstream_url: str, extra: str = "") -> Path:
+    nodes = ", ".join(f'"{a}"' for a in kit.addresses)
+    redis_yaml = (
+        f'redis: {{timeout: 0.5, {extra}key_prefix: "{{jit}}:", cluster: {{nodes: [{nodes}]}}}}'
+    )
+    cfg = write_config(tmp, upstream_url=upstream_url, redis_url=None)
+    cfg.write_text(cfg.read_text().replace("redis: {url: null, timeout: 0.5}", redis_yaml))
+    return cfg
+
+
+def test_cli_reaches_the_cluster(cluster: ClusterKit, tmp_path: Path, upstream: Upstream) -> None:
+    cfg = cluster_config(tmp_path, cluster, upstream.url)
+    added = cli(cfg, "grants", "add", "--user", "dave", "--scope", "recording:1/demo-8",
+                "--ttl", "5m", "--reason", "via the cluster")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    grant_id = added.stdout.split()[0]
+    listed = cli(cfg, "grants", "list", "--user", "dave")
+    assert listed.returncode == 0 and grant_id in listed.stdout, listed.stderr
+    queried = cli(cfg, "audit", "query", "--grant", grant_id, "--json")
+    assert queried.returncode == 0 and f'"grant_id": "{grant_id}"' in queried.stdout
+    master, _ = cluster.owner("{jit}:grants")
+    with cluster.node(master) as node:  # the keys are where jitgate's prefix puts them
+        assert node.exists(f"{{jit}}:grant:{grant_id}", "{jit}:audit") == 2
+
+
 async def test_cluster_master_killed_under_load(
     cluster: ClusterKit,
     aiohttp_client: Any,
@@ -380,13 +405,7 @@ async def test_cluster_master_killed_under_load(
     caplog.set_level(logging.WARNING, logger="jitgate.redis")
     await asyncio.to_thread(cluster.settle)
     up = str((await aiohttp_server(replay_upstream())).make_url("")).rstrip("/")
-    nodes = ", ".join(f'"{a}"' for a in cluster.addresses)
-    redis_yaml = (
-        "redis: {timeout: 0.5, wait_replicas: 1, wait_timeout: 0.3, "
-        f'key_prefix: "{{jit}}:", cluster: {{nodes: [{nodes}]}}}}'
-    )
-    cfg = write_config(tmp_path, upstream_url=up, redis_url=None)
-    cfg.write_text(cfg.read_text().replace("redis: {url: null, timeout: 0.5}", redis_yaml))
+    cfg = cluster_config(tmp_path, cluster, up, "wait_replicas: 1, wait_timeout: 0.3, ")
     client: TestClient = await aiohttp_client(build_app(settings_mod.load(cfg, environ={})))
     master, _ = cluster.owner("{jit}:grants")
 
@@ -507,27 +526,28 @@ def test_tls_ca_file_is_checked(tmp_path: Path) -> None:
 # -- the CLI through Sentinel -----------------------------------------------------------
 
 
+def cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `jitgate ARGS --config cfg`."""
+    return subprocess.run(
+        [JITGATE, *args, "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_cli_reaches_redis_through_sentinel(
     small_kit: SentinelKit, tmp_path: Path, upstream: Upstream
 ) -> None:
     cfg = sentinel_config(tmp_path, small_kit, upstream.url)
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [JITGATE, *args, "--config", str(cfg)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-    added = run("grants", "add", "--user", "carol", "--scope", "recording:1/demo-7", "--ttl",
-                "5m", "--reason", "via sentinel")  # fmt: skip
+    added = cli(cfg, "grants", "add", "--user", "carol", "--scope", "recording:1/demo-7",
+                "--ttl", "5m", "--reason", "via sentinel")  # fmt: skip
     assert added.returncode == 0, added.stderr
     grant_id = added.stdout.split()[0]
-    listed = run("grants", "list", "--user", "carol")
+    listed = cli(cfg, "grants", "list", "--user", "carol")
     assert listed.returncode == 0 and grant_id in listed.stdout, listed.stderr
-    explained = run("policy", "explain", "GET", SNAPSHOTS.format(7), "--user", "carol")
+    explained = cli(cfg, "policy", "explain", "GET", SNAPSHOTS.format(7), "--user", "carol")
     assert explained.returncode == 0 and grant_id in explained.stdout, explained.stderr
-    queried = run("audit", "query", "--grant", grant_id, "--json")
+    queried = cli(cfg, "audit", "query", "--grant", grant_id, "--json")
     assert queried.returncode == 0 and f'"grant_id": "{grant_id}"' in queried.stdout
