@@ -19,10 +19,12 @@ encoded unreserved characters, lower-case escapes) is refused with 400, like any
 `normalise` refuses (encoded `/`, `\\`, `#`, NUL, ...). The path decided on is then byte
 for byte the path the upstream receives.
 
-Answers: 200 with the identity headers to set upstream (`vouch.py`); 401, 403 or 503 with
-the refusal as JSON, in the body and in `X-Jitgate-Refusal` (nginx keeps no body of an
-auth response), and for a browser a `Location` to sign in (401) or to ask for access
-(403); 400 for a request it cannot decide. Never 200 when in doubt.
+Answers: 200 with the identity headers to set upstream (`vouch.py`; each name it may set,
+empty when there is nothing to vouch for); 401, 403 or 503 with the refusal as JSON, in
+the body and in `X-Jitgate-Refusal` (nginx keeps no body of an auth response), and for a
+browser a `Location` to sign in (401) or to ask for access (403), as a 302 when the proxy
+asks for one (`REDIRECT_HEADER`); 400 for a request it cannot decide. Never 2xx when in
+doubt.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ SOURCES = (
     ("X-Forwarded-Method", "X-Forwarded-Uri"),  # Traefik forwardAuth
 )
 REFUSAL_HEADER = "X-Jitgate-Refusal"
+# `X-Jitgate-Browser: redirect` (Envoy) or `{prefix}/authz?browser=redirect` (Traefik): a
+# browser's refusal is a 302 to sign in or to ask for access, for proxies that relay it.
+REDIRECT_HEADER = "X-Jitgate-Browser"
 _METHOD = re.compile(r"[A-Z]{1,20}")
 _MAX_URI = 8192
 
@@ -131,9 +136,11 @@ class ForwardAuth:
             decision = self.log.strict(decision)
         if decision.allow:
             response = web.Response(status=200, headers=_NO_STORE)
-            vouched = self.vouch.headers(decision)
-            if vouched:
-                response.headers.update(vouched)
+            vouched = self.vouch.headers(decision) or {}
+            for name in self.vouch.names:
+                # Every name, empty if need be: Traefik and Envoy replace the client's copy
+                # of a header only with one this answer carries.
+                response.headers[name] = vouched.get(name, "")
         else:
             response = self._refusal(request, decision, method, target)
         self.log.decision(
@@ -236,9 +243,20 @@ class ForwardAuth:
         if decision.status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="jitgate"'
         # Only a browser's page load is sent on: a script gets the status and the JSON.
+        status = decision.status
         if location and method in ("GET", "HEAD") and _wants_html(request):
             headers["Location"] = location
-        return _answer(decision.status, payload, headers)
+            if self._redirects(request):
+                status = 302  # Traefik and Envoy relay it; nginx redirects a 401 or 403 itself
+        return _answer(status, payload, headers)
+
+    def _redirects(self, request: web.Request) -> bool:
+        """Whether the proxy asked for a 302 rather than a 401/403 with a Location."""
+        if request.headers.get(REDIRECT_HEADER, "").lower() == "redirect":
+            return True
+        return request.raw_path[len(self.base) :].startswith("?") and (
+            request.query.get("browser") == "redirect"
+        )
 
     def _bad(
         self,

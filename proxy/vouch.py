@@ -24,6 +24,11 @@ class Vouch:
     ) -> None:
         self.assertion = assertion
         self.user_headers = forward.user_headers
+        # The names `headers` may set: forward-auth always answers each of them (empty when
+        # there is nothing to vouch for), so a proxy that copies them replaces a client's.
+        self.names = ((forward.assertion.header,) if forward.assertion is not None else ()) + (
+            USER_HEADERS if forward.user_headers else ()
+        )
         # Every header jitgate reads or sets for identity: a client's copy never goes up.
         names = set(forward.identity_headers)
         trusted = identity.trusted_headers

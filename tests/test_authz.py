@@ -109,6 +109,40 @@ async def test_refusals_say_why_and_where_to_go(authz: TestClient, tmp_path: Pat
     assert {x["event"] for x in recs} == {"access.deny"}
 
 
+async def test_every_identity_header_is_answered_even_empty(authz: TestClient) -> None:
+    """A public route has nobody to vouch for: the names come back empty, so a proxy that
+    copies them (Traefik, Envoy) replaces a client's forged copy with nothing."""
+    r = await authz.get("/_jit/authz", headers=nginx_style("/healthz"))
+    assert r.status == 200
+    for name in ("X-Forwarded-User", "X-Forwarded-Email", "X-Forwarded-Groups"):
+        assert r.headers[name] == ""
+    assert r.headers["X-Jitgate-Assertion"] == ""
+    r = await authz.get("/_jit/authz", headers=nginx_style("/replay", **bearer("bob")))
+    assert r.status == 200  # the default route: identity only
+    assert r.headers["X-Forwarded-User"] == "bob" and r.headers["X-Forwarded-Email"] == ""
+
+
+async def test_a_proxy_may_ask_for_redirects(authz: TestClient) -> None:
+    """Traefik (?browser=redirect) and Envoy (X-Jitgate-Browser) relay a 302 to a browser."""
+    r = await authz.get(
+        "/_jit/authz?browser=redirect",
+        headers=nginx_style(SNAPSHOTS, **BROWSER),
+        allow_redirects=False,
+    )
+    assert r.status == 302 and r.headers["Location"] == f"/_jit/login?next={SNAPSHOTS}"
+    envoy = {"X-Jitgate-Browser": "redirect", **BROWSER, **bearer()}
+    r = await authz.get(f"/_jit/authz{SNAPSHOTS}", headers=envoy, allow_redirects=False)
+    assert r.status == 302 and r.headers["Location"].startswith("/_jit/request?scope=")
+    # Envoy's query is the original request's: it asks for nothing.
+    r = await authz.get(
+        f"/_jit/authz{SNAPSHOTS}?browser=redirect", headers=BROWSER, allow_redirects=False
+    )
+    assert r.status == 401
+    # Not a browser: the status and the JSON, whatever the proxy asked.
+    r = await authz.get(f"/_jit/authz{SNAPSHOTS}", headers={"X-Jitgate-Browser": "redirect"})
+    assert r.status == 401
+
+
 async def test_the_method_decides_as_in_proxy_mode(authz: TestClient) -> None:
     """The player route takes GET and HEAD only; a POST falls to the policy's default."""
     await grant(authz)
