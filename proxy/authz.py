@@ -60,6 +60,7 @@ REFUSAL_HEADER = "X-Jitgate-Refusal"
 REDIRECT_HEADER = "X-Jitgate-Browser"
 _METHOD = re.compile(r"[A-Z]{1,20}")
 _MAX_URI = 8192
+_PEER_CACHE = 1024
 
 
 class BadAuthzRequest(Exception):
@@ -88,6 +89,7 @@ class ForwardAuth:
         self.strict = settings.audit.strict
         self.oidc = settings.identity.oidc is not None
         self.log = AccessLog(audit_log, metrics.authz, state, mode="forward_auth")
+        self._peers: dict[str, bool] = {}
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -160,6 +162,15 @@ class ForwardAuth:
         """Whether `peer` (the TCP peer) is a proxy allowed to name a request to decide."""
         if not peer:
             return False
+        known = self._peers.get(peer)
+        if known is None:
+            # Parsed once per peer: the proxies in front are few.
+            if len(self._peers) >= _PEER_CACHE:
+                self._peers.clear()
+            known = self._peers[peer] = self._trusted(peer)
+        return known
+
+    def _trusted(self, peer: str) -> bool:
         try:
             addr = ipaddress.ip_address(peer)
         except ValueError:
