@@ -305,6 +305,21 @@ async def test_redis_down_never_allows(
     assert recs[1]["decision"] == "unavailable" and recs[1]["status"] == 503
 
 
+async def test_strict_audit_refuses_what_cannot_be_recorded(make_proxy: ProxyFactory) -> None:
+    """audit.strict: a protected decision whose record cannot be kept is a 503, never a 200."""
+    client = await make_proxy(extra="  strict: true\n  spool: {max_bytes: 4KB}" + ENABLED)
+    await grant(client)
+    headers = nginx_style(SNAPSHOTS, **bearer())
+    assert (await client.get("/_jit/authz", headers=headers)).status == 200
+    for _ in range(40):  # fill the spool: each record is a few hundred bytes
+        await client.get("/_jit/authz", headers=nginx_style("/static/app.css"))
+    r = await client.get("/_jit/authz", headers=headers)
+    assert r.status == 503
+    assert "audit trail cannot be written" in (await r.json())["reasons"][-1]
+    public = await client.get("/_jit/authz", headers=nginx_style("/static/app.css"))
+    assert public.status == 200  # public paths carry on, as in proxy mode
+
+
 async def test_client_ip_is_the_one_the_proxy_names(authz: TestClient, tmp_path: Path) -> None:
     headers = nginx_style(SNAPSHOTS, **{"X-Forwarded-For": "203.0.113.9, 198.51.100.7"})
     assert (await authz.get("/_jit/authz", headers=headers)).status == 401

@@ -126,6 +126,24 @@ async def test_granted_request_reaches_the_upstream_with_jitgate_identity_only(
     assert rec["path"] == SNAPSHOTS and rec["status"] == 200 and rec["client_ip"] == "127.0.0.1"
 
 
+async def test_public_route_forged_identity_never_reaches_the_upstream(
+    stack: Stack, upstream: Upstream
+) -> None:
+    """Nobody to vouch for (a public route): the client's identity headers still go."""
+    _, nginx = await stack()
+    forged = {
+        "X-Forwarded-User": "mallory",
+        "X-Jitgate-Assertion": "forged",
+        "Cookie": "jitgate_token=t",
+    }
+    status, _, _ = await send(nginx.port, "/healthz", forged)
+    assert status == 200
+    ((_, path, headers),) = upstream.hits
+    low = {k.lower() for k in headers}
+    assert path == "/healthz"
+    assert not low & {"x-forwarded-user", "x-jitgate-assertion", "cookie"}, headers
+
+
 async def test_refusals_through_nginx(stack: Stack, upstream: Upstream) -> None:
     _, nginx = await stack()
     browser = {"Accept": "text/html"}
