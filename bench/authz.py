@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -118,6 +119,11 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
         )
         time.sleep(0.5)
 
+    _, text = run.http_get(f"http://{HOST}:{jit_port}/_jit/metrics")
+    checks = {
+        m[1].decode(): int(float(m[2]))
+        for m in re.finditer(rb'jitgate_grant_checks_total\{answer="(\w+)"\} (\S+)', text)
+    }
     # Stopped before counting: on SIGTERM jitgate delivers every queued record first.
     jitgate.proc.terminate()
     jitgate.proc.wait(timeout=30)
@@ -144,6 +150,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
         "per_round": [r.rps for r in runs],
         "target": TARGET,
         "ratio_to_target": rps / TARGET if rps else None,
+        "grant_checks": checks,
         "audit": {
             "decisions_sent": sent,
             "records_in_file": count_records(tmp / "audit.jsonl"),
@@ -174,6 +181,8 @@ def render(report: dict[str, Any]) -> str:
             f"  latency:     p50 {num(report['p50_ms'], '.2f')} ms, "
             f"p99 {num(report['p99_ms'], '.2f')} ms; errors {report['errors']}",
             f"  jitgate CPU: {num(report['cpu_us_per_decision'], '.0f')} us per decision",
+            f"  grants:      {report['grant_checks'].get('view', 0)} checks answered by the local "
+            f"view, {report['grant_checks'].get('redis', 0)} by Redis",
             f"  audit:       {records['access.allow']} forward-auth access.allow records in the "
             f"JSON-lines file ({records['access.deny']} deny), Redis stream length "
             f"{audit['stream_length']}, for {audit['decisions_sent']} decisions asked",

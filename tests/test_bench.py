@@ -77,6 +77,7 @@ def test_authz_bench_runs() -> None:
     assert audit["records_in_file"]["access.allow"] >= audit["decisions_sent"] > 0
     assert audit["records_in_file"]["access.deny"] == 0
     assert audit["stream_length"] >= audit["decisions_sent"]
+    assert sum(report["grant_checks"].values()) >= audit["decisions_sent"]
 
 
 @pytest.mark.timeout(120)
