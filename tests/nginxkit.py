@@ -89,7 +89,7 @@ class Nginx:
     def check(self) -> None:
         """`nginx -t`: the config parses (raises with nginx's own message if not)."""
         out = subprocess.run(
-            [self.binary, "-t", "-p", str(self.dir), "-c", str(self.conf)],
+            [self.binary, "-t", *self._where()],
             capture_output=True,
             text=True,
             check=False,
@@ -99,7 +99,7 @@ class Nginx:
     def start(self) -> None:
         self.check()
         self.proc = subprocess.Popen(
-            [self.binary, "-p", str(self.dir), "-c", str(self.conf)],
+            [self.binary, *self._where()],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -112,6 +112,10 @@ class Nginx:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"nginx did not start:\n{self.error_log()}") from None
                 time.sleep(0.02)
+
+    def _where(self) -> list[str]:
+        # -e: the start-up error log too, so that nginx writes nothing outside the temp dir.
+        return ["-p", str(self.dir), "-c", str(self.conf), "-e", str(self.dir / "error.log")]
 
     def error_log(self) -> str:
         path = self.dir / "error.log"
