@@ -11,19 +11,26 @@ of a real jitgate. Each checker is also shown catching a deliberate mistake.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
+import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import jwt
 import pytest
 import yaml
-from conftest import ROOT, ProxyFactory
+from conftest import ROOT, ProxyFactory, Upstream, free_port
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from deploykit import (
@@ -38,6 +45,7 @@ from deploykit import (
     policy_mount_is_a_directory,
     probe_url,
 )
+from waiting import eventually
 from yarl import URL
 
 from proxy.settings import Settings
@@ -278,8 +286,11 @@ def test_a_compose_mistake_is_caught(
 # --- Kubernetes ---------------------------------------------------------------------------
 
 
-def make_secret_files(overlay: Path) -> None:
-    """What the operator makes before `kubectl apply -k` (docs/operations.md)."""
+def make_secret_files(overlay: Path) -> rsa.RSAPrivateKey:
+    """What the operator makes before `kubectl apply -k` (docs/operations.md).
+
+    Returns the identity provider's private key, for tokens the config must accept.
+    """
     secrets = overlay / "secrets"
     secrets.mkdir(exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -290,6 +301,7 @@ def make_secret_files(overlay: Path) -> None:
     (secrets / "jitgate.env").write_text(
         f"audit-hmac-key={'a1' * 32}\nredis-password={'b2' * 16}\n"
     )
+    return key
 
 
 @pytest.fixture
@@ -297,7 +309,13 @@ def kube(tmp_path: Path) -> Path:
     """A copy of deploy/kubernetes with the overlay's secrets made as the docs say."""
     copied = tmp_path / "kubernetes"
     shutil.copytree(KUBE, copied)
-    make_secret_files(copied / "overlays" / "example")
+    key = make_secret_files(copied / "overlays" / "example")
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (copied / "idp-private.pem").write_bytes(pem)  # the identity provider's, outside the overlay
     return copied
 
 
@@ -699,3 +717,132 @@ async def test_probe_paths_answer_on_a_real_jitgate(make_proxy: ProxyFactory) ->
     for path in sorted(paths):
         assert (await client.get(path)).status == 200, path
     assert (await client.get("/_jit/healthzz")).status == 404  # a wrong path would show
+
+
+# --- the container configs, served by a real `jitgate serve` ------------------------------
+
+SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"
+
+
+def paths_under(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+async def serve_as_in_the_container(
+    settings: Settings,
+    environ: Mapping[str, str],
+    writable: list[Path],
+    token: str,
+    *,
+    upstream: Upstream,
+    redis_url: str,
+    root: Path,
+    tmp: Path,
+) -> str:
+    """Run `jitgate serve` on a container's config; it must serve and write only to volumes.
+
+    Redis, the upstream and the listen address are the test's; everything else (identity,
+    audit, policy, state) is the container's own, in its mounted files. Returns its stdout.
+    """
+    port = free_port()
+    cwd = tmp / "cwd"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JITGATE_")}
+    env.update({k: v for k, v in environ.items() if k != "JITGATE_CONFIG"})
+    env.update(
+        JITGATE_REDIS__URL=redis_url, JITGATE_UPSTREAM__URL=upstream.url,
+        JITGATE_LISTEN__HOST="127.0.0.1", JITGATE_LISTEN__PORT=str(port),
+        PYTHONDONTWRITEBYTECODE="1",
+    )  # fmt: skip
+    before = paths_under(root)
+    jitgate = Path(sys.executable).parent / "jitgate"
+    with (tmp / "stdout").open("wb") as out, (tmp / "stderr").open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            str(jitgate), "serve", "--config", str(settings.file),
+            cwd=cwd, env=env, stdout=out, stderr=err,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                if proc.returncode is not None:
+                    raise AssertionError((tmp / "stderr").read_text())
+                try:
+                    async with http.get(base + "/_jit/readyz") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await eventually(ready, within=30, what="jitgate to be ready")
+            auth = {"Authorization": f"Bearer {token}"}
+            async with http.get(base + SNAPSHOTS, headers=auth) as resp:
+                assert resp.status == 403  # identified by the config's keys; no grant
+            async with http.get(base + SNAPSHOTS) as resp:
+                assert resp.status == 401
+            async with http.get(base + "/healthz") as resp:  # public in the policy
+                assert resp.status == 200
+            assert upstream.paths() == ["/healthz"]
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 60)
+    assert code == 0, (tmp / "stderr").read_text()
+    written = paths_under(root) - before
+    outside = [p for p in written if not any(p.is_relative_to(w) for w in writable)]
+    assert outside == [], "written outside the writable volumes (the root is read-only)"
+    assert list(cwd.iterdir()) == []
+    return (tmp / "stdout").read_text()
+
+
+def token_for(settings: Settings, key: Any, algorithm: str) -> str:
+    now = int(time.time())
+    claims = {"sub": "alice", "iat": now, "exp": now + 300}
+    claims.update(iss=settings.identity.issuer, aud=settings.identity.audience)
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
+async def test_the_compose_config_serves_and_writes_only_to_its_volumes(
+    tmp_path: Path, upstream: Upstream, redis_url: str
+) -> None:
+    doc = yaml.safe_load(COMPOSE.read_text())
+    root = tmp_path / "root"
+    settings, problems = check_compose(doc, image(), root)
+    assert problems == [] and settings is not None and settings.identity.hs_secret
+    jit = doc["services"]["jitgate"]
+    mounts = compose_mounts(jit, doc["volumes"])
+    writable = [root / m.target.lstrip("/") for m in mounts if m.writable]
+    token = token_for(settings, settings.identity.hs_secret.reveal(), "HS256")
+    await serve_as_in_the_container(
+        settings, compose_environ(jit), writable, token,
+        upstream=upstream, redis_url=redis_url, root=root, tmp=tmp_path,
+    )  # fmt: skip
+    assert settings.audit.file is not None
+    events = [
+        json.loads(line)["event"] for line in settings.audit.file.path.read_text().splitlines()
+    ]
+    assert "access.deny" in events and "access.allow" in events
+
+
+async def test_the_cluster_config_serves_and_writes_only_to_its_volumes(
+    kube: Path, tmp_path: Path, upstream: Upstream, redis_url: str
+) -> None:
+    docs, problems = kustomize(kube / "overlays" / "example")
+    assert problems == []
+    root = tmp_path / "root"
+    settings, problems = check_workload(docs, root, secrets=True)
+    assert problems == [] and settings is not None
+    deploy = named(docs, "Deployment", "jitgate")
+    assert deploy is not None
+    pod = deploy["spec"]["template"]["spec"]
+    mounts, _ = pod_mounts(pod, pod["containers"][0], docs, secrets=True)
+    environ, _ = pod_environ(pod["containers"][0], docs)
+    writable = [root / m.target.lstrip("/") for m in mounts if m.writable]
+    key = serialization.load_pem_private_key((kube / "idp-private.pem").read_bytes(), None)
+    stdout = await serve_as_in_the_container(
+        settings, environ, writable, token_for(settings, key, "RS256"),
+        upstream=upstream, redis_url=redis_url, root=root, tmp=tmp_path,
+    )  # fmt: skip
+    events = [json.loads(line)["event"] for line in stdout.splitlines()]  # audit.stdout
+    assert "access.deny" in events and "access.allow" in events
+    assert (root / "var/lib/jitgate/audit-spool").is_dir()
