@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -846,3 +847,62 @@ async def test_the_cluster_config_serves_and_writes_only_to_its_volumes(
     events = [json.loads(line)["event"] for line in stdout.splitlines()]  # audit.stdout
     assert "access.deny" in events and "access.allow" in events
     assert (root / "var/lib/jitgate/audit-spool").is_dir()
+
+
+# --- the build stage, run outside Docker --------------------------------------------------
+
+
+def build_context(root: Path, into: Path) -> Path:
+    """Lay out the build stage's WORKDIR as its COPY lines would, within .dockerignore."""
+    from deploykit import dockerignore_allows, parse_dockerfile
+
+    patterns = [
+        ln.strip() for ln in (root / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]  # fmt: skip
+    instructions = parse_dockerfile(DOCKERFILE.read_text())
+    froms = [i for i, ins in enumerate(instructions) if ins.cmd == "FROM"]
+    build = instructions[froms[0] : froms[1]]
+    workdir = next(ins.args for ins in build if ins.cmd == "WORKDIR")
+    for ins in build:
+        if ins.cmd != "COPY":
+            continue
+        *sources, dest = ins.args.split()
+        for src in sources:
+            files = [root / src] if (root / src).is_file() else (root / src).rglob("*")
+            for f in files:
+                rel = f.relative_to(root).as_posix()
+                if not f.is_file() or not dockerignore_allows(patterns, rel):
+                    continue
+                if dest.endswith("/"):
+                    target = into / dest / f.relative_to((root / src).parent)
+                else:
+                    target = into / dest / f.relative_to(root / src)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, target)
+    assert workdir == "/src"
+    return into
+
+
+def test_the_build_stage_makes_a_complete_wheel(tmp_path: Path) -> None:
+    """The build stage's `pip wheel` on exactly what its COPY lines let in.
+
+    pip fetches the build backend (setuptools) from PyPI, as `docker build` would.
+    """
+    ctx = build_context(ROOT, tmp_path / "src")
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+         "--wheel-dir", str(tmp_path / "wheels"), str(ctx)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheels").glob("jitgate-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    tracked = subprocess.run(
+        ["git", "ls-files", "proxy"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    missing = [f for f in tracked if f not in names]
+    assert missing == []  # the Lua scripts, templates, static files and openapi.yaml too
+    assert "jitgate = proxy.cli:main" in entry_points
