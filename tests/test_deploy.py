@@ -96,8 +96,8 @@ def test_dockerfile() -> None:
 
 DOCKER_MISTAKES = [
     ('CMD ["serve", "--config", "/etc/jitgate/jitgate.yaml"]',
-     'CMD ["serve", "--workers", "2", "--config", "/etc/jitgate/jitgate.yaml"]',
-     "unrecognized arguments: --workers"),
+     'CMD ["serve", "--workerz", "2", "--config", "/etc/jitgate/jitgate.yaml"]',
+     "unrecognized arguments: --workerz"),
     ('CMD ["serve", "--config", "/etc/jitgate/jitgate.yaml"]',
      'CMD ["serve", "--config", "/etc/jitgate/config.yaml"]', "differs from ENV JITGATE_CONFIG"),
     ('ENTRYPOINT ["jitgate"]', 'ENTRYPOINT ["jitgated"]', "not jitgate's console script"),
@@ -253,7 +253,7 @@ def test_compose(tmp_path: Path) -> None:
 
 
 COMPOSE_MISTAKES = [
-    (("jitgate", "command"), ["serve", "--workers", "2"], "unrecognized arguments"),
+    (("jitgate", "command"), ["serve", "--workerz", "2"], "unrecognized arguments"),
     (("jitgate", "environment", "JITGATE_REDIS__URLL"), "redis://redis",
      "redis.urll: unknown field"),
     (("jitgate", "ports"), ["127.0.0.1:8080:8081"], "published {8081}"),
@@ -616,7 +616,7 @@ KUBE_MISTAKES = [
      "readinesProbe: unknown field"),
     ("Deployment", "spec/replicas", "2", "must be int"),
     ("Deployment", C + "/ports/0/containerPort", 8081, "containerPort [8081]"),
-    ("Deployment", C + "/args", ["serve", "--workers", "2"], "unrecognized arguments"),
+    ("Deployment", C + "/args", ["serve", "--workerz", "2"], "unrecognized arguments"),
     ("Deployment", C + "/livenessProbe/httpGet/path", "/_jit/health", "livenessProbe"),
     ("Deployment", C + "/securityContext/readOnlyRootFilesystem", False, "read-only root"),
     ("Deployment", POD + "/securityContext/runAsNonRoot", None, "runAsNonRoot"),
