@@ -1,15 +1,20 @@
 """The Grafana dashboard and the Prometheus alert rules name only metrics jitgate exports.
 
-`promtool` is not here: every PromQL expression is parsed (promql-parser, the Rust parser
-behind GreptimeDB, as a Python module) and each metric it selects is looked up in the
-exposition a real jitgate serves at /_jit/metrics, with histogram and counter suffixes.
+Every PromQL expression is parsed (promql-parser, the Rust parser behind GreptimeDB, as a
+Python module) and each metric it selects is looked up in the exposition a real jitgate
+serves at /_jit/metrics, with histogram and counter suffixes. Where promtool is installed
+(Debian's `prometheus` package; .ci/run installs it), it also checks the rules and runs
+their unit tests (deploy/prometheus/alerts.test.yaml).
 Label matchers are checked against the label names jitgate gives that metric.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +29,7 @@ from proxy.state import STATE
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "jitgate.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+ALERTS_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yaml"
 
 # Suffixes a family of each type is scraped under (prometheus-client, text format 0.0.4).
 SUFFIXES = {
@@ -260,3 +266,28 @@ def test_spool_alert_threshold_follows_the_kubernetes_config() -> None:
     }
     max_bytes = parse_size(config["audit"]["spool"]["max_bytes"])
     assert f"0.8 * {max_bytes}" in rules["JitgateAuditSpoolNearFull"]["expr"]
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+@pytest.mark.skipif(
+    PROMTOOL is None and not os.environ.get("CI"),
+    reason="promtool is not installed (Debian: apt-get install prometheus; .ci/run installs it)",
+)
+def test_promtool_checks_and_unit_tests_the_rules() -> None:
+    """Where promtool is installed: its own check, and the rules' unit tests firing on series."""
+    assert PROMTOOL is not None, "promtool is missing under CI"
+    for args in (["check", "rules", str(ALERTS)], ["test", "rules", str(ALERTS_TESTS)]):
+        out = subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+    tested = {
+        t["alertname"]
+        for case in yaml.safe_load(ALERTS_TESTS.read_text())["tests"]
+        for t in case["alert_rule_test"]
+    }
+    assert {
+        "JitgateRedisUnavailable", "JitgateAuditBacklogGrowing", "JitgateAuditSpoolNearFull",
+        "JitgateAuditNotWritable", "JitgatePolicyReloadFailed", "JitgateUnavailableAnswers",
+        "JitgateBreakGlassUsed",
+    } <= tested  # fmt: skip
