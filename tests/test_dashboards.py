@@ -240,6 +240,15 @@ def test_grafana_dashboard_is_importable_json() -> None:
     assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+    boxes = [(p["title"], p["gridPos"]) for p in dashboard["panels"]]
+    for i, (title, a) in enumerate(boxes):
+        assert a["x"] + a["w"] <= 24, title
+        for other, b in boxes[i + 1 :]:
+            apart = (
+                a["x"] + a["w"] <= b["x"] or b["x"] + b["w"] <= a["x"]
+                or a["y"] + a["h"] <= b["y"] or b["y"] + b["h"] <= a["y"]
+            )  # fmt: skip
+            assert apart, f"{title!r} overlaps {other!r}"
     for p in dashboard["panels"]:
         if p["type"] != "row":
             assert p["datasource"]["uid"] == "${datasource}", p["title"]

@@ -236,7 +236,8 @@ def check_compose(
     redis_url = URL(settings.redis.url or "")
     if redis_url.host != "redis" or "redis" not in services:
         problems.append(f"redis.url {settings.redis.url} does not name the redis service")
-    if "--appendonly" not in services["redis"]["command"]:
+    redis_cmd = services["redis"]["command"]
+    if option(redis_cmd, "--appendonly") != "yes":
         problems.append("redis: AOF (--appendonly yes) is off")
     for name in ("replay", "redis"):
         for net in services[name].get("networks", []):
@@ -267,6 +268,7 @@ COMPOSE_MISTAKES = [
     (("replay", "command", 3), "--prot", "has no flag --prot"),
     (("replay", "command", 4), "8082", "not the replay service's port"),
     (("redis", "command"), ["redis-server"], "AOF"),
+    (("redis", "command", 2), "no", "AOF"),
     (("networks", "backend", "internal"), False, "not internal"),
 ]  # fmt: skip
 
