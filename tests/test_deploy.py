@@ -575,8 +575,9 @@ def test_kustomize_overlay(kube: Path, tmp_path: Path) -> None:
 @pytest.mark.skipif(
     shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed"
 )
-def test_real_kustomize_build_agrees(kube: Path, tmp_path: Path) -> None:
-    overlay = kube / "overlays" / "example"
+@pytest.mark.parametrize("which", ["base", "overlays/example"])
+def test_real_kustomize_build_agrees(kube: Path, tmp_path: Path, which: str) -> None:
+    overlay = kube / which
     out = subprocess.run(
         ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=120
     )
@@ -586,7 +587,7 @@ def test_real_kustomize_build_agrees(kube: Path, tmp_path: Path) -> None:
     assert sorted(
         (d["kind"], re.sub(r"-[a-z0-9]{10}$", "", d["metadata"]["name"])) for d in built
     ) == sorted((d["kind"], d["metadata"]["name"]) for d in ours)
-    _settings, problems = check_workload(built, tmp_path / "root", secrets=True)
+    _settings, problems = check_workload(built, tmp_path / "root", secrets=which != "base")
     assert problems == []
     dep, mine = named(built, "Deployment", "jitgate"), named(ours, "Deployment", "jitgate")
     assert dep is not None and mine is not None
