@@ -144,6 +144,27 @@ async def test_public_route_forged_identity_never_reaches_the_upstream(
     assert not low & {"x-forwarded-user", "x-jitgate-assertion", "cookie"}, headers
 
 
+async def test_the_original_method_is_decided(
+    stack: Stack, upstream: Upstream, tmp_path: Path
+) -> None:
+    """nginx's auth subrequest is a GET; the decision is on the client's method."""
+    client, nginx = await stack()
+    await grant(client)
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Length": "5"}
+    reader, writer = await asyncio.open_connection("127.0.0.1", nginx.port)
+    lines = [f"POST {SNAPSHOTS} HTTP/1.1", "Host: replay.test", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in auth.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\nhello").encode())
+    data = await reader.read()
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 200 "), data[:300]
+    ((method, path, _),) = upstream.hits
+    assert (method, path) == ("POST", SNAPSHOTS)
+    assert json.loads(data.partition(b"\r\n\r\n")[2])["body_bytes"] == 5
+    (rec,) = await records(tmp_path, 1)
+    assert rec["method"] == "POST" and rec["path"] == SNAPSHOTS
+
+
 async def test_refusals_through_nginx(stack: Stack, upstream: Upstream) -> None:
     _, nginx = await stack()
     browser = {"Accept": "text/html"}
