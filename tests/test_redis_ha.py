@@ -314,112 +314,7 @@ async def test_master_killed_under_load_fails_closed_and_comes_back(
     assert kit.master_port() == kit.ports["b"]
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ClusterKit]:
-    """A Redis Cluster of three masters and three replicas, shared by the module."""
-    k = ClusterKit()
-    try:
-        yield k.start()
-    finally:
-        k.close()
-
-
-def cluster_settings(kit: ClusterKit) -> RedisSettings:
-    nodes = tuple(("127.0.0.1", p) for p in kit.ports)
-    return RedisSettings(timeout=0.5, key_prefix="{jit}:", cluster=ClusterSettings(nodes))
-
-
-async def test_cluster_failover_moves_the_feed_and_the_clients(cluster: ClusterKit) -> None:
-    """CLUSTER FAILOVER on the replica of jitgate's slot leaves the old master up, now a
-    replica: the feed notices the new master and ends; a pooled connection to the old one
-    gets MOVED, and the call goes to the new master instead of failing."""
-    client, other = (
-        connect_redis(cluster_settings(cluster)),
-        connect_redis(cluster_settings(cluster)),
-    )
-    store, elsewhere = RedisGrants(client, "{jit}:"), RedisGrants(other, "{jit}:")
-    grant = await store.add("alice", "recording:1/x", 60, "r", "pytest")
-    assert await elsewhere.check("alice", ("recording:1/x",)) is not None  # pools a connection
-    feed = store.events(ping_every=0.05)
-    try:
-        assert await anext(feed) == ("subscribed", "")
-        master, _ = cluster.owner("{jit}:grants")
-        with cluster.node(cluster.replica_of(master)) as replica:
-            assert replica.execute_command("CLUSTER", "FAILOVER")
-
-        async def drain() -> None:
-            async for _ in feed:
-                pass
-
-        with pytest.raises(ConnectionError):
-            await asyncio.wait_for(drain(), 30)
-        assert cluster.owner("{jit}:grants")[0] != master
-        found = await elsewhere.check("alice", ("recording:1/x",))
-        assert found is not None and found[0] == grant.id
-        await feed.aclose()  # type: ignore[attr-defined]
-        feed = await _subscribe(store)
-        await elsewhere.revoke(grant.id)
-        kinds = []
-        while ("revoked", grant.id) not in kinds:
-            kinds.append(await asyncio.wait_for(anext(feed), 5))
-    finally:
-        await feed.aclose()  # type: ignore[attr-defined]
-        await client.aclose()
-        await other.aclose()
-
-
-def cluster_config(tmp: Path, kit: ClusterKit, upstream_url: str, extra: str = "") -> Path:
-    nodes = ", ".join(f'"{a}"' for a in kit.addresses)
-    redis_yaml = (
-        f'redis: {{timeout: 0.5, {extra}key_prefix: "{{jit}}:", cluster: {{nodes: [{nodes}]}}}}'
-    )
-    cfg = write_config(tmp, upstream_url=upstream_url, redis_url=None)
-    cfg.write_text(cfg.read_text().replace("redis: {url: null, timeout: 0.5}", redis_yaml))
-    return cfg
-
-
-def test_cli_reaches_the_cluster(cluster: ClusterKit, tmp_path: Path, upstream: Upstream) -> None:
-    cfg = cluster_config(tmp_path, cluster, upstream.url)
-    added = cli(cfg, "grants", "add", "--user", "dave", "--scope", "recording:1/demo-8",
-                "--ttl", "5m", "--reason", "via the cluster")  # fmt: skip
-    assert added.returncode == 0, added.stderr
-    grant_id = added.stdout.split()[0]
-    listed = cli(cfg, "grants", "list", "--user", "dave")
-    assert listed.returncode == 0 and grant_id in listed.stdout, listed.stderr
-    queried = cli(cfg, "audit", "query", "--grant", grant_id, "--json")
-    assert queried.returncode == 0 and f'"grant_id": "{grant_id}"' in queried.stdout
-    master, _ = cluster.owner("{jit}:grants")
-    with cluster.node(master) as node:  # the keys are where jitgate's prefix puts them
-        assert node.exists(f"{{jit}}:grant:{grant_id}", "{jit}:audit") == 2
-
-
-async def test_cluster_master_killed_under_load(
-    cluster: ClusterKit,
-    aiohttp_client: Any,
-    aiohttp_server: Any,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The same through a Redis Cluster of three masters and three replicas: jitgate's keys
-    (prefix {jit}:) share one slot, and the master of that slot is killed."""
-    caplog.set_level(logging.WARNING, logger="jitgate.redis")
-    await asyncio.to_thread(cluster.settle)
-    up = str((await aiohttp_server(replay_upstream())).make_url("")).rstrip("/")
-    cfg = cluster_config(tmp_path, cluster, up, "wait_replicas: 1, wait_timeout: 0.3, ")
-    client: TestClient = await aiohttp_client(build_app(settings_mod.load(cfg, environ={})))
-    master, _ = cluster.owner("{jit}:grants")
-
-    async def moved() -> float | None:
-        owner, _ = await asyncio.to_thread(cluster.owner, "{jit}:grants")
-        return time.monotonic() if owner != master else None
-
-    try:
-        await kill_under_load(client, lambda: cluster.kill(master), moved, caplog)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{cluster.logs()}") from exc
-
-
-# -- a coordinated failover: the old master stays up ------------------------------------
+# -- Sentinel: a coordinated failover, the old master left up -------------------------
 
 
 async def test_the_event_feed_ends_when_sentinel_moves_the_master(small_kit: SentinelKit) -> None:
@@ -551,3 +446,111 @@ def test_cli_reaches_redis_through_sentinel(
     assert explained.returncode == 0 and grant_id in explained.stdout, explained.stderr
     queried = cli(cfg, "audit", "query", "--grant", grant_id, "--json")
     assert queried.returncode == 0 and f'"grant_id": "{grant_id}"' in queried.stdout
+
+
+# -- Redis Cluster ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterKit]:
+    """A Redis Cluster of three masters and three replicas, shared by the module."""
+    k = ClusterKit()
+    try:
+        yield k.start()
+    finally:
+        k.close()
+
+
+def cluster_settings(kit: ClusterKit) -> RedisSettings:
+    nodes = tuple(("127.0.0.1", p) for p in kit.ports)
+    return RedisSettings(timeout=0.5, key_prefix="{jit}:", cluster=ClusterSettings(nodes))
+
+
+async def test_cluster_failover_moves_the_feed_and_the_clients(cluster: ClusterKit) -> None:
+    """CLUSTER FAILOVER on the replica of jitgate's slot leaves the old master up, now a
+    replica: the feed notices the new master and ends; a pooled connection to the old one
+    gets MOVED, and the call goes to the new master instead of failing."""
+    client, other = (
+        connect_redis(cluster_settings(cluster)),
+        connect_redis(cluster_settings(cluster)),
+    )
+    store, elsewhere = RedisGrants(client, "{jit}:"), RedisGrants(other, "{jit}:")
+    grant = await store.add("alice", "recording:1/x", 60, "r", "pytest")
+    assert await elsewhere.check("alice", ("recording:1/x",)) is not None  # pools a connection
+    feed = store.events(ping_every=0.05)
+    try:
+        assert await anext(feed) == ("subscribed", "")
+        master, _ = cluster.owner("{jit}:grants")
+        with cluster.node(cluster.replica_of(master)) as replica:
+            assert replica.execute_command("CLUSTER", "FAILOVER")
+
+        async def drain() -> None:
+            async for _ in feed:
+                pass
+
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(drain(), 30)
+        assert cluster.owner("{jit}:grants")[0] != master
+        found = await elsewhere.check("alice", ("recording:1/x",))
+        assert found is not None and found[0] == grant.id
+        await feed.aclose()  # type: ignore[attr-defined]
+        feed = await _subscribe(store)
+        await elsewhere.revoke(grant.id)
+        kinds = []
+        while ("revoked", grant.id) not in kinds:
+            kinds.append(await asyncio.wait_for(anext(feed), 5))
+    finally:
+        await feed.aclose()  # type: ignore[attr-defined]
+        await client.aclose()
+        await other.aclose()
+
+
+def cluster_config(tmp: Path, kit: ClusterKit, upstream_url: str, extra: str = "") -> Path:
+    nodes = ", ".join(f'"{a}"' for a in kit.addresses)
+    redis_yaml = (
+        f'redis: {{timeout: 0.5, {extra}key_prefix: "{{jit}}:", cluster: {{nodes: [{nodes}]}}}}'
+    )
+    cfg = write_config(tmp, upstream_url=upstream_url, redis_url=None)
+    cfg.write_text(cfg.read_text().replace("redis: {url: null, timeout: 0.5}", redis_yaml))
+    return cfg
+
+
+def test_cli_reaches_the_cluster(cluster: ClusterKit, tmp_path: Path, upstream: Upstream) -> None:
+    cfg = cluster_config(tmp_path, cluster, upstream.url)
+    added = cli(cfg, "grants", "add", "--user", "dave", "--scope", "recording:1/demo-8",
+                "--ttl", "5m", "--reason", "via the cluster")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    grant_id = added.stdout.split()[0]
+    listed = cli(cfg, "grants", "list", "--user", "dave")
+    assert listed.returncode == 0 and grant_id in listed.stdout, listed.stderr
+    queried = cli(cfg, "audit", "query", "--grant", grant_id, "--json")
+    assert queried.returncode == 0 and f'"grant_id": "{grant_id}"' in queried.stdout
+    master, _ = cluster.owner("{jit}:grants")
+    with cluster.node(master) as node:  # the keys are where jitgate's prefix puts them
+        assert node.exists(f"{{jit}}:grant:{grant_id}", "{jit}:audit") == 2
+
+
+async def test_cluster_master_killed_under_load(
+    cluster: ClusterKit,
+    aiohttp_client: Any,
+    aiohttp_server: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same through a Redis Cluster of three masters and three replicas: jitgate's keys
+    (prefix {jit}:) share one slot, and the master of that slot is killed."""
+    caplog.set_level(logging.WARNING, logger="jitgate.redis")
+    await asyncio.to_thread(cluster.settle)
+    up = str((await aiohttp_server(replay_upstream())).make_url("")).rstrip("/")
+    cfg = cluster_config(tmp_path, cluster, up, "wait_replicas: 1, wait_timeout: 0.3, ")
+    client: TestClient = await aiohttp_client(build_app(settings_mod.load(cfg, environ={})))
+    master, _ = cluster.owner("{jit}:grants")
+
+    async def moved() -> float | None:
+        owner, _ = await asyncio.to_thread(cluster.owner, "{jit}:grants")
+        return time.monotonic() if owner != master else None
+
+    try:
+        await kill_under_load(client, lambda: cluster.kill(master), moved, caplog)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{cluster.logs()}") from exc
