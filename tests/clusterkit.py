@@ -19,7 +19,7 @@ from pathlib import Path
 import redis as redis_sync
 from conftest import free_port
 from redis.crc import key_slot
-from sentinelkit import binary
+from sentinelkit import binary, certificates
 from waiting import eventually_sync
 
 
@@ -36,8 +36,10 @@ def _low_port() -> int:
 
 
 class ClusterKit:
-    def __init__(self, *, node_timeout: int = 1000) -> None:
+    def __init__(self, *, node_timeout: int = 1000, tls: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="jitgate-cluster-"))
+        # TLS only, everywhere (clients, the cluster bus, replication), under the kit's CA.
+        self.ca_file = certificates(self.dir) if tls else None
         self.ports = [_low_port() for _ in range(6)]
         self.node_timeout = node_timeout
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -47,7 +49,10 @@ class ClusterKit:
         return [f"127.0.0.1:{p}" for p in self.ports]
 
     def node(self, port: int) -> redis_sync.Redis:
-        return redis_sync.Redis("127.0.0.1", port, socket_timeout=2, socket_connect_timeout=1)
+        tls = {"ssl": True, "ssl_ca_certs": str(self.ca_file)} if self.ca_file else {}
+        return redis_sync.Redis(
+            "127.0.0.1", port, socket_timeout=2, socket_connect_timeout=1, **tls
+        )
 
     def alive(self) -> list[int]:
         return [p for p, proc in self.procs.items() if proc.poll() is None]
@@ -75,9 +80,16 @@ class ClusterKit:
         eventually_sync(self._settled, within=30, interval=0.1, what="the cluster to be ok")
 
     def start(self) -> ClusterKit:
+        tls: list[str] = []
+        if self.ca_file is not None:
+            tls = ["--tls-cluster", "yes", "--tls-replication", "yes", "--tls-auth-clients", "no",
+                   "--tls-cert-file", str(self.dir / "server.pem"),
+                   "--tls-key-file", str(self.dir / "server.key"),
+                   "--tls-ca-cert-file", str(self.ca_file)]  # fmt: skip
         for port in self.ports:
+            ports = ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
             self.procs[port] = subprocess.Popen(
-                [binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                [binary("redis-server"), *ports, *tls, "--bind", "127.0.0.1",
                  "--save", "", "--appendonly", "no", "--dir", str(self.dir),
                  "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
                  "--cluster-port", str(free_port()),
@@ -89,7 +101,8 @@ class ClusterKit:
         for port in self.ports:
             eventually_sync(lambda p=port: self._ping(p), within=10, what=f"node {port}")
         subprocess.run(
-            [binary("redis-cli"), "--cluster", "create", *self.addresses,
+            [binary("redis-cli"), *(["--tls", "--cacert", str(self.ca_file)] if tls else []),
+             "--cluster", "create", *self.addresses,
              "--cluster-replicas", "1", "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip

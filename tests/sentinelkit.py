@@ -64,7 +64,7 @@ class SentinelKit:
         self.sentinel_password = sentinel_password  # requirepass of the sentinels
         self.dir = Path(tempfile.mkdtemp(prefix="jitgate-sentinel-"))
         # TLS only, everywhere (clients, replication, sentinels), under a CA of the kit's own.
-        self.ca_file = _certificates(self.dir) if tls else None
+        self.ca_file = certificates(self.dir) if tls else None
         self.ports = {"a": free_port(), "b": free_port()}  # redis servers by name
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.quorum = quorum
@@ -225,7 +225,7 @@ class SentinelKit:
         return "\n".join(out)
 
 
-def _certificates(where: Path) -> Path:
+def certificates(where: Path) -> Path:
     """Write a CA and a server certificate for 127.0.0.1 signed by it; return the CA's file."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())

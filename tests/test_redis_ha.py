@@ -22,6 +22,7 @@ from clusterkit import ClusterKit
 from conftest import Upstream, bearer, write_config
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import MasterNotFoundError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sentinelkit import MASTER_NAME, SentinelKit
 from waiting import eventually
 
@@ -554,3 +555,34 @@ async def test_cluster_master_killed_under_load(
         await kill_under_load(client, lambda: cluster.kill(master), moved, caplog)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{cluster.logs()}") from exc
+
+
+async def test_cluster_over_tls() -> None:
+    """TLS only (clients, the cluster bus, replication) under a CA of the test's own: jitgate
+    verifies the nodes against redis.cluster.tls_ca_file, and refuses without it."""
+    kit = await asyncio.to_thread(ClusterKit(tls=True).start)
+    try:
+        plain = cluster_settings(kit)
+        assert plain.cluster is not None and kit.ca_file is not None
+        for refused in (plain.cluster, replace(plain.cluster, tls=True)):
+            client = connect_redis(replace(plain, cluster=refused))
+            with pytest.raises(RedisConnectionError):
+                await client.ping()
+            await client.aclose()
+        verified = replace(plain.cluster, tls=True, tls_ca_file=kit.ca_file)
+        client = connect_redis(replace(plain, cluster=verified))
+        store = RedisGrants(client, "{jit}:")
+        feed = store.events(ping_every=0.05)
+        try:
+            assert await anext(feed) == ("subscribed", "")
+            grant = await store.add("alice", "recording:1/demo-1", 60, "r", "pytest")
+            assert await store.check("alice", ("recording:1/demo-1",)) is not None
+            await store.revoke(grant.id)
+            kinds = []
+            while ("revoked", grant.id) not in kinds:
+                kinds.append(await asyncio.wait_for(anext(feed), 5))
+        finally:
+            await feed.aclose()  # type: ignore[attr-defined]
+            await client.aclose()
+    finally:
+        kit.close()
