@@ -411,7 +411,7 @@ def run(settings: Settings) -> None:
     loop = new_event_loop()
     for level, line in speedups(loop):
         log.log(level, "%s", line)
-    app.on_startup.append(_freeze_startup_objects)  # after every resource has started
+    app.on_startup.append(freeze_startup_objects)  # after every resource has started
     web.run_app(
         app,
         loop=loop,
@@ -427,7 +427,7 @@ def run(settings: Settings) -> None:
     )
 
 
-async def _freeze_startup_objects(app: web.Application) -> None:
+async def freeze_startup_objects(app: web.Application) -> None:
     """Move what start-up made out of the garbage collector's sight, for good.
 
     A full collection walks every tracked object; under load one ran every second or two
