@@ -1,0 +1,341 @@
+"""`jitgate serve --workers N` as processes: the supervisor, its workers, their port.
+
+Everything is real: `jitgate serve --workers 2` runs as a child of the test with the
+embedded redis-server (no `redis.url`), in front of an aiohttp upstream of the test's own.
+Which worker served what is read from where production keeps it: each worker's own
+prometheus-client multiprocess file, named after its pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import ROOT, write_config
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.parser import text_string_to_metric_families
+from waiting import eventually, eventually_sync
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def children(pid: int) -> list[int]:
+    """Return the pids whose parent is pid, from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+def comm(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+@dataclass
+class Jitgate:
+    """`jitgate serve` as a process, with its log."""
+
+    proc: subprocess.Popen[bytes]
+    dir: Path
+    log_file: Path
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def workers(self) -> list[int]:
+        return [p for p in children(self.proc.pid) if "--worker-slot" in cmdline(p)]
+
+    def redis_servers(self) -> list[int]:
+        """The redis-server processes that jitgate (the supervisor or a worker) started."""
+        parents = [self.proc.pid, *self.workers()]
+        return [p for parent in parents for p in children(parent) if comm(p) == "redis-server"]
+
+    def served(self) -> dict[int, float]:
+        """Requests the gate counted, per process, from the multiprocess files."""
+        out: dict[int, float] = {}
+        for path in (self.dir / "state" / "metrics").glob("counter_*.db"):
+            pid = int(path.stem.split("_")[1])
+            for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+                if json.loads(key)[1] == "jitgate_requests_total":
+                    out[pid] = out.get(pid, 0.0) + value
+        return out
+
+    def spools(self) -> set[str]:
+        root = self.dir / "state" / "audit-spool"
+        return {d.name for d in root.iterdir() if d.is_dir()} if root.is_dir() else set()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start(tmp: Path, upstream_url: str, *args: str, extra: str = "", port: int = 0) -> Jitgate:
+    """Start `jitgate serve ARGS` (listen.port 0: on a port it picks); not yet waited on."""
+    cfg = write_config(tmp, upstream_url=upstream_url, redis_url=None, extra=extra)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JITGATE_", "PROMETHEUS_"))}
+    env["JITGATE_LISTEN__PORT"] = str(port)
+    log_file = tmp / "jitgate.log"
+    with log_file.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), *args],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    return Jitgate(proc, tmp, log_file)
+
+
+def serving(j: Jitgate) -> Jitgate:
+    """Wait until jitgate says where it listens; fail at once if it exits first."""
+
+    def listening() -> int | None:
+        assert j.proc.poll() is None, f"jitgate exited with {j.proc.returncode}:\n{j.log()}"
+        m = re.search(r"jitgate listening on http://127\.0\.0\.1:(\d+)", j.log())
+        return int(m[1]) if m else None
+
+    j.port = eventually_sync(listening, within=30, what="jitgate to listen")
+    return j
+
+
+@dataclass
+class Upstream:
+    url: str
+    slow_started: asyncio.Event
+    release: asyncio.Event
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> Upstream:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await release.wait()
+        return web.Response(text="slow and complete\n")
+
+    async def anything(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    app = web.Application()
+    app.router.add_get("/static/slow", slow)
+    app.router.add_route("*", "/{tail:.*}", anything)
+    server = await aiohttp_server(app)
+    return Upstream(str(server.make_url("")).rstrip("/"), started, release)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, upstream: Upstream) -> Iterator[Jitgate]:
+    j = start(tmp_path, upstream.url, "--workers", "2")
+    try:
+        yield serving(j)
+    finally:
+        j.stop()
+
+
+@pytest.fixture
+async def fresh() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that opens a new connection per request, so the kernel picks a worker."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield session
+
+
+async def get_all(session: aiohttp.ClientSession, url: str, n: int) -> list[int]:
+    async def one(i: int) -> int:
+        async with session.get(f"{url}/static/x{i}") as resp:
+            await resp.read()
+            return resp.status
+
+    statuses: list[int] = []
+    for start_at in range(0, n, 20):  # 20 at a time: many connections, none refused
+        statuses += await asyncio.gather(*(one(i) for i in range(start_at, min(n, start_at + 20))))
+    return statuses
+
+
+async def scrape(session: aiohttp.ClientSession, j: Jitgate) -> dict[str, float]:
+    """Return every sample of one /metrics answer, summed over labels, by sample name."""
+    async with session.get(f"{j.url}/_jit/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
+async def test_both_workers_serve_and_metrics_add_up(
+    cluster: Jitgate, fresh: aiohttp.ClientSession
+) -> None:
+    workers = cluster.workers()
+    assert len(workers) == 2
+    # One embedded redis-server, the supervisor's; no worker started one.
+    assert len(cluster.redis_servers()) == 1
+    assert all(not children(w) for w in workers)
+    assert cluster.log().count("started redis-server") == 1
+
+    k = 200
+    assert await get_all(fresh, cluster.url, k) == [200] * k
+    # Each worker's own file counts what it served: both served, and nothing else did.
+    served = await eventually(lambda: sum(cluster.served().values()) == k and cluster.served())
+    assert set(served) == set(workers) and all(n > 0 for n in served.values()), served
+    # Whichever worker answers a scrape (a new connection each), the total is all k.
+    for _ in range(8):
+        samples = await scrape(fresh, cluster)
+        assert samples["jitgate_requests_total"] == k
+        assert samples["jitgate_request_duration_seconds_count"] == k
+        assert samples["jitgate_workers"] == 2
+        assert samples["jitgate_worker_restarts_total"] == 0
+        assert samples["jitgate_audit_writable"] == 1  # the lowest of the two workers'
+
+
+async def test_a_killed_worker_is_restarted(cluster: Jitgate, fresh: aiohttp.ClientSession) -> None:
+    before = cluster.workers()
+    assert await get_all(fresh, cluster.url, 40) == [200] * 40
+    spools = cluster.spools()
+    assert len(spools) == 2  # one writer directory per worker
+    os.kill(before[0], signal.SIGKILL)
+
+    def replaced() -> list[int] | None:
+        now = cluster.workers()
+        return now if len(now) == 2 and before[0] not in now and before[1] in now else None
+
+    after = await eventually(replaced, within=30, what="a new worker")
+    assert "exited unexpectedly (code -9)" in cluster.log()
+
+    async def both_serving() -> dict[str, float] | None:
+        samples = await scrape(fresh, cluster)
+        return samples if samples["jitgate_workers"] == 2 else None
+
+    # The restart is counted; service goes on, on both workers.
+    samples = await eventually(both_serving, what="the new worker to serve")
+    assert samples["jitgate_worker_restarts_total"] == 1
+    assert await get_all(fresh, cluster.url, 60) == [200] * 60
+    # The dead worker's spool was adopted by its replacement and replayed, then removed;
+    # the requests it served are all in the audit file.
+    await eventually(lambda: len(cluster.spools()) == 2 and len(cluster.spools() & spools) == 1)
+    served = cluster.served()
+    assert set(after) <= set(served) and before[0] in served  # its counts stay in the total
+
+    def audited() -> int:
+        path = cluster.dir / "audit.jsonl"
+        return path.read_text().count('"event":"access.allow"') if path.exists() else 0
+
+    await eventually(lambda: audited() == 100, what="100 access.allow records")
+
+
+async def test_sigterm_drains_every_worker(
+    cluster: Jitgate, upstream: Upstream, fresh: aiohttp.ClientSession
+) -> None:
+    workers = cluster.workers()
+    (redis,) = cluster.redis_servers()
+
+    async def get_slow() -> tuple[int, str]:
+        async with fresh.get(f"{cluster.url}/static/slow") as resp:
+            return resp.status, await resp.text()
+
+    slow = asyncio.create_task(get_slow())
+    await eventually(upstream.slow_started.is_set, what="the slow request upstream")
+    cluster.proc.send_signal(signal.SIGTERM)
+    # Both workers stop listening and one waits for the request in flight.
+    draining = re.compile(r"worker \d \(pid \d+\) draining")
+    await eventually(lambda: len(draining.findall(cluster.log())) == 2, what="both draining")
+    upstream.release.set()
+    assert await slow == (200, "slow and complete\n")
+    code = await asyncio.to_thread(cluster.proc.wait, 60)
+    assert code == 0, cluster.log()
+    assert all(comm(w) == "" for w in workers)
+    # The embedded Redis stopped last, once every worker had closed its audit log.
+    assert comm(redis) != "redis-server"
+    text = cluster.log()
+    assert 0 < text.index("all workers stopped") < text.index("stopped redis-server")
+    # Each audit log closed cleanly: everything delivered, no spool left behind.
+    assert cluster.spools() == set()
+    records = (cluster.dir / "audit.jsonl").read_text()
+    assert '"path":"/static/slow"' in records
+
+
+def test_a_worker_that_cannot_start_fails_the_start_once(tmp_path: Path) -> None:
+    """A start-up error in the workers is reported, not retried: exit 1, nothing left."""
+    (tmp_path / "bad.pem").write_text("not a key\n")
+    j = start(
+        tmp_path,
+        "http://127.0.0.1:9",
+        "--workers",
+        "2",
+        extra="forward: {assertion: {key_file: bad.pem}}",
+    )
+    assert j.proc.wait(timeout=60) == 1, j.log()
+    assert "workers could not start" in j.log()
+    assert "restarting" not in j.log()
+    assert "stopped redis-server" in j.log()
+
+
+def test_a_taken_port_fails_at_once(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        j = start(tmp_path, "http://127.0.0.1:9", "--workers", "2", port=port)
+        j.proc.wait(timeout=60)
+    assert j.proc.returncode == 1, j.log()
+    assert f"cannot listen on 127.0.0.1:{port}" in j.log()
+    assert not j.workers()
+
+
+def test_one_worker_is_one_process(tmp_path: Path, redis_url: str) -> None:
+    """--workers 1 is jitgate as before: no supervisor, no multiprocess files."""
+    cfg = write_config(tmp_path, upstream_url="http://127.0.0.1:9", redis_url=redis_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JITGATE_", "PROMETHEUS_"))}
+    with (tmp_path / "jitgate.log").open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--workers", "1"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    j = Jitgate(proc, tmp_path, tmp_path / "jitgate.log")
+    try:
+        eventually_sync(lambda: "jitgate listening on" in j.log(), within=30, what="listening")
+        assert children(proc.pid) == []
+        assert not (tmp_path / "state" / "metrics").exists()
+    finally:
+        assert j.stop() == 0
