@@ -342,3 +342,35 @@ def test_one_worker_is_one_process(tmp_path: Path, redis_url: str) -> None:
         assert not (tmp_path / "state" / "metrics").exists()
     finally:
         assert j.stop() == 0
+
+
+_WRITER = """
+import asyncio, json, sys
+from pathlib import Path
+from proxy.audit.sinks import JsonlFileSink
+
+async def main(tag: str) -> None:
+    sink = JsonlFileSink(Path(sys.argv[1]), rotate_bytes=20_000, fsync=False)
+    for i in range(300):
+        lines = [json.dumps({"w": tag, "i": i, "j": j, "pad": "x" * 100}) for j in range(5)]
+        await sink.write(lines)
+
+asyncio.run(main(sys.argv[2]))
+"""
+
+
+def test_workers_share_one_audit_file_through_its_rotations(tmp_path: Path) -> None:
+    """Two processes append to one rotating audit file at once: every line arrives whole,
+    once, whichever file it ended up in."""
+    path = tmp_path / "audit.jsonl"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WRITER, str(path), tag], cwd=ROOT)
+        for tag in ("a", "b")
+    ]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    files = sorted(tmp_path.glob("audit*.jsonl"))
+    assert len(files) > 10  # it rotated, many times
+    seen = [
+        (r["w"], r["i"], r["j"]) for f in files for r in map(json.loads, f.read_text().splitlines())
+    ]
+    assert len(seen) == len(set(seen)) == 2 * 300 * 5
