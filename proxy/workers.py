@@ -132,7 +132,8 @@ class Supervisor:
                 self.env["JITGATE_REDIS__URL"] = url
             code = await self._serve(listen.host, port)
         finally:
-            await self._stop_all()
+            if not await self._stop_all():
+                code = 1
             if embedded is not None:
                 await embedded.stop()  # last: every worker has closed its audit log
             for sock in reserved:
@@ -250,8 +251,10 @@ class Supervisor:
 
         metrics.process_dead(pid, self.dir)
 
-    async def _stop_all(self) -> None:
-        """Send each live worker one SIGTERM and wait for all; kill those past the grace."""
+    async def _stop_all(self) -> bool:
+        """Send each live worker one SIGTERM and wait for all; kill those past the grace.
+        Return False if one had to be killed."""
+        clean = True
         self.stopping.set()
         keepers = [w.task for w in self.workers if w.task is not None]
         for task in keepers:  # first, so that none starts a worker after this
@@ -270,6 +273,7 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     await proc.wait()
+                    clean = False
                 elif proc.returncode != 0:
                     log.warning("worker pid %d exited with code %d", proc.pid, proc.returncode)
         for proc in live:
@@ -277,6 +281,7 @@ class Supervisor:
             self._gone(proc.pid)
         if live:
             log.info("all workers stopped")
+        return clean
 
 
 def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
