@@ -15,7 +15,8 @@ it starts), but it:
 - restarts a worker that dies afterwards, with a backoff, logged and counted
   (`jitgate_worker_restarts_total`);
 - on SIGTERM or SIGINT sends each worker one SIGTERM: each stops accepting, finishes the
-  requests in flight, then closes its resources and audit log as one process does.
+  requests in flight, then closes its resources and audit log as one process does;
+- passes SIGHUP (reload the policy) on to every worker.
 
 Workers run in their own session, so a Ctrl-C in a terminal reaches the supervisor only,
 and each worker gets exactly one SIGTERM. A worker whose supervisor is gone drains and
@@ -116,6 +117,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         listen = self.settings.listen
         try:
             reserved, port = reserve_port(listen.host, listen.port)
@@ -245,6 +247,14 @@ class Supervisor:
                     self.metrics.restarts.inc()
                     log.error("restarting worker %d failed: %s; trying again in %.1fs",
                               w.slot, exc, w.backoff)  # fmt: skip
+
+    def _reload(self) -> None:
+        """SIGHUP reloads the policy in each worker, as it does in one process."""
+        pids = [w.proc.pid for w in self.workers if w.proc and w.proc.returncode is None]
+        log.info("SIGHUP: reloading the policy in workers %s", " ".join(map(str, pids)))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
 
     def _gone(self, pid: int) -> None:
         from . import metrics

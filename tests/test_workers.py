@@ -110,11 +110,14 @@ class Jitgate:
         return self.proc.returncode
 
 
-def start(tmp: Path, upstream_url: str, *args: str, extra: str = "", port: int = 0) -> Jitgate:
+def start(
+    tmp: Path, upstream_url: str, *args: str, extra: str = "", port: int = 0, watch: bool = True
+) -> Jitgate:
     """Start `jitgate serve ARGS` (listen.port 0: on a port it picks); not yet waited on."""
     cfg = write_config(tmp, upstream_url=upstream_url, redis_url=None, extra=extra)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JITGATE_", "PROMETHEUS_"))}
     env["JITGATE_LISTEN__PORT"] = str(port)
+    env["JITGATE_POLICY__WATCH"] = str(watch).lower()
     log_file = tmp / "jitgate.log"
     with log_file.open("wb") as out:
         proc = subprocess.Popen(
@@ -296,6 +299,47 @@ async def test_sigterm_drains_every_worker(
     assert cluster.spools() == set()
     records = (cluster.dir / "audit.jsonl").read_text()
     assert '"path":"/static/slow"' in records
+
+
+async def test_sighup_reloads_the_policy_in_every_worker(
+    tmp_path: Path, upstream: Upstream, fresh: aiohttp.ClientSession
+) -> None:
+    j = serving(start(tmp_path, upstream.url, "--workers", "2", watch=False))
+    try:
+        workers = j.workers()
+        versions = await scrape_versions(fresh, j)
+        assert len(versions) == 1
+        (old,) = versions
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(policy.read_text() + "\n# a new version\n")
+        os.kill(j.proc.pid, signal.SIGHUP)
+
+        async def reloaded() -> dict[str, float] | None:
+            found = await scrape_versions(fresh, j)
+            new = [v for v, ts in found.items() if v != old and ts > 0]
+            return found if new and found[old] == 0 else None
+
+        # Both workers run the new version (the old one's series is the highest value a
+        # live worker holds for it: 0 once both moved), each counted its reload, and no
+        # process was signalled to death.
+        found = await eventually(reloaded, what="both workers on the new version")
+        assert len(found) == 2
+        samples = await scrape(fresh, j)
+        assert samples["jitgate_policy_reloads_total"] == 2
+        assert j.workers() == workers
+    finally:
+        assert j.stop() == 0
+
+
+async def scrape_versions(session: aiohttp.ClientSession, j: Jitgate) -> dict[str, float]:
+    async with session.get(f"{j.url}/_jit/metrics") as resp:
+        text = await resp.text()
+    return {
+        s.labels["version"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "jitgate_policy_loaded_timestamp_seconds"
+    }
 
 
 def test_a_worker_that_cannot_start_fails_the_start_once(tmp_path: Path) -> None:
