@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import ROOT, write_config
+from conftest import ROOT, make_token, write_config
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import eventually, eventually_sync
@@ -69,6 +69,10 @@ class Jitgate:
     dir: Path
     log_file: Path
     port: int = 0
+
+    @property
+    def cfg(self) -> Path:
+        return self.dir / "jitgate.yaml"
 
     @property
     def url(self) -> str:
@@ -230,6 +234,52 @@ async def test_both_workers_serve_and_metrics_add_up(
         assert samples["jitgate_workers"] == 2
         assert samples["jitgate_worker_restarts_total"] == 0
         assert samples["jitgate_audit_writable"] == 1  # the lowest of the two workers'
+
+
+async def test_a_revocation_holds_on_every_worker(
+    cluster: Jitgate, fresh: aiohttp.ClientSession
+) -> None:
+    """Each worker follows the grant event feed: a grant serves on both, its revocation
+    ends it on both (neither answers from a stale grant view)."""
+
+    def cli(*args: str) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JITGATE_")}
+        argv = [sys.executable, "-m", "proxy.cli", "grants", *args, "--config", str(cluster.cfg)]
+        out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    url = f"{cluster.url}/api/projects/1/session_recordings/demo-1/snapshots"
+    headers = {"Authorization": f"Bearer {make_token('alice')}"}
+
+    async def statuses(n: int) -> list[int]:
+        async def one() -> int:
+            async with fresh.get(url, headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))
+
+    assert set(await statuses(10)) == {403}
+    grant = cli("add", "--user", "alice", "--scope", "recording:1/demo-1", "--ttl", "5m",
+                "--reason", "workers test")  # fmt: skip
+    before = cluster.served()
+    assert await statuses(40) == [200] * 40
+    after = cluster.served()
+    assert all(after.get(w, 0) > before.get(w, 0) for w in cluster.workers())  # both served
+
+    async def fifty_checks() -> bool:
+        return (await scrape(fresh, cluster)).get("jitgate_grant_checks_total") == 50
+
+    # Each worker's grant view counts, copied into its files every second, add up.
+    await eventually(fifty_checks, what="50 grant checks counted")
+    cli("revoke", grant)
+
+    async def refused() -> bool:
+        return await statuses(1) == [403]
+
+    await eventually(refused, what="the revocation")
+    assert await statuses(40) == [403] * 40
 
 
 async def test_a_killed_worker_is_restarted(cluster: Jitgate, fresh: aiohttp.ClientSession) -> None:
