@@ -29,6 +29,10 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import eventually, eventually_sync
 
+from proxy import settings as settings_mod
+from proxy.errors import ConfigErrors
+from proxy.settings.config import usable_cores
+
 pytestmark = pytest.mark.timeout(90)
 
 
@@ -471,3 +475,29 @@ def test_workers_share_one_audit_file_through_its_rotations(tmp_path: Path) -> N
         (r["w"], r["i"], r["j"]) for f in files for r in map(json.loads, f.read_text().splitlines())
     ]
     assert len(seen) == len(set(seen)) == 2 * 300 * 5
+
+
+@pytest.mark.parametrize(
+    ("value", "want"), [("auto", usable_cores()), ("3", 3), ("1", 1), (None, 1)]
+)
+def test_listen_workers_setting(tmp_path: Path, value: str | None, want: int) -> None:
+    cfg = write_config(tmp_path, upstream_url="http://127.0.0.1:9", redis_url=None)
+    environ = {} if value is None else {"JITGATE_LISTEN__WORKERS": value}
+    assert settings_mod.load(cfg, environ=environ).listen.workers == want
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many", "true", "1.5"])
+def test_bad_listen_workers_is_refused(tmp_path: Path, value: str) -> None:
+    cfg = write_config(tmp_path, upstream_url="http://127.0.0.1:9", redis_url=None)
+    with pytest.raises(ConfigErrors) as exc:
+        settings_mod.load(cfg, environ={"JITGATE_LISTEN__WORKERS": value})
+    assert "listen.workers: must be a positive integer or auto" in str(exc.value)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_bad_workers_option_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    cfg = write_config(tmp_path, upstream_url="http://127.0.0.1:9", redis_url=None)
+    argv = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--workers", value]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "--workers: must be a positive integer or auto" in out.stderr
