@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -360,7 +359,6 @@ async def _serve(app: web.Application, settings: Settings, slot: int, ready_fd: 
     finally:
         watcher.cancel()
         await runner.cleanup()
-        gc.collect()
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
