@@ -21,6 +21,7 @@ from . import web as pages
 from .audit import sinks as auditsinks
 from .audit.store import AuditStore, store_for
 from .authorize import Authorizer
+from .authz import ForwardAuth
 from .forward import Forwarder, UpstreamConfig
 from .gate import Gate
 from .grantstore import RedisGrants
@@ -41,6 +42,7 @@ from .workflow import Workflow
 log = logging.getLogger("jitgate")
 
 GATE = web.AppKey("gate", Gate)
+AUTHZ = web.AppKey("authz", ForwardAuth)
 Ctx = Callable[[web.Application], AsyncIterator[None]]
 
 
@@ -127,6 +129,10 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     api.add_routes(own)
     pages.add_routes(own)
     auditpage.add_routes(own)
+    if settings.forward_auth.enabled:
+        # Forward-auth: the original target in headers (nginx, Traefik) or after /authz (Envoy).
+        own.router.add_route("*", "/authz", _authz_handler)
+        own.router.add_route("*", "/authz/{tail:.*}", _authz_handler)
     own.router.add_route("*", "/{tail:.*}", _not_found)
     app.add_subapp(settings.prefix, own)
     app.router.add_route("*", "/{tail:.*}", _gate_handler)
@@ -334,7 +340,7 @@ def _workflow(state: State) -> Ctx:
             )
         )
         await forwarder.start()
-        app[GATE] = Gate(
+        app[GATE] = gate = Gate(
             settings.prefix,
             settings.forward,
             settings.identity,
@@ -347,6 +353,14 @@ def _workflow(state: State) -> Ctx:
             refuse=refusal.refuse,
             assertion=state.assertion,
         )
+        if settings.forward_auth.enabled:
+            app[AUTHZ] = ForwardAuth(
+                settings,
+                state=state,
+                audit_log=state.audit,
+                metrics=state.metrics,
+                vouch=gate.vouch,
+            )
         sweeper = asyncio.create_task(
             _sweep_forever(state.workflow, settings.sweep_interval, state.metrics),
             name="grant-sweeper",
@@ -408,6 +422,10 @@ async def _not_found(request: web.Request) -> web.Response:
 
 async def _gate_handler(request: web.Request) -> web.StreamResponse:
     return await request.app[GATE].handle(request)
+
+
+async def _authz_handler(request: web.Request) -> web.StreamResponse:
+    return await request.config_dict[AUTHZ].handle(request)
 
 
 def run(settings: Settings) -> None:

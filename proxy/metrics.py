@@ -161,7 +161,17 @@ class Metrics:
             "jitgate_notifications_backlog", "Webhook notifications queued or being delivered.",
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        # Forward-auth ({prefix}/authz): decisions for a proxy in front, apart from proxy mode.
+        self.authz_requests = Counter(
+            "jitgate_authz_requests", "Forward-auth decisions by route id and decision.",
+            ["route", "decision"], registry=r,
+        )  # fmt: skip
+        self.authz_duration = Histogram(
+            "jitgate_authz_duration_seconds", "Time to answer a forward-auth request.",
+            ["route"], buckets=_BUCKETS, registry=r,
+        )  # fmt: skip
         self._bound: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._authz_bound: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._view: _ViewSampler | None = None
 
     def request(self, route: str, decision: str) -> tuple[Counter, Histogram]:
@@ -171,6 +181,15 @@ class Metrics:
         if bound is None:
             bound = (self.requests.labels(route, decision), self.duration.labels(route))
             self._bound[key] = bound
+        return bound
+
+    def authz(self, route: str, decision: str) -> tuple[Counter, Histogram]:
+        """The same as `request`, for forward-auth decisions."""
+        key = (route, decision)
+        bound = self._authz_bound.get(key)
+        if bound is None:
+            bound = (self.authz_requests.labels(route, decision), self.authz_duration.labels(route))
+            self._authz_bound[key] = bound
         return bound
 
     def watch_grant_view(self, read: Callable[[], tuple[int, int, bool, int]]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -87,7 +88,25 @@ class PolicyReloader:
         task.add_done_callback(self._signalled.discard)
 
     def _is_policy_file(self, _change: Change, path: str) -> bool:
-        return Path(path).name == self.path.name
+        return Path(path).name in self._trigger_names()
+
+    def _trigger_names(self) -> set[str]:
+        """Return the names in the policy's directory whose change can change the policy.
+
+        The file itself, and, when it is a symlink into a sibling of the directory, that
+        sibling: a Kubernetes ConfigMap volume holds `policy.yaml -> ..data/policy.yaml`
+        and is updated by renaming a new `..data` symlink into place, which never touches
+        `policy.yaml` itself. Read on each event, since the link can come and go.
+        """
+        names = {self.path.name}
+        try:
+            target = os.path.normpath(self.path.parent / os.readlink(self.path))
+        except OSError:  # not a symlink, or gone
+            return names
+        inside = os.path.relpath(target, self.path.parent).split(os.sep)[0]
+        if inside not in (os.curdir, os.pardir):
+            names.add(inside)
+        return names
 
     async def _watch(self) -> None:
         # Watch the directory, not the file: editors save by writing a new file and

@@ -61,6 +61,26 @@ def test_kept_bench_runs() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_authz_bench_runs() -> None:
+    """bench/authz.py end to end: every decision a 200, each with its audit record."""
+    argv = [
+        sys.executable, str(ROOT / "bench" / "authz.py"), "--duration", "1", "--warmup", "0",
+        "--connections", "4", "--loadgen", "python", "--upstream", "aiohttp", "--json",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["decisions"] > 0 and report["errors"] == 0
+    assert report["decisions_per_s"] > 0 and report["target"] == 10_000
+    audit = report["audit"]
+    # Every decision asked (the load generator's and the check before it) left a record.
+    assert audit["records_in_file"]["access.allow"] >= audit["decisions_sent"] > 0
+    assert audit["records_in_file"]["access.deny"] == 0
+    assert audit["stream_length"] >= audit["decisions_sent"]
+    assert sum(report["grant_checks"].values()) >= audit["decisions_sent"]
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("script", "count", "ways"),
     [

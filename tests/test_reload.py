@@ -220,3 +220,50 @@ async def test_cleanup_stops_the_watcher_and_the_signal_handler(
     await client.close()
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "policy-watch"]
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+
+
+def kubelet_write(volume: Path, files: dict[str, str], generation: int) -> None:
+    """Update a volume the way the kubelet updates a mounted ConfigMap (its atomic writer).
+
+    Each version lives in a timestamped directory; `..data` is a symlink to the current
+    one and every key is a symlink through it (`policy.yaml -> ..data/policy.yaml`). An
+    update writes a new directory, points `..data_tmp` at it, renames that over `..data`
+    and removes the old directory: the key's own symlink never changes.
+    """
+    version = volume / f"..2026_12_04_07_00_0{generation}.{1000 + generation}"
+    version.mkdir()
+    for name, text in files.items():
+        (version / name).write_text(text)
+    (volume / "..data_tmp").symlink_to(version.name)
+    old = os.readlink(volume / "..data") if (volume / "..data").is_symlink() else None
+    os.replace(volume / "..data_tmp", volume / "..data")
+    for name in files:
+        if not (volume / name).is_symlink():
+            (volume / name).symlink_to(f"..data/{name}")
+    if old is not None:
+        for child in (volume / old).iterdir():
+            child.unlink()
+        (volume / old).rmdir()
+
+
+async def test_a_configmap_update_is_picked_up(
+    aiohttp_client: Any, tmp_path: Path, upstream: Upstream, redis_url: str
+) -> None:
+    volume = tmp_path / "policy-volume"
+    volume.mkdir()
+    kubelet_write(volume, {"policy.yaml": BASE}, 1)
+    cfg = write_config(tmp_path, upstream_url=upstream.url, redis_url=redis_url)
+    environ = {"JITGATE_POLICY__FILE": str(volume / "policy.yaml")}
+    client: TestClient = await aiohttp_client(build_app(settings_mod.load(cfg, environ=environ)))
+    assert running_version(client) == version_of(BASE)
+    assert (await client.get(SNAPSHOTS)).status == 401
+
+    kubelet_write(volume, {"policy.yaml": PUBLIC}, 2)
+    await until(lambda: running_version(client) == version_of(PUBLIC), "the ConfigMap's new policy")
+    assert (await client.get(SNAPSHOTS)).status == 200
+    (rec,) = await policy_records(client, tmp_path)
+    assert rec["actor"] == "file-watch" and rec["file"] == str(volume / "policy.yaml")
+
+    kubelet_write(volume, {"policy.yaml": BAD}, 3)  # a bad update keeps the running policy
+    await until(lambda: reloads(client, "error") >= 1, "the failed reload")
+    assert running_version(client) == version_of(PUBLIC)

@@ -9,6 +9,7 @@
 from .config import (
     DEFAULT_CONFIG,
     AdminSettings,
+    ForwardAuthSettings,
     ForwardSettings,
     ListenSettings,
     NotificationSettings,
@@ -23,6 +24,7 @@ from .config import (
 __all__ = [
     "DEFAULT_CONFIG",
     "AdminSettings",
+    "ForwardAuthSettings",
     "ForwardSettings",
     "ListenSettings",
     "NotificationSettings",

@@ -12,9 +12,11 @@ Values are parsed as YAML scalars, so `JITGATE_AUDIT__STDOUT=true` is a bool.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 import yaml
@@ -96,6 +98,15 @@ class ForwardSettings:
 
 
 @dataclass(frozen=True)
+class ForwardAuthSettings:
+    """Forward-auth (`{prefix}/authz`): decisions for nginx, Traefik or Envoy in front."""
+
+    enabled: bool = False
+    # Only these peers may name the original request (X-Original-URI, X-Forwarded-Uri, ...).
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True)
 class AdminSettings:
     """Who may list every grant and revoke any (the security team)."""
 
@@ -144,6 +155,7 @@ class Settings:
     admins: AdminSettings = field(default_factory=AdminSettings)
     sweep_interval: float = 5.0  # how often expiries and lapses are written down
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
+    forward_auth: ForwardAuthSettings = field(default_factory=ForwardAuthSettings)
 
 
 def _env_overrides(raw: Node, environ: Mapping[str, str]) -> dict[str, str]:
@@ -200,7 +212,8 @@ def validate(
     r.known(
         raw,
         {"listen", "upstream", "redis", "identity", "audit", "forward", "policy", "prefix"}
-        | {"state_dir", "grant_max_ttl", "admins", "notifications", "sweep_interval"},
+        | {"state_dir", "grant_max_ttl", "admins", "notifications", "sweep_interval"}
+        | {"forward_auth"},
         "",
     )
 
@@ -277,6 +290,7 @@ def validate(
     policy_watch = r.get(s, "watch", bool, True, "policy.watch")
 
     notifications = _notifications(r, r.section(raw, "notifications", "notifications"))
+    forward_auth = _forward_auth(r, r.section(raw, "forward_auth", "forward_auth"))
 
     settings = Settings(
         file=path,
@@ -294,6 +308,7 @@ def validate(
         admins=admins,
         sweep_interval=r.positive(raw, "sweep_interval", float, 5.0, "sweep_interval"),
         notifications=notifications,
+        forward_auth=forward_auth,
     )
     if r.errors:
         raise ConfigErrors(r.errors)
@@ -335,6 +350,31 @@ def _forward(r: Reader, s: Node, base: Path, state_dir: Path, upstream_url: URL)
             )
         ),
     )
+
+
+def _forward_auth(r: Reader, s: Node) -> ForwardAuthSettings:
+    at = "forward_auth"
+    r.known(s, {"enabled", "trusted_proxies"}, at)
+    enabled = r.get(s, "enabled", bool, False, f"{at}.enabled")
+    where = f"{at}.trusted_proxies"
+    nets: list[IPv4Network | IPv6Network] = []
+    for text in r.str_list(s, "trusted_proxies", (), where):
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            r.error(s, "trusted_proxies", where, f"{text!r} is not a CIDR: {exc}")
+            continue
+        if net.prefixlen == 0:
+            r.error(s, "trusted_proxies", where, f"{text!r} would trust every client")
+            continue
+        nets.append(net)
+    if enabled and not nets and not any(e.field == where for e in r.errors):
+        message = (
+            "is required with forward_auth.enabled: the addresses nginx, Traefik or Envoy "
+            "connect from, e.g. [10.0.0.5/32]"
+        )
+        r.error(s, "trusted_proxies", where, message)
+    return ForwardAuthSettings(enabled=enabled, trusted_proxies=tuple(nets))
 
 
 def _notifications(r: Reader, s: Node) -> NotificationSettings:

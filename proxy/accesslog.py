@@ -1,0 +1,138 @@
+"""The record of each access decision: one audit record and the request metrics.
+
+Shared by the gate (proxy mode) and forward-auth, so that both write the same records;
+a forward-auth record also carries `mode: forward_auth` and says what jitgate answered
+the proxy, since the response itself never passes through jitgate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from . import audit
+from .authorize import Decision
+from .state import State
+
+# Returns the bound (counter, histogram) children for one route and decision.
+Meter = Callable[[str, str], tuple[Counter, Histogram]]
+
+
+class AccessLog:
+    def __init__(
+        self, audit_log: audit.AuditLog, meter: Meter, state: State, mode: str | None = None
+    ) -> None:
+        self.audit = audit_log
+        self.meter = meter
+        self.state = state
+        self.mode = mode  # None in proxy mode: its records carry no `mode`
+
+    def decision(
+        self,
+        request: web.Request,
+        decision: Decision,
+        path: str,
+        status: int,
+        sent: int,
+        upstream_error: str | None,
+        started: float,
+        *,
+        method: str | None = None,
+        client_ip: str | None = None,
+    ) -> None:
+        """Count and audit one decided request; `method`, `client_ip`: if not the request's."""
+        elapsed = time.perf_counter() - started
+        counter, histogram = self.meter(decision.route, decision.outcome)
+        counter.inc()
+        histogram.observe(elapsed)
+        reasons = list(decision.reasons)
+        if upstream_error:
+            reasons.append(f"upstream error: {upstream_error}")
+        user = decision.identity.subject if decision.identity else None
+        self.audit.emit(
+            audit.record(
+                "access.allow" if decision.allow else "access.deny",
+                actor=user,  # who made the request: the subject, for an access
+                user=user,
+                scope=decision.scope,
+                recording=decision.recording,
+                grant_id=decision.grant_id,
+                decision=decision.outcome,
+                reasons=reasons,
+                route=decision.route,
+                method=method or request.method,
+                path=path,
+                status=status,
+                bytes=sent,
+                duration_ms=round(elapsed * 1000, 3),
+                client_ip=client_ip or request.remote,
+                user_agent=request.headers.get("User-Agent"),
+                policy_version=decision.policy_version,
+                mode=self.mode,
+            )
+        )
+
+    def refused(
+        self,
+        request: web.Request,
+        reason: str,
+        started: float,
+        *,
+        status: int = 400,
+        outcome: str = "bad_request",
+        route: str = "_invalid",
+        method: str | None = None,
+        path: str | None = None,
+        client_ip: str | None = None,
+    ) -> None:
+        """Count and audit a request refused before any policy decision (a bad request)."""
+        counter, histogram = self.meter(route, outcome)
+        counter.inc()
+        histogram.observe(time.perf_counter() - started)
+        self.audit.emit(
+            audit.record(
+                "access.deny",
+                decision=outcome,
+                reasons=[reason],
+                route=route,
+                method=method or request.method,
+                path=(path if path is not None else request.raw_path)[:2048],
+                status=status,
+                bytes=0,
+                client_ip=client_ip or request.remote,
+                user_agent=request.headers.get("User-Agent"),
+                policy_version=self.state.config.policy.version,
+                mode=self.mode,
+            )
+        )
+
+    def strict(self, decision: Decision) -> Decision:
+        """In strict audit mode, refuse a protected request whose record could not be kept."""
+        if self.audit.writable():
+            return decision
+        reason = f"audit trail cannot be written ({self.audit.why_unwritable()}); strict mode"
+        return replace(
+            decision,
+            allow=False,
+            status=503,
+            outcome="unavailable",
+            reasons=(*decision.reasons, reason),
+        )
+
+
+def underscore_header(request: web.Request) -> str | None:
+    """The reason to refuse a request with '_' in a header name, or None.
+
+    Many servers (CGI, WSGI, PHP) read X_Forwarded_User as X-Forwarded-User, so a name
+    with "_" could smuggle an identity past a check made on "-" names. The wire names
+    (raw_headers) are checked, exactly as the client sent them.
+    """
+    odd = next((k for k, _ in request.raw_headers if b"_" in k), None)
+    if odd is None:
+        return None
+    name = odd.decode("latin-1")[:64]
+    return f"header name {name!r} has '_' (forward.reject_underscore_headers)"
