@@ -325,8 +325,14 @@ def _workflow(state: State) -> Ctx:
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = state.settings
+        events = state.metrics.grant_events
         state.workflow = Workflow(
-            lambda: state.config.policy, state.grants, state.audit, settings.admins, state.notifier
+            lambda: state.config.policy,
+            state.grants,
+            state.audit,
+            settings.admins,
+            state.notifier,
+            counted=lambda event: events.labels(event).inc(),
         )
         up = settings.upstream
         forwarder = Forwarder(

@@ -161,6 +161,10 @@ class Metrics:
             "jitgate_notifications_backlog", "Webhook notifications queued or being delivered.",
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.grant_events = Counter(
+            "jitgate_grant_events", "Grant lifecycle events written, by event.", ["event"],
+            registry=r,
+        )  # fmt: skip
         # Forward-auth ({prefix}/authz): decisions for a proxy in front, apart from proxy mode.
         self.authz_requests = Counter(
             "jitgate_authz_requests", "Forward-auth decisions by route id and decision.",
