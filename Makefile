@@ -30,11 +30,12 @@ test: $(STAMP) ## Lint, then run the whole test suite
 	$(MAKE) lint
 	$(BIN)/pytest -q
 
-bench: $(STAMP) ## Load-test upstream, pass-through, jitgate and a naive check; forward-auth decisions/s
+bench: $(STAMP) ## Load-test upstream, pass-through, jitgate and a naive check; forward-auth decisions/s; 1 and 2 workers
 	bash .ci/install.sh wrk:wrk nginx:nginx-light  # the load generator and the fast upstream
 	$(BIN)/python bench/run.py --latency
 	$(BIN)/python bench/kept.py
 	$(BIN)/python bench/authz.py
+	$(BIN)/python bench/workers.py
 
 clean: ## Remove the venv, caches and the demo state directory
 	rm -rf $(VENV) .jitgate .pytest_cache .mypy_cache .ruff_cache

@@ -326,8 +326,14 @@ def _workflow(state: State) -> Ctx:
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = state.settings
+        events = state.metrics.grant_events
         state.workflow = Workflow(
-            lambda: state.config.policy, state.grants, state.audit, settings.admins, state.notifier
+            lambda: state.config.policy,
+            state.grants,
+            state.audit,
+            settings.admins,
+            state.notifier,
+            counted=lambda event: events.labels(event).inc(),
         )
         up = settings.upstream
         forwarder = Forwarder(
@@ -392,8 +398,13 @@ def _reloader(state: State) -> Ctx:
 
 async def _cancel(task: asyncio.Task[None], within: float = 5.0) -> None:
     """Cancel a background task and wait for it, but never let it hold up the shutdown."""
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=within)
+    deadline = asyncio.get_running_loop().time() + within
+    done: set[asyncio.Task[None]] = set()
+    while not done and (left := deadline - asyncio.get_running_loop().time()) > 0:
+        # Again every 0.1 s: a cancellation can be lost, taken for a timeout that expired
+        # at the same moment (a Redis read with a timeout), and the task then goes on.
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=min(0.1, left))
     if not done:
         log.warning("%s did not stop within %.0fs of being cancelled", task.get_name(), within)
     elif not task.cancelled() and task.exception() is not None:
@@ -430,7 +441,7 @@ def run(settings: Settings) -> None:
     loop = new_event_loop()
     for level, line in speedups(loop):
         log.log(level, "%s", line)
-    app.on_startup.append(_freeze_startup_objects)  # after every resource has started
+    app.on_startup.append(freeze_startup_objects)  # after every resource has started
     web.run_app(
         app,
         loop=loop,
@@ -446,7 +457,7 @@ def run(settings: Settings) -> None:
     )
 
 
-async def _freeze_startup_objects(app: web.Application) -> None:
+async def freeze_startup_objects(app: web.Application) -> None:
     """Move what start-up made out of the garbage collector's sight, for good.
 
     A full collection walks every tracked object; under load one ran every second or two

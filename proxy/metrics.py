@@ -3,18 +3,75 @@
 Label values are route ids and fixed words, never raw paths, and label
 children are bound once and cached, so the request path does no lookups
 in prometheus-client's label dictionaries.
+
+Under `jitgate serve --workers N` every process writes its values to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode, chosen by that
+variable when prometheus-client is first imported) and a scrape, whichever worker
+answers it, reads all of them: counters and histograms are summed, each gauge is
+combined as its `multiprocess_mode` says. Values a process holds in memory (the grant
+view's counts, queue lengths) are copied into its files by `Metrics.refresh`, which
+each worker runs every second and before it renders a scrape.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client import multiprocess as mp
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess() -> bool:
+    """Whether values go to the multiprocess files (PROMETHEUS_MULTIPROC_DIR was set)."""
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+def clean_multiprocess_dir(path: Path) -> None:
+    """Empty the multiprocess directory: files of an earlier run would be counted again."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700, parents=True)
+
+
+def process_dead(pid: int, path: Path) -> None:
+    """Drop a dead process's live gauges; its counters stay, so totals never go back."""
+    mp.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
+
+
+class _PolledGauge(Gauge):
+    """A gauge read from a function: at scrape time in one process; with several, sampled
+    into this process's file by `Metrics.refresh` (a scrape reads files, not memory)."""
+
+    _poll: Callable[[], float] | None = None
+
+    def set_function(self, f: Callable[[], float]) -> None:
+        self._poll = f
+        if not multiprocess():
+            super().set_function(f)
+
+    def sample(self) -> None:
+        if self._poll is not None:
+            self.set(self._poll())
+
+
+class _VersionGauge(Gauge):
+    """The loaded policy version's timestamp. Files keep every series a process wrote, so
+    with several processes a replaced version is set to 0 rather than removed."""
+
+    def remove(self, *labelvalues: Any) -> None:
+        if multiprocess():
+            self.labels(*labelvalues).set(0)
+        else:
+            super().remove(*labelvalues)
+
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -38,8 +95,9 @@ class Metrics:
             "jitgate_redis_errors", "Redis operations that failed.", ["op"], registry=r
         )
         self.active_grants = Gauge(
-            "jitgate_active_grants", "Grants active now, as last counted.", registry=r
-        )
+            "jitgate_active_grants", "Grants active now, as last counted.", registry=r,
+            multiprocess_mode="livemostrecent",
+        )  # fmt: skip
         self.audit_delivered = Counter(
             "jitgate_audit_records_delivered", "Audit records a sink took.", ["sink"], registry=r
         )
@@ -53,32 +111,34 @@ class Metrics:
         )  # fmt: skip
         self.audit_backlog = Gauge(
             "jitgate_audit_backlog", "Audit records not yet delivered, by sink.", ["sink"],
-            registry=r,
+            registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.audit_spooled = Gauge(
             "jitgate_audit_spooled",
             "Audit records waiting for a sink only in the spool (not in memory), by sink.",
-            ["sink"], registry=r,
+            ["sink"], registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.audit_spool_bytes = Gauge(
-            "jitgate_audit_spool_bytes", "Size of this process's audit spool.", registry=r
-        )
+            "jitgate_audit_spool_bytes", "Size of the audit spools (summed over workers).",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
         self.audit_writable = Gauge(
             "jitgate_audit_writable",
             "1 while audit records can be kept (spool writable), 0 when not: strict mode refuses.",
-            registry=r,
-        )
+            registry=r, multiprocess_mode="livemin",
+        )  # fmt: skip
         self.policy_reloads = Counter(
             "jitgate_policy_reloads", "Policy reloads by result (ok, error or unchanged).",
             ["result"], registry=r,
         )  # fmt: skip
-        self.policy_info = Gauge(
+        self.policy_info = _VersionGauge(
             "jitgate_policy_loaded_timestamp_seconds",
             "When the running policy was loaded, by policy version.", ["version"], registry=r,
+            multiprocess_mode="livemax",
         )  # fmt: skip
         self.live_connections = Gauge(
             "jitgate_live_connections", "Open streams and WebSockets that depend on a grant.",
-            registry=r,
+            registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.live_cut = Counter(
             "jitgate_live_connections_cut", "Streams and WebSockets cut because their grant ended.",
@@ -97,8 +157,12 @@ class Metrics:
             "Webhook notifications not sent: the queue was full, or still queued at shutdown.",
             ["event"], registry=r,
         )  # fmt: skip
-        self.notifications_backlog = Gauge(
+        self.notifications_backlog = _PolledGauge(
             "jitgate_notifications_backlog", "Webhook notifications queued or being delivered.",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.grant_events = Counter(
+            "jitgate_grant_events", "Grant lifecycle events written, by event.", ["event"],
             registry=r,
         )  # fmt: skip
         # Forward-auth ({prefix}/authz): decisions for a proxy in front, apart from proxy mode.
@@ -112,6 +176,7 @@ class Metrics:
         )  # fmt: skip
         self._bound: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._authz_bound: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._view: _ViewSampler | None = None
 
     def request(self, route: str, decision: str) -> tuple[Counter, Histogram]:
         """Return the bound (counter, histogram) children for one route and decision."""
@@ -133,10 +198,26 @@ class Metrics:
 
     def watch_grant_view(self, read: Callable[[], tuple[int, int, bool, int]]) -> None:
         """Expose the grant view's counts, read at scrape time: (hits, misses, current, size)."""
-        self.registry.register(_GrantViewCollector(read))
+        if multiprocess():
+            self._view = _ViewSampler(read)
+        else:
+            self.registry.register(_GrantViewCollector(read))
+
+    def refresh(self) -> None:
+        """Copy what this process holds in memory into its multiprocess files."""
+        if not multiprocess():
+            return
+        self.notifications_backlog.sample()
+        if self._view is not None:
+            self._view.sample()
 
     def render(self) -> bytes:
-        return bytes(generate_latest(self.registry))
+        if not multiprocess():
+            return bytes(generate_latest(self.registry))
+        self.refresh()
+        every = CollectorRegistry()
+        mp.MultiProcessCollector(every)  # type: ignore[no-untyped-call]
+        return bytes(generate_latest(every))
 
 
 class _GrantViewCollector(Collector):
@@ -161,3 +242,50 @@ class _GrantViewCollector(Collector):
         yield GaugeMetricFamily(
             "jitgate_grant_view_entries", "Found grant checks the view remembers.", value=size
         )
+
+
+class _ViewSampler:
+    """The grant view's counts as multiprocess metrics: the same names as the collector's,
+    counters summed over workers, `current` the lowest of the live workers'."""
+
+    def __init__(self, read: Callable[[], tuple[int, int, bool, int]]) -> None:
+        self.read = read
+        checks = Counter(
+            "jitgate_grant_checks",
+            "Grant checks by where they were answered: the local view (memory) or Redis.",
+            ["answer"], registry=None,
+        )  # fmt: skip
+        self.hits, self.misses = checks.labels("view"), checks.labels("redis")
+        self.seen = (0, 0)
+        self.current = Gauge(
+            "jitgate_grant_view_current",
+            "1 while the grant view may answer (its event feed is current), else 0.",
+            registry=None, multiprocess_mode="livemin",
+        )  # fmt: skip
+        self.entries = Gauge(
+            "jitgate_grant_view_entries", "Found grant checks the view remembers.",
+            registry=None, multiprocess_mode="livesum",
+        )  # fmt: skip
+
+    def sample(self) -> None:
+        hits, misses, current, size = self.read()
+        self.hits.inc(hits - self.seen[0])
+        self.misses.inc(misses - self.seen[1])
+        self.seen = (hits, misses)
+        self.current.set(int(current))
+        self.entries.set(size)
+
+
+class SupervisorMetrics:
+    """What the supervisor of `serve --workers N` counts, in the workers' multiprocess files."""
+
+    def __init__(self) -> None:
+        r = CollectorRegistry()
+        self.restarts = Counter(
+            "jitgate_worker_restarts", "Workers restarted after they died unexpectedly.",
+            registry=r,
+        )  # fmt: skip
+        self.workers = Gauge(
+            "jitgate_workers", "Worker processes serving now.", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip

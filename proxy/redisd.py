@@ -277,6 +277,9 @@ class EmbeddedRedis:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=errlog,
+                # Its own session: a Ctrl-C in the terminal reaches jitgate only, which stops
+                # it last, once nothing writes to it any more.
+                start_new_session=True,
             )
         try:
             ready = await self._wait_pong(within, proc)

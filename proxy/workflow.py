@@ -57,6 +57,7 @@ class Workflow:
     audit: audit.AuditLog
     admins: AdminSettings
     notifier: Notifier | None = None  # None: no webhooks configured
+    counted: Callable[[str], None] = lambda event: None  # each event written (metrics)
 
     def is_admin(self, ident: Identity) -> bool:
         return ident.subject in self.admins.users or bool(self.admins.groups & set(ident.groups))
@@ -345,6 +346,7 @@ class Workflow:
             self.notifier.notify(event, grant)
 
     def _audit(self, event: str, grant: Grant, **extra: object) -> None:
+        self.counted(event)
         policy = self.policy()
         self.audit.emit(
             grant_record(

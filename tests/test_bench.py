@@ -95,3 +95,20 @@ def test_side_by_side_benches_run(script: str, count: str, ways: set[str]) -> No
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0] for line in out.stdout.splitlines()[2 : 2 + len(ways)]}
     assert rows == ways, out.stdout
+
+
+@pytest.mark.timeout(180)
+def test_workers_bench_runs() -> None:
+    """bench/workers.py end to end on short runs: one worker and two each served 200s."""
+    argv = [
+        sys.executable, str(ROOT / "bench" / "workers.py"), "--duration", "1", "--warmup", "0",
+        "--rounds", "1", "--connections", "4", "--loadgen", "python", "--upstream", "aiohttp",
+        "--json",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=170, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert set(report["results"]) == {"1", "2"}
+    for key, result in report["results"].items():
+        assert result["requests"] > 0 and result["errors"] == 0, (key, result)
+    assert report["ratio"] is not None

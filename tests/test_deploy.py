@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -79,6 +80,28 @@ def test_a_wrong_command_or_flag_is_caught(argv: list[str]) -> None:
 def test_real_commands_pass() -> None:
     assert check_jitgate_argv(["serve", "--config", "/etc/jitgate/jitgate.yaml"]) == []
     assert check_jitgate_argv(["check", "--config", "x.yaml"]) == []
+
+
+def unit_commands(text: str) -> list[list[str]]:
+    """The jitgate command lines a systemd unit runs (ExecStart=, ExecStartPre=, ...)."""
+    out = []
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.startswith("Exec") and value.split(" ", 1)[0].endswith("/bin/jitgate"):
+            out.append(shlex.split(value)[1:])
+    return out
+
+
+def test_the_systemd_unit_runs_real_commands() -> None:
+    text = (ROOT / "deploy" / "jitgate.service").read_text()
+    commands = unit_commands(text)
+    assert [argv[0] for argv in commands] == ["check", "serve"]
+    assert [p for argv in commands for p in check_jitgate_argv(argv)] == []
+    # With workers, SIGTERM must reach the supervisor alone, which drains them in order.
+    assert option(commands[1], "--workers") is not None
+    assert "KillMode=mixed" in text.splitlines()
+    bad = text.replace("--workers auto", "--workerz auto")
+    assert len([p for argv in unit_commands(bad) for p in check_jitgate_argv(argv)]) == 1
 
 
 # --- the Dockerfile -----------------------------------------------------------------------

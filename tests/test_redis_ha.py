@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -19,11 +20,12 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from clusterkit import ClusterKit
-from conftest import Upstream, bearer, write_config
+from conftest import ROOT, Upstream, bearer, write_config
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sentinelkit import MASTER_NAME, SentinelKit
+from test_workers import Jitgate, serving
 from waiting import eventually
 
 from proxy import settings as settings_mod
@@ -586,3 +588,41 @@ async def test_cluster_over_tls() -> None:
             await client.aclose()
     finally:
         kit.close()
+
+
+# -- workers ---------------------------------------------------------------------------
+
+
+def serve_workers(cfg: Path, tmp: Path, n: int) -> Jitgate:
+    """Start `jitgate serve --workers n`; not yet waited on."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JITGATE_", "PROMETHEUS_"))}
+    log_file = tmp / "jitgate.log"
+    with log_file.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--workers", str(n)],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    return Jitgate(proc, tmp, log_file)
+
+
+async def test_workers_share_the_sentinel_master(
+    small_kit: SentinelKit, tmp_path: Path, upstream: Upstream
+) -> None:
+    """`serve --workers 2` with redis.sentinel starts no embedded Redis: each worker reaches
+    the master through the sentinels."""
+    j = serve_workers(sentinel_config(tmp_path, small_kit, upstream.url), tmp_path, 2)
+    client = connect_redis(settings_of(small_kit))
+    try:
+        serving(j)
+        assert len(j.workers()) == 2 and not j.redis_servers(), j.log()
+        await RedisGrants(client).add("erin", "recording:1/demo-3", 60, "r", "pytest")
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{j.url}/_jit/readyz") as r:
+                assert r.status == 200, await r.text()
+            for _ in range(4):  # whichever worker answers
+                async with http.get(j.url + SNAPSHOTS.format(3), headers=bearer("erin")) as r:
+                    assert r.status == 200
+    finally:
+        await client.aclose()
+        assert j.stop() == 0, j.log()

@@ -70,6 +70,7 @@ class Flow:
     workflow: Workflow
     log: AuditLog
     file: Path
+    counted: list[str]  # what the workflow counted for metrics
 
     async def records(self) -> list[dict[str, Any]]:
         await self.log.flush(force=True)
@@ -88,7 +89,10 @@ async def flow(redis_url: str, tmp_path: Path) -> AsyncIterator[Flow]:
     log = AuditLog([JsonlFileSink(path)])
     await log.start()
     admins = AdminSettings(groups=frozenset({"security"}))
-    yield Flow(Workflow(lambda: POLICY, RedisGrants(client, "jit:"), log, admins), log, path)
+    counted: list[str] = []
+    store = RedisGrants(client, "jit:")
+    wf = Workflow(lambda: POLICY, store, log, admins, counted=counted.append)
+    yield Flow(wf, log, path, counted)
     await log.close()
     await client.aclose()
 
@@ -224,6 +228,9 @@ async def test_break_glass_is_active_at_once_and_reviewed_by_someone_else(flow: 
     assert reviewed.reviewed_by == "sam" and await wf.unreviewed(SAM) == []
     events = await flow.events(grant.id)
     assert events[:3] == ["grant.requested", "break_glass", "grant.activated"]
+    # Each event written is counted once (jitgate_grant_events_total, which alerts on
+    # break_glass), the refused request none.
+    assert flow.counted == events
 
 
 async def test_sweep_writes_each_expiry_once(flow: Flow) -> None:

@@ -14,6 +14,8 @@ Elasticsearch/OpenSearch bulk API and the Loki push API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import gzip as gzip_mod
 import json
 import os
@@ -21,7 +23,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -123,9 +125,23 @@ class JsonlFileSink:
                 found.append((m.group(1), entry))
         return sorted(found)  # fixed-width UTC stamps: name order is time order
 
-    def _append(self, data: bytes) -> None:
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the file's lock: the workers of `serve --workers N` share one file, and a
+        rotation, or the cut-back of a failed append, must not race another's append."""
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(
+                self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o640
+            )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _append(self, data: bytes) -> None:
+        with self._exclusive():
             try:
                 st: os.stat_result | None = self.path.stat()
             except FileNotFoundError:
@@ -182,7 +198,7 @@ class JsonlFileSink:
             os.close(fd)
 
     def _maintain(self) -> None:
-        with self._lock:
+        with self._exclusive():
             if self.rotate_daily:
                 # A quiet trail still turns over daily, so retention reaches its last day too.
                 try:

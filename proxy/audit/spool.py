@@ -62,11 +62,18 @@ class Spool:
 
     @classmethod
     def create(cls, root: Path, writer: str, sinks: Iterable[str], *, max_bytes: int) -> Spool:
-        """Create and lock this process's own spool directory."""
-        spool = cls(root / writer, sinks, max_bytes=max_bytes)
-        spool.dir.mkdir(parents=True, exist_ok=False)
+        """Create and lock this process's own spool directory.
+
+        It is made under a hidden name and renamed once locked: a process starting at the
+        same moment (another worker) must not take it, unlocked, for a crashed writer's.
+        """
+        staging = root / f".{writer}.new"
+        staging.mkdir(parents=True, exist_ok=False)
+        spool = cls(staging, sinks, max_bytes=max_bytes)
         if not spool._take_lock():  # pragma: no cover - a fresh random name
-            raise OSError(f"spool {spool.dir} is locked by another process")
+            raise OSError(f"spool {staging} is locked by another process")
+        staging.rename(root / writer)
+        spool.dir, spool.writer = root / writer, writer
         spool._new_segment()
         return spool
 
@@ -102,7 +109,8 @@ class Spool:
         """Return other writers' spool directories under root, oldest first."""
         if not root.is_dir():
             return []
-        dirs = [d for d in root.iterdir() if d.is_dir() and d.name != own]
+        # A hidden name is a spool being created (Spool.create), never a leftover.
+        dirs = [d for d in root.iterdir() if d.is_dir() and d.name != own and d.name[0] != "."]
         return sorted(dirs, key=lambda d: d.stat().st_mtime)
 
     def _take_lock(self) -> bool:

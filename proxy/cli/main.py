@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from .. import redisd
 from ..errors import ConfigError, ConfigErrors
 from ..settings import Settings, load
+from ..settings.config import workers_count
 from .common import (
     EXIT_FINDING,
     EXIT_OK,
@@ -46,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     p = nouns.add_parser("serve", help="run the proxy")
     config_arg(p)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        metavar="N",
+        help="worker processes sharing the port, or auto (one per usable core); "
+        "default: listen.workers, 1",
+    )
+    # Set by the supervisor of `--workers N` for each worker it starts.
+    p.add_argument("--worker-slot", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     p = nouns.add_parser("check", help="validate the config and its policy")
     config_arg(p)
@@ -198,17 +210,41 @@ def _dispatch(args: argparse.Namespace) -> int:
     return asyncio.run(grants.run(args, load(args.config)))
 
 
+def _workers(text: str) -> int:
+    count = workers_count("auto" if text == "auto" else int(text) if text.isdigit() else None)
+    if count is None:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, not {text!r}")
+    return count
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .. import policyfile
-    from ..app import run  # aiohttp app wiring is only needed here
 
+    # aiohttp app wiring (and prometheus-client, which must load after the supervisor set
+    # PROMETHEUS_MULTIPROC_DIR) is only imported below.
+    name = "%(name)s" if args.worker_slot is None else f"%(name)s[worker {args.worker_slot}]"
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {name}: %(message)s"
     )
     settings = load(args.config)
-    policyfile.load(settings.policy_file)  # a bad policy is a start-up error
+    policyfile.load(settings.policy_file)  # a bad policy is a start-up error, reported once
+    if args.worker_slot is not None:
+        from ..workers import serve_worker
+
+        serve_worker(settings, args.worker_slot, args.ready_fd)
+        return EXIT_OK
     if settings.redis.embedded and shutil.which("redis-server") is None:
         raise UsageError(str(redisd.RedisServerMissing()))
+    count = args.workers or settings.listen.workers
+    if count > 1:
+        from ..workers import supervise, worker_command
+
+        argv = [*worker_command(), "serve", "--log-level", args.log_level, "--workers", "1"]
+        if args.config is not None:
+            argv += ["--config", str(args.config)]
+        return supervise(settings, count, argv)
+    from ..app import run
+
     run(settings)
     return EXIT_OK
 

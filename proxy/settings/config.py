@@ -41,6 +41,23 @@ NOTIFY_FORMATS = ("json", "slack")
 class ListenSettings:
     host: str = "127.0.0.1"
     port: int = 8080
+    workers: int = 1  # processes serving the port (SO_REUSEPORT); `auto` in the file: cores
+
+
+def usable_cores() -> int:
+    """Return how many cores this process may run on (its CPU affinity), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def workers_count(value: object) -> int | None:
+    """Read a worker count: a positive integer or `auto` (the usable cores); None if neither."""
+    if value == "auto":
+        return usable_cores()
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return None
 
 
 @dataclass(frozen=True)
@@ -237,10 +254,14 @@ def validate(
     )
 
     s = r.section(raw, "listen", "listen")
-    r.known(s, {"host", "port"}, "listen")
+    r.known(s, {"host", "port", "workers"}, "listen")
+    workers = workers_count(1 if s.get("workers") is None else s["workers"])
+    if workers is None:
+        r.error(s, "workers", "listen.workers", "must be a positive integer or auto")
     listen = ListenSettings(
         host=r.get(s, "host", str, "127.0.0.1", "listen.host"),
         port=r.get(s, "port", int, 8080, "listen.port"),
+        workers=workers or 1,
     )
     if not 0 <= listen.port <= 65535:
         r.error(s, "port", "listen.port", "must be between 0 and 65535")

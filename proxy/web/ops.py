@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from .. import metrics
-from ..state import app_state
+from ..state import State, app_state
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -50,14 +50,20 @@ async def metrics_view(request: web.Request) -> web.Response:
         m.active_grants.set(await app_state(request).grants.count_active())
     except Exception:
         m.redis_errors.labels("count_active").inc()
-    audit_log = app_state(request).audit
+    sample(app_state(request))
+    return web.Response(body=m.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+def sample(state: State) -> None:
+    """Set the gauges counted from this process's own state (each worker runs it every
+    second under `serve --workers N`, so a scrape any worker answers sees them all)."""
+    m, audit_log = state.metrics, state.audit
     for sink, (backlog, spooled) in audit_log.stats().items():
         m.audit_backlog.labels(sink).set(backlog)
         m.audit_spooled.labels(sink).set(spooled)
     m.audit_spool_bytes.set(audit_log.spool.bytes() if audit_log.spool else 0)
     m.audit_writable.set(1 if audit_log.writable() else 0)
-    m.live_connections.set(len(app_state(request).live))
-    return web.Response(body=m.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
+    m.live_connections.set(len(state.live))
 
 
 async def jwks_view(request: web.Request) -> web.Response:
