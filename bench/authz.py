@@ -10,7 +10,7 @@ decision to the Redis stream and the JSON-lines file with the HMAC chain), plus
 does (X-Original-URI and X-Original-Method) for a path the grant allows, so every answer
 is a 200 with the identity headers. It prints decisions/s, latency, jitgate's CPU per
 decision, and how many audit records were written for them. It measures; it asserts
-nothing about speed. The issue's target: 10,000 decisions/s in one process.
+nothing about speed. The target: 10,000 decisions/s in one process.
 """
 
 from __future__ import annotations
