@@ -81,7 +81,7 @@ class _Compiler:
         default = self._access(raw, "default", "default", fallback)
         if default is Access.PROTECTED:
             self.err(raw, "default", "default", "cannot be 'protected' (it has no scope)")
-        routes = self._routes(raw, optional=base is not None)
+        routes = self._routes(raw, optional="preset" in raw and not self.table)
         covers = self._hierarchy(raw)
         if base is not None:
             routes += expand.preset_routes(self, raw, base[0], base[1])
