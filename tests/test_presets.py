@@ -265,3 +265,33 @@ def test_explain_shows_the_preset_and_route(tmp_path: Path) -> None:
 
     out = run("policy", "explain", "--config", str(cfg), "--json", "GET", "/nowhere")
     assert json.loads(out.stdout)["preset"] is None  # the default is no preset rule
+
+
+def doc_examples() -> list[tuple[str, str]]:
+    """The `$ ...` command blocks of docs/policy.md that use a preset, with their output."""
+    text = (ROOT / "docs" / "policy.md").read_text()
+    out = []
+    for block in text.split("```")[1::2]:
+        lines = [line.strip() for line in block.strip("\n").splitlines()]
+        if lines and lines[0].startswith("$ ") and "presets/" in lines[0]:
+            out.append((lines[0][2:], "\n".join(lines[1:])))
+    return out
+
+
+@pytest.mark.parametrize(("command", "shown"), doc_examples(), ids=lambda v: v[:60])
+def test_doc_commands_run_as_shown(command: str, shown: str) -> None:
+    env = {"PATH": f"{Path(JITGATE).parent}:/usr/bin"}
+    words = command.split()
+    while "=" in words[0]:
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    out = subprocess.run(
+        words, capture_output=True, text=True, env=env, cwd=ROOT, timeout=30, check=False
+    )
+    got = [line.strip() for line in out.stdout.splitlines()]
+    want = shown.splitlines()
+    if "..." in want:  # an elided middle: compare the first and the last lines
+        cut = want.index("...")
+        assert got[:cut] == want[:cut] and got[-(len(want) - cut - 1) :] == want[cut + 1 :]
+    else:
+        assert got == want
