@@ -178,7 +178,13 @@ def test_disabled_route_falls_through() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ("  - {id: posthog.nope, access: public}\n",
+        ("  - {id: posthog.quer, access: public}\n",
+         ["p.yaml:4: overrides[0].id: preset posthog has no route 'posthog.quer'; did you "
+          "mean posthog.query?"]),
+        ("  - {id: zzz, access: public}\n",
+         ["p.yaml:4: overrides[0].id: preset posthog has no route 'zzz' "
+          "(docs/presets/posthog.md lists them)"]),
+        ("  - {access: public}\n",
          ["p.yaml:4: overrides[0].id: is required: the id of a route of preset posthog, "
           "e.g. posthog.batch-check-exists"]),
         ("  - {id: posthog.query, access: public}\n  - {id: posthog.query, disabled: true}\n",

@@ -7,6 +7,7 @@ its fields (compiled again, errors placed in the policy file) or removes it.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import replace
 from typing import Protocol
 
@@ -64,8 +65,7 @@ def _overrides(
         rid = item.get("id")
         fields = [k for k in OVERRIDE_FIELDS if k in item]
         if rid not in ids:
-            message = f"is required: the id of a route of preset {name}, e.g. {min(ids)}"
-            compiler.err(item, "id", f"{where}.id", message)
+            compiler.err(item, "id", f"{where}.id", _unknown_id(rid, name, ids))
         elif rid in out:
             compiler.err(item, "id", f"{where}.id", f"{rid!r} is overridden twice")
         elif "disabled" in item and (item["disabled"] is not True or fields):
@@ -78,3 +78,11 @@ def _overrides(
         else:
             out[str(rid)] = (where, item)
     return out
+
+
+def _unknown_id(rid: object, name: str, ids: set[str]) -> str:
+    if not isinstance(rid, str):
+        return f"is required: the id of a route of preset {name}, e.g. {min(ids)}"
+    close = difflib.get_close_matches(rid, sorted(ids), n=1)
+    hint = f"; did you mean {close[0]}?" if close else f" (docs/presets/{name}.md lists them)"
+    return f"preset {name} has no route {rid!r}{hint}"
