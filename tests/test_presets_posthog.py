@@ -200,6 +200,8 @@ async def test_share_export_and_query_blocked_even_with_a_project_grant(
         ("GET", f"/api/{fam}/2/exports/9"),
         ("POST", f"/api/{fam}/2/query"),
         ("POST", f"/api/{fam}/2/query/"),
+        ("GET", f"/api/{fam}/@current/session_recordings/{REC}/snapshots"),
+        ("GET", f"/api/{fam}/%40current/session_recordings/{REC}"),
     ]
     for method, path in blocked:
         resp = await gate.request(method, path, headers=bearer(), json={"enabled": True})
