@@ -27,6 +27,10 @@ matches and whose `who` admits the requester applies:
         durations: {offered: [15m, 1h], default: 1h, max: 1h}
         approval: {mode: approvers, count: 1, approvers: {groups: [leads]}}
 
+A policy can start from a reviewed route table for a real tool (`preset: posthog`): the
+table's routes come after the policy's own, with ids prefixed by the preset's name, and
+`overrides:` replaces or removes them by id (see policyfile.py and proxy/presets/).
+
 This module is the compiled policy that decisions read; policyfile.py reads and checks
 the file (every error names its file, line and field).
 """
@@ -56,6 +60,7 @@ class Match:
     access: Access
     scope: str | None = None  # the route's own scope, e.g. recording:1/demo-1
     scopes: tuple[str, ...] = ()  # that scope and every scope that covers it, narrowest first
+    preset: str | None = None  # the preset the route came from, e.g. posthog
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,18 @@ class Route:
     access: Access
     scope: str | None
     first: str | None = None  # the first path segment, lower case, if it is a literal
+    preset: str | None = None  # the preset table the route came from, e.g. posthog
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    """The preset a policy expands, and where its table was taken from."""
+
+    name: str  # e.g. posthog
+    file: str  # the table, e.g. proxy/presets/posthog.yaml
+    tool: str  # e.g. PostHog
+    version: str  # the tool's version or commit the table was derived from
+    sources: tuple[str, ...]  # the tool's source files and docs it was derived from
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,7 @@ class Policy:
     routes: tuple[Route, ...]
     covers: tuple[Cover, ...]
     entitlements: tuple[Entitlement, ...] = ()
+    preset: PresetInfo | None = None
     _recording: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
     # The routes a path can match, by its first segment (lower case), in policy order: those
     # naming that segment and those whose first segment is a parameter. Other paths get
@@ -189,9 +207,9 @@ class Policy:
             if m is None:
                 continue
             if route.scope is None:
-                return Match(route.id, route.access)
+                return Match(route.id, route.access, preset=route.preset)
             scope = route.scope.format_map(m.groupdict())
-            return Match(route.id, route.access, scope, self.covering(scope))
+            return Match(route.id, route.access, scope, self.covering(scope), route.preset)
         return Match("_default", self.default)
 
     def covering(self, scope: str) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ import hashlib
 import re
 from pathlib import Path
 
+from . import presets
 from .errors import ConfigError, ConfigErrors
 from .policy import (
     SCOPE_PARAM,
@@ -18,10 +19,12 @@ from .policy import (
     Cover,
     Entitlement,
     Policy,
+    PresetInfo,
     Route,
     format_duration,
     scope_pattern,
 )
+from .presets import expand
 from .settings.read import parse_duration
 from .settings.yamlsrc import Node, Seq, line_of, load_text
 
@@ -44,34 +47,82 @@ def compile_text(text: str, name: str) -> Policy:
         raw = load_text(text, name)
     except ConfigError as exc:
         raise ConfigErrors([exc]) from None
-    return _Compiler(name).compile(raw, hashlib.sha256(text.encode()).hexdigest()[:16])
+    return _Compiler(name).compile(raw, text)
+
+
+def _table(preset: str) -> tuple[Policy, Seq, str]:
+    """Compile a shipped preset table; return it, its raw routes and its text."""
+    text, name = presets.read(preset)
+    raw = load_text(text, name)
+    return _Compiler(name, preset).compile(raw, text), raw["routes"], text
 
 
 class _Compiler:
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, table: str | None = None) -> None:
         self.file = file
+        self.table = table  # compiling the route table of this preset, not a policy
         self.errors: list[ConfigError] = []
 
     def err(self, node: Node | Seq, key: str | int, where: str, message: str) -> None:
         line = line_of(node, key)
         self.errors.append(ConfigError(message, file=self.file, line=line, field=where))
 
-    def compile(self, raw: object, version: str) -> Policy:
+    def compile(self, raw: object, text: str) -> Policy:
         if not isinstance(raw, Node):
             raise ConfigErrors([ConfigError("a policy must be a mapping", file=self.file, line=1)])
-        self.unknown(raw, "", ("default", "entitlements", "hierarchy", "routes", "version"))
+        known: tuple[str, ...] = ("default", "hierarchy", "routes", "version")
+        known += ("about",) if self.table else ("entitlements", "overrides", "preset")
+        self.unknown(raw, "", known)
         if raw.get("version", 1) != 1:
             self.err(raw, "version", "version", "only version 1 is supported")
-        default = self._access(raw, "default", "default", Access.IDENTITY)
+        base = self._preset(raw)
+        table, info = (base[0], base[0].preset) if base else (None, self._about(raw))
+        fallback = table.default if table is not None else Access.IDENTITY
+        default = self._access(raw, "default", "default", fallback)
         if default is Access.PROTECTED:
             self.err(raw, "default", "default", "cannot be 'protected' (it has no scope)")
-        routes = self._routes(raw)
+        routes = self._routes(raw, optional="preset" in raw and not self.table)
         covers = self._hierarchy(raw)
+        if base is not None:
+            routes += expand.preset_routes(self, raw, base[0], base[1])
+            covers += base[0].covers
+            text += "\0" + base[2]  # the version covers the table too
         entitlements = _EntitlementCompiler(self).compile(raw)
         if self.errors:
             raise ConfigErrors(self.errors)
+        version = hashlib.sha256(text.encode()).hexdigest()[:16]
         return Policy(
-            self.file, version, default, tuple(routes), tuple(covers), tuple(entitlements)
+            self.file, version, default, tuple(routes), tuple(covers), tuple(entitlements), info
+        )
+
+    # --- presets ----------------------------------------------------------------------
+
+    def _preset(self, raw: Node) -> tuple[Policy, Seq, str] | None:
+        name = raw.get("preset")
+        if name is None or self.table:
+            if "overrides" in raw:
+                self.err(raw, "overrides", "overrides", "needs a preset (preset: NAME)")
+            return None
+        if name not in presets.NAMES:
+            self.err(raw, "preset", "preset", f"must be one of {', '.join(presets.NAMES)}")
+            return None
+        return _table(name)
+
+    def _about(self, raw: Node) -> PresetInfo | None:
+        if self.table is None:
+            return None
+        about = raw.get("about")
+        fields = ("tool", "version", "sources", "reviewed")
+        if not isinstance(about, Node) or not all(k in about for k in fields[:3]):
+            self.err(raw, "about", "about", "is required: {tool, version, sources, reviewed}")
+            return None
+        self.unknown(about, "about", fields)
+        sources = about["sources"]
+        if not isinstance(sources, list) or not all(isinstance(x, str) for x in sources):
+            self.err(about, "sources", "about.sources", "must be a list of source files")
+            sources = []
+        return PresetInfo(
+            self.table, self.file, str(about["tool"]), str(about["version"]), tuple(sources)
         )
 
     def unknown(self, node: Node, where: str, known: tuple[str, ...]) -> None:
@@ -91,8 +142,10 @@ class _Compiler:
             self.err(node, key, where, f"must be one of {choices}, got {value!r}")
             return fallback
 
-    def _routes(self, raw: Node) -> list[Route]:
+    def _routes(self, raw: Node, *, optional: bool = False) -> list[Route]:
         items = raw.get("routes")
+        if items is None and optional:
+            return []
         if not isinstance(items, Seq):
             self.err(raw, "routes", "routes", "is required and must be a list")
             return []
@@ -106,8 +159,12 @@ class _Compiler:
             route = self._route(item, where)
             if route is None:
                 continue
+            preset = raw.get("preset")
             if route.id in seen:
                 self.err(item, "id", f"{where}.id", f"duplicate route id {route.id!r}")
+            elif isinstance(preset, str) and route.id.startswith(f"{preset}."):
+                message = f"the {preset}. prefix names preset routes: change them in overrides:"
+                self.err(item, "id", f"{where}.id", message)
             seen.add(route.id)
             out.append(route)
         return out

@@ -38,7 +38,7 @@ from .errors import BadPath, ConfigError, ConfigErrors
 from .grants import Grant, GrantChecker
 from .identity import Identity
 from .paths import normalise, split_target
-from .policy import Access, Policy
+from .policy import Access, Policy, PresetInfo
 from .settings.yamlsrc import Node, Seq, line_of, load_file
 
 EXPECTS = ("allow", "deny", "blocked", "unauthenticated", "bad_request")
@@ -99,6 +99,7 @@ class Verdict:
     scope: str | None = None  # the matched route's scope, whatever the outcome
     scopes: tuple[str, ...] = ()  # that scope and every scope covering it, narrowest first
     grant_id: str | None = None
+    preset: str | None = None  # the preset the matched route came from, if any
 
     @property
     def allow(self) -> bool:
@@ -110,6 +111,7 @@ class Verdict:
             "target": self.target,
             "path": self.path,
             "route": self.route,
+            "preset": self.preset,
             "access": self.access.value if self.access else None,
             "scope": self.scope,
             "covering_scopes": list(self.scopes),
@@ -154,6 +156,7 @@ async def decide_request(
         match.scope,
         match.scopes,
         d.grant_id,
+        match.preset if match.route == d.route else None,
     )
 
 
@@ -169,13 +172,25 @@ class Explanation:
     policy_version: str
     grants: tuple[Grant, ...] | None  # the user's active grants for the covering scopes
     grants_note: str | None = None  # why grants were not listed
+    preset: PresetInfo | None = None  # the policy's preset, when it has one
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.verdict.to_dict(),
             "user": self.user,
             "groups": list(self.groups),
-            "policy": {"file": self.policy_file, "version": self.policy_version},
+            "policy": {
+                "file": self.policy_file,
+                "version": self.policy_version,
+                "preset": None
+                if self.preset is None
+                else {
+                    "name": self.preset.name,
+                    "tool": self.preset.tool,
+                    "version": self.preset.version,
+                    "sources": list(self.preset.sources),
+                },
+            },
             "grants": None
             if self.grants is None
             else [
@@ -203,6 +218,10 @@ class Explanation:
             ("policy", f"{self.policy_file} (version {self.policy_version})"),
             ("route", f"{v.route} ({v.access.value})" if v.access else v.route),
         ]
+        if v.preset and self.preset:
+            rule = v.route.removeprefix(f"{v.preset}.")
+            made = f"{self.preset.tool} {self.preset.version}, {self.preset.file}"
+            rows.append(("preset", f"{v.preset}: route {rule} ({made})"))
         if v.scope:
             rows.append(("scope", v.scope))
             rows.append(("covered by", ", ".join(v.scopes[1:]) or "(no wider scope)"))
@@ -279,7 +298,9 @@ async def explain(
         else:
             mine.sort(key=lambda g: (verdict.scopes.index(g.scope), g.expires_at))
             listed = tuple(mine)
-    return Explanation(verdict, user, groups, compiled.file, compiled.version, listed, note)
+    return Explanation(
+        verdict, user, groups, compiled.file, compiled.version, listed, note, compiled.preset
+    )
 
 
 # --- jitgate policy test ----------------------------------------------------------------

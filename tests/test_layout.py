@@ -128,7 +128,7 @@ def test_pages_stay_off_the_byte_path(name: str) -> None:
 
 SERVICES = {
     "identity": ("proxy.identity",),
-    "policy": ("proxy.policy", "proxy.policyfile"),
+    "policy": ("proxy.policy", "proxy.policyfile", "proxy.presets"),
     "grants": ("proxy.grants", "proxy.grantstore", "proxy.grantview"),
     "audit": ("proxy.audit",),
 }

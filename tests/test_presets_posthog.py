@@ -1,0 +1,279 @@
+"""The PostHog preset end to end: jitgate with `preset: posthog` in front of a fake PostHog.
+
+The fake answers with PostHog's own response shapes (tests/fixtures/presets/posthog/,
+README.md there says where each came from) on both URL families, and records what
+reaches it. Grants are real, in the test session's Redis.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from conftest import ROOT, ProxyFactory, bearer
+from redis.asyncio import Redis
+from test_path_tricks import TRICKS, raw_request
+
+from proxy.grantstore import RedisGrants
+
+FIXTURES = ROOT / "tests" / "fixtures" / "presets" / "posthog"
+FAMILIES = ("projects", "environments")
+REC = "0192ab-c1"
+
+
+def fixture(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+@dataclass
+class FakePostHog:
+    url: str = ""
+    hits: list[tuple[str, str]] = field(default_factory=list)
+
+
+@pytest.fixture
+async def posthog(aiohttp_server: Any) -> FakePostHog:
+    fake = FakePostHog()
+
+    def seen(request: web.Request) -> None:
+        fake.hits.append((request.method, request.raw_path))
+
+    async def recording(request: web.Request) -> web.Response:
+        seen(request)
+        return web.json_response({**fixture("recording.json"), "id": request.match_info["rec"]})
+
+    async def snapshots(request: web.Request) -> web.Response:
+        seen(request)
+        if request.query.get("source") == "blob_v2":
+            body = (FIXTURES / "snapshot_block.jsonl").read_text()
+            return web.Response(text=body, content_type="application/jsonl")
+        return web.json_response(fixture("snapshot_sources.json"))
+
+    def answer(name: str) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            seen(request)
+            return web.json_response(fixture(name))
+
+        return handler
+
+    async def page(request: web.Request) -> web.Response:
+        seen(request)  # a sharing viewer page would embed the shared recording
+        return web.Response(text=f"<html>shared recording {REC}</html>", content_type="text/html")
+
+    app = web.Application()
+    for fam in FAMILIES:
+        base = f"/api/{fam}/{{team}}"
+        app.router.add_get(f"{base}/session_recordings", answer("recording_list.json"))
+        app.router.add_get(f"{base}/session_recordings/", answer("recording_list.json"))
+        app.router.add_route(
+            "*", f"{base}/session_recordings/{{rec}}/sharing", answer("sharing.json")
+        )
+        app.router.add_get(f"{base}/session_recordings/{{rec}}/snapshots", snapshots)
+        app.router.add_get(f"{base}/session_recordings/{{rec}}", recording)
+        app.router.add_get(
+            f"{base}/session_recording_playlists/{{short}}/recordings",
+            answer("playlist_recordings.json"),
+        )
+        app.router.add_route("*", f"{base}/query", answer("recording_list.json"))
+        app.router.add_route("*", f"{base}/exports", answer("sharing.json"))
+    for collector in ("/e/", "/s/", "/i/v0/e/", "/batch/", "/flags/", "/decide/"):
+        app.router.add_route("*", collector, answer("capture_ok.json"))
+    for viewer in ("/shared/{token}", "/embedded/{token}", "/exporter"):
+        app.router.add_get(viewer, page)
+    server = await aiohttp_server(app)
+    fake.url = str(server.make_url("")).rstrip("/")
+    return fake
+
+
+@pytest.fixture
+async def gate(make_proxy: ProxyFactory, posthog: FakePostHog) -> TestClient:
+    return await make_proxy(upstream_url=posthog.url, policy_text="preset: posthog\n")
+
+
+async def grant(redis_url: str, scope: str, user: str = "alice") -> str:
+    redis = Redis.from_url(redis_url)
+    try:
+        return (await RedisGrants(redis).add(user, scope, 600, "preset test", "test")).id
+    finally:
+        await redis.aclose()
+
+
+def content_paths(fam: str, rec: str = REC) -> list[str]:
+    base = f"/api/{fam}/2/session_recordings/{rec}"
+    return [
+        base,
+        f"{base}/",
+        f"{base}/snapshots",
+        f"{base}/snapshots?source=blob_v2&min_blob_key=0&max_blob_key=0",
+    ]
+
+
+# --- protected content ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+async def test_content_refused_without_a_grant(
+    gate: TestClient, posthog: FakePostHog, fam: str
+) -> None:
+    for path in content_paths(fam):
+        resp = await gate.get(path, headers={**bearer(), "Accept": "application/json"})
+        assert resp.status == 403, path
+        assert (await resp.json())["scope"] == f"recording:2/{REC}"
+        anon = await gate.get(path, headers={"Accept": "application/json"})
+        assert anon.status == 401, path
+    assert posthog.hits == []
+
+
+@pytest.mark.parametrize("scope", [f"recording:2/{REC}", "project:2"])
+async def test_one_grant_serves_both_url_families(
+    gate: TestClient, posthog: FakePostHog, redis_url: str, scope: str
+) -> None:
+    await grant(redis_url, scope)
+    for fam in FAMILIES:
+        base = f"/api/{fam}/2/session_recordings/{REC}"
+        resp = await gate.get(base, headers=bearer())
+        assert resp.status == 200
+        assert await resp.json() == {**fixture("recording.json"), "id": REC}
+        resp = await gate.get(f"{base}/snapshots", headers=bearer())
+        assert await resp.json() == fixture("snapshot_sources.json")
+        resp = await gate.get(f"{base}/snapshots?source=blob_v2&min_blob_key=0", headers=bearer())
+        assert resp.status == 200
+        lines = (await resp.text()).splitlines()
+        assert [json.loads(line)[1]["type"] for line in lines] == [4, 2, 3]
+    assert len(posthog.hits) == 6
+
+
+async def test_a_grant_opens_only_its_recording_and_team(
+    gate: TestClient, posthog: FakePostHog, redis_url: str
+) -> None:
+    await grant(redis_url, f"recording:2/{REC}")
+    await grant(redis_url, "project:3")
+    for path in (
+        "/api/environments/2/session_recordings/0192ab-c2",
+        f"/api/projects/4/session_recordings/{REC}",
+    ):
+        assert (await gate.get(path, headers=bearer())).status == 403
+    other = await gate.get(f"/api/projects/2/session_recordings/{REC}", headers=bearer("bob"))
+    assert other.status == 403
+    assert posthog.hits == []
+
+
+# --- identity-only lists ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+async def test_lists_need_only_an_identity(
+    gate: TestClient, posthog: FakePostHog, fam: str
+) -> None:
+    for path in (f"/api/{fam}/2/session_recordings", f"/api/{fam}/2/session_recordings/"):
+        resp = await gate.get(path, headers=bearer())
+        assert resp.status == 200
+        assert await resp.json() == fixture("recording_list.json")
+    playlist = f"/api/{fam}/2/session_recording_playlists/abcd1234/recordings"
+    resp = await gate.get(playlist, headers=bearer())
+    assert await resp.json() == fixture("playlist_recordings.json")
+    anon = await gate.get(
+        f"/api/{fam}/2/session_recordings", headers={"Accept": "application/json"}
+    )
+    assert anon.status == 401
+    assert len(posthog.hits) == 3
+
+
+# --- blocked share, export and query routes -------------------------------------------------
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+async def test_share_export_and_query_blocked_even_with_a_project_grant(
+    gate: TestClient, posthog: FakePostHog, redis_url: str, fam: str
+) -> None:
+    await grant(redis_url, "project:2")
+    blocked = [
+        ("GET", f"/api/{fam}/2/session_recordings/{REC}/sharing"),
+        ("PATCH", f"/api/{fam}/2/session_recordings/{REC}/sharing"),
+        ("POST", f"/api/{fam}/2/session_recordings/{REC}/sharing/passwords"),
+        ("POST", f"/api/{fam}/2/exports"),
+        ("GET", f"/api/{fam}/2/exports/9"),
+        ("POST", f"/api/{fam}/2/query"),
+        ("POST", f"/api/{fam}/2/query/"),
+        ("GET", f"/api/{fam}/@current/session_recordings/{REC}/snapshots"),
+        ("GET", f"/api/{fam}/%40current/session_recordings/{REC}"),
+    ]
+    for method, path in blocked:
+        resp = await gate.request(method, path, headers=bearer(), json={"enabled": True})
+        assert resp.status == 403, (method, path)
+        assert (await resp.json())["error"] == "blocked", path
+    assert posthog.hits == []
+
+
+async def test_sharing_viewer_pages_blocked_for_everyone(
+    gate: TestClient, posthog: FakePostHog
+) -> None:
+    for path in ("/shared/Ak3wZq9", "/embedded/Ak3wZq9", "/exporter?token=Ak3wZq9"):
+        for headers in ({}, bearer()):
+            resp = await gate.get(path, headers={**headers, "Accept": "application/json"})
+            assert resp.status == 403, path
+    assert posthog.hits == []
+
+
+# --- public collectors ---------------------------------------------------------------------
+
+
+async def test_collectors_are_public(gate: TestClient, posthog: FakePostHog) -> None:
+    for path in (
+        "/e/",
+        "/s/?compression=gzip-js",
+        "/i/v0/e/",
+        "/batch/",
+        "/flags/?v=2",
+        "/decide/",
+    ):
+        resp = await gate.post(path, data=b'{"api_key": "phc_test"}')
+        assert resp.status == 200, path
+        assert await resp.json() == {"status": 1}
+    assert [p for _, p in posthog.hits][:2] == ["/e/", "/s/?compression=gzip-js"]
+    assert len(posthog.hits) == 6
+
+
+# --- path variants against the preset's routes -----------------------------------------------
+
+
+def preset_tricks() -> list[tuple[str, int]]:
+    """The path-trick corpus, moved onto both PostHog URL families (the list left out:
+    it is identity-only under the preset)."""
+    out = []
+    for target, status in TRICKS:
+        if target.rstrip("/").endswith("session_recordings"):
+            continue
+        for fam in FAMILIES:
+            out.append((target.replace("/projects/", f"/{fam}/").replace("demo-1", REC), status))
+    return out
+
+
+@pytest.mark.parametrize(("target", "status"), preset_tricks())
+async def test_path_trick_never_reaches_posthog(
+    gate: TestClient, posthog: FakePostHog, target: str, status: int
+) -> None:
+    got, _ = await raw_request(gate, target)
+    assert got == status
+    assert posthog.hits == []
+
+
+async def test_path_variants_are_decided_on_the_forwarded_path(
+    gate: TestClient, posthog: FakePostHog, redis_url: str
+) -> None:
+    await grant(redis_url, f"recording:1/{REC}")
+    target = "/static/%2e%2e/api/environments/1/session_recordings/%30192ab-c1//snapshots"
+    got, _ = await raw_request(gate, target)
+    assert got == 200
+    assert posthog.hits == [("GET", f"/api/environments/1/session_recordings/{REC}/snapshots")]
+
+
+def test_fixture_provenance_is_written_down() -> None:
+    readme = (FIXTURES / "README.md").read_text()
+    for name in sorted(p.name for p in Path(FIXTURES).iterdir() if p.name != "README.md"):
+        assert f"`{name}`" in readme, name
