@@ -60,7 +60,7 @@ class Gate:
         self.reject_semicolons = forward.reject_semicolons
         self.status_bar = StatusBar(prefix) if forward.status_bar else None
         self.vouch = Vouch(forward, identity, assertion)
-        self.drop_headers = self.vouch.drop_headers
+        self.hygiene = self.vouch.hygiene  # holds vouch.drop_headers too
         self.drop_cookies = self.vouch.drop_cookies
         self.log = AccessLog(audit_log, metrics.request, state)
 
@@ -70,6 +70,10 @@ class Gate:
             reason = underscore_header(request)
             if reason is not None:
                 return self._bad_request(request, reason, started, "header")
+        if not self.hygiene.host_allowed(request):
+            host = request.headers.get("Host", "")[:64]
+            reason = f"Host {host!r} is not in forward.allowed_hosts"
+            return self._bad_request(request, reason, started, "host")
         try:
             raw_path, query = split_target(request.raw_path)
             path = normalise(raw_path, reject_semicolons=self.reject_semicolons)
@@ -106,11 +110,11 @@ class Gate:
                 request,
                 path,
                 query,
-                drop_headers=self.drop_headers,
                 drop_cookies=self.drop_cookies,
                 set_headers=self.vouch.headers(decision),
                 stop=stop,
                 rewrite=bar,
+                hygiene=self.hygiene,
             )
             return response
         finally:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
+from typing import Any
 
 import yaml
 from yarl import URL
@@ -95,6 +96,13 @@ class ForwardSettings:
         "x-jitgate-user",
         "x-jitgate-assertion",
     )
+    # What the upstream receives (hygiene.py, docs/upstream.md): names or `X-Prefix-*`
+    # patterns dropped beside the maintained list; the proxies whose X-Forwarded-For and
+    # Forwarded chain is kept and appended to; the client's Host sent upstream, checked.
+    drop_headers: tuple[str, ...] = ()
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    preserve_host: bool = False
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -275,7 +283,9 @@ def validate(
     state_dir = resolve(base, r.get(raw, "state_dir", str, "../.jitgate", "state_dir"))
     audit = auditsettings.audit(r, r.section(raw, "audit", "audit"), base, state_dir)
 
-    forward = _forward(r, r.section(raw, "forward", "forward"), base, state_dir, upstream_url)
+    forward = _forward(
+        r, r.section(raw, "forward", "forward"), base, state_dir, upstream_url, upstream.host_header
+    )
 
     s = r.section(raw, "admins", "admins")
     r.known(s, {"groups", "users"}, "admins")
@@ -315,12 +325,20 @@ def validate(
     return settings
 
 
-def _forward(r: Reader, s: Node, base: Path, state_dir: Path, upstream_url: URL) -> ForwardSettings:
+def _forward(
+    r: Reader,
+    s: Node,
+    base: Path,
+    state_dir: Path,
+    upstream_url: URL,
+    host_header: str | None = None,
+) -> ForwardSettings:
     at = "forward"
     r.known(
         s,
         {"pass_authorization", "pass_identity_cookie", "reject_semicolons", "identity_headers"}
-        | {"reject_underscore_headers", "assertion", "user_headers", "status_bar"},
+        | {"reject_underscore_headers", "assertion", "user_headers", "status_bar"}
+        | {"drop_headers", "trusted_proxies", "preserve_host", "allowed_hosts"},
         at,
     )
     defaults = ForwardSettings()
@@ -349,7 +367,74 @@ def _forward(r: Reader, s: Node, base: Path, state_dir: Path, upstream_url: URL)
                 s, "identity_headers", defaults.identity_headers, f"{at}.identity_headers"
             )
         ),
+        **_upstream_headers(r, s, host_header),
     )
+
+
+def _upstream_headers(r: Reader, s: Node, host_header: str | None) -> dict[str, Any]:
+    """forward.drop_headers, trusted_proxies, preserve_host and allowed_hosts."""
+    at = "forward"
+    drop = r.str_list(s, "drop_headers", (), f"{at}.drop_headers")
+    for name in drop:
+        why = _pattern_error(name)
+        if why is not None:
+            r.error(s, "drop_headers", f"{at}.drop_headers", f"{name!r} {why}")
+    where = f"{at}.trusted_proxies"
+    nets: list[IPv4Network | IPv6Network] = []
+    for text in r.str_list(s, "trusted_proxies", (), where):
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            r.error(s, "trusted_proxies", where, f"{text!r} is not a CIDR: {exc}")
+            continue
+        if net.prefixlen == 0:
+            r.error(s, "trusted_proxies", where, f"{text!r} would trust every client")
+            continue
+        nets.append(net)
+    preserve = r.get(s, "preserve_host", bool, False, f"{at}.preserve_host")
+    hosts = tuple(
+        h.strip().lower() for h in r.str_list(s, "allowed_hosts", (), f"{at}.allowed_hosts")
+    )
+    for host in hosts:
+        if not host or hostname(host) != host or "*" in host or "/" in host:
+            message = f"{host!r} is not a host name (no port, scheme or wildcard)"
+            r.error(s, "allowed_hosts", f"{at}.allowed_hosts", message)
+    if preserve and not hosts:
+        message = (
+            "is required with preserve_host: the host names users reach jitgate by, e.g. "
+            "[replay.example.com]; any other Host is refused rather than sent upstream"
+        )
+        r.error(s, "allowed_hosts", f"{at}.allowed_hosts", message)
+    if preserve and host_header:
+        message = "and upstream.host_header both name the Host sent upstream: set one"
+        r.error(s, "preserve_host", f"{at}.preserve_host", message)
+    return {
+        "drop_headers": tuple(drop),
+        "trusted_proxies": tuple(nets),
+        "preserve_host": preserve,
+        "allowed_hosts": hosts,
+    }
+
+
+_TOKEN = frozenset("!#$%&'+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _pattern_error(name: str) -> str | None:
+    """Why `name` is no header name or `X-Prefix-*` pattern, or None if it is one."""
+    body = name[:-1] if name.endswith("*") else name
+    if not body or not all(c in _TOKEN for c in body):
+        return "is not a header name or a prefix such as X-Remote-*"
+    if name.endswith("*") and len(body) < 3:
+        return "is too short a prefix: it would drop headers the upstream needs"
+    return None
+
+
+def hostname(host: str) -> str:
+    """A Host header's name without its port, in lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _forward_auth(r: Reader, s: Node) -> ForwardAuthSettings:
