@@ -15,6 +15,7 @@ one set lookup and one `str.startswith` per header.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
@@ -96,9 +97,7 @@ DROPPED = (
     "x-original-forwarded-for",
 )
 
-_TOKEN_CHARS = frozenset(
-    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PEER_CACHE = 1024
 
 Network = IPv4Network | IPv6Network
@@ -225,7 +224,8 @@ class Hygiene:
         scheme = request.scheme
         chain: list[str] = []
         earlier = ""
-        if self.trusts(remote):
+        trusted = self.trusts(remote)
+        if trusted:
             # A trusted proxy's view of the client comes first; this hop is appended.
             chain = [a.strip() for v in src.getall(hdrs.X_FORWARDED_FOR, ()) for a in v.split(",")]
             chain = [a for a in chain if a]
@@ -235,11 +235,11 @@ class Hygiene:
             proto = (_single(src, hdrs.X_FORWARDED_PROTO) or "").lower()
             scheme = proto if proto in ("http", "https") else scheme
             host = _single(src, hdrs.X_FORWARDED_HOST) or host
-        element = f"proto={_quote(scheme)}"
+        element = f"proto={scheme}"  # http or https: a token
         if remote:
             chain.append(remote)
             element = f"for={_quote(_node(remote))};{element}"
-            out["X-Real-IP"] = self._client_of(chain)
+            out["X-Real-IP"] = self._client_of(chain) if trusted else remote
         if chain:
             out[hdrs.X_FORWARDED_FOR] = ", ".join(chain)
         out[hdrs.X_FORWARDED_PROTO] = scheme
@@ -288,7 +288,7 @@ def _node(addr: str) -> str:
 
 def _quote(value: str) -> str:
     """Return an RFC 7239 value: a token as is, anything else as a quoted-string."""
-    if value and all(c in _TOKEN_CHARS for c in value):
+    if _TOKEN.fullmatch(value):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'

@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ROOT, SECRET, ProxyFactory, Upstream, bearer, free_port, write_config
 
@@ -149,6 +150,39 @@ async def test_other_headers_pass(make_proxy: ProxyFactory, upstream: Upstream) 
     assert r.status == 200
     seen = received(upstream)
     assert {k: seen.get(k.lower()) for k in kept} == kept
+
+
+async def test_a_websocket_upgrade_gets_the_same_hygiene(
+    make_proxy: ProxyFactory, aiohttp_server: Any
+) -> None:
+    seen: list[dict[str, str]] = []
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        seen.append({k.lower(): v for k, v in request.headers.items()})
+        resp = web.WebSocketResponse()
+        await resp.prepare(request)
+        await resp.close()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/live", ws)
+    server = await aiohttp_server(app)
+    proxy = await make_proxy(
+        upstream_url=str(server.make_url("")).rstrip("/"),
+        extra="forward: {reject_underscore_headers: false}",
+    )
+    sent = {
+        **bearer("alice"),
+        "X-Remote-User": "forged",
+        "X_Original_URL": "/forged",
+        "X-Real-IP": "forged",
+        "X-Forwarded-For": "forged",
+    }
+    async with proxy.ws_connect("/live", headers=sent) as conn:
+        await conn.receive()
+    (headers,) = seen
+    assert [f"{k}: {v}" for k, v in headers.items() if "forged" in v] == []
+    assert headers["x-real-ip"] == headers["x-forwarded-for"] == "127.0.0.1"
 
 
 # --- X-Real-IP, X-Forwarded-For, Forwarded -----------------------------------------------
