@@ -66,6 +66,8 @@ class Gate:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        # Behind a proxy in forward.trusted_proxies, the client it names; else the peer.
+        client_ip = self.hygiene.client_ip(request)
         if self.reject_underscores:
             reason = underscore_header(request)
             if reason is not None:
@@ -92,7 +94,9 @@ class Gate:
             decision = self.log.strict(decision)
         if not decision.allow:
             refusal = await self.refuse(request, decision, path)
-            self.log.decision(request, decision, path, refusal.status, 0, None, started)
+            self.log.decision(
+                request, decision, path, refusal.status, 0, None, started, client_ip=client_ip
+            )
             return refusal
 
         outcome: Outcome | None = None
@@ -126,10 +130,12 @@ class Gate:
             error = outcome.upstream_error if outcome else "client disconnected"
             if error and outcome:
                 self.metrics.upstream_errors.labels(error).inc()
-            self.log.decision(request, decision, path, status, sent, error, started)
+            self.log.decision(
+                request, decision, path, status, sent, error, started, client_ip=client_ip
+            )
 
     def _bad_request(
         self, request: web.Request, reason: str, started: float, what: str
     ) -> web.Response:
-        self.log.refused(request, reason, started)
+        self.log.refused(request, reason, started, client_ip=self.hygiene.client_ip(request))
         return web.Response(status=400, text=f"jitgate: bad request {what}: {reason}\n")

@@ -185,6 +185,19 @@ class Hygiene:
             known = self._peers[peer] = bool(_in(peer, self.trusted_proxies))
         return known
 
+    def client_ip(self, request: web.Request) -> str | None:
+        """The client a trusted proxy names (what X-Real-IP gets); None: the TCP peer."""
+        remote = request.remote
+        if not remote or not self.trusts(remote):
+            return None
+        chain = [
+            a.strip()
+            for v in request.headers.getall(hdrs.X_FORWARDED_FOR, ())
+            for a in v.split(",")
+            if a.strip()
+        ]
+        return self._client_of([*chain, remote])
+
     def request_headers(
         self,
         request: web.Request,

@@ -14,6 +14,7 @@ trusted proxy, `[10.0.0.0/8]` an ordinary client.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ROOT, SECRET, ProxyFactory, Upstream, bearer, free_port, write_config
+from waiting import eventually
 
 from proxy.app import build_app
 from proxy.errors import ConfigErrors
@@ -214,7 +216,7 @@ async def test_an_untrusted_peer_gets_its_own_address(
 
 
 async def test_a_trusted_proxy_chain_is_extended(
-    make_proxy: ProxyFactory, upstream: Upstream
+    make_proxy: ProxyFactory, upstream: Upstream, tmp_path: Path
 ) -> None:
     proxy = await make_proxy(extra="forward: {trusted_proxies: [127.0.0.1/32, 10.0.0.0/8]}")
     # The load balancer's chain: a client's forged entry, the client, an inner proxy.
@@ -256,6 +258,17 @@ async def test_a_trusted_proxy_chain_is_extended(
     )
     assert seen["x-real-ip"] == "2001:db8::1"
     assert seen["x-forwarded-proto"] == "http"
+
+    # The audit record names the same client as X-Real-IP.
+    def access_ips() -> list[str]:
+        path = tmp_path / "audit.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [r["client_ip"] for r in map(json.loads, lines) if r["event"] == "access.allow"]
+
+    assert await eventually(lambda: len(access_ips()) >= 2 and access_ips(), what="records") == [
+        "203.0.113.7",
+        "2001:db8::1",
+    ]
 
     # Nothing but trusted hops, or no chain at all: the peer is the client.
     await proxy.get(PUBLIC_ROUTE, headers={"X-Forwarded-For": "10.1.1.1"})
@@ -328,14 +341,16 @@ def test_preserve_host_and_host_header_exclude_each_other(tmp_path: Path) -> Non
 
 
 @pytest.fixture(scope="module")
-def django_app() -> Iterator[str]:
+def django_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """tests/django_app.py served by Django's own server on a free port; its URL."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "django_app.py"), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    log = tmp_path_factory.mktemp("django") / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "django_app.py"), str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -344,8 +359,8 @@ def django_app() -> Iterator[str]:
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                _, err = proc.communicate()
-                raise RuntimeError(f"the Django app did not start:\n{err.decode()}") from None
+                proc.wait()
+                raise RuntimeError(f"the Django app did not start:\n{log.read_text()}") from None
             time.sleep(0.05)
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
