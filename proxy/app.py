@@ -205,13 +205,14 @@ def _redis(state: State) -> Ctx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = state.settings
         embedded: EmbeddedRedis | None = None
-        url = settings.redis.url
-        if url is None:
+        url = None
+        if settings.redis.embedded:
             embedded = EmbeddedRedis(settings.state_dir)
             url = await embedded.start()
             log.info("embedded redis-server running on %s", url)
-        state.redis = connect_redis(url, settings.redis.timeout, settings.redis.max_connections)
-        state.grants = RedisGrants(state.redis, settings.redis.key_prefix)
+        state.redis = connect_redis(settings.redis, url)
+        wait = (settings.redis.wait_replicas, settings.redis.wait_timeout)
+        state.grants = RedisGrants(state.redis, settings.redis.key_prefix, wait=wait)
         follower = None
         if settings.redis.local_view:
             view = state.grant_view = GrantView(state.grants, lag=settings.redis.view_lag)

@@ -51,6 +51,7 @@ from redis.asyncio import Redis
 from . import lua
 from .grants import HISTORY_TTL, STATES, Approval, Grant, GrantError
 from .redisd import quiet_probe
+from .redisha import ASK_EVERY, durable_script, master_moved
 
 # The scripts (proxy/lua/grant_*.lua, each saying its KEYS and ARGV): every change is one
 # of them, so concurrent approvals, revocations and extensions stay consistent.
@@ -174,7 +175,12 @@ class RedisGrants:
     """The grant store, on one Redis connection pool shared by every request."""
 
     def __init__(
-        self, redis: Redis, prefix: str = "jit:", *, history_ttl: float = HISTORY_TTL
+        self,
+        redis: Redis,
+        prefix: str = "jit:",
+        *,
+        history_ttl: float = HISTORY_TTL,
+        wait: tuple[int, float] = (0, 0.0),  # WAIT (replicas, seconds) after each change
     ) -> None:
         if history_ttl <= 0:
             raise ValueError("history_ttl must be positive")
@@ -188,12 +194,12 @@ class RedisGrants:
         self._unreviewed = prefix + "unreviewed"
         self.channel = prefix + "events"
         self._check = redis.register_script(_CHECK)
-        self._create = redis.register_script(_CREATE)
-        self._approve = redis.register_script(_APPROVE)
-        self._end = redis.register_script(_END)
-        self._extend = redis.register_script(_EXTEND)
-        self._request_extension = redis.register_script(_REQUEST_EXTENSION)
-        self._review = redis.register_script(_REVIEW)
+        self._create = durable_script(redis, _CREATE, *wait)
+        self._approve = durable_script(redis, _APPROVE, *wait)
+        self._end = durable_script(redis, _END, *wait)
+        self._extend = durable_script(redis, _EXTEND, *wait)
+        self._request_extension = durable_script(redis, _REQUEST_EXTENSION, *wait)
+        self._review = durable_script(redis, _REVIEW, *wait)
         self._sweep = redis.register_script(_SWEEP)
 
     def _active_key(self, user: str, scope: str) -> str:
@@ -528,12 +534,16 @@ class RedisGrants:
                 peek, quiet = quiet_probe(pubsub)
                 watch(quiet)
             yield "subscribed", ""
-            sent = -ping_every
+            sent = asked = -ping_every
             while True:
                 if time.monotonic() - sent >= ping_every:
                     sent = time.monotonic()
                     await pubsub.ping(repr(sent))
-                wait = max(0.0, sent + ping_every - time.monotonic())
+                if time.monotonic() - asked >= ASK_EVERY:  # failed over: end
+                    asked = time.monotonic()
+                    if await master_moved(pubsub):
+                        raise ConnectionError("the Redis master moved: announcements missed")
+                wait = max(0.0, min(sent + ping_every, asked + ASK_EVERY) - time.monotonic())
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
                 if getattr(pubsub.connection, "_reader", None) is not first:
                     raise ConnectionError("the event feed reconnected: announcements missed")

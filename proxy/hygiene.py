@@ -23,7 +23,7 @@ from ipaddress import IPv4Network, IPv6Network
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, MultiMapping
 
-from .settings.config import hostname
+from .settings.forward import hostname
 
 HOP_BY_HOP = frozenset(
     [

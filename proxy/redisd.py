@@ -1,6 +1,7 @@
-"""How jitgate reaches Redis: a fail-fast client, a probe of a subscription's connection,
-and the embedded redis-server child it runs and supervises on a unix socket in its state
-dir when no Redis URL is configured."""
+"""How jitgate reaches Redis: a fail-fast client (of one server, of the master that Sentinel
+names, or of the master of jitgate's slot in a cluster: see redisha.py), a probe of a
+subscription's connection, and the embedded redis-server child it runs and supervises on a
+unix socket in its state dir when no Redis is configured."""
 
 from __future__ import annotations
 
@@ -15,14 +16,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
+
+from .redisha import SentinelRedis, SlotPool
+from .settings import RedisSettings
+from .settings.read import Secret
 
 # sun_path is 108 bytes on Linux (104 on the BSDs/macOS), including the trailing NUL.
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 107
@@ -342,22 +349,72 @@ class EmbeddedRedis:
         await asyncio.shield(proc.wait())
 
 
-def connect_redis(url: str, timeout: float, max_connections: int = 512) -> Redis:
-    """Return a client that fails fast, so a dead Redis means a quick 503, not a hang.
+def connect_redis(
+    settings: RedisSettings, embedded_url: str | None = None, *, timeout: float | None = None
+) -> Redis:
+    """Return the client the settings name (redis.url, redis.sentinel, else the embedded
+    server at `embedded_url`), failing fast, so a dead Redis means a quick 503, not a hang.
 
     A plain pool: redis-py's blocking pool, which queues callers past the limit, cost
     about 7% of jitgate's throughput in `make bench`. Past max_connections concurrent
     Redis calls a request fails closed (503) instead of waiting.
+
+    Through Sentinel, every new connection asks the sentinels for the master first; while
+    they name none (a failover under way) a call fails as if Redis were down.
     """
-    pool = ConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
-    return Redis(connection_pool=pool)
+    within = settings.timeout if timeout is None else timeout
+    common: dict[str, Any] = {
+        "max_connections": settings.max_connections,
+        "socket_timeout": within,
+        "socket_connect_timeout": within,
+        "retry": Retry(NoBackoff(), 1),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
+    s, c = settings.sentinel, settings.cluster
+    if c is not None:
+        access = _access(c.tls, c.tls_ca_file, c.username, c.password)
+        # One try per node: the next node is the retry, as with the sentinels.
+        asking = {"socket_timeout": within, "socket_connect_timeout": within, **access}
+        asking["retry"] = Retry(NoBackoff(), 0)
+        pool = SlotPool(c.nodes, settings.key_prefix, asking, **common, **access)
+        return Redis(connection_pool=pool)
+    if s is not None:
+        tls = _access(s.tls, s.tls_ca_file)
+        sentinel = Sentinel(
+            s.sentinels,
+            sentinel_kwargs={
+                "socket_timeout": within,
+                "socket_connect_timeout": within,
+                "username": s.sentinel_username,
+                "password": s.sentinel_password.reveal() if s.sentinel_password else None,
+                **tls,
+            },
+        )
+        client: SentinelRedis = sentinel.master_for(
+            s.master,
+            redis_class=SentinelRedis,
+            **common,
+            **_access(s.tls, s.tls_ca_file, s.username, s.password),
+            db=s.db,
+        )
+        client.sentinels = sentinel
+        return client
+    url = settings.url or embedded_url
+    if url is None:
+        raise ValueError("no Redis to connect to: neither redis.url nor redis.sentinel is set")
+    return Redis(connection_pool=ConnectionPool.from_url(url, **common))
+
+
+def _access(
+    tls: bool, ca_file: Path | None, username: str | None = None, password: Secret | None = None
+) -> dict[str, Any]:
+    """Return redis-py's connection arguments for TLS and, if given, AUTH."""
+    out: dict[str, Any] = {"ssl": True} if tls else {}
+    if tls and ca_file is not None:
+        out["ssl_ca_certs"] = str(ca_file)
+    if username or password:
+        out |= {"username": username, "password": password.reveal() if password else None}
+    return out
 
 
 def quiet_probe(pubsub: PubSub) -> tuple[socket.socket | None, Callable[[], bool]]:

@@ -8,7 +8,7 @@ it starts), but it:
 - reserves the port (a bound, never listening, SO_REUSEPORT socket: a port taken by
   another program fails here, once, and `listen.port: 0` picks one port for all);
 - empties the prometheus-client multiprocess directory and points every worker at it;
-- starts the embedded redis-server once (when `redis.url` is not set) and gives every
+- starts the embedded redis-server once (when no Redis is configured) and gives every
   worker its URL, and stops it last, after every worker has closed its audit log;
 - starts the workers and waits until each listens: one that exits first fails the whole
   start (exit 1), so a start-up error is reported once instead of restarting for ever;
@@ -126,7 +126,7 @@ class Supervisor:
         self.env["JITGATE_LISTEN__PORT"] = str(port)
         embedded = None
         try:
-            if self.settings.redis.url is None:
+            if self.settings.redis.embedded:
                 embedded = redisd.EmbeddedRedis(self.settings.state_dir)
                 url = await embedded.start()
                 log.info("embedded redis-server running on %s, shared by the workers", url)

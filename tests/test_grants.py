@@ -15,6 +15,7 @@ from waiting import eventually
 from proxy.grants import Grant, GrantError
 from proxy.grantstore import RedisGrants
 from proxy.redisd import connect_redis
+from proxy.settings import RedisSettings
 
 
 async def _gone(redis: Redis, key: str) -> bool:
@@ -339,7 +340,7 @@ async def test_a_feed_whose_connection_was_dropped_ends(redis_url: str) -> None:
     """jitgate's client retries once after a dropped connection, and redis-py then
     subscribes again by itself: what was announced in between would be missed without a
     word. The feed ends instead, so its followers treat it as lost (and fail closed)."""
-    client = connect_redis(redis_url, 1.0)
+    client = connect_redis(RedisSettings(url=redis_url))
     feed = RedisGrants(client).events(ping_every=0.05)
     killer = Redis.from_url(redis_url)
     try:

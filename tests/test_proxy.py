@@ -47,7 +47,8 @@ async def test_deny_grant_allow_revoke_deny_then_expiry(
     r = await proxy.get(SNAPSHOTS, headers=bearer("alice"))
     assert r.status == 403
 
-    await add_grant(proxy, "alice", "recording:1/demo-1", 0.5)
+    # Long enough to be used at once on a loaded machine, short enough to wait out.
+    await add_grant(proxy, "alice", "recording:1/demo-1", 2)
     r = await proxy.get(SNAPSHOTS, headers=bearer("alice"))
     assert r.status == 200
 

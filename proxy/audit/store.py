@@ -47,6 +47,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from .. import lua
+from ..redisha import durable_script
 from ..settings import Settings
 
 log = logging.getLogger("jitgate.auditstore")
@@ -137,6 +138,7 @@ class AuditStore:
         maxlen: int | None = 1_000_000,
         retention: float | None = None,
         trim_chunk: int = 1000,
+        wait: tuple[int, float] = (0, 0.0),  # WAIT (replicas, seconds) after each write
     ) -> None:
         if trim_chunk < 1:
             raise ValueError("trim_chunk must be at least 1")
@@ -146,7 +148,7 @@ class AuditStore:
         self.retention = retention
         self.trim_chunk = trim_chunk
         self.prefix = f"{key}:idx:"
-        self._write = redis.register_script(_WRITE)
+        self._write = durable_script(redis, _WRITE, *wait, what="an audit batch")
         self._trim = redis.register_script(_TRIM)
         self._reindex = redis.register_script(_REINDEX)
         self._page = redis.register_script(_PAGE)
@@ -593,4 +595,5 @@ def store_for(settings: Settings, redis: Redis) -> AuditStore | None:
     if a is None:
         return None
     key = settings.redis.key_prefix + a.stream
-    return AuditStore(redis, key, maxlen=a.maxlen, retention=a.retention)
+    wait = (settings.redis.wait_replicas, settings.redis.wait_timeout)
+    return AuditStore(redis, key, maxlen=a.maxlen, retention=a.retention, wait=wait)

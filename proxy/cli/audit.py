@@ -19,9 +19,8 @@ from redis.exceptions import RedisError
 
 from ..audit import query as auditquery
 from ..audit.store import AuditStore, Page, Query, store_for
-from ..redisd import connect_redis
 from ..settings import Settings
-from .common import EXIT_FINDING, EXIT_OK, UsageError, api_args, api_url, config_arg, redis_url_for
+from .common import EXIT_FINDING, EXIT_OK, UsageError, api_args, api_url, config_arg, redis_for
 
 
 def add_parser(nouns: Any) -> None:
@@ -151,7 +150,7 @@ class _RedisSource:
     def __init__(self, settings: Settings) -> None:
         if settings.audit.redis is None:
             raise UsageError("the Redis audit stream is off (audit.redis: null): nothing to query")
-        self.redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
+        self.redis = redis_for(settings)
         store = store_for(settings, self.redis)
         assert store is not None
         self.store: AuditStore = store
@@ -232,7 +231,7 @@ async def _verify(args: argparse.Namespace, settings: Settings) -> int:
                 raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     else:
         source = args.stream or settings.redis.key_prefix + (a.redis.stream if a.redis else "audit")
-        redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
+        redis = redis_for(settings)
         try:
             async for loc, text in stream_entries(redis, source):
                 v.feed(loc, text)

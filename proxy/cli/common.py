@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from redis.asyncio import Redis
+
 from .. import redisd
 from ..settings import Settings
 from ..settings.read import parse_duration
@@ -42,17 +44,19 @@ def duration(text: str) -> float:
         raise UsageError(str(exc)) from None
 
 
-def redis_url_for(settings: Settings) -> str:
-    """Return the configured Redis URL, or the embedded server's socket if it is running."""
-    if settings.redis.url:
-        return settings.redis.url
-    sock = redisd.socket_path(settings.state_dir)
-    if not sock.exists():
-        raise UsageError(
-            f"jitgate's embedded Redis is not running (no socket at {sock}); "
-            "start `jitgate serve` first, or set redis.url in the config"
-        )
-    return redisd.redis_url(settings.state_dir)
+def redis_for(settings: Settings) -> Redis:
+    """Return a client of the configured Redis (redis.url, redis.sentinel or redis.cluster),
+    else of the embedded server if it is running."""
+    embedded = None
+    if settings.redis.embedded:
+        sock = redisd.socket_path(settings.state_dir)
+        if not sock.exists():
+            raise UsageError(
+                f"jitgate's embedded Redis is not running (no socket at {sock}); "
+                "start `jitgate serve` first, or set redis.url in the config"
+            )
+        embedded = redisd.redis_url(settings.state_dir)
+    return redisd.connect_redis(settings.redis, embedded, timeout=max(settings.redis.timeout, 5.0))
 
 
 def api_url(settings: Settings) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from ..settings import Settings
-from .common import EXIT_FINDING, EXIT_OK, EXIT_USAGE, UsageError, api_url, duration, redis_url_for
+from .common import EXIT_FINDING, EXIT_OK, EXIT_USAGE, UsageError, api_url, duration, redis_for
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -41,12 +41,12 @@ async def _grants(args: argparse.Namespace, settings: Settings) -> int:
     from ..app import make_audit_log
     from ..grantstore import RedisGrants
     from ..metrics import Metrics
-    from ..redisd import connect_redis
     from ..workflow import grant_record
 
     compiled = policyfile.load(settings.policy_file)  # every audit record names its version
-    redis = connect_redis(redis_url_for(settings), max(settings.redis.timeout, 5.0))
-    store = RedisGrants(redis, settings.redis.key_prefix)
+    redis = redis_for(settings)
+    wait = (settings.redis.wait_replicas, settings.redis.wait_timeout)
+    store = RedisGrants(redis, settings.redis.key_prefix, wait=wait)
     audit_log = make_audit_log(settings, redis, Metrics())
     await audit_log.start()  # through the spool: a record survives Redis failing right after
     try:

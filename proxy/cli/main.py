@@ -28,7 +28,7 @@ from .common import (
     api_args,
     config_arg,
     duration,
-    redis_url_for,
+    redis_for,
 )
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         serve_worker(settings, args.worker_slot, args.ready_fd)
         return EXIT_OK
-    if settings.redis.url is None and shutil.which("redis-server") is None:
+    if settings.redis.embedded and shutil.which("redis-server") is None:
         raise UsageError(str(redisd.RedisServerMissing()))
     count = args.workers or settings.listen.workers
     if count > 1:
@@ -253,7 +253,6 @@ async def _explain(args: argparse.Namespace, settings: Settings) -> int:
     from .. import policyfile, policytest
     from ..grantstore import RedisGrants
     from ..identity import Identity
-    from ..redisd import connect_redis
 
     if not policytest.METHOD.match(args.method):
         raise UsageError(f"invalid METHOD {args.method!r}")
@@ -269,10 +268,9 @@ async def _explain(args: argparse.Namespace, settings: Settings) -> int:
         and _needs_grant(compiled, method, args.path, reject)
     ):
         try:
-            url = redis_url_for(settings)
+            redis = redis_for(settings)
         except UsageError as exc:
             raise UsageError(f"{exc}; or pass --no-redis") from None
-        redis = connect_redis(url, max(settings.redis.timeout, 5.0))
         store = RedisGrants(redis, settings.redis.key_prefix)
     try:
         found = await policytest.explain(

@@ -14,21 +14,23 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Any
 
 import yaml
 from yarl import URL
 
 from ..errors import ConfigError, ConfigErrors
 from . import audit as auditsettings
+from . import forward as forwardsettings
 from . import identity as identitysettings
 from .audit import AuditSettings
-from .identity import AssertionSettings, IdentitySettings
-from .read import Reader, Secret, as_node, http_url, resolve, seconds
+from .forward import ForwardSettings
+from .identity import IdentitySettings
+from .read import Reader, Secret, http_url, resolve, seconds
 from .yamlsrc import Node, load_file
 
 ENV_PREFIX = "JITGATE_"
@@ -71,38 +73,48 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True)
+class SentinelSettings:
+    """A master that Redis Sentinel watches and fails over; clients ask the sentinels for it."""
+
+    master: str  # the name the sentinels monitor it by
+    sentinels: tuple[tuple[str, int], ...]
+    username: str | None = None  # the Redis ACL user on the master and its replicas
+    password: Secret | None = None
+    db: int = 0
+    sentinel_username: str | None = None  # for the sentinels themselves
+    sentinel_password: Secret | None = None
+    tls: bool = False  # TLS to the sentinels and to Redis
+    tls_ca_file: Path | None = None  # the CA that signed their certificates (default: system's)
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """A Redis Cluster; jitgate's keys share one hash slot, served by that slot's master."""
+
+    nodes: tuple[tuple[str, int], ...]  # where to ask for the slots' masters first
+    username: str | None = None
+    password: Secret | None = None
+    tls: bool = False
+    tls_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class RedisSettings:
-    url: str | None = None  # None: jitgate runs its own redis-server in state_dir
+    url: str | None = None  # None (no sentinel, no cluster): jitgate runs its own redis-server
+    sentinel: SentinelSettings | None = None
+    cluster: ClusterSettings | None = None
+    wait_replicas: int = 0  # grant changes wait for this many replicas to acknowledge them
+    wait_timeout: float = 0.5  # ... for at most this long
     timeout: float = 1.0
     key_prefix: str = "jit:"
     max_connections: int = 512
     local_view: bool = True  # answer repeated grant checks from memory (grantview.py)
     view_lag: float = 0.1  # ... only while every change older than this has been seen
 
-
-@dataclass(frozen=True)
-class ForwardSettings:
-    pass_authorization: bool = False
-    pass_identity_cookie: bool = False
-    reject_semicolons: bool = True
-    reject_underscore_headers: bool = True  # 400 for X_Forwarded_User and its kind
-    assertion: AssertionSettings | None = None
-    user_headers: bool = False  # also send X-Forwarded-User, -Email and -Groups
-    status_bar: bool = False  # inject the grant's countdown bar into HTML pages (statusbar.py)
-    identity_headers: tuple[str, ...] = (
-        "x-forwarded-user",
-        "x-forwarded-email",
-        "x-forwarded-groups",
-        "x-jitgate-user",
-        "x-jitgate-assertion",
-    )
-    # What the upstream receives (hygiene.py, docs/upstream.md): names or `X-Prefix-*`
-    # patterns dropped beside the maintained list; the proxies whose X-Forwarded-For and
-    # Forwarded chain is kept and appended to; the client's Host sent upstream, checked.
-    drop_headers: tuple[str, ...] = ()
-    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
-    preserve_host: bool = False
-    allowed_hosts: tuple[str, ...] = ()
+    @property
+    def embedded(self) -> bool:
+        """Whether jitgate runs its own redis-server (no Redis is configured)."""
+        return self.url is None and self.sentinel is None and self.cluster is None
 
 
 @dataclass(frozen=True)
@@ -259,21 +271,7 @@ def validate(
         keepalive=r.positive(s, "keepalive", float, 15.0, "upstream.keepalive"),
     )
 
-    s = r.section(raw, "redis", "redis")
-    r.known(
-        s, {"url", "timeout", "key_prefix", "max_connections", "local_view", "view_lag"}, "redis"
-    )
-    redis_url = r.optional_str(s, "url", None, "redis.url") or None
-    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        r.error(s, "url", "redis.url", "must start with redis://, rediss:// or unix://")
-    redis = RedisSettings(
-        url=redis_url,
-        timeout=r.positive(s, "timeout", float, 1.0, "redis.timeout"),
-        key_prefix=r.get(s, "key_prefix", str, "jit:", "redis.key_prefix"),
-        max_connections=r.positive(s, "max_connections", int, 512, "redis.max_connections"),
-        local_view=r.get(s, "local_view", bool, True, "redis.local_view"),
-        view_lag=r.positive(s, "view_lag", float, 0.1, "redis.view_lag"),
-    )
+    redis = _redis(r, r.section(raw, "redis", "redis"), base)
 
     prefix = r.get(raw, "prefix", str, "/_jit", "prefix").rstrip("/")
     if not prefix.startswith("/") or len(prefix) < 2 or "//" in prefix:
@@ -283,7 +281,7 @@ def validate(
     state_dir = resolve(base, r.get(raw, "state_dir", str, "../.jitgate", "state_dir"))
     audit = auditsettings.audit(r, r.section(raw, "audit", "audit"), base, state_dir)
 
-    forward = _forward(
+    forward = forwardsettings.forward(
         r, r.section(raw, "forward", "forward"), base, state_dir, upstream_url, upstream.host_header
     )
 
@@ -325,116 +323,141 @@ def validate(
     return settings
 
 
-def _forward(
-    r: Reader,
-    s: Node,
-    base: Path,
-    state_dir: Path,
-    upstream_url: URL,
-    host_header: str | None = None,
-) -> ForwardSettings:
-    at = "forward"
+def _redis(r: Reader, s: Node, base: Path) -> RedisSettings:
+    at = "redis"
     r.known(
         s,
-        {"pass_authorization", "pass_identity_cookie", "reject_semicolons", "identity_headers"}
-        | {"reject_underscore_headers", "assertion", "user_headers", "status_bar"}
-        | {"drop_headers", "trusted_proxies", "preserve_host", "allowed_hosts"},
+        {"url", "sentinel", "cluster", "timeout", "key_prefix", "max_connections", "local_view"}
+        | {"view_lag", "wait_replicas", "wait_timeout"},
         at,
     )
-    defaults = ForwardSettings()
-    assertion = None
-    raw = s.get("assertion")
-    if raw is True or isinstance(raw, dict):
-        node = r.section(s, "assertion", f"{at}.assertion") if raw is not True else as_node({}, 0)
-        assertion = identitysettings.assertion(r, node, base, state_dir, upstream_url)
-    elif raw not in (None, False):
-        r.error(s, "assertion", f"{at}.assertion", "must be true, false or a mapping")
-    return ForwardSettings(
-        pass_authorization=r.get(s, "pass_authorization", bool, False, f"{at}.pass_authorization"),
-        pass_identity_cookie=r.get(
-            s, "pass_identity_cookie", bool, False, f"{at}.pass_identity_cookie"
-        ),
-        reject_semicolons=r.get(s, "reject_semicolons", bool, True, f"{at}.reject_semicolons"),
-        reject_underscore_headers=r.get(
-            s, "reject_underscore_headers", bool, True, f"{at}.reject_underscore_headers"
-        ),
-        assertion=assertion,
-        user_headers=r.get(s, "user_headers", bool, False, f"{at}.user_headers"),
-        status_bar=r.get(s, "status_bar", bool, False, f"{at}.status_bar"),
-        identity_headers=tuple(
-            h.lower().replace("_", "-")
-            for h in r.str_list(
-                s, "identity_headers", defaults.identity_headers, f"{at}.identity_headers"
-            )
-        ),
-        **_upstream_headers(r, s, host_header),
-    )
-
-
-def _upstream_headers(r: Reader, s: Node, host_header: str | None) -> dict[str, Any]:
-    """forward.drop_headers, trusted_proxies, preserve_host and allowed_hosts."""
-    at = "forward"
-    drop = r.str_list(s, "drop_headers", (), f"{at}.drop_headers")
-    for name in drop:
-        why = _pattern_error(name)
-        if why is not None:
-            r.error(s, "drop_headers", f"{at}.drop_headers", f"{name!r} {why}")
-    where = f"{at}.trusted_proxies"
-    nets: list[IPv4Network | IPv6Network] = []
-    for text in r.str_list(s, "trusted_proxies", (), where):
-        try:
-            net = ipaddress.ip_network(text, strict=True)
-        except ValueError as exc:
-            r.error(s, "trusted_proxies", where, f"{text!r} is not a CIDR: {exc}")
-            continue
-        if net.prefixlen == 0:
-            r.error(s, "trusted_proxies", where, f"{text!r} would trust every client")
-            continue
-        nets.append(net)
-    preserve = r.get(s, "preserve_host", bool, False, f"{at}.preserve_host")
-    hosts = tuple(
-        h.strip().lower() for h in r.str_list(s, "allowed_hosts", (), f"{at}.allowed_hosts")
-    )
-    for host in hosts:
-        if not host or hostname(host) != host or "*" in host or "/" in host:
-            message = f"{host!r} is not a host name (no port, scheme or wildcard)"
-            r.error(s, "allowed_hosts", f"{at}.allowed_hosts", message)
-    if preserve and not hosts:
+    url = r.optional_str(s, "url", None, f"{at}.url") or None
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        r.error(s, "url", f"{at}.url", "must start with redis://, rediss:// or unix://")
+    sentinel = cluster = None
+    if s.get("sentinel") is not None:
+        sentinel = _sentinel(r, r.section(s, "sentinel", f"{at}.sentinel"), base)
+    if s.get("cluster") is not None:
+        cluster = _cluster(r, r.section(s, "cluster", f"{at}.cluster"), base)
+    chosen = [k for k in ("url", "sentinel", "cluster") if s.get(k) is not None]
+    if len(chosen) > 1:
+        message = "set only one of redis.url, redis.sentinel and redis.cluster"
+        r.error(s, chosen[-1], f"{at}.{chosen[-1]}", message)
+    key_prefix = r.get(s, "key_prefix", str, "jit:", f"{at}.key_prefix")
+    if cluster is not None and not _HASH_TAG.search(key_prefix):
         message = (
-            "is required with preserve_host: the host names users reach jitgate by, e.g. "
-            "[replay.example.com]; any other Host is refused rather than sent upstream"
+            "must carry a hash tag such as '{jit}:' with redis.cluster, so that every key "
+            f"jitgate writes is in one hash slot; got {key_prefix!r}"
         )
-        r.error(s, "allowed_hosts", f"{at}.allowed_hosts", message)
-    if preserve and host_header:
-        message = "and upstream.host_header both name the Host sent upstream: set one"
-        r.error(s, "preserve_host", f"{at}.preserve_host", message)
-    return {
-        "drop_headers": tuple(drop),
-        "trusted_proxies": tuple(nets),
-        "preserve_host": preserve,
-        "allowed_hosts": hosts,
-    }
+        r.error(s, "key_prefix", f"{at}.key_prefix", message)
+    wait_replicas = r.get(s, "wait_replicas", int, 0, f"{at}.wait_replicas")
+    if wait_replicas < 0:
+        r.error(s, "wait_replicas", f"{at}.wait_replicas", "must not be negative")
+    timeout = r.positive(s, "timeout", float, 1.0, f"{at}.timeout")
+    wait_timeout = r.positive(s, "wait_timeout", float, min(0.5, timeout / 2), f"{at}.wait_timeout")
+    if wait_timeout >= timeout:
+        message = f"must be shorter than redis.timeout ({timeout:g}s), which WAIT runs within"
+        r.error(s, "wait_timeout", f"{at}.wait_timeout", message)
+    return RedisSettings(
+        url=url,
+        sentinel=sentinel,
+        cluster=cluster,
+        wait_replicas=max(0, wait_replicas),
+        wait_timeout=wait_timeout,
+        timeout=timeout,
+        key_prefix=key_prefix,
+        max_connections=r.positive(s, "max_connections", int, 512, f"{at}.max_connections"),
+        local_view=r.get(s, "local_view", bool, True, f"{at}.local_view"),
+        view_lag=r.positive(s, "view_lag", float, 0.1, f"{at}.view_lag"),
+    )
 
 
-_TOKEN = frozenset("!#$%&'+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+def _sentinel(r: Reader, s: Node, base: Path) -> SentinelSettings:
+    at = "redis.sentinel"
+    keys = {"master", "sentinels", "db", "sentinel_username", "sentinel_password"}
+    r.known(s, _SERVER_KEYS | keys, at)
+    master = r.get(s, "master", str, "", f"{at}.master")
+    if not master:
+        r.error(s, "master", f"{at}.master", "is required: the name the sentinels monitor")
+    db = r.get(s, "db", int, 0, f"{at}.db")
+    if db < 0:
+        r.error(s, "db", f"{at}.db", "must not be negative")
+    sentinel_password = r.optional_str(s, "sentinel_password", None, f"{at}.sentinel_password")
+    username, password, tls, ca_file = _server_access(r, s, base, at)
+    return SentinelSettings(
+        master=master,
+        sentinels=_addresses(r, s, "sentinels", 26379, at),
+        username=username,
+        password=password,
+        db=max(0, db),
+        sentinel_username=r.optional_str(s, "sentinel_username", None, f"{at}.sentinel_username")
+        or None,
+        sentinel_password=Secret(sentinel_password) if sentinel_password else None,
+        tls=tls,
+        tls_ca_file=ca_file,
+    )
 
 
-def _pattern_error(name: str) -> str | None:
-    """Why `name` is no header name or `X-Prefix-*` pattern, or None if it is one."""
-    body = name[:-1] if name.endswith("*") else name
-    if not body or not all(c in _TOKEN for c in body):
-        return "is not a header name or a prefix such as X-Remote-*"
-    if name.endswith("*") and len(body) < 3:
-        return "is too short a prefix: it would drop headers the upstream needs"
-    return None
+def _cluster(r: Reader, s: Node, base: Path) -> ClusterSettings:
+    at = "redis.cluster"
+    r.known(s, _SERVER_KEYS | {"nodes"}, at)
+    username, password, tls, ca_file = _server_access(r, s, base, at)
+    return ClusterSettings(
+        nodes=_addresses(r, s, "nodes", 6379, at),
+        username=username,
+        password=password,
+        tls=tls,
+        tls_ca_file=ca_file,
+    )
 
 
-def hostname(host: str) -> str:
-    """A Host header's name without its port, in lower case."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host.split("]", 1)[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+_SERVER_KEYS = {"username", "password", "tls", "tls_ca_file"}
+_HASH_TAG = re.compile(r"\{[^}]+\}")  # as Redis reads it: the first {...}, not empty
+
+
+def _server_access(
+    r: Reader, s: Node, base: Path, at: str
+) -> tuple[str | None, Secret | None, bool, Path | None]:
+    """Read the AUTH user and password and the TLS settings of Redis servers."""
+    password = r.optional_str(s, "password", None, f"{at}.password")
+    tls = r.get(s, "tls", bool, False, f"{at}.tls")
+    ca_text = r.optional_str(s, "tls_ca_file", None, f"{at}.tls_ca_file")
+    ca_file = resolve(base, ca_text) if ca_text else None
+    if ca_file is not None and not ca_file.is_file():
+        r.error(s, "tls_ca_file", f"{at}.tls_ca_file", f"no such file: {ca_file}")
+    elif ca_file is not None and not tls:
+        r.error(s, "tls_ca_file", f"{at}.tls_ca_file", f"needs {at}.tls: true")
+    username = r.optional_str(s, "username", None, f"{at}.username") or None
+    return username, Secret(password) if password else None, tls, ca_file
+
+
+def _addresses(r: Reader, s: Node, key: str, port: int, at: str) -> tuple[tuple[str, int], ...]:
+    found = []
+    for text in r.str_list(s, key, (), f"{at}.{key}"):
+        address = _host_port(text, port)
+        if address is None:
+            message = f"must be host:port addresses such as 10.0.0.5:{port}, got {text!r}"
+            r.error(s, key, f"{at}.{key}", message)
+        else:
+            found.append(address)
+    if not found and key not in s:
+        r.error(s, key, f"{at}.{key}", "is required: host:port addresses")
+    elif not found:
+        r.error(s, key, f"{at}.{key}", "must name at least one address")
+    return tuple(found)
+
+
+def _host_port(text: str, default_port: int) -> tuple[str, int] | None:
+    """Parse host:port, [v6]:port or a bare host; None if it is not one."""
+    text = text.strip()
+    if not text or any(c in text for c in "/@?#"):
+        return None
+    try:
+        url = URL("tcp://" + text)
+        host, port = url.host, url.explicit_port
+    except ValueError:
+        return None
+    return (host, port or default_port) if host else None
 
 
 def _forward_auth(r: Reader, s: Node) -> ForwardAuthSettings:
