@@ -162,11 +162,6 @@ class Hygiene:
             allowed_hosts=frozenset(h.lower() for h in allowed_hosts),
         )
 
-    def drops(self, name: str) -> bool:
-        """Whether a client's header of this name is dropped (hop-by-hop ones included)."""
-        key = header_key(name)
-        return key in self.http_drop or key.startswith(self.prefixes)
-
     def host_allowed(self, request: web.Request) -> bool:
         """Whether the request's Host names one of `allowed_hosts` (any, if none are set)."""
         if not self.allowed_hosts:
