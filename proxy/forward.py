@@ -13,44 +13,17 @@ from aiohttp import WSMsgType, hdrs, web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
+from .hygiene import HOP_BY_HOP, Hygiene, connection_tokens
 from .upstream import ConnectFailed, Pool, Response
 
-_HOP_BY_HOP = frozenset(
-    [
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    ]
-)
-# Expect is answered by our own server (100 Continue) before the handler runs.
-_REQUEST_DROP = _HOP_BY_HOP | frozenset(
-    ["host", "expect", "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"]
-)
-# ws_connect makes its own key and version; the subprotocols go through `protocols=`.
-_WS_REQUEST_DROP = _REQUEST_DROP | frozenset(
-    [
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "sec-websocket-protocol",
-        "sec-websocket-accept",
-    ]
-)
+# Every request goes through the maintained list, also where no configuration says more.
+DEFAULT_HYGIENE = Hygiene.build()
+
 # A refused upgrade is relayed without its body, which aiohttp has already dropped.
-_REFUSED_DROP = _HOP_BY_HOP | {"content-length", "content-type", "content-encoding"}
+_REFUSED_DROP = HOP_BY_HOP | {"content-length", "content-type", "content-encoding"}
 _LOCATION_KEYS = frozenset({"location", "content-location"})
 _URL_PART_END = frozenset({"", "/", "?", "#"})
 _NO_BODY_STATUS = frozenset({204, 304})
-_TOKEN_CHARS = frozenset(
-    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
 
 # Above this many bytes a held body is changed in a worker thread, off the event loop.
 _REWRITE_INLINE_MAX = 256 * 1024
@@ -165,14 +138,23 @@ class Forwarder:
         set_headers: Mapping[str, str] | None = None,
         stop: asyncio.Event | None = None,
         rewrite: BodyRewrite | None = None,
+        hygiene: Hygiene = DEFAULT_HYGIENE,
     ) -> tuple[web.StreamResponse, Outcome]:
-        """Forward the request upstream; return the response to hand back and what happened."""
+        """Forward the request upstream; return the response to hand back and what happened.
+
+        The client's headers go through `hygiene` (compiled once per configuration), then
+        `set_headers` (what jitgate vouches for) are set.
+        """
         session, pool = self._session, self._pool
         assert session is not None and pool is not None, "Forwarder.start() was not awaited"
         target = f"{path}?{query}" if query else path
         ws = _is_websocket(request)
-        headers = self._request_headers(
-            request, _WS_REQUEST_DROP if ws else _REQUEST_DROP, drop_headers, drop_cookies
+        headers = hygiene.request_headers(
+            request,
+            self._host,
+            websocket=ws,
+            drop_headers=drop_headers,
+            drop_cookies=drop_cookies,
         )
         if set_headers:
             headers.update(set_headers)
@@ -201,7 +183,7 @@ class Forwarder:
         rewrite: BodyRewrite | None = None,
     ) -> tuple[web.StreamResponse, Outcome]:
         status = upstream.status
-        headers = self._response_headers(request, upstream.headers, _HOP_BY_HOP)
+        headers = self._response_headers(request, upstream.headers, HOP_BY_HOP)
         held: list[bytes] = []  # read before the status line is sent, written first
         if (
             rewrite is not None
@@ -378,49 +360,13 @@ class Forwarder:
                 await client.close(code=1011)
         return client, Outcome(101, counter[0], upstream_error)
 
-    def _request_headers(
-        self,
-        request: web.Request,
-        drop: frozenset[str],
-        drop_headers: frozenset[str],
-        drop_cookies: frozenset[str],
-    ) -> CIMultiDict[str]:
-        src = request.headers
-        named = _connection_tokens(src)
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in src.items():
-            # Compare as a CGI-style upstream would read the name: '_' and '-' are the same.
-            key = name.lower().replace("_", "-")
-            if key in drop or key in drop_headers or key in named:
-                continue
-            if drop_cookies and key == "cookie":
-                value = _strip_cookies(value, drop_cookies)
-                if not value:
-                    continue
-            out.add(name, value)
-        out[hdrs.HOST] = self._host
-        scheme = request.scheme
-        host = request.host if hdrs.HOST in src else None
-        remote = request.remote
-        forwarded = f"proto={scheme}"
-        if remote:
-            out[hdrs.X_FORWARDED_FOR] = remote
-            node = f"[{remote}]" if ":" in remote else remote
-            forwarded = f"for={_quote(node)};{forwarded}"
-        out[hdrs.X_FORWARDED_PROTO] = scheme
-        if host:
-            out[hdrs.X_FORWARDED_HOST] = host
-            forwarded = f"{forwarded};host={_quote(host)}"
-        out[hdrs.FORWARDED] = forwarded
-        return out
-
     def _response_headers(
         self,
         request: web.Request,
         src: MultiMapping[str],
         drop: frozenset[str],
     ) -> CIMultiDict[str]:
-        named = _connection_tokens(src)
+        named = connection_tokens(src)
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in src.items():
             key = name.lower()
@@ -479,30 +425,8 @@ def _is_websocket(request: web.Request) -> bool:
     return (
         request.method == hdrs.METH_GET
         and headers.get(hdrs.UPGRADE, "").lower() == "websocket"
-        and "upgrade" in _connection_tokens(headers)
+        and "upgrade" in connection_tokens(headers)
     )
-
-
-def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
-    if hdrs.CONNECTION not in headers:
-        return frozenset()
-    values = headers.getall(hdrs.CONNECTION)
-    return frozenset(
-        t.strip().lower().replace("_", "-") for v in values for t in v.split(",") if t.strip()
-    )
-
-
-def _strip_cookies(value: str, names: frozenset[str]) -> str:
-    kept = [c for c in value.split(";") if c.split("=", 1)[0].strip() not in names]
-    return ";".join(kept).lstrip()
-
-
-def _quote(value: str) -> str:
-    """Return an RFC 7239 value: a token as is, anything else as a quoted-string."""
-    if value and all(c in _TOKEN_CHARS for c in value):
-        return value
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
 
 
 async def _hold(

@@ -60,16 +60,22 @@ class Gate:
         self.reject_semicolons = forward.reject_semicolons
         self.status_bar = StatusBar(prefix) if forward.status_bar else None
         self.vouch = Vouch(forward, identity, assertion)
-        self.drop_headers = self.vouch.drop_headers
+        self.hygiene = self.vouch.hygiene  # holds vouch.drop_headers too
         self.drop_cookies = self.vouch.drop_cookies
         self.log = AccessLog(audit_log, metrics.request, state)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        # Behind a proxy in forward.trusted_proxies, the client it names; else the peer.
+        client_ip = self.hygiene.client_ip(request)
         if self.reject_underscores:
             reason = underscore_header(request)
             if reason is not None:
                 return self._bad_request(request, reason, started, "header")
+        if not self.hygiene.host_allowed(request):
+            host = request.headers.get("Host", "")[:64]
+            reason = f"Host {host!r} is not in forward.allowed_hosts"
+            return self._bad_request(request, reason, started, "host")
         try:
             raw_path, query = split_target(request.raw_path)
             path = normalise(raw_path, reject_semicolons=self.reject_semicolons)
@@ -88,7 +94,9 @@ class Gate:
             decision = self.log.strict(decision)
         if not decision.allow:
             refusal = await self.refuse(request, decision, path)
-            self.log.decision(request, decision, path, refusal.status, 0, None, started)
+            self.log.decision(
+                request, decision, path, refusal.status, 0, None, started, client_ip=client_ip
+            )
             return refusal
 
         outcome: Outcome | None = None
@@ -106,11 +114,11 @@ class Gate:
                 request,
                 path,
                 query,
-                drop_headers=self.drop_headers,
                 drop_cookies=self.drop_cookies,
                 set_headers=self.vouch.headers(decision),
                 stop=stop,
                 rewrite=bar,
+                hygiene=self.hygiene,
             )
             return response
         finally:
@@ -122,10 +130,12 @@ class Gate:
             error = outcome.upstream_error if outcome else "client disconnected"
             if error and outcome:
                 self.metrics.upstream_errors.labels(error).inc()
-            self.log.decision(request, decision, path, status, sent, error, started)
+            self.log.decision(
+                request, decision, path, status, sent, error, started, client_ip=client_ip
+            )
 
     def _bad_request(
         self, request: web.Request, reason: str, started: float, what: str
     ) -> web.Response:
-        self.log.refused(request, reason, started)
+        self.log.refused(request, reason, started, client_ip=self.hygiene.client_ip(request))
         return web.Response(status=400, text=f"jitgate: bad request {what}: {reason}\n")

@@ -1,13 +1,16 @@
 """What jitgate vouches for upstream, and the client headers that could pass for it.
 
-The gate strips `drop_headers` and `drop_cookies` from every forwarded request and adds
-`headers(decision)`; forward-auth hands `headers(decision)` to the proxy in front, which
-sets them on the request it forwards (and clears the client's copies itself).
+The gate sends every forwarded request through `hygiene` (the maintained list of identity
+and routing headers, `forward.drop_headers` and `drop_headers`, the names jitgate reads or
+sets for identity; hygiene.py), strips `drop_cookies`, then adds `headers(decision)`;
+forward-auth hands `headers(decision)` to the proxy in front, which sets them on the
+request it forwards (and clears the client's copies itself).
 """
 
 from __future__ import annotations
 
 from .authorize import Decision
+from .hygiene import Hygiene
 from .identity.assertion import AssertionSigner
 from .settings import ForwardSettings
 from .settings.identity import IdentitySettings
@@ -42,6 +45,14 @@ class Vouch:
             names.add("authorization")
         # Compared as the forwarder compares them: lower case, "_" read as "-".
         self.drop_headers = frozenset(n.lower().replace("_", "-") for n in names)
+        # Compiled once: the one set and prefix list every forwarded request is checked by.
+        self.hygiene = Hygiene.build(
+            forward.drop_headers,
+            also_exact=self.drop_headers,
+            trusted_proxies=forward.trusted_proxies,
+            preserve_host=forward.preserve_host,
+            allowed_hosts=forward.allowed_hosts,
+        )
         cookie = identity.cookie
         drop: set[str] = set()
         if cookie is not None and not forward.pass_identity_cookie:

@@ -8,6 +8,7 @@ clients away from the endpoint, and fails closed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,30 @@ from proxy.vouch import Vouch
 TRAEFIK = ROOT / "deploy" / "traefik" / "jitgate.yml"
 ENVOY = ROOT / "deploy" / "envoy" / "envoy.yaml"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
+# The client headers the proxy in front must clear (docs/upstream.md), written out here.
+CLEARED = {
+    "remote-user",
+    "remote-email",
+    "remote-groups",
+    "remote-name",
+    "x-remote-user",
+    "x-remote-email",
+    "x-remote-groups",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-groups",
+    "x-auth-request-preferred-username",
+    "x-forwarded-preferred-username",
+    "x-webauth-user",
+    "x-webauth-email",
+    "x-user",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-prefix",
+    "x-http-method-override",
+    "true-client-ip",
+    "forwarded",
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +83,16 @@ def test_traefik_forward_auth(answered: tuple[str, set[str]]) -> None:
     assert replay["middlewares"][0] == "jitgate-authz"
     cleared = http["middlewares"]["jitgate-credentials"]["headers"]["customRequestHeaders"]
     assert cleared["Authorization"] == ""
+    # The list goes by one regex (Go's RE2; this syntax reads the same in Python's re).
+    regex = re.compile(auth["authResponseHeadersRegex"])
+    for name in (*CLEARED, "X-Remote-Anything", "X-Auth-Request-Access-Token", "X-Webauth-X"):
+        for spelling in (name, name.upper(), name.title(), name.replace("-", "_")):
+            assert regex.search(spelling), spelling
+    # ...and nothing jitgate answers with, nor what Traefik or the client must send on.
+    kept = {"x-forwarded-for", "x-real-ip", "x-forwarded-proto", "x-forwarded-host", "cookie"}
+    kept |= {"accept", "x-request-id", "x-remote", "x-users", "remote-address"}
+    for name in names | kept:
+        assert not regex.search(name), name
     assert replay["middlewares"][1] == "jitgate-credentials"
     for name, router in routers.items():
         if router["service"] == "replay-tool":
@@ -124,6 +159,12 @@ def test_envoy_ext_authz(answered: tuple[str, set[str]]) -> None:
     last = routes[2]
     assert last["route"]["cluster"] == "replay_tool" and "typed_per_filter_config" not in last
     assert "authorization" in last["request_headers_to_remove"]
+    assert CLEARED - set(last["request_headers_to_remove"]) == set()
+    # The client address is the peer's alone, not appended to a client's X-Forwarded-For.
+    added = {h["header"]["key"]: h for h in last["request_headers_to_add"]}
+    for name in ("x-real-ip", "x-forwarded-for"):
+        assert added[name]["header"]["value"] == "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
+        assert added[name]["append_action"] == "OVERWRITE_IF_EXISTS_OR_ADD"
     assert not names & set(last["request_headers_to_remove"])  # jitgate's would go too
     clusters = {c["name"] for c in doc["static_resources"]["clusters"]}
     assert {service["server_uri"]["cluster"], routes[1]["route"]["cluster"]} == {"jitgate"}

@@ -290,3 +290,57 @@ def test_shipped_config_names_three_addresses_to_change() -> None:
         nginx.check()
     finally:
         nginx.stop()
+
+
+# Every name the shipped config clears, as the docs list them (written out, not read from it).
+DROPPED = [
+    "Remote-User",
+    "Remote-Email",
+    "Remote-Groups",
+    "Remote-Name",
+    "X-Remote-User",
+    "X-Remote-Email",
+    "X-Remote-Groups",
+    "X-Auth-Request-User",
+    "X-Auth-Request-Email",
+    "X-Auth-Request-Groups",
+    "X-Auth-Request-Preferred-Username",
+    "X-Forwarded-User",
+    "X-Forwarded-Email",
+    "X-Forwarded-Groups",
+    "X-Forwarded-Preferred-Username",
+    "X-Webauth-User",
+    "X-Webauth-Email",
+    "X-User",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+    "X-Forwarded-Prefix",
+    "X-HTTP-Method-Override",
+    "X-Real-IP",
+    "True-Client-IP",
+]
+
+
+async def test_listed_headers_never_reach_the_upstream_through_nginx(
+    stack: Stack, upstream: Upstream
+) -> None:
+    client, nginx = await stack()
+    await grant(client)
+    for path in (SNAPSHOTS, "/healthz"):
+        sent: dict[str, str] = {"Authorization": f"Bearer {TOKEN}"}
+        for n, name in enumerate(DROPPED):
+            mixed = "".join(c.upper() if i % 2 else c.lower() for i, c in enumerate(name))
+            sent[mixed] = f"forged-{n}"
+            sent[name.replace("-", "_")] = f"forged-{n}_"
+        sent["X-Forwarded-For"] = "6.6.6.6"
+        sent["Forwarded"] = "for=6.6.6.6"
+        status, _, body = await send(nginx.port, path, sent)
+        assert status == 200, body
+        _, got, headers = upstream.hits[-1]
+        assert got == path
+        leaked = [f"{k}: {v}" for k, v in headers.items() if "forged" in v or "6.6.6.6" in v]
+        assert leaked == []
+        low = {k.lower(): v for k, v in headers.items()}
+        assert low["x-real-ip"] == low["x-forwarded-for"] == "127.0.0.1"
+        assert low["forwarded"] == 'for=127.0.0.1;proto=http;host="replay.test"'
+        assert low.get("x-forwarded-user", "alice") == "alice"

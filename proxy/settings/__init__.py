@@ -1,7 +1,7 @@
 """Settings: the base layer every part builds on; frozen dataclasses, one loader, one validate().
 
 - `config`: `Settings`, `load` and `validate`, and the small sections.
-- `identity`, `audit`: the `identity` and `audit` sections.
+- `identity`, `audit`, `forward`: the `identity`, `audit` and `forward` sections.
 - `read`: the reading layer (`Reader`, `Secret`, durations, sizes).
 - `yamlsrc`: YAML with line numbers for error messages.
 """
@@ -11,7 +11,6 @@ from .config import (
     AdminSettings,
     ClusterSettings,
     ForwardAuthSettings,
-    ForwardSettings,
     ListenSettings,
     NotificationSettings,
     RedisSettings,
@@ -22,6 +21,7 @@ from .config import (
     load,
     validate,
 )
+from .forward import ForwardSettings
 
 __all__ = [
     "DEFAULT_CONFIG",

@@ -25,10 +25,12 @@ from yarl import URL
 
 from ..errors import ConfigError, ConfigErrors
 from . import audit as auditsettings
+from . import forward as forwardsettings
 from . import identity as identitysettings
 from .audit import AuditSettings
-from .identity import AssertionSettings, IdentitySettings
-from .read import Reader, Secret, as_node, http_url, resolve, seconds
+from .forward import ForwardSettings
+from .identity import IdentitySettings
+from .read import Reader, Secret, http_url, resolve, seconds
 from .yamlsrc import Node, load_file
 
 ENV_PREFIX = "JITGATE_"
@@ -113,24 +115,6 @@ class RedisSettings:
     def embedded(self) -> bool:
         """Whether jitgate runs its own redis-server (no Redis is configured)."""
         return self.url is None and self.sentinel is None and self.cluster is None
-
-
-@dataclass(frozen=True)
-class ForwardSettings:
-    pass_authorization: bool = False
-    pass_identity_cookie: bool = False
-    reject_semicolons: bool = True
-    reject_underscore_headers: bool = True  # 400 for X_Forwarded_User and its kind
-    assertion: AssertionSettings | None = None
-    user_headers: bool = False  # also send X-Forwarded-User, -Email and -Groups
-    status_bar: bool = False  # inject the grant's countdown bar into HTML pages (statusbar.py)
-    identity_headers: tuple[str, ...] = (
-        "x-forwarded-user",
-        "x-forwarded-email",
-        "x-forwarded-groups",
-        "x-jitgate-user",
-        "x-jitgate-assertion",
-    )
 
 
 @dataclass(frozen=True)
@@ -297,7 +281,9 @@ def validate(
     state_dir = resolve(base, r.get(raw, "state_dir", str, "../.jitgate", "state_dir"))
     audit = auditsettings.audit(r, r.section(raw, "audit", "audit"), base, state_dir)
 
-    forward = _forward(r, r.section(raw, "forward", "forward"), base, state_dir, upstream_url)
+    forward = forwardsettings.forward(
+        r, r.section(raw, "forward", "forward"), base, state_dir, upstream_url, upstream.host_header
+    )
 
     s = r.section(raw, "admins", "admins")
     r.known(s, {"groups", "users"}, "admins")
@@ -472,43 +458,6 @@ def _host_port(text: str, default_port: int) -> tuple[str, int] | None:
     except ValueError:
         return None
     return (host, port or default_port) if host else None
-
-
-def _forward(r: Reader, s: Node, base: Path, state_dir: Path, upstream_url: URL) -> ForwardSettings:
-    at = "forward"
-    r.known(
-        s,
-        {"pass_authorization", "pass_identity_cookie", "reject_semicolons", "identity_headers"}
-        | {"reject_underscore_headers", "assertion", "user_headers", "status_bar"},
-        at,
-    )
-    defaults = ForwardSettings()
-    assertion = None
-    raw = s.get("assertion")
-    if raw is True or isinstance(raw, dict):
-        node = r.section(s, "assertion", f"{at}.assertion") if raw is not True else as_node({}, 0)
-        assertion = identitysettings.assertion(r, node, base, state_dir, upstream_url)
-    elif raw not in (None, False):
-        r.error(s, "assertion", f"{at}.assertion", "must be true, false or a mapping")
-    return ForwardSettings(
-        pass_authorization=r.get(s, "pass_authorization", bool, False, f"{at}.pass_authorization"),
-        pass_identity_cookie=r.get(
-            s, "pass_identity_cookie", bool, False, f"{at}.pass_identity_cookie"
-        ),
-        reject_semicolons=r.get(s, "reject_semicolons", bool, True, f"{at}.reject_semicolons"),
-        reject_underscore_headers=r.get(
-            s, "reject_underscore_headers", bool, True, f"{at}.reject_underscore_headers"
-        ),
-        assertion=assertion,
-        user_headers=r.get(s, "user_headers", bool, False, f"{at}.user_headers"),
-        status_bar=r.get(s, "status_bar", bool, False, f"{at}.status_bar"),
-        identity_headers=tuple(
-            h.lower().replace("_", "-")
-            for h in r.str_list(
-                s, "identity_headers", defaults.identity_headers, f"{at}.identity_headers"
-            )
-        ),
-    )
 
 
 def _forward_auth(r: Reader, s: Node) -> ForwardAuthSettings:
