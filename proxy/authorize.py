@@ -40,13 +40,20 @@ class Authorizer:
     on_grant_error: Callable[[BaseException], None] = lambda exc: None
 
     async def decide(
-        self, method: str, path: str, caller: Callable[[], Awaitable[Caller]]
+        self,
+        method: str,
+        path: str,
+        caller: Callable[[], Awaitable[Caller]],
+        query: str = "",
     ) -> Decision:
         """Decide a request on its normalised path; `caller` identifies it when asked.
 
         Only routes that need an identity ask: public and blocked routes skip the token.
+        `query` is the raw query string, forwarded as it is; routes with `query:` read it.
         """
-        match = self.policy.match(method, path)
+        match = self.policy.match(method, path, query)
+        if match.invalid is not None:
+            return self._invalid(match)
         if match.access is Access.PUBLIC or match.access is Access.BLOCKED:
             return self._decide(None, None, match, "no credentials")
         who = await caller()
@@ -59,10 +66,21 @@ class Authorizer:
         path: str,
         *,
         no_identity_reason: str = "no credentials",
+        query: str = "",
     ) -> Decision:
         """Decide a request on a normalised path for an already known identity (None: anonymous)."""
-        match = self.policy.match(method, path)
+        match = self.policy.match(method, path, query)
+        if match.invalid is not None:
+            return self._invalid(match)
         return await self._decide_with_grants(ident, None, match, no_identity_reason)
+
+    def _invalid(self, match: Match) -> Decision:
+        """A request its route cannot read one way only (e.g. a query parameter given twice)."""
+        reason = f"route {match.route!r} cannot decide this request: {match.invalid}"
+        version = self.policy.version
+        return Decision(
+            False, 400, "bad_request", (reason,), match.route, match.access, policy_version=version
+        )
 
     def _decide(
         self, ident: Identity | None, source: str | None, match: Match, no_identity_reason: str

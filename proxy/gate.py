@@ -88,7 +88,7 @@ class Gate:
 
         # The decision names its policy version: a reload while it streams changes nothing.
         decision = await self.state.config.authorizer.decide(
-            request.method, path, lambda: self.state.identify(request)
+            request.method, path, lambda: self.state.identify(request), query
         )
         if decision.allow and decision.scope is not None and self.strict:
             decision = self.log.strict(decision)

@@ -42,6 +42,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from .queryrules import BadQuery, QueryBind, bind
+
 
 class Access(StrEnum):
     PROTECTED = "protected"  # identity and an active grant for the route's scope
@@ -61,6 +63,7 @@ class Match:
     scope: str | None = None  # the route's own scope, e.g. recording:1/demo-1
     scopes: tuple[str, ...] = ()  # that scope and every scope that covers it, narrowest first
     preset: str | None = None  # the preset the route came from, e.g. posthog
+    invalid: str | None = None  # why the request cannot be decided (refused, 400)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Route:
     scope: str | None
     first: str | None = None  # the first path segment, lower case, if it is a literal
     preset: str | None = None  # the preset table the route came from, e.g. posthog
+    query: tuple[QueryBind, ...] = ()  # scope variables bound from query parameters
 
 
 @dataclass(frozen=True)
@@ -187,18 +191,23 @@ class Policy:
                     return m["recording"]
         return None
 
-    def match(self, method: str, path: str) -> Match:
-        """Return the first route that matches a normalised path, or the default."""
+    def match(self, method: str, path: str, query: str = "") -> Match:
+        """Return the first route that matches a normalised path, or the default.
+
+        `query` is the raw query string; only routes with `query:` rules read it.
+        """
         key = (method, path)
         found = self._matched.get(key)
         if found is None:
-            found = self._match(method, path)
+            found, by_query = self._match(method, path, query)
+            if by_query:
+                return found  # depends on the query: never kept
             if len(self._matched) >= MATCH_CACHE:
                 self._matched.clear()  # rare, and only costs the next matches a walk
             self._matched[key] = found
         return found
 
-    def _match(self, method: str, path: str) -> Match:
+    def _match(self, method: str, path: str, query: str) -> tuple[Match, bool]:
         first = path[1:].split("/", 1)[0].lower()
         for route in self._by_first.get(first, self._generic):
             if route.methods is not None and method not in route.methods:
@@ -207,10 +216,18 @@ class Policy:
             if m is None:
                 continue
             if route.scope is None:
-                return Match(route.id, route.access, preset=route.preset)
-            scope = route.scope.format_map(m.groupdict())
-            return Match(route.id, route.access, scope, self.covering(scope), route.preset)
-        return Match("_default", self.default)
+                return Match(route.id, route.access, preset=route.preset), False
+            values = m.groupdict()
+            if route.query:
+                try:
+                    values.update(bind(query, route.query))
+                except BadQuery as exc:
+                    bad = Match(route.id, route.access, preset=route.preset, invalid=str(exc))
+                    return bad, True
+            scope = route.scope.format_map(values)
+            found = Match(route.id, route.access, scope, self.covering(scope), route.preset)
+            return found, bool(route.query)
+        return Match("_default", self.default), False
 
     def covering(self, scope: str) -> tuple[str, ...]:
         """Return the scope and all wider scopes that cover it, narrowest first."""

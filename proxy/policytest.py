@@ -134,7 +134,7 @@ async def decide_request(
 ) -> Verdict:
     """Normalise a raw request target as the gate does, then decide it."""
     try:
-        raw_path, _ = split_target(target)
+        raw_path, query = split_target(target)
         path = normalise(raw_path, reject_semicolons=reject_semicolons)
     except BadPath as exc:
         return Verdict(method, target, None, "bad_request", 400, (str(exc),), "_invalid", None)
@@ -142,8 +142,8 @@ async def decide_request(
     if prefix and (low == prefix.lower() or low.startswith(prefix.lower() + "/")):
         reason = f"{prefix} belongs to jitgate: answered by jitgate itself, never forwarded"
         return Verdict(method, target, path, "not_forwarded", 0, (reason,), "_prefix", None)
-    match = auth.policy.match(method, path)
-    d = await auth.decide_for(ident, method, path)
+    match = auth.policy.match(method, path, query)
+    d = await auth.decide_for(ident, method, path, query=query)
     return Verdict(
         method,
         target,
