@@ -25,13 +25,12 @@ from .policy import (
     scope_pattern,
 )
 from .presets import expand
-from .queryrules import QueryBind, compile_bind
+from .queryrules import compile_query
 from .settings.read import parse_duration
 from .settings.yamlsrc import Node, Seq, line_of, load_text
 
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")
 _ID = re.compile(r"[A-Za-z0-9_.-]+")
-_QUERY_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def load(path: Path) -> Policy:
@@ -189,7 +188,7 @@ class _Compiler:
         regex, params = self._path_regex(item, where, path, subpaths)
         methods = self._methods(item, where)
         access = self._access(item, "access", f"{where}.access", Access.PROTECTED)
-        query = self._query(item, where, params, access)
+        query = compile_query(self, item, where, params, access is Access.PROTECTED)
         params |= {v for b in query for v in b.variables}
         scope = item.get("scope")
         if access is Access.PROTECTED:
@@ -211,41 +210,6 @@ class _Compiler:
         )
         scope = scope if isinstance(scope, str) else None
         return Route(rid, methods, regex, access, scope, first, query=query)
-
-    def _query(
-        self, item: Node, where: str, params: set[str], access: Access
-    ) -> tuple[QueryBind, ...]:
-        node = item.get("query")
-        if node is None:
-            return ()
-        at = f"{where}.query"
-        if access is not Access.PROTECTED:
-            self.err(item, "query", at, "only protected routes bind scope variables")
-            return ()
-        if not isinstance(node, Node) or not node:
-            self.err(item, "query", at, 'must map parameters to templates: {name: "{var}"}')
-            return ()
-        out: list[QueryBind] = []
-        seen = set(params)
-        for name, template in node.items():
-            here = f"{at}.{name}"
-            if not isinstance(name, str) or not _QUERY_NAME.fullmatch(name):
-                self.err(node, name, here, "a parameter name: letters, digits, '_', '-', '.'")
-                continue
-            if not isinstance(template, str) or _has_stray_braces(template):
-                self.err(node, name, here, 'must be a template naming variables: "{var}"')
-                continue
-            names = SCOPE_PARAM.findall(template)
-            if not names:
-                self.err(node, name, here, "must name at least one variable, e.g. {recording}")
-            for var in names:
-                if var in seen:
-                    self.err(node, name, here, f"parameter {{{var}}} is bound twice")
-                seen.add(var)
-            if any(a.casefold() == name.casefold() for a in (b.name for b in out)):
-                self.err(node, name, here, "named twice (names are compared ignoring case)")
-            out.append(compile_bind(name, template))
-        return tuple(out)
 
     def _methods(self, item: Node, where: str) -> frozenset[str] | None:
         value = item.get("methods")

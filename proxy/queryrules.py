@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import unquote_plus
+
+from .settings.yamlsrc import Node, Seq
 
 SCOPE_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")  # as in policy.py
 # A variable read from a query value: no '/', quote, backslash, space or control
 # character, so a JSON template such as ["{recording}"] matches one plain string only.
 VALUE_VAR = r'[^/"\\\x00-\x20\x7f]+'
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class BadQuery(ValueError):
@@ -91,3 +95,46 @@ def bind(query: str, binds: tuple[QueryBind, ...]) -> dict[str, str]:
             raise BadQuery(f"query parameter {b.name!r} must have the form {b.template}")
         out.update(m.groupdict())
     return out
+
+
+class _Errors(Protocol):
+    def err(self, node: Node | Seq, key: str | int, where: str, message: str) -> None: ...
+
+
+def compile_query(
+    compiler: _Errors, item: Node, where: str, params: set[str], protected: bool
+) -> tuple[QueryBind, ...]:
+    """Compile a route's `query:`; report errors through the policy compiler."""
+    node = item.get("query")
+    if node is None:
+        return ()
+    err, at = compiler.err, f"{where}.query"
+    if not protected:
+        err(item, "query", at, "only protected routes bind scope variables")
+        return ()
+    if not isinstance(node, Node) or not node:
+        err(item, "query", at, 'must map parameters to templates: {name: "{var}"}')
+        return ()
+    out: list[QueryBind] = []
+    seen = set(params)
+    for name, template in node.items():
+        here = f"{at}.{name}"
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            err(node, name, here, "a parameter name: letters, digits, '_', '-', '.'")
+            continue
+        rest = SCOPE_PARAM.sub("", template) if isinstance(template, str) else "{"
+        if "{" in rest or "}" in rest:
+            err(node, name, here, 'must be a template naming variables: "{var}"')
+            continue
+        names = SCOPE_PARAM.findall(template)
+        if not names:
+            err(node, name, here, "must name at least one variable, e.g. {recording}")
+            continue
+        for var in names:
+            if var in seen:
+                err(node, name, here, f"parameter {{{var}}} is bound twice")
+            seen.add(var)
+        if any(b.name.casefold() == name.casefold() for b in out):
+            err(node, name, here, "named twice (names are compared ignoring case)")
+        out.append(compile_bind(name, template))
+    return tuple(out)
