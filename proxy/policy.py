@@ -42,6 +42,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from . import bodyrules
+from .bodyrules import BodyRule
 from .queryrules import BadQuery, QueryBind, bind
 
 
@@ -64,6 +66,9 @@ class Match:
     scopes: tuple[str, ...] = ()  # that scope and every scope that covers it, narrowest first
     preset: str | None = None  # the preset the route came from, e.g. posthog
     invalid: str | None = None  # why the request cannot be decided (refused, 400)
+    # Routes with `body:` for this path, with their path values: the body decides (below).
+    body: tuple[tuple[Route, tuple[tuple[str, str], ...]], ...] = ()
+    note: str | None = None  # why a blocked request is blocked, when not by its route
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class Route:
     first: str | None = None  # the first path segment, lower case, if it is a literal
     preset: str | None = None  # the preset table the route came from, e.g. posthog
     query: tuple[QueryBind, ...] = ()  # scope variables bound from query parameters
+    body: BodyRule | None = None  # the JSON or GraphQL body rule that must match too
 
 
 @dataclass(frozen=True)
@@ -209,12 +215,15 @@ class Policy:
 
     def _match(self, method: str, path: str, query: str) -> tuple[Match, bool]:
         first = path[1:].split("/", 1)[0].lower()
-        for route in self._by_first.get(first, self._generic):
+        candidates = self._by_first.get(first, self._generic)
+        for i, route in enumerate(candidates):
             if route.methods is not None and method not in route.methods:
                 continue
             m = route.regex.match(path)
             if m is None:
                 continue
+            if route.body is not None:
+                return self._body_candidates(method, path, candidates[i:]), False
             if route.scope is None:
                 return Match(route.id, route.access, preset=route.preset), False
             values = m.groupdict()
@@ -228,6 +237,39 @@ class Policy:
             found = Match(route.id, route.access, scope, self.covering(scope), route.preset)
             return found, bool(route.query)
         return Match("_default", self.default), False
+
+    def _body_candidates(self, method: str, path: str, routes: tuple[Route, ...]) -> Match:
+        """The routes with `body:` for this path, in order; only they can decide it."""
+        found = []
+        for route in routes:
+            if route.body is None or (route.methods is not None and method not in route.methods):
+                continue
+            m = route.regex.match(path)
+            if m is not None:
+                found.append((route, tuple(m.groupdict().items())))
+        head = found[0][0]
+        return Match(head.id, Access.BLOCKED, preset=head.preset, body=tuple(found))
+
+    def match_body(self, match: Match, body: bytes) -> Match:
+        """Decide a Match that needs its body: the first body rule that matches, or blocked."""
+        head = match.body[0][0]
+        graphql = any(r.body is not None and r.body.kind == "graphql" for r, _ in match.body)
+        try:
+            parsed = bodyrules.parse(body, graphql)
+            for route, values in match.body:
+                assert route.body is not None
+                bound = bodyrules.match(route.body, parsed)
+                if bound is None:
+                    continue
+                if route.scope is None:
+                    return Match(route.id, route.access, preset=route.preset)
+                scope = route.scope.format_map({**dict(values), **bound})
+                return Match(route.id, route.access, scope, self.covering(scope), route.preset)
+        except bodyrules.BadBody as exc:
+            return Match(head.id, Access.BLOCKED, preset=head.preset, invalid=str(exc))
+        what = f"operation {parsed.operation!r}" if parsed.operation else "this body"
+        note = f"no body rule of route {head.id!r} matches {what}: blocked by default"
+        return Match(head.id, Access.BLOCKED, preset=head.preset, note=note)
 
     def covering(self, scope: str) -> tuple[str, ...]:
         """Return the scope and all wider scopes that cover it, narrowest first."""

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from . import presets
+from .bodyrules import compile_body
 from .errors import ConfigError, ConfigErrors
 from .policy import (
     SCOPE_PARAM,
@@ -171,7 +172,8 @@ class _Compiler:
         return out
 
     def _route(self, item: Node, where: str) -> Route | None:
-        known = ("id", "methods", "path", "subpaths", "access", "scope", "description", "query")
+        known: tuple[str, ...] = ("id", "methods", "path", "subpaths", "access", "scope")
+        known += ("description", "query", "body")
         self.unknown(item, where, known)
         rid = item.get("id")
         if not isinstance(rid, str) or not _ID.fullmatch(rid):
@@ -190,6 +192,10 @@ class _Compiler:
         access = self._access(item, "access", f"{where}.access", Access.PROTECTED)
         query = compile_query(self, item, where, params, access is Access.PROTECTED)
         params |= {v for b in query for v in b.variables}
+        body = compile_body(self, item, where, params)
+        params |= set(body.binds if body is not None else ())
+        if body is not None and query:
+            self.err(item, "body", f"{where}.body", "a route binds from its query or its body")
         scope = item.get("scope")
         if access is Access.PROTECTED:
             if not isinstance(scope, str) or not scope:
@@ -209,7 +215,7 @@ class _Compiler:
             segments[0].lower() if path != "/" and not SCOPE_PARAM.fullmatch(segments[0]) else None
         )
         scope = scope if isinstance(scope, str) else None
-        return Route(rid, methods, regex, access, scope, first, query=query)
+        return Route(rid, methods, regex, access, scope, first, query=query, body=body)
 
     def _methods(self, item: Node, where: str) -> frozenset[str] | None:
         value = item.get("methods")
