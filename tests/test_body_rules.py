@@ -293,3 +293,12 @@ routes:
         with pytest.raises(ConfigErrors) as caught:
             compile_text(text, "p.yaml")
         assert message in str(caught.value), (fragment, str(caught.value))
+
+
+def test_schema_takes_body_rules_and_refuses_malformed_ones() -> None:
+    from test_policy_schema import schema_errors
+
+    assert schema_errors(POLICY) == []
+    bad = POLICY.replace("fields: [sessions]", "fields: []")
+    assert schema_errors(bad) != []
+    assert schema_errors(POLICY.replace("body: {json:", "body: {xml:")) != []

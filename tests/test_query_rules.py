@@ -188,3 +188,11 @@ def test_bind_reads_plus_and_percent_as_the_upstream_does() -> None:
     assert bind("q=x%3Aab", b) == {"v": "ab"}
     with pytest.raises(BadQuery):
         bind("q=x:a+b", b)
+
+
+def test_schema_takes_query_rules_and_refuses_them_off_protected_routes() -> None:
+    from test_policy_schema import schema_errors
+
+    assert schema_errors(POLICY) == []
+    off = POLICY.replace('    scope: "recording:{project}/{recording}"\n', "    access: identity\n", 1)
+    assert schema_errors(off) != []
