@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -302,3 +303,29 @@ def test_schema_takes_body_rules_and_refuses_malformed_ones() -> None:
     bad = POLICY.replace("fields: [sessions]", "fields: []")
     assert schema_errors(bad) != []
     assert schema_errors(POLICY.replace("body: {json:", "body: {xml:")) != []
+
+
+def test_doc_examples_run_as_shown() -> None:
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "policy.md").read_text()
+    blocks = [b.strip("\n").splitlines() for b in text.split("```")[1::2]]
+    examples = [b for b in blocks if b and "policy-body.example.yaml" in b[0]]
+    assert len(examples) == 2
+    jitgate = str(Path(sys.executable).parent / "jitgate")
+    for lines in examples:
+        words = shlex.split(lines[0].removeprefix("$ "))
+        env = {"PATH": os.environ.get("PATH", "/usr/bin")}
+        while "=" in words[0]:
+            key, _, value = words.pop(0).partition("=")
+            env[key] = value
+        words[0] = jitgate
+        out = subprocess.run(
+            words, capture_output=True, text=True, env=env, cwd=ROOT, timeout=30, check=False
+        )
+        assert out.stdout.splitlines() == lines[1:], out.stderr

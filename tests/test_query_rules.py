@@ -194,5 +194,7 @@ def test_schema_takes_query_rules_and_refuses_them_off_protected_routes() -> Non
     from test_policy_schema import schema_errors
 
     assert schema_errors(POLICY) == []
-    off = POLICY.replace('    scope: "recording:{project}/{recording}"\n', "    access: identity\n", 1)
+    off = POLICY.replace(
+        '    scope: "recording:{project}/{recording}"\n', "    access: identity\n", 1
+    )
     assert schema_errors(off) != []
