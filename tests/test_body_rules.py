@@ -300,6 +300,9 @@ def test_schema_takes_body_rules_and_refuses_malformed_ones() -> None:
     from test_policy_schema import schema_errors
 
     assert schema_errors(POLICY) == []
+    from conftest import ROOT
+
+    assert schema_errors((ROOT / "config" / "policy-body.example.yaml").read_text()) == []
     bad = POLICY.replace("fields: [sessions]", "fields: []")
     assert schema_errors(bad) != []
     assert schema_errors(POLICY.replace("body: {json:", "body: {xml:")) != []
@@ -329,3 +332,51 @@ def test_doc_examples_run_as_shown() -> None:
             words, capture_output=True, text=True, env=env, cwd=ROOT, timeout=30, check=False
         )
         assert out.stdout.splitlines() == lines[1:], out.stderr
+
+
+def test_policy_test_cases_carry_a_body(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    session = {
+        "operationName": "GetSession",
+        "query": GET_SESSION,
+        "variables": {"session_secure_id": "a1b2"},
+    }
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(
+        f"""
+policy: {ROOT / "config" / "policy-body.example.yaml"}
+cases:
+  - name: the session's grant opens it
+    request: POST /private
+    user: alice
+    grants: ["recording:a1b2"]
+    body: {json.dumps(session)}
+    expect: allow
+    expect_scope: "recording:a1b2"
+  - name: another session's grant does not
+    request: POST /private
+    user: alice
+    grants: ["recording:zz"]
+    body: {json.dumps(session)}
+    expect: deny
+  - name: a body as text, malformed
+    request: POST /private
+    user: alice
+    body: '{{"query": '
+    expect: bad_request
+  - name: no body given
+    request: POST /private
+    user: alice
+    expect: blocked
+"""
+    )
+    jitgate = str(Path(sys.executable).parent / "jitgate")
+    out = subprocess.run(
+        [jitgate, "policy", "test", str(cases)], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines()[-1] == "4 passed, 0 failed"
