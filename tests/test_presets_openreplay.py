@@ -4,6 +4,7 @@ README.md there says where each came from), the live assist socket included."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from conftest import ROOT, ProxyFactory, bearer
 from redis.asyncio import Redis
@@ -84,10 +85,10 @@ async def gate(make_proxy: ProxyFactory, openreplay: FakeOpenReplay) -> TestClie
     return await make_proxy(upstream_url=openreplay.url, policy_text="preset: openreplay\n")
 
 
-async def grant(redis_url: str, scope: str) -> None:
+async def grant(redis_url: str, scope: str) -> str:
     redis = Redis.from_url(redis_url)
     try:
-        await RedisGrants(redis).add("alice", scope, 600, "preset test", "test")
+        return (await RedisGrants(redis).add("alice", scope, 600, "preset test", "test")).id
     finally:
         await redis.aclose()
 
@@ -187,11 +188,23 @@ async def test_assist_socket_needs_a_live_assist_grant(
     assert (await gate.get("/ws-assist/assist/key/sockets-list", headers=bearer())).status == 403
     assert openreplay.hits == []
 
-    await grant(redis_url, "assist:live")
+    live = await grant(redis_url, "assist:live")
     async with gate.ws_connect(SOCKET, headers=bearer()) as ws:
         await ws.send_str('40{"token":"agent"}')
         assert await ws.receive_str() == f'40{{"token":"agent"}}|pk123-{SESSION}'
+        # Revoking the grant cuts the open socket (policy violation, 1008).
+        redis = Redis.from_url(redis_url)
+        try:
+            await RedisGrants(redis).revoke(live)
+        finally:
+            await redis.aclose()
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+        assert (msg.data if msg.type is WSMsgType.CLOSE else ws.close_code) == 1008
     assert openreplay.hits == [("GET", SOCKET)]
+    with pytest.raises(aiohttp.WSServerHandshakeError) as after:
+        await gate.ws_connect(SOCKET, headers=bearer())
+    assert after.value.status == 403
 
 
 def openreplay_tricks() -> list[tuple[str, int]]:
