@@ -12,10 +12,11 @@ from aiohttp import web
 
 from . import audit
 from .accesslog import AccessLog, underscore_header
-from .authorize import Decision
+from .authorize import Authorizer, Decision
 from .errors import BadPath
 from .forward import Forwarder, Outcome
 from .identity.assertion import AssertionSigner
+from .lists import ListRewrite
 from .live import LiveConnections
 from .metrics import Metrics
 from .paths import normalise, split_target
@@ -87,7 +88,8 @@ class Gate:
             raise web.HTTPNotFound(text=f"jitgate: no such endpoint under {self.prefix}\n")
 
         # The decision names its policy version: a reload while it streams changes nothing.
-        decision = await self.state.config.authorizer.decide(
+        authorizer = self.state.config.authorizer
+        decision = await authorizer.decide(
             request.method, path, lambda: self.state.identify(request)
         )
         if decision.allow and decision.scope is not None and self.strict:
@@ -109,15 +111,20 @@ class Gate:
                 bar = self.status_bar.for_request(
                     request.method, request.headers, decision.grant_expires_at
                 )
+        set_headers, listed = self.vouch.headers(decision), None
+        if decision.identity is not None and request.method == "GET":
+            listed = self._listed(authorizer, path, decision.identity.subject)
+            if listed is not None:  # a list to rewrite: asked for uncompressed
+                set_headers = {**(set_headers or {}), "Accept-Encoding": "identity"}
         try:
             response, outcome = await self.forwarder.forward(
                 request,
                 path,
                 query,
                 drop_cookies=self.drop_cookies,
-                set_headers=self.vouch.headers(decision),
+                set_headers=set_headers,
                 stop=stop,
-                rewrite=bar,
+                rewrite=bar or listed,
                 hygiene=self.hygiene,
             )
             return response
@@ -133,6 +140,29 @@ class Gate:
             self.log.decision(
                 request, decision, path, status, sent, error, started, client_ip=client_ip
             )
+
+    def _listed(self, authorizer: Authorizer, path: str, user: str) -> ListRewrite | None:
+        """The rewrite of a list route's response under `lists: annotate | filter` (lists.py)."""
+        policy = authorizer.policy
+        match = policy.match("GET", path)  # the decision's own, from the same policy
+        if policy.lists == "pass" or match.listing is None:
+            return None
+        counter = self.metrics.lists
+
+        def count(outcome: str) -> None:
+            counter.labels(match.route, outcome).inc()
+
+        return ListRewrite(
+            policy.lists,
+            match.listing,
+            dict(match.params),
+            policy,
+            authorizer.grants,
+            user,
+            self.prefix,
+            count,
+            match.route,
+        )
 
     def _bad_request(
         self, request: web.Request, reason: str, started: float, what: str
