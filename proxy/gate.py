@@ -16,7 +16,7 @@ from .authorize import Authorizer, Decision
 from .errors import BadPath
 from .forward import Forwarder, Outcome
 from .identity.assertion import AssertionSigner
-from .lists import ListRewrite
+from .lists import LIST_DROP_HEADERS, LIST_REQUEST_HEADERS, ListRewrite
 from .live import LiveConnections
 from .metrics import Metrics
 from .paths import normalise, split_target
@@ -114,13 +114,14 @@ class Gate:
         set_headers, listed = self.vouch.headers(decision), None
         if decision.identity is not None and request.method == "GET":
             listed = self._listed(authorizer, path, decision.identity.subject)
-            if listed is not None:  # a list to rewrite: asked for uncompressed
-                set_headers = {**(set_headers or {}), "Accept-Encoding": "identity"}
+            if listed is not None:  # a list to rewrite: asked for whole, uncompressed JSON
+                set_headers = {**(set_headers or {}), **LIST_REQUEST_HEADERS}
         try:
             response, outcome = await self.forwarder.forward(
                 request,
                 path,
                 query,
+                drop_headers=LIST_DROP_HEADERS if listed is not None else frozenset(),
                 drop_cookies=self.drop_cookies,
                 set_headers=set_headers,
                 stop=stop,

@@ -16,7 +16,7 @@ checked, every item is removed, in either mode: nothing is shown as open while i
 The body is held up to the policy's `list_max_bytes` (the batched lookup needs every id
 before the first byte can be sent) and parsed whole by the standard library's C parser:
 memory stays bounded by the cap, and a larger list is streamed on untouched without
-holding more, with a warning and `jitgate_list_responses{outcome="over_cap"}`. Only 2xx
+holding more, with a warning and `jitgate_list_responses{outcome="over_cap"}`. Only 200
 JSON answers are rewritten; gzip and deflate bodies are decoded (the request asks the
 upstream for `identity` anyway) and the rewritten list is sent uncompressed with its own
 Content-Length. Anything else passes unchanged and is counted: a malformed or differently
@@ -42,6 +42,10 @@ log = logging.getLogger("jitgate.lists")
 _INLINE_MAX = 256 * 1024  # larger bodies are parsed in a worker thread
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _BAD_ID = frozenset("/{}")
+# What a list request asks of the upstream, and the client headers it does not pass on: a
+# part of a list, or a 304 for a list cached before a grant changed, would pass unchecked.
+LIST_REQUEST_HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
+LIST_DROP_HEADERS = frozenset({"range", "if-range", "if-none-match", "if-modified-since"})
 _DROP = ("content-length", "content-encoding", "etag", "content-md5", "digest")
 
 Checker = Any  # a GrantChecker, with check_many where the store has it
@@ -76,7 +80,7 @@ class ListRewrite:
 
     def wants(self, status: int, headers: MultiMapping[str]) -> bool:
         kind = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-        return 200 <= status < 300 and (kind == "application/json" or kind.endswith("+json"))
+        return status == 200 and (kind == "application/json" or kind.endswith("+json"))
 
     def fell_back(self, why: str) -> None:
         """The body was not rewritten and went on as it came (over the cap)."""
