@@ -17,8 +17,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ROOT, bearer
+from redis.asyncio import Redis
 
 from proxy.errors import ConfigErrors
+from proxy.grantstore import RedisGrants
+from proxy.grantview import GrantView
 from proxy.policyfile import compile_text
 from proxy.state import STATE
 
@@ -305,3 +308,41 @@ def test_list_sections_are_checked(tmp_path: Path) -> None:
                          ("list_max_bytes: 0\n", "positive")):  # fmt: skip
         with pytest.raises(ConfigErrors, match=message):
             compile_text("preset: posthog\n" + top, "p")
+
+
+async def test_batch_check_is_one_round_trip_per_list(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    store = RedisGrants(client, "jit:")
+    try:
+        await store.add("alice", "recording:2/b", 300, "test", "admin")
+        await store.add("alice", "project:9", 300, "test", "admin")
+        ended = await store.add("alice", "recording:2/c", 300, "test", "admin")
+        await store.revoke(ended.id, "admin")
+        groups = [("recording:2/a", "project:2"), ("recording:2/b", "project:2"),
+                  ("recording:9/x", "project:9"), ("recording:2/c", "project:2")]  # fmt: skip
+        sent: list[object] = []
+        real = client.connection_pool.get_connection
+
+        async def counted(*args: Any, **kw: Any) -> Any:
+            sent.append(args)
+            return await real(*args, **kw)
+
+        client.connection_pool.get_connection = counted  # type: ignore[method-assign]
+        assert await GrantView(store).check_many("alice", groups) == [False, True, True, False]
+        assert len(sent) == 1  # one connection taken: one pipeline, one round trip
+        assert await store.check_many("bob", groups) == [False] * 4
+        assert await store.check_many("alice", []) == []
+    finally:
+        await client.aclose()
+
+
+def test_an_override_that_ends_identity_drops_the_list() -> None:
+    policy = compile_text(
+        "preset: posthog\nlists: filter\noverrides:\n"
+        "  - {id: posthog.recording-list, access: blocked}\n",
+        "p",
+    )
+    routes = {r.id: r for r in policy.routes}
+    assert routes["posthog.recording-list"].listing is None
+    assert routes["posthog.recording-list-env"].listing is not None
+    assert policy.lists == "filter"
