@@ -112,8 +112,8 @@ class Gate:
                     request.method, request.headers, decision.grant_expires_at
                 )
         set_headers, listed = self.vouch.headers(decision), None
-        if decision.identity is not None and request.method == "GET":
-            listed = self._listed(authorizer, path, decision.identity.subject)
+        if decision.identity is not None and request.method in ("GET", "POST"):
+            listed = self._listed(authorizer, request.method, path, decision.identity.subject)
             if listed is not None:  # a list to rewrite: asked for whole, uncompressed JSON
                 set_headers = {**(set_headers or {}), **LIST_REQUEST_HEADERS}
         try:
@@ -142,10 +142,12 @@ class Gate:
                 request, decision, path, status, sent, error, started, client_ip=client_ip
             )
 
-    def _listed(self, authorizer: Authorizer, path: str, user: str) -> ListRewrite | None:
+    def _listed(
+        self, authorizer: Authorizer, method: str, path: str, user: str
+    ) -> ListRewrite | None:
         """The rewrite of a list route's response under `lists: annotate | filter` (lists.py)."""
         policy = authorizer.policy
-        match = policy.match("GET", path)  # the decision's own, from the same policy
+        match = policy.match(method, path)  # the decision's own, from the same policy
         if policy.lists == "pass" or match.listing is None:
             return None
         counter = self.metrics.lists

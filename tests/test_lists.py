@@ -28,6 +28,7 @@ from proxy.state import STATE
 FIXTURES = ROOT / "tests" / "fixtures" / "presets"
 POSTHOG = json.loads((FIXTURES / "posthog" / "recording_list.json").read_text())
 SENTRY = json.loads((FIXTURES / "sentry" / "replay_list.json").read_text())
+OPENREPLAY = json.loads((FIXTURES / "openreplay" / "search.json").read_text())
 IDS = [r["id"] for r in POSTHOG["results"]]  # 0192ab-c1, 0192ab-c2
 SMALL_CAP = 64 * 1024
 release = asyncio.Event()  # lets the huge list's upstream send its end
@@ -78,7 +79,12 @@ def _upstream_app() -> web.Application:
     async def sentry_list(request: web.Request) -> web.Response:
         return web.json_response(SENTRY)
 
+    async def openreplay_search(request: web.Request) -> web.Response:
+        assert (await request.json())["limit"] == 10  # the search body reaches the upstream
+        return web.json_response(OPENREPLAY)
+
     app = web.Application()
+    app.router.add_post("/api/5/sessions/search", openreplay_search)
     app.router.add_get("/api/projects/2/session_recordings", posthog_list)
     app.router.add_get("/api/environments/2/session_recordings", posthog_list)
     app.router.add_get("/api/projects/3/session_recordings", _huge)
@@ -200,6 +206,19 @@ async def test_sentry_replay_index(start: Start) -> None:
     await client.app[STATE].grants.add("alice", f"replay:acme/{replay}", 300, "test", "admin")
     _, _, body = await get(client, path)
     assert json.loads(body) == SENTRY
+
+
+async def test_openreplay_session_search(start: Start) -> None:
+    client = await start("annotate", preset="openreplay")
+    sessions = OPENREPLAY["data"]["sessions"]
+    first, second = (str(x["sessionId"]) for x in sessions[:2])
+    await client.app[STATE].grants.add("alice", f"session:5/{second}", 300, "test", "admin")
+    resp = await client.post("/api/5/sessions/search", json={"limit": 10}, headers=bearer())
+    assert resp.status == 200
+    got = (await resp.json())["data"]["sessions"]
+    assert got[0]["jitgate"]["scope"] == f"session:5/{first}"
+    assert "jitgate" not in got[1] and got[1] == sessions[1]
+    assert (await resp.json())["data"]["total"] == OPENREPLAY["data"]["total"]
 
 
 async def test_grants_unknown_fail_closed(start: Start, own_redis: Any) -> None:
