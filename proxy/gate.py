@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -132,6 +133,8 @@ class Gate:
         finally:
             if stop is not None and grant_id is not None:
                 self.live.close(grant_id, stop)
+            if listed is not None and listed.note is not None:
+                decision = replace(decision, reasons=(*decision.reasons, listed.note))
             # Written even when the client went away mid-stream: status 499 then.
             status = outcome.status if outcome else 499
             sent = outcome.bytes_sent if outcome else 0

@@ -77,6 +77,7 @@ class ListRewrite:
         self.count = count
         self.route = route
         self.limit = policy.list_max_bytes
+        self.note: str | None = None  # what was done, for the request's audit reasons
 
     def wants(self, status: int, headers: MultiMapping[str]) -> bool:
         kind = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
@@ -85,6 +86,7 @@ class ListRewrite:
     def fell_back(self, why: str) -> None:
         """The body was not rewritten and went on as it came (over the cap)."""
         log.warning("list on route %s passed unchanged: %s", self.route, why)
+        self.note = f"list passed unchanged: {why}"
         self.count(why)
 
     async def rewrite(
@@ -120,10 +122,13 @@ class ListRewrite:
             log.warning(
                 "grants of a list on route %s not checked (%r): all removed", self.route, exc
             )
+            self.note = f"list emptied: grants not checked ({type(exc).__name__})"
             items.clear()
             self.count("unavailable")
         else:
-            self._apply(items, scopes, held)
+            total = len(items)
+            locked = self._apply(items, scopes, held)
+            self.note = f"list {self.mode}: {locked} of {total} locked"
             self.count(self.mode)
         if len(body) > _INLINE_MAX:
             out = await asyncio.to_thread(_dump, doc)
@@ -158,7 +163,8 @@ class ListRewrite:
             raise RuntimeError("the grant store answered for the wrong number of scopes")
         return dict(zip(unique, (bool(f) for f in found), strict=True))
 
-    def _apply(self, items: list[Any], scopes: list[str | None], held: dict[str, bool]) -> None:
+    def _apply(self, items: list[Any], scopes: list[str | None], held: dict[str, bool]) -> int:
+        """Mark or remove the items not held in place; return how many were not held."""
         kept: list[Any] = []
         for item, scope in zip(items, scopes, strict=True):
             if scope is not None and held.get(scope, False):
@@ -166,7 +172,9 @@ class ListRewrite:
             elif self.mode == "annotate" and isinstance(item, dict):
                 item["jitgate"] = self._marker(scope)
                 kept.append(item)
+        locked = len(items) - sum(1 for s in scopes if s is not None and held.get(s, False))
         items[:] = kept
+        return locked
 
     def _marker(self, scope: str | None) -> dict[str, Any]:
         if scope is None:

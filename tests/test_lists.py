@@ -137,7 +137,7 @@ async def test_pass_leaves_the_list_as_it_came(start: Start) -> None:
     assert "Cache-Control" not in headers
 
 
-async def test_annotate_marks_what_the_caller_may_not_open(start: Start) -> None:
+async def test_annotate_marks_what_the_caller_may_not_open(start: Start, tmp_path: Path) -> None:
     client = await start("annotate")
     grants = client.app[STATE].grants
     await grants.add("alice", f"recording:2/{IDS[1]}", 300, "test", "admin")
@@ -158,6 +158,7 @@ async def test_annotate_marks_what_the_caller_may_not_open(start: Start) -> None
         assert "jitgate" not in opened
         assert {k: v for k, v in locked.items() if k != "jitgate"} == POSTHOG["results"][0]
     assert outcome(client, "posthog.recording-list", "annotate") == 1
+    assert await list_reasons(client, tmp_path) == ["list annotate: 1 of 2 locked"] * 2
     # The marker's link is jitgate's own request page for that scope.
     resp = await client.get(locked["jitgate"]["request_url"], headers=bearer("alice"))
     assert resp.status != 404
@@ -232,11 +233,23 @@ async def test_grants_unknown_fail_closed(start: Start, own_redis: Any) -> None:
     assert outcome(client, "posthog.recording-list", "unavailable") == 1
 
 
-async def test_over_the_cap_passes_unchanged_and_is_counted(start: Start) -> None:
+async def test_over_the_cap_passes_unchanged_and_is_counted(start: Start, tmp_path: Path) -> None:
     client = await start("filter", cap=1000)
     status, _, body = await get(client, LIST)
     assert status == 200 and json.loads(body) == POSTHOG
     assert outcome(client, "posthog.recording-list", "over_cap") == 1
+    await get(client, "/api/environments/2/session_recordings?as=echo")  # under the cap
+    assert await list_reasons(client, tmp_path) == [
+        "list passed unchanged: over_cap",
+        "list filter: 0 of 0 locked",
+    ]
+
+
+async def list_reasons(client: TestClient, tmp_path: Path) -> list[str]:
+    """The list notes in the audit records of the requests so far, in order."""
+    await client.app[STATE].audit.flush(force=True)
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    return [r for rec in records for r in rec.get("reasons", []) if r.startswith("list ")]
 
 
 async def test_a_huge_list_is_streamed_not_held(start: Start) -> None:
