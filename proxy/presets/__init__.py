@@ -30,7 +30,8 @@ def merged(base: Node, override: Node) -> Node:
     """Return a preset route with an override's fields in place of its own.
 
     Lines point at the override (the policy file is where a mistake would be fixed). A
-    route that stops being protected loses the preset's scope unless the override gives one.
+    route that stops being protected loses the preset's scope unless the override gives one;
+    one that stops being an identity route loses its `list:`.
     """
     out = Node()
     out.line = override.line
@@ -44,4 +45,6 @@ def merged(base: Node, override: Node) -> Node:
             out.key_lines[key] = override.line_of(key)
     if override.get("access", "protected") not in ("protected",) and "scope" not in override:
         out.pop("scope", None)
+    if override.get("access", "identity") not in ("identity", "identity-only"):
+        out.pop("list", None)  # only identity routes list recordings (lists.py)
     return out
