@@ -21,9 +21,7 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -214,27 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.rounds < 1:
         p.error("--duration, --connections and --rounds must be positive")
-    tmp = Path(tempfile.mkdtemp(prefix="jitgate-bench-authz-"))
-    (tmp / "logs").mkdir()
-    procs = Processes(tmp / "logs")
-    try:
-        with run._terminate_as_exit():
-            try:
-                report = bench(args, tmp, procs)
-            finally:
-                previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-                try:
-                    procs.stop_all()  # jitgate flushes its audit queue on SIGTERM
-                finally:
-                    signal.signal(signal.SIGINT, previous)
-    except BenchError as exc:
-        log(f"bench: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("bench: interrupted")
-        return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    report = run.run_bench(lambda tmp, procs: bench(args, tmp, procs), "jitgate-bench-authz-")
+    if isinstance(report, int):
+        return report
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -1068,22 +1068,25 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.rounds < 1:
-        _parser().error("--duration, --connections and --rounds must be positive")
-    tmp = Path(tempfile.mkdtemp(prefix="jitgate-bench-"))
+def run_bench(
+    measure: Callable[[Path, Processes], dict[str, Any]], prefix: str
+) -> dict[str, Any] | int:
+    """measure(tmp, procs) in a fresh directory; every server stopped whatever happens.
+
+    Returns the report, or the exit code of a failed (1) or interrupted (130) run.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     (tmp / "logs").mkdir()
     procs = Processes(tmp / "logs")
     try:
         with _terminate_as_exit():
             try:
-                report = bench(args, tmp, procs)
+                return measure(tmp, procs)
             finally:
                 # A second Ctrl-C must not cut the cleanup short and leave servers behind.
                 previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
                 try:
-                    procs.stop_all()
+                    procs.stop_all()  # jitgate flushes its audit queue on SIGTERM
                 finally:
                     signal.signal(signal.SIGINT, previous)
     except BenchError as exc:
@@ -1094,6 +1097,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.rounds < 1:
+        _parser().error("--duration, --connections and --rounds must be positive")
+    report = run_bench(lambda tmp, procs: bench(args, tmp, procs), "jitgate-bench-")
+    if isinstance(report, int):
+        return report
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_FILE.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2) if args.json else render(report))

@@ -17,9 +17,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -205,22 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.workers < 2 or args.duration <= 0 or args.rounds < 1 or args.connections < 1:
         _parser().error("--workers must be 2 or more; --duration, --rounds, --connections > 0")
-    tmp = Path(tempfile.mkdtemp(prefix="jitgate-bench-workers-"))
-    (tmp / "logs").mkdir()
-    procs = run.Processes(tmp / "logs")
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        try:
-            report = bench(args, tmp, procs)
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
-            procs.stop_all()
-    except run.BenchError as exc:
-        run.log(f"bench: {exc}")
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        shutil.rmtree(tmp, ignore_errors=True)
+    report = run.run_bench(lambda tmp, procs: bench(args, tmp, procs), "jitgate-bench-workers-")
+    if isinstance(report, int):
+        return report
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import aiohttp
 from aiohttp import WSMsgType, hdrs, web
@@ -59,6 +59,23 @@ class BodyRewrite(Protocol):
     ) -> tuple[CIMultiDict[str], bytes] | None:
         """Return the new headers and body, or None to send the response as it came."""
         ...
+
+
+@runtime_checkable
+class AsyncBodyRewrite(Protocol):
+    """A change to a whole response body that awaits (a list's grants, lists.py)."""
+
+    @property
+    def limit(self) -> int: ...
+
+    def wants(self, status: int, headers: MultiMapping[str]) -> bool: ...
+
+    async def rewrite(
+        self, headers: CIMultiDict[str], body: bytes
+    ) -> tuple[CIMultiDict[str], bytes] | None: ...
+
+    def fell_back(self, why: str) -> None:
+        """The body went on as it came: `over_cap` when larger than `limit`."""
 
 
 @dataclass
@@ -137,7 +154,7 @@ class Forwarder:
         drop_cookies: frozenset[str] = frozenset(),
         set_headers: Mapping[str, str] | None = None,
         stop: asyncio.Event | None = None,
-        rewrite: BodyRewrite | None = None,
+        rewrite: BodyRewrite | AsyncBodyRewrite | None = None,
         hygiene: Hygiene = DEFAULT_HYGIENE,
         body: bytes | None = None,
     ) -> tuple[web.StreamResponse, Outcome]:
@@ -184,7 +201,7 @@ class Forwarder:
         request: web.Request,
         upstream: Response,
         stop: asyncio.Event | None,
-        rewrite: BodyRewrite | None = None,
+        rewrite: BodyRewrite | AsyncBodyRewrite | None = None,
     ) -> tuple[web.StreamResponse, Outcome]:
         status = upstream.status
         headers = self._response_headers(request, upstream.headers, HOP_BY_HOP)
@@ -205,13 +222,17 @@ class Forwarder:
                 return self._failure(aiohttp.ClientPayloadError("upstream body cut"))
             if end == "eof":
                 body = b"".join(held)
-                if len(body) > _REWRITE_INLINE_MAX:
+                if isinstance(rewrite, AsyncBodyRewrite):
+                    changed = await rewrite.rewrite(headers, body)
+                elif len(body) > _REWRITE_INLINE_MAX:
                     changed = await asyncio.to_thread(rewrite.apply, headers, body)
                 else:
                     changed = rewrite.apply(headers, body)
                 if changed is not None:
                     headers, body = changed
                 held = [body]
+            elif end == "over" and isinstance(rewrite, AsyncBodyRewrite):
+                rewrite.fell_back("over_cap")
             # "over" (too large) and "expired" go on as a plain stream: the held part first.
         resp = web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
         outcome = Outcome(status, 0, None)

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from aiohttp import web
 
 from . import audit
 from .accesslog import AccessLog, underscore_header
-from .authorize import Decision
+from .authorize import Authorizer, Decision
 from .bodyrules import BadBody, BodyTooLarge
 from .errors import BadPath
 from .forward import Forwarder, Outcome
 from .identity.assertion import AssertionSigner
+from .lists import LIST_DROP_HEADERS, LIST_REQUEST_HEADERS, ListRewrite
 from .live import LiveConnections
 from .metrics import Metrics
 from .paths import normalise, split_target
@@ -95,7 +97,8 @@ class Gate:
             held.append(await hold_body(request, self.max_body))
             return held[0]
 
-        decision = await self.state.config.authorizer.decide(
+        authorizer = self.state.config.authorizer
+        decision = await authorizer.decide(
             request.method, path, lambda: self.state.identify(request), query, read_body
         )
         if decision.allow and decision.scope is not None and self.strict:
@@ -117,15 +120,21 @@ class Gate:
                 bar = self.status_bar.for_request(
                     request.method, request.headers, decision.grant_expires_at
                 )
+        set_headers, listed = self.vouch.headers(decision), None
+        if decision.identity is not None and request.method in ("GET", "POST"):
+            listed = self._listed(authorizer, request.method, path, decision.identity.subject)
+            if listed is not None:  # a list to rewrite: asked for whole, uncompressed JSON
+                set_headers = {**(set_headers or {}), **LIST_REQUEST_HEADERS}
         try:
             response, outcome = await self.forwarder.forward(
                 request,
                 path,
                 query,
+                drop_headers=LIST_DROP_HEADERS if listed is not None else frozenset(),
                 drop_cookies=self.drop_cookies,
-                set_headers=self.vouch.headers(decision),
+                set_headers=set_headers,
                 stop=stop,
-                rewrite=bar,
+                rewrite=bar or listed,
                 hygiene=self.hygiene,
                 body=held[0] if held else None,
             )
@@ -133,6 +142,8 @@ class Gate:
         finally:
             if stop is not None and grant_id is not None:
                 self.live.close(grant_id, stop)
+            if listed is not None and listed.note is not None:
+                decision = replace(decision, reasons=(*decision.reasons, listed.note))
             # Written even when the client went away mid-stream: status 499 then.
             status = outcome.status if outcome else 499
             sent = outcome.bytes_sent if outcome else 0
@@ -142,6 +153,31 @@ class Gate:
             self.log.decision(
                 request, decision, path, status, sent, error, started, client_ip=client_ip
             )
+
+    def _listed(
+        self, authorizer: Authorizer, method: str, path: str, user: str
+    ) -> ListRewrite | None:
+        """The rewrite of a list route's response under `lists: annotate | filter` (lists.py)."""
+        policy = authorizer.policy
+        match = policy.match(method, path)  # the decision's own, from the same policy
+        if policy.lists == "pass" or match.listing is None:
+            return None
+        counter = self.metrics.lists
+
+        def count(outcome: str) -> None:
+            counter.labels(match.route, outcome).inc()
+
+        return ListRewrite(
+            policy.lists,
+            match.listing,
+            dict(match.params),
+            policy,
+            authorizer.grants,
+            user,
+            self.prefix,
+            count,
+            match.route,
+        )
 
     def _bad_request(
         self, request: web.Request, reason: str, started: float, what: str

@@ -1,17 +1,10 @@
 """The grant store in Redis: each step of a grant's life is one atomic Lua script.
 
 Keys (after the configured prefix, default `jit:`):
-  grant:{id}                 hash, one per request or grant: id, user, scope, state, reason,
-                             ticket, entitlement, duration, needed, approvals (JSON list of
-                             {by, at, comment}), created_at, pending_until, activated_at,
-                             expires_at, ended_at, ended_by, end_comment, granted_by,
-                             break_glass, extensions, extended_by, reviewed_by, reviewed_at,
-                             review_comment, kind ("grant" or "extension"), extends and
-                             max_total (an extension request's grant and the longest total it
-                             may give it), extension_request (a grant's latest extension
-                             request); times in epoch seconds, "" while unset. Redis expires
-                             it history_ttl after its end (or after pending_until while
-                             pending)
+  grant:{id}                 hash, one per request or grant: the fields of grants.Grant
+                             (approvals a JSON list of {by, at, comment}; times in epoch
+                             seconds, "" while unset). Redis expires it history_ttl after its
+                             end (or after pending_until while pending)
   active:{len(user)}:{user}:{scope}
                              sorted set of active grant ids scored by expiry (ms), expiring
                              with the last of them; a check reads these sets in one Lua call
@@ -33,8 +26,8 @@ Keys (after the configured prefix, default `jit:`):
   events                     pub/sub channel: "revoked {id}" (revoked or relinquished),
                              "extended {id}" and "granted {id}" (made active) reach every
                              replica at once
-The index sets expire by themselves after their last entry. Every change is one Lua script,
-so concurrent approvals, revocations and extensions can never leave a doubled or broken state.
+The index sets expire by themselves after their last entry. Every change is one Lua script
+(a batch check is one pipeline), so concurrent changes never leave a broken state.
 """
 
 from __future__ import annotations
@@ -53,8 +46,7 @@ from .grants import HISTORY_TTL, STATES, Approval, Grant, GrantError
 from .redisd import quiet_probe
 from .redisha import ASK_EVERY, durable_script, master_moved
 
-# The scripts (proxy/lua/grant_*.lua, each saying its KEYS and ARGV): every change is one
-# of them, so concurrent approvals, revocations and extensions stay consistent.
+# The scripts (proxy/lua/grant_*.lua, each saying its KEYS and ARGV).
 _CHECK = lua.read("grant_check")
 _LIB = lua.read("grants_lib")  # shared by every transition
 _CREATE = lua.compose("grant_create", _LIB)
@@ -214,6 +206,14 @@ class RedisGrants:
         keys = [self._active_key(user, scope) for scope in scopes]
         found = await self._check(keys=keys, args=[_now_ms()])
         return (_text(found[0]), int(found[1]) / 1000) if found else None
+
+    async def check_many(self, user: str, groups: Iterable[tuple[str, ...]]) -> list[bool]:
+        """Per group of scopes, whether an active grant covers any; one round trip in all."""
+        now, key = [_now_ms()], self._active_key
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for scopes in groups:
+                await self._check(keys=[key(user, s) for s in scopes], args=now, client=pipe)
+            return [bool(found) for found in await pipe.execute()]
 
     async def add(self, user: str, scope: str, ttl: float, reason: str, granted_by: str) -> Grant:
         """Create an active grant (an admin's) that Redis expires by itself after ttl seconds."""

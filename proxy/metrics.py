@@ -88,6 +88,10 @@ class Metrics:
             "jitgate_request_duration_seconds", "Time from request to the end of the response.",
             ["route"], buckets=_BUCKETS, registry=r,
         )  # fmt: skip
+        self.lists = Counter(
+            "jitgate_list_responses", "List responses by what was done (lists.py).",
+            ["route", "outcome"], registry=r,
+        )  # fmt: skip
         self.upstream_errors = Counter(
             "jitgate_upstream_errors", "Upstream failures by kind.", ["kind"], registry=r
         )

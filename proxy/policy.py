@@ -65,10 +65,27 @@ class Match:
     scope: str | None = None  # the route's own scope, e.g. recording:1/demo-1
     scopes: tuple[str, ...] = ()  # that scope and every scope that covers it, narrowest first
     preset: str | None = None  # the preset the route came from, e.g. posthog
+    listing: Listing | None = None  # a list of recordings (lists.py), with `params`
+    params: tuple[tuple[str, str], ...] = ()  # the path's parameters, for `listing` only
     invalid: str | None = None  # why the request cannot be decided (refused, 400)
     # Routes with `body:` for this path, with their path values: the body decides (below).
     body: tuple[tuple[Route, tuple[tuple[str, str], ...]], ...] = ()
     note: str | None = None  # why a blocked request is blocked, when not by its route
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Where a list route's response keeps its recordings, and the scope of each (lists.py).
+
+    `items` is the key path to the JSON array (empty: the body is the array), `id` the
+    field of an item that holds its recording id, `scope` a template using the route's path
+    parameters and one more, `var`, which the item's id fills.
+    """
+
+    items: tuple[str, ...]
+    id: str
+    scope: str
+    var: str
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,7 @@ class Route:
     preset: str | None = None  # the preset table the route came from, e.g. posthog
     query: tuple[QueryBind, ...] = ()  # scope variables bound from query parameters
     body: BodyRule | None = None  # the JSON or GraphQL body rule that must match too
+    listing: Listing | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +182,8 @@ class Policy:
     covers: tuple[Cover, ...]
     entitlements: tuple[Entitlement, ...] = ()
     preset: PresetInfo | None = None
+    lists: str = "pass"  # list routes: annotate, filter or pass (lists.py)
+    list_max_bytes: int = 4 * 1024 * 1024  # larger list responses pass unchanged
     _recording: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
     # The routes a path can match, by its first segment (lower case), in policy order: those
     # naming that segment and those whose first segment is a parameter. Other paths get
@@ -224,6 +244,10 @@ class Policy:
                 continue
             if route.body is not None:
                 return self._body_candidates(method, path, candidates[i:]), False
+            if route.listing is not None and route.access is not Access.PROTECTED:
+                params = tuple(m.groupdict().items())
+                found = Match(route.id, route.access, None, (), route.preset, route.listing, params)
+                return found, False
             if route.scope is None:
                 return Match(route.id, route.access, preset=route.preset), False
             values = m.groupdict()

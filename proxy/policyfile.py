@@ -10,7 +10,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from . import presets
+from . import listspec, presets
 from .bodyrules import compile_body
 from .errors import ConfigError, ConfigErrors
 from .policy import (
@@ -74,6 +74,7 @@ class _Compiler:
             raise ConfigErrors([ConfigError("a policy must be a mapping", file=self.file, line=1)])
         known: tuple[str, ...] = ("default", "hierarchy", "routes", "version")
         known += ("about",) if self.table else ("entitlements", "overrides", "preset")
+        known += () if self.table else ("lists", "list_max_bytes")
         self.unknown(raw, "", known)
         if raw.get("version", 1) != 1:
             self.err(raw, "version", "version", "only version 1 is supported")
@@ -93,9 +94,10 @@ class _Compiler:
         if self.errors:
             raise ConfigErrors(self.errors)
         version = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return Policy(
+        policy = Policy(
             self.file, version, default, tuple(routes), tuple(covers), tuple(entitlements), info
         )
+        return listspec.settings(self, raw, policy)
 
     # --- presets ----------------------------------------------------------------------
 
@@ -173,7 +175,7 @@ class _Compiler:
 
     def _route(self, item: Node, where: str) -> Route | None:
         known: tuple[str, ...] = ("id", "methods", "path", "subpaths", "access", "scope")
-        known += ("description", "query", "body")
+        known += ("description", "query", "body", "list")
         self.unknown(item, where, known)
         rid = item.get("id")
         if not isinstance(rid, str) or not _ID.fullmatch(rid):
@@ -214,8 +216,11 @@ class _Compiler:
         first = (
             segments[0].lower() if path != "/" and not SCOPE_PARAM.fullmatch(segments[0]) else None
         )
+        listing = listspec.listing(self, item, where, params, access) if "list" in item else None
         scope = scope if isinstance(scope, str) else None
-        return Route(rid, methods, regex, access, scope, first, query=query, body=body)
+        return Route(
+            rid, methods, regex, access, scope, first, query=query, body=body, listing=listing
+        )
 
     def _methods(self, item: Node, where: str) -> frozenset[str] | None:
         value = item.get("methods")

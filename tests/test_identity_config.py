@@ -84,7 +84,7 @@ MISTAKES = [
     ("trusted_headers: {from: [0.0.0.0/0]}",
      "identity.trusted_headers.from: '0.0.0.0/0' would trust every client"),
     ("trusted_headers: {from: ['10.0.0.1/8']}",
-     "identity.trusted_headers.from: '10.0.0.1/8': 10.0.0.1/8 has host bits set"),
+     "identity.trusted_headers.from: '10.0.0.1/8' is not a CIDR: 10.0.0.1/8 has host bits set"),
     ("trusted_headers: {from: [10.0.0.0/8], user: X_User}",
      "identity.trusted_headers.user: 'X_User' is not a header name"),
     ("trusted_headers: {from: [10.0.0.0/8], assertion: {header: X-A, issuer: pomerium.test,"

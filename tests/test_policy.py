@@ -485,8 +485,8 @@ SECOND = "  - {id: e, scopes: [t], who: any, durations: {default: 1m}, approval:
          [at(3, DURATIONS_REQUIRED),
           at(4, "approval.mode: must be 'auto' or 'approvers', got 'x'", item=1)]),
         ("routes: []\nnope: 1\nentitlements: []\n",
-         ["t.yaml:2: nope: unknown field (known: default, entitlements, hierarchy, overrides, "
-          "preset, routes, version)"]),
+         ["t.yaml:2: nope: unknown field (known: default, entitlements, hierarchy, list_max_bytes, "
+          "lists, overrides, preset, routes, version)"]),
     ],
 )  # fmt: skip
 def test_entitlement_list_errors(text: str, expected: list[str]) -> None:

@@ -83,14 +83,14 @@ def test_posthog_covers_both_url_families() -> None:
 def test_a_table_is_not_a_policy() -> None:
     # The `about:` block belongs to shipped tables only.
     assert errors("preset: posthog\nabout: {tool: x, version: y, sources: []}\n") == [
-        "p.yaml:2: about: unknown field (known: default, entitlements, hierarchy, overrides, "
-        "preset, routes, version)"
+        "p.yaml:2: about: unknown field (known: default, entitlements, hierarchy, list_max_bytes, "
+        "lists, overrides, preset, routes, version)"
     ]
 
 
 def test_unknown_preset_is_an_error() -> None:
     assert errors("preset: fullstory\n") == [
-        "p.yaml:1: preset: must be one of posthog, rrweb-generic, sentry"
+        "p.yaml:1: preset: must be one of openreplay, posthog, rrweb-generic, sentry"
     ]
 
 

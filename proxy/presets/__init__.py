@@ -13,7 +13,7 @@ from importlib import resources
 
 from ..settings.yamlsrc import Node
 
-NAMES = ("posthog", "rrweb-generic", "sentry")
+NAMES = ("openreplay", "posthog", "rrweb-generic", "sentry")
 # Route fields an override may replace; `disabled: true` removes the route instead.
 OVERRIDE_FIELDS = ("methods", "path", "subpaths", "access", "scope", "query", "description")
 
@@ -30,7 +30,8 @@ def merged(base: Node, override: Node) -> Node:
     """Return a preset route with an override's fields in place of its own.
 
     Lines point at the override (the policy file is where a mistake would be fixed). A
-    route that stops being protected loses the preset's scope unless the override gives one.
+    route that stops being protected loses the preset's scope unless the override gives one;
+    one that stops being an identity route loses its `list:`.
     """
     out = Node()
     out.line = override.line
@@ -46,4 +47,6 @@ def merged(base: Node, override: Node) -> Node:
         out.pop("scope", None)
         if "query" not in override:
             out.pop("query", None)
+    if override.get("access", "identity") not in ("identity", "identity-only"):
+        out.pop("list", None)  # only identity routes list recordings (lists.py)
     return out

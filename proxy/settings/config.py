@@ -12,7 +12,6 @@ Values are parsed as YAML scalars, so `JITGATE_AUDIT__STDOUT=true` is a bool.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -465,17 +464,7 @@ def _forward_auth(r: Reader, s: Node) -> ForwardAuthSettings:
     r.known(s, {"enabled", "trusted_proxies"}, at)
     enabled = r.get(s, "enabled", bool, False, f"{at}.enabled")
     where = f"{at}.trusted_proxies"
-    nets: list[IPv4Network | IPv6Network] = []
-    for text in r.str_list(s, "trusted_proxies", (), where):
-        try:
-            net = ipaddress.ip_network(text, strict=True)
-        except ValueError as exc:
-            r.error(s, "trusted_proxies", where, f"{text!r} is not a CIDR: {exc}")
-            continue
-        if net.prefixlen == 0:
-            r.error(s, "trusted_proxies", where, f"{text!r} would trust every client")
-            continue
-        nets.append(net)
+    nets = r.networks(s, "trusted_proxies", where)
     if enabled and not nets and not any(e.field == where for e in r.errors):
         message = (
             "is required with forward_auth.enabled: the addresses nginx, Traefik or Envoy "

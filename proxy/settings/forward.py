@@ -7,7 +7,6 @@ headers to drop, the proxies whose client-address chain is believed, and the Hos
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
@@ -104,17 +103,7 @@ def _upstream_headers(r: Reader, s: Node, host_header: str | None) -> dict[str, 
         if why is not None:
             r.error(s, "drop_headers", f"{at}.drop_headers", f"{name!r} {why}")
     where = f"{at}.trusted_proxies"
-    nets: list[IPv4Network | IPv6Network] = []
-    for text in r.str_list(s, "trusted_proxies", (), where):
-        try:
-            net = ipaddress.ip_network(text, strict=True)
-        except ValueError as exc:
-            r.error(s, "trusted_proxies", where, f"{text!r} is not a CIDR: {exc}")
-            continue
-        if net.prefixlen == 0:
-            r.error(s, "trusted_proxies", where, f"{text!r} would trust every client")
-            continue
-        nets.append(net)
+    nets = r.networks(s, "trusted_proxies", where)
     preserve = r.get(s, "preserve_host", bool, False, f"{at}.preserve_host")
     hosts = tuple(
         h.strip().lower() for h in r.str_list(s, "allowed_hosts", (), f"{at}.allowed_hosts")

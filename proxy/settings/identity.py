@@ -510,17 +510,7 @@ def _header_name(r: Reader, s: Node, key: str, default: str | None, where: str) 
 def _trusted_headers(r: Reader, s: Node) -> TrustedHeadersSettings:
     at = "identity.trusted_headers"
     r.known(s, {"from", "user", "email", "groups", "groups_delimiter", "assertion"}, at)
-    sources: list[IPv4Network | IPv6Network] = []
-    for text in r.str_list(s, "from", (), f"{at}.from"):
-        try:
-            net = ipaddress.ip_network(text, strict=True)
-        except ValueError as exc:
-            r.error(s, "from", f"{at}.from", f"{text!r}: {exc}")
-            continue
-        if net.prefixlen == 0:
-            r.error(s, "from", f"{at}.from", f"{text!r} would trust every client")
-            continue
-        sources.append(net)
+    sources = r.networks(s, "from", f"{at}.from")
     if not sources and not any(e.field == f"{at}.from" for e in r.errors):
         message = "is required: the addresses of the SSO proxy, e.g. [10.0.0.0/8]"
         r.error(s, "from", f"{at}.from", message)

@@ -8,10 +8,12 @@ whose repr never shows it. Nothing here knows a particular section.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
 from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -128,6 +130,21 @@ class Reader:
             self.error(node, key, where, "must be a list of strings")
             return default
         return tuple(value)
+
+    def networks(self, s: Node, key: str, where: str) -> list[IPv4Network | IPv6Network]:
+        """A list of CIDRs of peers to trust; `0.0.0.0/0` and host bits set are errors."""
+        nets: list[IPv4Network | IPv6Network] = []
+        for text in self.str_list(s, key, (), where):
+            try:
+                net = ipaddress.ip_network(text, strict=True)
+            except ValueError as exc:
+                self.error(s, key, where, f"{text!r} is not a CIDR: {exc}")
+                continue
+            if net.prefixlen == 0:
+                self.error(s, key, where, f"{text!r} would trust every client")
+                continue
+            nets.append(net)
+        return nets
 
     def str_map(self, s: Node, key: str, where: str, keys: str, example: str) -> dict[str, str]:
         """Return the mapping of strings at s[key] ({} when absent); report anything else."""
