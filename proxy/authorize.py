@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from .bodyrules import BadBody, BodyTooLarge
 from .grants import GrantChecker
 from .identity import Caller, Identity
 from .policy import Access, Match, Policy
@@ -40,13 +41,28 @@ class Authorizer:
     on_grant_error: Callable[[BaseException], None] = lambda exc: None
 
     async def decide(
-        self, method: str, path: str, caller: Callable[[], Awaitable[Caller]]
+        self,
+        method: str,
+        path: str,
+        caller: Callable[[], Awaitable[Caller]],
+        query: str = "",
+        body: Callable[[], Awaitable[bytes]] | None = None,
     ) -> Decision:
         """Decide a request on its normalised path; `caller` identifies it when asked.
 
         Only routes that need an identity ask: public and blocked routes skip the token.
+        `query` is the raw query string, forwarded as it is; routes with `query:` read it.
+        `body` reads the request body, held whole: only routes with `body:` call it, and
+        where there is none (forward-auth) they are refused.
         """
-        match = self.policy.match(method, path)
+        match = self.policy.match(method, path, query)
+        if match.body:
+            found = await self._with_body(match, body)
+            if isinstance(found, Decision):
+                return found
+            match = found
+        if match.invalid is not None:
+            return self._invalid(match)
         if match.access is Access.PUBLIC or match.access is Access.BLOCKED:
             return self._decide(None, None, match, "no credentials")
         who = await caller()
@@ -59,10 +75,48 @@ class Authorizer:
         path: str,
         *,
         no_identity_reason: str = "no credentials",
+        query: str = "",
+        body: bytes | None = None,
     ) -> Decision:
         """Decide a request on a normalised path for an already known identity (None: anonymous)."""
-        match = self.policy.match(method, path)
+        match = self.policy.match(method, path, query)
+        if match.body and body is not None:
+            match = self.policy.match_body(match, body)
+        elif match.body:
+            note = f"route {match.route!r} decides on the request body, and none was given"
+            match = replace(match, note=note)
+        if match.invalid is not None:
+            return self._invalid(match)
         return await self._decide_with_grants(ident, None, match, no_identity_reason)
+
+    async def _with_body(
+        self, match: Match, body: Callable[[], Awaitable[bytes]] | None
+    ) -> Match | Decision:
+        common: dict[str, Any] = {"policy_version": self.policy.version}
+        if body is None:
+            reason = (
+                f"route {match.route!r} decides on the request body, which forward-auth "
+                "cannot see: serve it through jitgate's proxy"
+            )
+            return Decision(False, 403, "blocked", (reason,), match.route, match.access, **common)
+        try:
+            data = await body()
+        except BodyTooLarge as exc:
+            reason = f"route {match.route!r} decides on the request body: {exc}"
+            return Decision(
+                False, 413, "bad_request", (reason,), match.route, match.access, **common
+            )
+        except BadBody as exc:
+            return self._invalid(replace(match, invalid=str(exc)))
+        return self.policy.match_body(match, data)
+
+    def _invalid(self, match: Match) -> Decision:
+        """A request its route cannot read one way only (e.g. a query parameter given twice)."""
+        reason = f"route {match.route!r} cannot decide this request: {match.invalid}"
+        version = self.policy.version
+        return Decision(
+            False, 400, "bad_request", (reason,), match.route, match.access, policy_version=version
+        )
 
     def _decide(
         self, ident: Identity | None, source: str | None, match: Match, no_identity_reason: str
@@ -73,7 +127,7 @@ class Authorizer:
         if access is Access.PUBLIC:
             return Decision(True, 0, "allow", ("public route",), route, access, **common)
         if access is Access.BLOCKED:
-            reason = f"route {route!r} is blocked by policy"
+            reason = match.note or f"route {route!r} is blocked by policy"
             return Decision(False, 403, "blocked", (reason,), route, access, **common)
         if ident is None:
             reasons = (no_identity_reason,)

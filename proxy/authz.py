@@ -113,7 +113,7 @@ class ForwardAuth:
         except BadAuthzRequest as exc:
             return self._bad(request, str(exc), started, None, None, client_ip)
         try:
-            raw_path, _query = split_target(target)
+            raw_path, query = split_target(target)
             path = normalise(raw_path, reject_semicolons=self.reject_semicolons)
         except BadPath as exc:
             return self._bad(request, str(exc), started, method, target, client_ip)
@@ -132,7 +132,7 @@ class ForwardAuth:
 
         state = self.state
         decision = await state.config.authorizer.decide(
-            method, path, lambda: state.identify(request)
+            method, path, lambda: state.identify(request), query
         )
         if decision.allow and decision.scope is not None and self.strict:
             decision = self.log.strict(decision)

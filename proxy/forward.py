@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import aiohttp
 from aiohttp import WSMsgType, hdrs, web
@@ -156,8 +156,12 @@ class Forwarder:
         stop: asyncio.Event | None = None,
         rewrite: BodyRewrite | AsyncBodyRewrite | None = None,
         hygiene: Hygiene = DEFAULT_HYGIENE,
+        body: bytes | None = None,
     ) -> tuple[web.StreamResponse, Outcome]:
         """Forward the request upstream; return the response to hand back and what happened.
+
+        `body`, when given, is the request body already read whole (a body rule decided on
+        it): those bytes are sent as they are.
 
         The client's headers go through `hygiene` (compiled once per configuration), then
         `set_headers` (what jitgate vouches for) are set.
@@ -183,7 +187,7 @@ class Forwarder:
                 request.method,
                 self._base + target,
                 headers,
-                request.content if request.body_exists else None,
+                _body(request, body),
             )
         except Exception as exc:
             return self._failure(exc)
@@ -527,3 +531,21 @@ def _sendable(code: int) -> int:
     if code in (1006, 1015) or not 1000 <= code < 5000:
         return 1001
     return code
+
+
+def _body(request: web.Request, held: bytes | None) -> aiohttp.StreamReader | None:
+    if held is not None:
+        # The pool only iterates the body (iter_any), which _Held provides.
+        return cast(aiohttp.StreamReader, _Held(held))
+    return request.content if request.body_exists else None
+
+
+class _Held:
+    """A request body already read whole, sent upstream as the client's stream would be."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        if self._data:
+            yield self._data

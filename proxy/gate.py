@@ -14,6 +14,7 @@ from aiohttp import web
 from . import audit
 from .accesslog import AccessLog, underscore_header
 from .authorize import Authorizer, Decision
+from .bodyrules import BadBody, BodyTooLarge
 from .errors import BadPath
 from .forward import Forwarder, Outcome
 from .identity.assertion import AssertionSigner
@@ -65,6 +66,7 @@ class Gate:
         self.hygiene = self.vouch.hygiene  # holds vouch.drop_headers too
         self.drop_cookies = self.vouch.drop_cookies
         self.log = AccessLog(audit_log, metrics.request, state)
+        self.max_body = forward.max_body_bytes
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -89,9 +91,15 @@ class Gate:
             raise web.HTTPNotFound(text=f"jitgate: no such endpoint under {self.prefix}\n")
 
         # The decision names its policy version: a reload while it streams changes nothing.
+        held: list[bytes] = []  # the body, when a body rule read it: forwarded as read
+
+        async def read_body() -> bytes:
+            held.append(await hold_body(request, self.max_body))
+            return held[0]
+
         authorizer = self.state.config.authorizer
         decision = await authorizer.decide(
-            request.method, path, lambda: self.state.identify(request)
+            request.method, path, lambda: self.state.identify(request), query, read_body
         )
         if decision.allow and decision.scope is not None and self.strict:
             decision = self.log.strict(decision)
@@ -128,6 +136,7 @@ class Gate:
                 stop=stop,
                 rewrite=bar or listed,
                 hygiene=self.hygiene,
+                body=held[0] if held else None,
             )
             return response
         finally:
@@ -175,3 +184,20 @@ class Gate:
     ) -> web.Response:
         self.log.refused(request, reason, started, client_ip=self.hygiene.client_ip(request))
         return web.Response(status=400, text=f"jitgate: bad request {what}: {reason}\n")
+
+
+async def hold_body(request: web.Request, limit: int) -> bytes:
+    """Read a request body whole for a body rule; over `limit` bytes, or encoded, refuse."""
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise BadBody(f"a body rule cannot read a {coding!r}-encoded body")
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge(f"{length} bytes is over forward.max_body_bytes ({limit})")
+    chunks, size = [], 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"over forward.max_body_bytes ({limit})")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -42,6 +42,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from . import bodyrules
+from .bodyrules import BodyRule
+from .queryrules import BadQuery, QueryBind, bind
+
 
 class Access(StrEnum):
     PROTECTED = "protected"  # identity and an active grant for the route's scope
@@ -63,6 +67,10 @@ class Match:
     preset: str | None = None  # the preset the route came from, e.g. posthog
     listing: Listing | None = None  # a list of recordings (lists.py), with `params`
     params: tuple[tuple[str, str], ...] = ()  # the path's parameters, for `listing` only
+    invalid: str | None = None  # why the request cannot be decided (refused, 400)
+    # Routes with `body:` for this path, with their path values: the body decides (below).
+    body: tuple[tuple[Route, tuple[tuple[str, str], ...]], ...] = ()
+    note: str | None = None  # why a blocked request is blocked, when not by its route
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,8 @@ class Route:
     scope: str | None
     first: str | None = None  # the first path segment, lower case, if it is a literal
     preset: str | None = None  # the preset table the route came from, e.g. posthog
+    query: tuple[QueryBind, ...] = ()  # scope variables bound from query parameters
+    body: BodyRule | None = None  # the JSON or GraphQL body rule that must match too
     listing: Listing | None = None
 
 
@@ -207,33 +217,83 @@ class Policy:
                     return m["recording"]
         return None
 
-    def match(self, method: str, path: str) -> Match:
-        """Return the first route that matches a normalised path, or the default."""
+    def match(self, method: str, path: str, query: str = "") -> Match:
+        """Return the first route that matches a normalised path, or the default.
+
+        `query` is the raw query string; only routes with `query:` rules read it.
+        """
         key = (method, path)
         found = self._matched.get(key)
         if found is None:
-            found = self._match(method, path)
+            found, by_query = self._match(method, path, query)
+            if by_query:
+                return found  # depends on the query: never kept
             if len(self._matched) >= MATCH_CACHE:
                 self._matched.clear()  # rare, and only costs the next matches a walk
             self._matched[key] = found
         return found
 
-    def _match(self, method: str, path: str) -> Match:
+    def _match(self, method: str, path: str, query: str) -> tuple[Match, bool]:
         first = path[1:].split("/", 1)[0].lower()
-        for route in self._by_first.get(first, self._generic):
+        candidates = self._by_first.get(first, self._generic)
+        for i, route in enumerate(candidates):
             if route.methods is not None and method not in route.methods:
                 continue
             m = route.regex.match(path)
             if m is None:
                 continue
+            if route.body is not None:
+                return self._body_candidates(method, path, candidates[i:]), False
             if route.listing is not None and route.access is not Access.PROTECTED:
                 params = tuple(m.groupdict().items())
-                return Match(route.id, route.access, None, (), route.preset, route.listing, params)
+                found = Match(route.id, route.access, None, (), route.preset, route.listing, params)
+                return found, False
             if route.scope is None:
-                return Match(route.id, route.access, preset=route.preset)
-            scope = route.scope.format_map(m.groupdict())
-            return Match(route.id, route.access, scope, self.covering(scope), route.preset)
-        return Match("_default", self.default)
+                return Match(route.id, route.access, preset=route.preset), False
+            values = m.groupdict()
+            if route.query:
+                try:
+                    values.update(bind(query, route.query))
+                except BadQuery as exc:
+                    bad = Match(route.id, route.access, preset=route.preset, invalid=str(exc))
+                    return bad, True
+            scope = route.scope.format_map(values)
+            found = Match(route.id, route.access, scope, self.covering(scope), route.preset)
+            return found, bool(route.query)
+        return Match("_default", self.default), False
+
+    def _body_candidates(self, method: str, path: str, routes: tuple[Route, ...]) -> Match:
+        """The routes with `body:` for this path, in order; only they can decide it."""
+        found = []
+        for route in routes:
+            if route.body is None or (route.methods is not None and method not in route.methods):
+                continue
+            m = route.regex.match(path)
+            if m is not None:
+                found.append((route, tuple(m.groupdict().items())))
+        head = found[0][0]
+        return Match(head.id, Access.BLOCKED, preset=head.preset, body=tuple(found))
+
+    def match_body(self, match: Match, body: bytes) -> Match:
+        """Decide a Match that needs its body: the first body rule that matches, or blocked."""
+        head = match.body[0][0]
+        graphql = any(r.body is not None and r.body.kind == "graphql" for r, _ in match.body)
+        try:
+            parsed = bodyrules.parse(body, graphql)
+            for route, values in match.body:
+                assert route.body is not None
+                bound = bodyrules.match(route.body, parsed)
+                if bound is None:
+                    continue
+                if route.scope is None:
+                    return Match(route.id, route.access, preset=route.preset)
+                scope = route.scope.format_map({**dict(values), **bound})
+                return Match(route.id, route.access, scope, self.covering(scope), route.preset)
+        except bodyrules.BadBody as exc:
+            return Match(head.id, Access.BLOCKED, preset=head.preset, invalid=str(exc))
+        what = f"operation {parsed.operation!r}" if parsed.operation else "this body"
+        note = f"no body rule of route {head.id!r} matches {what}: blocked by default"
+        return Match(head.id, Access.BLOCKED, preset=head.preset, note=note)
 
     def covering(self, scope: str) -> tuple[str, ...]:
         """Return the scope and all wider scopes that cover it, narrowest first."""

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from . import listspec, presets
+from .bodyrules import compile_body
 from .errors import ConfigError, ConfigErrors
 from .policy import (
     SCOPE_PARAM,
@@ -25,6 +26,7 @@ from .policy import (
     scope_pattern,
 )
 from .presets import expand
+from .queryrules import compile_query
 from .settings.read import parse_duration
 from .settings.yamlsrc import Node, Seq, line_of, load_text
 
@@ -172,8 +174,9 @@ class _Compiler:
         return out
 
     def _route(self, item: Node, where: str) -> Route | None:
-        known = ("id", "methods", "path", "subpaths", "access", "scope", "description")
-        self.unknown(item, where, (*known, "list"))
+        known: tuple[str, ...] = ("id", "methods", "path", "subpaths", "access", "scope")
+        known += ("description", "query", "body", "list")
+        self.unknown(item, where, known)
         rid = item.get("id")
         if not isinstance(rid, str) or not _ID.fullmatch(rid):
             self.err(item, "id", f"{where}.id", "is required: letters, digits, '.', '_' or '-'")
@@ -189,6 +192,12 @@ class _Compiler:
         regex, params = self._path_regex(item, where, path, subpaths)
         methods = self._methods(item, where)
         access = self._access(item, "access", f"{where}.access", Access.PROTECTED)
+        query = compile_query(self, item, where, params, access is Access.PROTECTED)
+        params |= {v for b in query for v in b.variables}
+        body = compile_body(self, item, where, params)
+        params |= set(body.binds if body is not None else ())
+        if body is not None and query:
+            self.err(item, "body", f"{where}.body", "a route binds from its query or its body")
         scope = item.get("scope")
         if access is Access.PROTECTED:
             if not isinstance(scope, str) or not scope:
@@ -209,7 +218,9 @@ class _Compiler:
         )
         listing = listspec.listing(self, item, where, params, access) if "list" in item else None
         scope = scope if isinstance(scope, str) else None
-        return Route(rid, methods, regex, access, scope, first, listing=listing)
+        return Route(
+            rid, methods, regex, access, scope, first, query=query, body=body, listing=listing
+        )
 
     def _methods(self, item: Node, where: str) -> frozenset[str] | None:
         value = item.get("methods")

@@ -25,6 +25,7 @@ at its default (true).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterable
@@ -54,6 +55,7 @@ _CASE_FIELDS = (
     "expect_route",
     "expect_scope",
     "description",
+    "body",
 )
 
 
@@ -131,10 +133,11 @@ async def decide_request(
     *,
     reject_semicolons: bool = True,
     prefix: str | None = None,
+    body: bytes | None = None,
 ) -> Verdict:
-    """Normalise a raw request target as the gate does, then decide it."""
+    """Normalise a raw request target as the gate does, then decide it (with its body)."""
     try:
-        raw_path, _ = split_target(target)
+        raw_path, query = split_target(target)
         path = normalise(raw_path, reject_semicolons=reject_semicolons)
     except BadPath as exc:
         return Verdict(method, target, None, "bad_request", 400, (str(exc),), "_invalid", None)
@@ -142,8 +145,10 @@ async def decide_request(
     if prefix and (low == prefix.lower() or low.startswith(prefix.lower() + "/")):
         reason = f"{prefix} belongs to jitgate: answered by jitgate itself, never forwarded"
         return Verdict(method, target, path, "not_forwarded", 0, (reason,), "_prefix", None)
-    match = auth.policy.match(method, path)
-    d = await auth.decide_for(ident, method, path)
+    match = auth.policy.match(method, path, query)
+    if match.body and body is not None:
+        match = auth.policy.match_body(match, body)
+    d = await auth.decide_for(ident, method, path, query=query, body=body)
     return Verdict(
         method,
         target,
@@ -262,6 +267,7 @@ async def explain(
     *,
     reject_semicolons: bool = True,
     prefix: str | None = None,
+    body: bytes | None = None,
 ) -> Explanation:
     """Explain one request; `grants` None means grants are not checked (--no-redis)."""
     checker: GrantChecker = grants if grants is not None else SimulatedGrants(None, ())
@@ -272,6 +278,7 @@ async def explain(
         target,
         reject_semicolons=reject_semicolons,
         prefix=prefix,
+        body=body,
     )
     user = ident.subject if ident else None
     groups = ident.groups if ident else ()
@@ -318,6 +325,7 @@ class Case:
     expect: str
     # Optional expectations by field: status, route, scope.
     checks: tuple[tuple[str, Any], ...] = ()
+    body: bytes | None = None  # for routes with body rules: a string as is, else as JSON
 
 
 @dataclass(frozen=True)
@@ -375,7 +383,7 @@ async def run_suite(suite: Suite, compiled: Policy) -> list[Result]:
 async def run_case(case: Case, compiled: Policy) -> Result:
     ident = Identity(case.user, case.groups) if case.user is not None else None
     auth = authorizer(compiled, SimulatedGrants(case.user, case.grants))
-    verdict = await decide_request(auth, ident, case.method, case.target)
+    verdict = await decide_request(auth, ident, case.method, case.target, body=case.body)
     got = {"status": verdict.status, "route": verdict.route, "scope": verdict.scope}
     mismatches: list[str] = []
     if verdict.outcome != case.expect:
@@ -483,7 +491,16 @@ class _SuiteReader:
             grants,
             str(expect),
             tuple(checks),
+            self._body(item),
         )
+
+    def _body(self, item: Node) -> bytes | None:
+        value = item.get("body")
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return value.encode()
+        return json.dumps(value).encode()
 
     def _request(self, item: Node, where: str) -> tuple[str, str]:
         value = item.get("request")

@@ -255,7 +255,7 @@ cases:
     assert out.returncode == 1
     t = str(cases)
     assert out.stderr.splitlines() == [
-        f"error: {t}:8: cases[1].expcet: unknown field (known: description, expect, "
+        f"error: {t}:8: cases[1].expcet: unknown field (known: body, description, expect, "
         "expect_route, expect_scope, expect_status, grants, groups, name, request, user)",
         f"error: {t}:6: cases[1].expect: must be one of allow, deny, blocked, unauthenticated, "
         "bad_request; missing",

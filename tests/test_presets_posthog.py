@@ -65,6 +65,10 @@ async def posthog(aiohttp_server: Any) -> FakePostHog:
         seen(request)  # a sharing viewer page would embed the shared recording
         return web.Response(text=f"<html>shared recording {REC}</html>", content_type="text/html")
 
+    async def matching(request: web.Request) -> web.Response:
+        seen(request)  # PostHog reads request.GET.dict(): the last session_ids given
+        return web.json_response({"results": [f"event-of-{request.query['session_ids']}"]})
+
     app = web.Application()
     for fam in FAMILIES:
         base = f"/api/{fam}/{{team}}"
@@ -74,6 +78,7 @@ async def posthog(aiohttp_server: Any) -> FakePostHog:
             "*", f"{base}/session_recordings/{{rec}}/sharing", answer("sharing.json")
         )
         app.router.add_get(f"{base}/session_recordings/{{rec}}/snapshots", snapshots)
+        app.router.add_get(f"{base}/session_recordings/matching_events", matching)
         app.router.add_get(f"{base}/session_recordings/{{rec}}", recording)
         app.router.add_get(
             f"{base}/session_recording_playlists/{{short}}/recordings",
@@ -277,3 +282,32 @@ def test_fixture_provenance_is_written_down() -> None:
     readme = (FIXTURES / "README.md").read_text()
     for name in sorted(p.name for p in Path(FIXTURES).iterdir() if p.name != "README.md"):
         assert f"`{name}`" in readme, name
+
+
+# --- matching_events: the session is named in the query string ----------------------------
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+async def test_matching_events_needs_the_named_sessions_grant(
+    gate: TestClient, posthog: FakePostHog, redis_url: str, fam: str
+) -> None:
+    base = f"/api/{fam}/2/session_recordings/matching_events"
+    mine = f'{base}?session_ids=["{REC}"]&events=[]'
+    other = f'{base}?session_ids=["0192ab-c2"]&events=[]'
+    assert (await gate.get(mine, headers=bearer())).status == 403
+    grant_id = await grant(redis_url, f"recording:2/{REC}")
+    resp = await gate.get(mine, headers=bearer())
+    assert resp.status == 200
+    assert await resp.json() == {"results": [f'event-of-["{REC}"]']}
+    assert (await gate.get(other, headers=bearer())).status == 403
+    # PostHog would act on the last of two: neither is chosen, the request is refused.
+    twice = f'{base}?session_ids=["{REC}"]&session_ids=["0192ab-c2"]'
+    assert (await gate.get(twice, headers=bearer())).status == 400
+    assert (await gate.get(f"{base}?events=[]", headers=bearer())).status == 400
+    redis = Redis.from_url(redis_url)
+    try:
+        await RedisGrants(redis).revoke(grant_id, "test")
+    finally:
+        await redis.aclose()
+    assert (await gate.get(mine, headers=bearer())).status == 403
+    assert len(posthog.hits) == 1  # only the granted request reached PostHog

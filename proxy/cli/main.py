@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("method", metavar="METHOD")
     p.add_argument("path", metavar="PATH", help="raw request target, e.g. /api/x?y=1")
+    body = p.add_mutually_exclusive_group()
+    body.add_argument("--body", type=Path, help="the request body, from a file (body rules)")
+    body.add_argument("--json-body", help="the request body, given as JSON text (body rules)")
     p = pol.add_parser("test", help="run a policy's test cases (YAML)")
     p.add_argument("file", type=Path)
     p.add_argument(
@@ -281,6 +284,7 @@ async def _explain(args: argparse.Namespace, settings: Settings) -> int:
             store,
             reject_semicolons=reject,
             prefix=settings.prefix,
+            body=_explain_body(args),
         )
     finally:
         if redis is not None:
@@ -290,6 +294,18 @@ async def _explain(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print("\n".join(found.lines()))
     return EXIT_OK if found.verdict.allow else EXIT_FINDING
+
+
+def _explain_body(args: argparse.Namespace) -> bytes | None:
+    """--body FILE or --json-body TEXT: the body a route's body rule decides on."""
+    if args.json_body is not None:
+        return str(args.json_body).encode()
+    if args.body is not None:
+        try:
+            return Path(args.body).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--body: cannot read {args.body}: {exc.strerror}") from None
+    return None
 
 
 def _needs_grant(compiled: policy.Policy, method: str, target: str, reject: bool) -> bool:
@@ -302,7 +318,8 @@ def _needs_grant(compiled: policy.Policy, method: str, target: str, reject: bool
         path = normalise(split_target(target)[0], reject_semicolons=reject)
     except BadPath:
         return False
-    return compiled.match(method, path).access is Access.PROTECTED
+    match = compiled.match(method, path, split_target(target)[1])
+    return match.access is Access.PROTECTED or bool(match.body)
 
 
 async def _policy_test(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from ..settings.yamlsrc import Node
 
 NAMES = ("openreplay", "posthog", "rrweb-generic", "sentry")
 # Route fields an override may replace; `disabled: true` removes the route instead.
-OVERRIDE_FIELDS = ("methods", "path", "subpaths", "access", "scope", "description")
+OVERRIDE_FIELDS = ("methods", "path", "subpaths", "access", "scope", "query", "description")
 
 
 def read(name: str) -> tuple[str, str]:
@@ -45,6 +45,8 @@ def merged(base: Node, override: Node) -> Node:
             out.key_lines[key] = override.line_of(key)
     if override.get("access", "protected") not in ("protected",) and "scope" not in override:
         out.pop("scope", None)
+        if "query" not in override:
+            out.pop("query", None)
     if override.get("access", "identity") not in ("identity", "identity-only"):
         out.pop("list", None)  # only identity routes list recordings (lists.py)
     return out

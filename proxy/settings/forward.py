@@ -43,6 +43,7 @@ class ForwardSettings:
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     preserve_host: bool = False
     allowed_hosts: tuple[str, ...] = ()
+    max_body_bytes: int = 1024 * 1024  # a body a body rule reads is held up to this (413 over)
 
 
 def forward(
@@ -58,7 +59,8 @@ def forward(
         s,
         {"pass_authorization", "pass_identity_cookie", "reject_semicolons", "identity_headers"}
         | {"reject_underscore_headers", "assertion", "user_headers", "status_bar"}
-        | {"drop_headers", "trusted_proxies", "preserve_host", "allowed_hosts"},
+        | {"drop_headers", "trusted_proxies", "preserve_host", "allowed_hosts"}
+        | {"max_body_bytes"},
         at,
     )
     defaults = ForwardSettings()
@@ -81,6 +83,7 @@ def forward(
         assertion=assertion,
         user_headers=r.get(s, "user_headers", bool, False, f"{at}.user_headers"),
         status_bar=r.get(s, "status_bar", bool, False, f"{at}.status_bar"),
+        max_body_bytes=_max_body(r, s),
         identity_headers=tuple(
             h.lower().replace("_", "-")
             for h in r.str_list(
@@ -145,3 +148,13 @@ def hostname(host: str) -> str:
     if host.startswith("["):
         return host.split("]", 1)[0] + "]"
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _max_body(r: Reader, s: Node) -> int:
+    """forward.max_body_bytes: how much of a body a body rule holds (policy `body:`)."""
+    where = "forward.max_body_bytes"
+    value = r.get(s, "max_body_bytes", int, ForwardSettings.max_body_bytes, where)
+    if not 1 <= value <= 64 * 1024 * 1024:
+        r.error(s, "max_body_bytes", where, "must be between 1 and 67108864 (64 MiB)")
+        return ForwardSettings.max_body_bytes
+    return value
