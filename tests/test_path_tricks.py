@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -59,6 +60,20 @@ TRICKS = [
     ("/api/projects/1/session_recordings/", 403),  # the list
     ("/api/projects/1/session_recordings", 403),
 ]
+
+
+def tricks_on(project: str, collection: str, recording: str) -> list[tuple[str, int]]:
+    """The corpus moved onto another tool's recording route: `projects/1/` becomes
+    `project`, `session_recordings` becomes `collection` and `demo-1` becomes `recording`
+    (the list's own tricks are left out: a list is not a recording)."""
+    out = []
+    for target, status in TRICKS:
+        if target.rstrip("/").endswith("session_recordings"):
+            continue
+        moved = re.sub("(?i)projects/1/+", project, target)
+        moved = re.sub("(?i)session_recordings", collection, moved).replace("demo-1", recording)
+        out.append((moved, status))
+    return out
 
 
 @pytest.mark.parametrize(("target", "status"), TRICKS, ids=[t for t, _ in TRICKS])

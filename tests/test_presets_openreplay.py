@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +15,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from conftest import ROOT, ProxyFactory, bearer
 from redis.asyncio import Redis
-from test_path_tricks import TRICKS, raw_request
+from test_path_tricks import raw_request, tricks_on
 
 from proxy.grantstore import RedisGrants
 
@@ -207,19 +206,7 @@ async def test_assist_socket_needs_a_live_assist_grant(
     assert after.value.status == 403
 
 
-def openreplay_tricks() -> list[tuple[str, int]]:
-    """The path-trick corpus moved onto OpenReplay's session route."""
-    out = []
-    for target, status in TRICKS:
-        if target.rstrip("/").endswith("session_recordings"):
-            continue
-        moved = re.sub("(?i)projects/1/+", "5/", target)
-        moved = re.sub("(?i)session_recordings", "sessions", moved).replace("demo-1", SESSION)
-        out.append((moved, status))
-    return out
-
-
-@pytest.mark.parametrize(("target", "status"), openreplay_tricks())
+@pytest.mark.parametrize(("target", "status"), tricks_on("5/", "sessions", SESSION))
 async def test_path_trick_never_reaches_openreplay(
     gate: TestClient, openreplay: FakeOpenReplay, target: str, status: int
 ) -> None:

@@ -4,7 +4,6 @@ fake rrweb app answering with rrweb event shapes (tests/fixtures/presets/rrweb-g
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ROOT, ProxyFactory, bearer
 from redis.asyncio import Redis
-from test_path_tricks import TRICKS, raw_request
+from test_path_tricks import raw_request, tricks_on
 
 from proxy.grantstore import RedisGrants
 
@@ -125,19 +124,7 @@ async def test_the_policy_s_own_collector_is_public(gate: TestClient, app: FakeA
     assert app.hits == [("POST", "/api/ingest")]
 
 
-def rrweb_tricks() -> list[tuple[str, int]]:
-    """The path-trick corpus moved onto the preset's recording route."""
-    out = []
-    for target, status in TRICKS:
-        if target.rstrip("/").endswith("session_recordings"):
-            continue
-        moved = re.sub("(?i)projects/1/+", "", target)
-        moved = re.sub("(?i)session_recordings", "recordings", moved).replace("demo-1", REC)
-        out.append((moved, status))
-    return out
-
-
-@pytest.mark.parametrize(("target", "status"), rrweb_tricks())
+@pytest.mark.parametrize(("target", "status"), tricks_on("", "recordings", REC))
 async def test_path_trick_never_reaches_the_app(
     gate: TestClient, app: FakeApp, target: str, status: int
 ) -> None:

@@ -5,7 +5,6 @@ says where each came from)."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ROOT, ProxyFactory, bearer
 from redis.asyncio import Redis
-from test_path_tricks import TRICKS, raw_request
+from test_path_tricks import raw_request, tricks_on
 
 from proxy.grantstore import RedisGrants
 
@@ -127,19 +126,7 @@ async def test_envelope_collector_is_public(gate: TestClient, sentry: FakeSentry
     assert sentry.hits == [("POST", "/api/4505/envelope/?sentry_key=abc")]
 
 
-def sentry_tricks() -> list[tuple[str, int]]:
-    """The path-trick corpus moved onto Sentry's project replay route."""
-    out = []
-    for target, status in TRICKS:
-        if target.rstrip("/").endswith("session_recordings"):
-            continue
-        moved = re.sub("(?i)/projects/1/+", "/0/projects/acme/web/", target)
-        moved = re.sub("(?i)session_recordings", "replays", moved).replace("demo-1", REPLAY)
-        out.append((moved, status))
-    return out
-
-
-@pytest.mark.parametrize(("target", "status"), sentry_tricks())
+@pytest.mark.parametrize(("target", "status"), tricks_on("0/projects/acme/web/", "replays", REPLAY))
 async def test_path_trick_never_reaches_sentry(
     gate: TestClient, sentry: FakeSentry, target: str, status: int
 ) -> None:
