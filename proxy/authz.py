@@ -43,6 +43,7 @@ from . import audit
 from .accesslog import AccessLog, underscore_header
 from .authorize import Decision
 from .errors import BadPath
+from .hygiene import TrustedPeers
 from .metrics import Metrics
 from .paths import normalise, split_target
 from .settings import Settings
@@ -60,7 +61,6 @@ REFUSAL_HEADER = "X-Jitgate-Refusal"
 REDIRECT_HEADER = "X-Jitgate-Browser"
 _METHOD = re.compile(r"[A-Z]{1,20}")
 _MAX_URI = 8192
-_PEER_CACHE = 1024
 
 
 class BadAuthzRequest(Exception):
@@ -83,13 +83,12 @@ class ForwardAuth:
         self.vouch = vouch
         self.prefix = settings.prefix
         self.base = f"{settings.prefix}/authz"
-        self.trusted = settings.forward_auth.trusted_proxies
+        self.trusted = TrustedPeers(settings.forward_auth.trusted_proxies)
         self.reject_underscores = settings.forward.reject_underscore_headers
         self.reject_semicolons = settings.forward.reject_semicolons
         self.strict = settings.audit.strict
         self.oidc = settings.identity.oidc is not None
         self.log = AccessLog(audit_log, metrics.authz, state, mode="forward_auth")
-        self._peers: dict[str, bool] = {}
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -160,24 +159,7 @@ class ForwardAuth:
 
     def trusts(self, peer: str | None) -> bool:
         """Whether `peer` (the TCP peer) is a proxy allowed to name a request to decide."""
-        if not peer:
-            return False
-        known = self._peers.get(peer)
-        if known is None:
-            # Parsed once per peer: the proxies in front are few.
-            if len(self._peers) >= _PEER_CACHE:
-                self._peers.clear()
-            known = self._peers[peer] = self._trusted(peer)
-        return known
-
-    def _trusted(self, peer: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.trusted)
+        return peer in self.trusted
 
     def _original(self, request: web.Request) -> tuple[str, str]:
         """Return the original (method, raw target) the proxy asks about."""

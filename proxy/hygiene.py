@@ -123,6 +123,25 @@ def compile_names(names: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]
     return frozenset(exact), tuple(sorted(prefixes))
 
 
+class TrustedPeers:
+    """Which TCP peers are in a set of networks, parsed once per peer (the proxies in front
+    are few; at most `_PEER_CACHE` answers are kept)."""
+
+    def __init__(self, nets: tuple[Network, ...]) -> None:
+        self.nets = nets
+        self._known: dict[str, bool] = {}
+
+    def __contains__(self, peer: str | None) -> bool:
+        if not peer or not self.nets:
+            return False
+        known = self._known.get(peer)
+        if known is None:
+            if len(self._known) >= _PEER_CACHE:
+                self._known.clear()
+            known = self._known[peer] = bool(_in(peer, self.nets))
+        return known
+
+
 @dataclass(frozen=True)
 class Hygiene:
     """The compiled request-header rules of one configuration; shared by every request."""
@@ -134,12 +153,13 @@ class Hygiene:
     allowed_hosts: frozenset[str] = frozenset()  # empty: any Host
     http_drop: frozenset[str] = field(init=False)
     ws_drop: frozenset[str] = field(init=False)
-    _peers: dict[str, bool] = field(init=False, default_factory=dict, compare=False)
+    _peers: TrustedPeers = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         http_drop = _REQUEST_DROP | self.drop
         object.__setattr__(self, "http_drop", http_drop)
         object.__setattr__(self, "ws_drop", http_drop | _WS_DROP)
+        object.__setattr__(self, "_peers", TrustedPeers(self.trusted_proxies))
 
     @classmethod
     def build(
@@ -171,14 +191,7 @@ class Hygiene:
 
     def trusts(self, peer: str | None) -> bool:
         """Whether the TCP peer is a proxy whose client-address chain is believed."""
-        if not peer or not self.trusted_proxies:
-            return False
-        known = self._peers.get(peer)
-        if known is None:
-            if len(self._peers) >= _PEER_CACHE:
-                self._peers.clear()
-            known = self._peers[peer] = bool(_in(peer, self.trusted_proxies))
-        return known
+        return peer in self._peers
 
     def client_ip(self, request: web.Request) -> str | None:
         """The client a trusted proxy names (what X-Real-IP gets); None: the TCP peer."""
