@@ -128,7 +128,14 @@ def test_pages_stay_off_the_byte_path(name: str) -> None:
 
 SERVICES = {
     "identity": ("proxy.identity",),
-    "policy": ("proxy.policy", "proxy.policyfile", "proxy.presets"),
+    "policy": (
+        "proxy.policy",
+        "proxy.policyfile",
+        "proxy.presets",
+        "proxy.queryrules",
+        "proxy.bodyrules",
+        "proxy.listspec",
+    ),
     "grants": ("proxy.grants", "proxy.grantstore", "proxy.grantview"),
     "audit": ("proxy.audit",),
 }
