@@ -167,24 +167,37 @@ async def test_unknown_share_and_export_operations_are_blocked(
     assert highlight.bodies == []
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        # An operation named as a list, selecting one session's content.
-        gql("GetSessions", GET_SESSION.replace("GetSession(", "GetSessions("), secure_id=SESSION),
-        # The session operation with another root field under the allowed one's alias.
-        gql("GetSession", "query GetSession($secure_id: String!) { session: resources("
-            "session_secure_id: $secure_id) }", secure_id=SESSION),  # fmt: skip
-        # A second root field beside the allowed one.
-        gql("GetSessionIntervals", "query GetSessionIntervals($session_secure_id: String!) {"
-            f' session_intervals(session_secure_id: $session_secure_id) {{ active }} events(session_secure_id: "{OTHER}") }}',  # noqa: E501
-            session_secure_id=SESSION),  # fmt: skip
-        # A literal naming another session than the bound variable.
-        gql("GetSession", f'query GetSession($secure_id: String!) {{ session(secure_id: "{OTHER}") {{ secure_id }} }}',  # noqa: E501
-            secure_id=SESSION),  # fmt: skip
-    ],
-    ids=["list-name-content-field", "alias", "extra-root", "literal"],
-)
+LIES = {
+    # An operation named as a list, selecting one session's content.
+    "list-name-content-field": gql(
+        "GetSessions", GET_SESSION.replace("GetSession(", "GetSessions("), secure_id=SESSION
+    ),
+    # The session operation with another root field under the allowed one's alias.
+    "alias": gql(
+        "GetSession",
+        "query GetSession($secure_id: String!) {"
+        " session: resources(session_secure_id: $secure_id) }",
+        secure_id=SESSION,
+    ),
+    # A second root field beside the allowed one.
+    "extra-root": gql(
+        "GetSessionIntervals",
+        "query GetSessionIntervals($session_secure_id: String!) {"
+        " session_intervals(session_secure_id: $session_secure_id) { active }"
+        " events(session_secure_id: $session_secure_id) }",
+        session_secure_id=SESSION,
+    ),
+    # A literal naming another session than the bound variable.
+    "literal": gql(
+        "GetSession",
+        "query GetSession($secure_id: String!) {"
+        f' session(secure_id: "{OTHER}") {{ secure_id }} }}',
+        secure_id=SESSION,
+    ),
+}
+
+
+@pytest.mark.parametrize("body", LIES.values(), ids=LIES.keys())
 async def test_an_operation_lying_about_its_fields_is_refused(
     gate: TestClient, highlight: FakeHighlight, grants: RedisGrants, body: bytes
 ) -> None:
