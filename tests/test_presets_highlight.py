@@ -6,7 +6,10 @@ real Redis grants, and the bodies checked byte for byte at the upstream."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -228,3 +231,34 @@ async def test_sdk_ingestion_is_public_and_only_that(
         refused = await post(gate, "/public", CONTENT[0], user=user)
         assert refused.status == 403
     assert len(highlight.bodies) == 2
+
+
+def test_fixture_provenance_is_written_down() -> None:
+    readme = (FIXTURES / "README.md").read_text()
+    assert "5099514e6288713fcdf2b1911cf2ff6c324867fa" in readme
+    for path in sorted(FIXTURES.iterdir()):
+        if path.name != "README.md":
+            assert f"`{path.name}`" in readme, path.name
+
+
+def test_explain_names_the_preset_operation(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("preset: highlight\n")
+    jitgate = str(Path(sys.executable).parent / "jitgate")
+    body = gql("GetResources", GET_RESOURCES, session_secure_id=SESSION).decode()
+    out = subprocess.run(
+        [jitgate, "policy", "explain", "--no-redis", "--json", "--user", "alice",
+         "POST", "/private", "--json-body", body],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={"PATH": "/usr/bin", "JITGATE_POLICY__FILE": str(policy)},
+    )  # fmt: skip
+    got = json.loads(out.stdout)
+    assert (got["route"], got["preset"], got["scope"]) == (
+        "highlight.session-resources",
+        "highlight",
+        SCOPE,
+    )
+    assert (
+        "backend/private-graph/graph/schema.graphqls@5099514e"
+        in (got["policy"]["preset"]["sources"])
+    )
