@@ -101,7 +101,9 @@ async def post(gate: TestClient, path: str, body: bytes, user: str | None = "ali
 
 
 CONTENT = [
-    gql("GetSession", GET_SESSION, secure_id=SESSION),
+    # Odd spacing and key order: the upstream must get these bytes, not a re-serialised copy.
+    b'{ "variables" :{"secure_id":"' + SESSION.encode() + b'"},\n "operationName":"GetSession",'
+    b' "query": ' + json.dumps(GET_SESSION).encode() + b"}",
     gql("GetSessionPayload", GET_PAYLOAD, session_secure_id=SESSION, skip_events=False),
     gql("GetSessionIntervals", GET_INTERVALS, session_secure_id=SESSION),
     gql("GetResources", GET_RESOURCES, session_secure_id=SESSION),
