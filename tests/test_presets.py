@@ -90,7 +90,7 @@ def test_a_table_is_not_a_policy() -> None:
 
 def test_unknown_preset_is_an_error() -> None:
     assert errors("preset: fullstory\n") == [
-        "p.yaml:1: preset: must be one of openreplay, posthog, rrweb-generic, sentry"
+        "p.yaml:1: preset: must be one of highlight, openreplay, posthog, rrweb-generic, sentry"
     ]
 
 

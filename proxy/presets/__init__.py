@@ -13,7 +13,7 @@ from importlib import resources
 
 from ..settings.yamlsrc import Node
 
-NAMES = ("openreplay", "posthog", "rrweb-generic", "sentry")
+NAMES = ("highlight", "openreplay", "posthog", "rrweb-generic", "sentry")
 # Route fields an override may replace; `disabled: true` removes the route instead.
 OVERRIDE_FIELDS = ("methods", "path", "subpaths", "access", "scope", "query", "description")
 
