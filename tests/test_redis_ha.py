@@ -332,22 +332,14 @@ async def test_the_event_feed_ends_when_sentinel_moves_the_master(small_kit: Sen
         assert await anext(feed) == ("subscribed", "")
         before = small_kit.master_port()
         assert await sentinel.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
-
-        async def drain() -> None:
-            async for _ in feed:
-                pass
-
-        with pytest.raises(ConnectionError):
-            await asyncio.wait_for(drain(), 30)
+        await ends_with_connection_error(feed)
         assert small_kit.master_port() != before
         await feed.aclose()  # type: ignore[attr-defined]
 
         feed = await _subscribe(store)
         grant = await store.add("alice", "recording:1/x", 60, "r", "pytest")
         await store.revoke(grant.id)
-        kinds = []
-        while ("revoked", grant.id) not in kinds:
-            kinds.append(await asyncio.wait_for(anext(feed), 5))
+        await hear(feed, ("revoked", grant.id))
     finally:
         await feed.aclose()  # type: ignore[attr-defined]
         await sentinel.aclose()
@@ -376,6 +368,38 @@ async def _subscribe(store: RedisGrants) -> Any:
 # -- TLS ------------------------------------------------------------------------------
 
 
+async def hear(feed: Any, event: tuple[str, str]) -> None:
+    """Read the event feed until it yields `event` (each event within 5 s)."""
+    kinds: list[tuple[str, str]] = []
+    while event not in kinds:
+        kinds.append(await asyncio.wait_for(anext(feed), 5))
+
+
+async def ends_with_connection_error(feed: Any) -> None:
+    """The feed ends (within 30 s) by raising ConnectionError: its followers fail closed."""
+
+    async def drain() -> None:
+        async for _ in feed:
+            pass
+
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(drain(), 30)
+
+
+async def grants_and_feed_work(client: Any, prefix: str = "jit:") -> None:
+    """A grant is stored, found and revoked through `client`, and its feed hears it."""
+    store = RedisGrants(client, prefix)
+    feed = store.events(ping_every=0.05)
+    try:
+        assert await anext(feed) == ("subscribed", "")
+        grant = await store.add("alice", "recording:1/demo-1", 60, "r", "pytest")
+        assert await store.check("alice", ("recording:1/demo-1",)) is not None
+        await store.revoke(grant.id)
+        await hear(feed, ("revoked", grant.id))
+    finally:
+        await feed.aclose()
+
+
 async def test_sentinel_and_redis_over_tls() -> None:
     """TLS only (servers, replication, sentinel), under a CA of the test's own: jitgate's
     client verifies both against redis.sentinel.tls_ca_file, and refuses without it."""
@@ -391,18 +415,9 @@ async def test_sentinel_and_redis_over_tls() -> None:
                 await client.ping()
             await client.aclose()
         client = connect_redis(replace(plain, sentinel=verified))
-        store = RedisGrants(client)
-        feed = store.events(ping_every=0.05)
         try:
-            assert await anext(feed) == ("subscribed", "")
-            grant = await store.add("alice", "recording:1/demo-1", 60, "r", "pytest")
-            assert await store.check("alice", ("recording:1/demo-1",)) is not None
-            await store.revoke(grant.id)
-            kinds = []
-            while ("revoked", grant.id) not in kinds:
-                kinds.append(await asyncio.wait_for(anext(feed), 5))
+            await grants_and_feed_work(client)
         finally:
-            await feed.aclose()  # type: ignore[attr-defined]
             await client.aclose()
     finally:
         kit.close()
@@ -486,22 +501,14 @@ async def test_cluster_failover_moves_the_feed_and_the_clients(cluster: ClusterK
         master, _ = cluster.owner("{jit}:grants")
         with cluster.node(cluster.replica_of(master)) as replica:
             assert replica.execute_command("CLUSTER", "FAILOVER")
-
-        async def drain() -> None:
-            async for _ in feed:
-                pass
-
-        with pytest.raises(ConnectionError):
-            await asyncio.wait_for(drain(), 30)
+        await ends_with_connection_error(feed)
         assert cluster.owner("{jit}:grants")[0] != master
         found = await elsewhere.check("alice", ("recording:1/x",))
         assert found is not None and found[0] == grant.id
         await feed.aclose()  # type: ignore[attr-defined]
         feed = await _subscribe(store)
         await elsewhere.revoke(grant.id)
-        kinds = []
-        while ("revoked", grant.id) not in kinds:
-            kinds.append(await asyncio.wait_for(anext(feed), 5))
+        await hear(feed, ("revoked", grant.id))
     finally:
         await feed.aclose()  # type: ignore[attr-defined]
         await client.aclose()
@@ -573,18 +580,9 @@ async def test_cluster_over_tls() -> None:
             await client.aclose()
         verified = replace(plain.cluster, tls=True, tls_ca_file=kit.ca_file)
         client = connect_redis(replace(plain, cluster=verified))
-        store = RedisGrants(client, "{jit}:")
-        feed = store.events(ping_every=0.05)
         try:
-            assert await anext(feed) == ("subscribed", "")
-            grant = await store.add("alice", "recording:1/demo-1", 60, "r", "pytest")
-            assert await store.check("alice", ("recording:1/demo-1",)) is not None
-            await store.revoke(grant.id)
-            kinds = []
-            while ("revoked", grant.id) not in kinds:
-                kinds.append(await asyncio.wait_for(anext(feed), 5))
+            await grants_and_feed_work(client, "{jit}:")
         finally:
-            await feed.aclose()  # type: ignore[attr-defined]
             await client.aclose()
     finally:
         kit.close()
