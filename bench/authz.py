@@ -189,15 +189,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per round (10)")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds before each round (2)")
-    p.add_argument("--rounds", type=int, default=1, help="rounds; the median is shown")
-    p.add_argument("--connections", type=int, default=32, help="concurrent connections (32)")
-    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
-    p.add_argument("--upstream", choices=("auto", "nginx", "aiohttp"), default="auto")
+    p = run.load_parser(__doc__, 1, "rounds; the median is shown")
     p.add_argument(
         "--audit",
         choices=tuple(run.AUDIT_SECTIONS),
@@ -208,10 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--profile", type=Path, default=None, help="py-spy jitgate; collapsed stacks to this file"
     )
-    p.add_argument("--json", action="store_true", help="print the results as JSON only")
-    args = p.parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.rounds < 1:
-        p.error("--duration, --connections and --rounds must be positive")
+    args = run.parse_load(p, argv)
     report = run.run_bench(lambda tmp, procs: bench(args, tmp, procs), "jitgate-bench-authz-")
     if isinstance(report, int):
         return report

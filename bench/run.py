@@ -800,12 +800,15 @@ def count_allow_records(path: Path) -> int:
 # --- main ------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def load_parser(doc: str | None, rounds: int, rounds_help: str) -> argparse.ArgumentParser:
+    """A parser with the load options every bench script shares."""
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before each run (2)")
     p.add_argument("--connections", type=int, default=32, help="concurrent connections (32)")
+    p.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument(
         "--upstream",
@@ -813,8 +816,20 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="nginx serving files (auto: when installed), or bench/upstream.py",
     )
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds before each run (2)")
-    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians shown")
+    p.add_argument("--json", action="store_true", help="print the results as JSON only")
+    return p
+
+
+def parse_load(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse argv; the load options must be positive."""
+    args = p.parse_args(argv)
+    if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.rounds < 1:
+        p.error("--duration, --connections and --rounds must be positive")
+    return args
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = load_parser(__doc__, 1, "interleaved rounds; medians shown")
     p.add_argument(
         "--audit",
         choices=tuple(AUDIT_SECTIONS),
@@ -845,7 +860,6 @@ def _parser() -> argparse.ArgumentParser:
         help="then send at a constant rate of half (c)'s req/s to (a) and (c), open loop "
         "(bench/loadgen.py --rate), and report the latency (c) adds",
     )
-    p.add_argument("--json", action="store_true", help="print the results as JSON only")
     return p
 
 
@@ -1100,9 +1114,7 @@ def run_bench(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.rounds < 1:
-        _parser().error("--duration, --connections and --rounds must be positive")
+    args = parse_load(_parser(), argv)
     report = run_bench(lambda tmp, procs: bench(args, tmp, procs), "jitgate-bench-")
     if isinstance(report, int):
         return report

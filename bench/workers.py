@@ -185,24 +185,16 @@ def render(report: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = run.load_parser(__doc__, 3, "alternating rounds; medians shown (3)")
     p.add_argument("--workers", type=int, default=2, help="workers of the second jitgate (2)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds before each run (2)")
-    p.add_argument("--connections", type=int, default=32, help="concurrent connections (32)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians shown (3)")
-    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
-    p.add_argument("--upstream", choices=("auto", "nginx", "aiohttp"), default="auto")
-    p.add_argument("--json", action="store_true", help="print the results as JSON only")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.workers < 2 or args.duration <= 0 or args.rounds < 1 or args.connections < 1:
-        _parser().error("--workers must be 2 or more; --duration, --rounds, --connections > 0")
+    p = _parser()
+    args = run.parse_load(p, argv)
+    if args.workers < 2:
+        p.error("--workers must be 2 or more")
     report = run.run_bench(lambda tmp, procs: bench(args, tmp, procs), "jitgate-bench-workers-")
     if isinstance(report, int):
         return report
