@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -47,10 +45,7 @@ def count_records(path: Path) -> dict[str, int]:
 
 
 def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, Any]:
-    loadgen = run.pick_loadgen(args.loadgen, procs, args.connections)
-    redis_bin = shutil.which("redis-server")
-    if redis_bin is None:
-        raise BenchError("redis-server is missing (Debian/Ubuntu: apt-get install redis-server)")
+    loadgen, redis_bin, loadavg = run.start(args, procs)
     up_port, jit_port, redis_port = run.free_ports(3)
     upstream_url = f"http://{HOST}:{up_port}"
     (tmp / "redis").mkdir()
@@ -129,16 +124,8 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
     rps = run.median([r.rps for r in runs])
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "code": run.code_revision(),
-        "loadgen": loadgen.describe(),
-        "upstream": upstream_kind,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup,
-        "connections": args.connections,
-        "rounds": args.rounds,
+        **run.load_report(args, loadgen, upstream_kind, loadavg),
         "audit_sinks": args.audit,
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg_start": list(os.getloadavg()),
         "decisions_per_s": rps,
         "p50_ms": run.median([r.p50_ms for r in runs]),
         "p99_ms": run.median([r.p99_ms for r in runs]),

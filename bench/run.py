@@ -774,6 +774,36 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def start(args: argparse.Namespace, procs: Processes) -> tuple[LoadGen, str, list[float]]:
+    """What every bench starts with: its load generator, redis-server, the load average."""
+    loadgen = pick_loadgen(args.loadgen, procs, args.connections)
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        raise BenchError("redis-server is missing (Debian/Ubuntu: apt-get install redis-server)")
+    return loadgen, redis_bin, list(os.getloadavg())
+
+
+def load_report(
+    args: argparse.Namespace, loadgen: LoadGen, upstream_kind: str, loadavg: list[float]
+) -> dict[str, Any]:
+    """The report fields every bench shares: the code, the load and the machine."""
+    described = loadgen.describe()
+    if isinstance(loadgen, Wrk):
+        described += f", -d{loadgen.seconds(args.duration)}s"
+    return {
+        "code": code_revision(),
+        "loadgen": described,
+        "loadgen_kind": loadgen.name,
+        "upstream": upstream_kind,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "rounds": args.rounds,
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loadavg_start": loadavg,
+    }
+
+
 def code_revision() -> str | None:
     """Return the checked-out commit, marked if proxy/ differs from it; None outside git."""
     # --no-optional-locks: a read-only look must not rewrite the index.
@@ -877,14 +907,10 @@ def _terminate_as_exit() -> Iterator[None]:
 
 
 def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, Any]:
-    loadgen = pick_loadgen(args.loadgen, procs, args.connections)
-    redis_bin = shutil.which("redis-server")
-    if redis_bin is None:
-        raise BenchError("redis-server is missing (Debian/Ubuntu: apt-get install redis-server)")
+    loadgen, redis_bin, loadavg = start(args, procs)
     redis_version = subprocess.run(
         [redis_bin, "--version"], capture_output=True, text=True, check=False
     ).stdout.split(" sha=")[0]
-    loadavg = list(os.getloadavg())
     started = datetime.now().astimezone()
     up_port, pass_port, jit_port, naive_port, redis_port = free_ports(5)
     upstream_url = f"http://{HOST}:{up_port}"
@@ -1036,27 +1062,14 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
     }
     results = {t.key: summary(t) for t in targets}
     rps = {k: v["rps"] for k, v in results.items()}
-    if isinstance(loadgen, Wrk):
-        described = f"{loadgen.describe()}, -d{loadgen.seconds(args.duration)}s"
-    else:
-        described = loadgen.describe()
     return {
         "command": shlex.join(sys.orig_argv),
         "argv": sys.orig_argv,
         "date": started.isoformat(timespec="seconds"),
-        "code": code_revision(),
-        "loadgen": described,
-        "loadgen_kind": loadgen.name,
-        "upstream": upstream_kind,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup,
-        "connections": args.connections,
-        "rounds": args.rounds,
+        **load_report(args, loadgen, upstream_kind, loadavg),
         "audit_sinks": args.audit,
         "grant_view": args.grant_view,
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_count": os.cpu_count(),
-        "loadavg_start": loadavg,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -49,12 +47,7 @@ def start_jitgate(
 
 
 def bench(args: argparse.Namespace, tmp: Path, procs: run.Processes) -> dict[str, Any]:
-    loadgen = run.pick_loadgen(args.loadgen, procs, args.connections)
-    redis_bin = shutil.which("redis-server")
-    if redis_bin is None:
-        raise run.BenchError(
-            "redis-server is missing (Debian/Ubuntu: apt-get install redis-server)"
-        )
+    loadgen, redis_bin, loadavg = run.start(args, procs)
     up_port, one_port, many_port, redis_port = run.free_ports(4)
     upstream_url = f"http://{run.HOST}:{up_port}"
     (tmp / "redis").mkdir()
@@ -119,22 +112,10 @@ def bench(args: argparse.Namespace, tmp: Path, procs: run.Processes) -> dict[str
 
     results = {t.key: run.summary(t) for t in targets}
     rps_one, rps_many = results["1"]["rps"], results[str(args.workers)]["rps"]
-    described = loadgen.describe()
-    if isinstance(loadgen, run.Wrk):
-        described += f", -d{loadgen.seconds(args.duration)}s"
     return {
         "command": " ".join(sys.orig_argv),
-        "loadgen": described,
-        "loadgen_kind": loadgen.name,
-        "upstream": upstream_kind,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup,
-        "connections": args.connections,
-        "rounds": args.rounds,
+        **run.load_report(args, loadgen, upstream_kind, loadavg),
         "workers": args.workers,
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg_start": list(os.getloadavg()),
-        "code": run.code_revision(),
         "results": results,
         "ratio": run.ratio(rps_many, rps_one),
     }
