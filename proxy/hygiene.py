@@ -222,7 +222,8 @@ class Hygiene:
         prefixes = self.prefixes
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in src.items():
-            # Compare as a CGI-style upstream would read the name: '_' and '-' are the same.
+            # Compare as a CGI-style upstream would read the name: '_' and '-' are the same
+            # (header_key, inlined: this loop runs for every header of every request).
             key = name.lower().replace("_", "-")
             if key in drop or key.startswith(prefixes) or key in named or key in drop_headers:
                 continue
@@ -285,9 +286,7 @@ def connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     if hdrs.CONNECTION not in headers:
         return frozenset()
     values = headers.getall(hdrs.CONNECTION)
-    return frozenset(
-        t.strip().lower().replace("_", "-") for v in values for t in v.split(",") if t.strip()
-    )
+    return frozenset(header_key(t.strip()) for v in values for t in v.split(",") if t.strip())
 
 
 def strip_cookies(value: str, names: frozenset[str]) -> str:

@@ -10,7 +10,7 @@ request it forwards (and clears the client's copies itself).
 from __future__ import annotations
 
 from .authorize import Decision
-from .hygiene import Hygiene
+from .hygiene import Hygiene, header_key
 from .identity.assertion import AssertionSigner
 from .settings import ForwardSettings
 from .settings.identity import IdentitySettings
@@ -44,7 +44,7 @@ class Vouch:
         if not forward.pass_authorization:
             names.add("authorization")
         # Compared as the forwarder compares them: lower case, "_" read as "-".
-        self.drop_headers = frozenset(n.lower().replace("_", "-") for n in names)
+        self.drop_headers = frozenset(header_key(n) for n in names)
         # Compiled once: the one set and prefix list every forwarded request is checked by.
         self.hygiene = Hygiene.build(
             forward.drop_headers,
