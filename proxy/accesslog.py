@@ -8,7 +8,7 @@ the proxy, since the response itself never passes through jitgate.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from aiohttp import web
@@ -43,8 +43,13 @@ class AccessLog:
         *,
         method: str | None = None,
         client_ip: str | None = None,
+        subject: Mapping[str, str] | None = None,
     ) -> None:
-        """Count and audit one decided request; `method`, `client_ip`: if not the request's."""
+        """Count and audit one decided request; `method`, `client_ip`: if not the request's.
+
+        `subject`: whose recording it is (`subject`), or why that is not known
+        (`subject_error`), for an access under a grant when recording metadata is on.
+        """
         elapsed = time.perf_counter() - started
         counter, histogram = self.meter(decision.route, decision.outcome)
         counter.inc()
@@ -73,6 +78,7 @@ class AccessLog:
                 user_agent=request.headers.get("User-Agent"),
                 policy_version=decision.policy_version,
                 mode=self.mode,
+                **(subject or {}),
             )
         )
 

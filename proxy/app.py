@@ -31,6 +31,7 @@ from .identity.assertion import AssertionSigner
 from .identity.oidc import OidcClient
 from .identity.session import Sessions
 from .live import LiveConnections, follow_revocations
+from .metadata import MetadataCache, adapter_for
 from .notify import Notifier
 from .redisd import EmbeddedRedis, connect_redis
 from .reload import PolicyReloader
@@ -187,7 +188,10 @@ def _resources(compiled: policy.Policy) -> list[Callable[[State], Ctx]]:
 
         return ctx
 
-    return [_assertion, _redis, config, _sessions, _audit, _live, _notifier, _workflow, _reloader]
+    return [
+        _assertion, _redis, config, _sessions, _audit, _live, _notifier, _metadata, _workflow,
+        _reloader,
+    ]  # fmt: skip
 
 
 def _assertion(state: State) -> Ctx:
@@ -321,6 +325,34 @@ def _notifier(state: State) -> Ctx:
     return ctx
 
 
+def _metadata(state: State) -> Ctx:
+    """Recording metadata from the replay tool's API (proxy/metadata/), with a metadata section."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = state.settings
+        meta = settings.metadata
+        if meta is None:
+            yield
+            return
+        lookups = state.metrics.metadata_lookups
+        state.metadata = cache = MetadataCache(
+            adapter_for(meta),
+            state.redis,
+            state.http,
+            meta.url or settings.upstream.url,
+            key_prefix=settings.redis.key_prefix,
+            ttl=meta.ttl,
+            timeout=meta.timeout,
+            counted=lambda source: lookups.labels(source).inc(),
+        )
+        try:
+            yield
+        finally:
+            await cache.close()
+
+    return ctx
+
+
 def _workflow(state: State) -> Ctx:
     """The workflow with its expiry sweep, and the gate with its upstream pool."""
 
@@ -334,6 +366,7 @@ def _workflow(state: State) -> Ctx:
             settings.admins,
             state.notifier,
             counted=lambda event: events.labels(event).inc(),
+            granted=lambda grant: _prefetch(state, grant.scope),
         )
         up = settings.upstream
         forwarder = Forwarder(
@@ -394,6 +427,12 @@ def _reloader(state: State) -> Ctx:
             await state.reloader.stop()  # before the audit log closes: a reload writes to it
 
     return ctx
+
+
+def _prefetch(state: State, scope: str) -> None:
+    """Fetch a granted recording's metadata in the background, before its first access."""
+    if state.metadata is not None:
+        state.metadata.prefetch(scope)
 
 
 async def _cancel(task: asyncio.Task[None], within: float = 5.0) -> None:

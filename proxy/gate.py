@@ -5,6 +5,7 @@ It renders no pages: a refusal is answered by the `refuse` callable app.py hands
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from . import audit
 from .accesslog import AccessLog, underscore_header
+from .audit.subjects import form_for
 from .authorize import Authorizer, Decision
 from .bodyrules import BadBody, BodyTooLarge
 from .errors import BadPath
@@ -67,6 +69,7 @@ class Gate:
         self.drop_cookies = self.vouch.drop_cookies
         self.log = AccessLog(audit_log, metrics.request, state)
         self.max_body = forward.max_body_bytes
+        self.subject_form = form_for(state.settings)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -113,6 +116,8 @@ class Gate:
         outcome: Outcome | None = None
         # Under a grant, the response or WebSocket is cut when the grant ends.
         grant_id, stop, bar = decision.grant_id, None, None
+        if grant_id is not None and self.state.metadata is not None:
+            self.state.metadata.prefetch(decision.scope)  # whose recording: while it streams
         if grant_id is not None and decision.grant_expires_at is not None:
             stop = self.live.open(grant_id, decision.grant_expires_at)
             if self.status_bar is not None:
@@ -150,9 +155,42 @@ class Gate:
             error = outcome.upstream_error if outcome else "client disconnected"
             if error and outcome:
                 self.metrics.upstream_errors.labels(error).inc()
+            cancelled = False
+            try:
+                subject = await self._subject(decision)
+            except asyncio.CancelledError:  # the record is written all the same
+                subject, cancelled = {"subject_error": "request cancelled before metadata"}, True
             self.log.decision(
-                request, decision, path, status, sent, error, started, client_ip=client_ip
+                request,
+                decision,
+                path,
+                status,
+                sent,
+                error,
+                started,
+                client_ip=client_ip,
+                subject=subject,
             )
+            if cancelled:
+                raise asyncio.CancelledError
+
+    async def _subject(self, decision: Decision) -> dict[str, str] | None:
+        """Whose recording an access under a grant was to (audit/subjects.py), or why unknown."""
+        cache, form, scope = self.state.metadata, self.subject_form, decision.scope
+        if cache is None or form is None or decision.grant_id is None or not cache.applies(scope):
+            return None
+        assert scope is not None
+        meta = self.state.settings.metadata
+        wait = meta.wait if meta is not None else 0.0
+        try:
+            found, why = await cache.lookup(scope, wait)
+        except Exception as exc:  # never lose the record over its subject
+            found, why = None, f"metadata lookup failed: {exc!r}"
+        if found is None:
+            return {"subject_error": why or "metadata unknown"}
+        if found.subject is None:
+            return {"subject_error": f"the recording's metadata names no {cache.subject_field}"}
+        return {"subject": form(found.subject)}
 
     def _listed(
         self, authorizer: Authorizer, method: str, path: str, user: str

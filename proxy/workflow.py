@@ -58,6 +58,8 @@ class Workflow:
     admins: AdminSettings
     notifier: Notifier | None = None  # None: no webhooks configured
     counted: Callable[[str], None] = lambda event: None  # each event written (metrics)
+    # A grant was requested or activated: app.py fetches its recording's metadata meanwhile.
+    granted: Callable[[Grant], None] = lambda grant: None
 
     def is_admin(self, ident: Identity) -> bool:
         return ident.subject in self.admins.users or bool(self.admins.groups & set(ident.groups))
@@ -121,6 +123,7 @@ class Workflow:
             raise _from(exc) from None
         self._audit("grant.requested", grant, actor=ident.subject)
         self._notify("requested", grant)
+        self.granted(grant)
         if ent.break_glass:
             self._audit("break_glass", grant, actor=ident.subject)
             self._notify("break_glass", grant)
@@ -170,6 +173,7 @@ class Workflow:
         elif done:
             self._audit("grant.activated", grant, actor=ident.subject)
             self._notify("approved", grant)
+            self.granted(grant)
         return grant
 
     async def deny(self, ident: Identity, grant_id: str, comment: str = "") -> Grant:
