@@ -199,6 +199,8 @@ async def test_cli_subject_straight_and_through_the_api(
         assert lines[-1] == "3 view(s) in 4 record(s)"
         code, out, _ = await jg(client, "subject", "user-ada", "--format", "csv", token=token)
         assert code == 0 and out.startswith("# jitgate: who viewed recordings of data subject")
+        code, out, _ = await jg(client, "query", "--subject", "user-bo", "--json", token=token)
+        assert code == 0 and [r["recording"] for r in json.loads(out)["records"]] == ["demo-2"]
         code, out, _ = await jg(client, "subject", "nobody", "--json", token=token)
         assert code == 1 and json.loads(out)["views"] == []
     code, _, err = await jg(client, "subject", "user-ada", "--since", "last week")

@@ -66,6 +66,7 @@ def add_parser(nouns: Any) -> None:
     p.add_argument("--scope", help="exact scope, e.g. recording:1/demo-1")
     p.add_argument("--recording", help="recording id")
     p.add_argument("--grant", help="grant id")
+    p.add_argument("--subject", help="whose recording: the data subject's id, or hmac:...")
     p.add_argument("--event", action="append", help="event type (repeat for several)")
     p.add_argument("--since", help="from this time on")
     p.add_argument("--until", help="before this time")
@@ -120,6 +121,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         fmt = args.format or ("json" if args.json else "table")
         try:
             q = auditquery.from_mapping(vars(args))
+            q = subjects.with_subject(q, subjects.form_for(settings))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         if token:
