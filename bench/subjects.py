@@ -14,9 +14,7 @@ asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import secrets
 import statistics
 import sys
 import time
@@ -25,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import audit_query  # bench/audit_query.py: bench/ is the script's directory
-from redis.asyncio import Redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,73 +39,52 @@ def owner(recording: str) -> str:
     return f"person-{int(recording.split('-', 1)[0]) % SUBJECTS:05d}"
 
 
-async def bench(url: str, n: int, batch: int, runs: int, own: bool) -> dict[str, Any]:
-    client = Redis.from_url(url)
-    key = "jit:audit" if own else f"jitbench:{secrets.token_hex(4)}:audit"
-    store = AuditStore(client, key, maxlen=None)
+async def bench(store: AuditStore, args: argparse.Namespace) -> dict[str, Any]:
+    n, batch, runs = args.records, args.batch, args.runs
     counts: Counter[str] = Counter()
-    try:
-        await client.ping()
-        trail = audit_query.Trail(n)
-        lines: list[str] = []
-        write_s = 0.0
-        audit_query.log(f"writing {n:,} records in batches of {batch} ...")
-        for rec in trail.records():
-            if rec["event"].startswith("access.") and "grant_id" in rec:
-                person = owner(rec["recording"])
-                rec["subject"] = FORM(person)
-                counts[person] += 1
-            lines.append(json.dumps(rec, separators=(",", ":")))
-            if len(lines) == batch:
-                t = time.perf_counter()
-                await store.write(lines)
-                write_s += time.perf_counter() - t
-                lines = []
-        if lines:
+    trail = audit_query.Trail(n)
+    lines: list[str] = []
+    write_s = 0.0
+    audit_query.log(f"writing {n:,} records in batches of {batch} ...")
+    for rec in trail.records():
+        if rec["event"].startswith("access.") and "grant_id" in rec:
+            person = owner(rec["recording"])
+            rec["subject"] = FORM(person)
+            counts[person] += 1
+        lines.append(json.dumps(rec, separators=(",", ":")))
+        if len(lines) == batch:
             t = time.perf_counter()
             await store.write(lines)
             write_s += time.perf_counter() - t
-        ranked = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
-        cases = {"typical": ranked[len(ranked) // 2], "busiest": ranked[-1]}
-        out: dict[str, Any] = {
-            "records": n, "subjects": len(counts), "records_with_subject": sum(counts.values()),
-            "write_rate": round(n / write_s), "runs": runs, "lookups": {},
+            lines = []
+    if lines:
+        t = time.perf_counter()
+        await store.write(lines)
+        write_s += time.perf_counter() - t
+    ranked = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    cases = {"typical": ranked[len(ranked) // 2], "busiest": ranked[-1]}
+    out: dict[str, Any] = {
+        "records": n, "subjects": len(counts), "records_with_subject": sum(counts.values()),
+        "write_rate": round(n / write_s), "runs": runs, "lookups": {},
+    }  # fmt: skip
+    for name, (person, expected) in cases.items():
+        times, rep = [], None
+        for _ in range(runs):
+            t = time.perf_counter()
+            rep = await subjects.report(store, person, FORM.stored(person))
+            times.append((time.perf_counter() - t) * 1000)
+        assert rep is not None
+        out["lookups"][name] = {
+            "subject": person, "records": rep["records"], "expected": expected,
+            "views": len(rep["views"]), "median_ms": round(statistics.median(times), 2),
+            "min_ms": round(min(times), 2), "max_ms": round(max(times), 2),
         }  # fmt: skip
-        for name, (person, expected) in cases.items():
-            times, rep = [], None
-            for _ in range(runs):
-                t = time.perf_counter()
-                rep = await subjects.report(store, person, FORM.stored(person))
-                times.append((time.perf_counter() - t) * 1000)
-            assert rep is not None
-            out["lookups"][name] = {
-                "subject": person, "records": rep["records"], "expected": expected,
-                "views": len(rep["views"]), "median_ms": round(statistics.median(times), 2),
-                "min_ms": round(min(times), 2), "max_ms": round(max(times), 2),
-            }  # fmt: skip
-        return out
-    finally:
-        if not own:
-            async for name in client.scan_iter(match=f"{key}*", count=1000):
-                await client.unlink(name)
-        await client.aclose()
+    return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--records", type=int, default=1_000_000)
-    parser.add_argument("--redis-url", help="use this Redis instead of starting one")
-    parser.add_argument("--batch", type=int, default=1000, help="records per write")
-    parser.add_argument("--runs", type=int, default=7, help="timed runs per lookup")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args()
-    if args.records < 1 or args.batch < 1 or args.runs < 1:
-        parser.error("--records, --batch and --runs must be at least 1")
-    if args.redis_url:
-        out = asyncio.run(bench(args.redis_url, args.records, args.batch, args.runs, own=False))
-    else:
-        with audit_query.own_redis() as url:
-            out = asyncio.run(bench(url, args.records, args.batch, args.runs, own=True))
+    args = audit_query.parse_args(__doc__ or "", json_flag=True)
+    out = audit_query.run(args, bench)
     if args.json:
         print(json.dumps(out, indent=2))
         return
