@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -179,7 +180,15 @@ def _resources(compiled: policy.Policy) -> list[Callable[[State], Ctx]]:
 
             view = state.grant_view
             checker = view if view is not None else state.grants
-            state.config = Config(settings, Authorizer(compiled, checker, grant_error), verifier)
+            sensitivity = m.sensitivity_refusals
+            authorizer = Authorizer(
+                compiled,
+                checker,
+                grant_error,
+                metadata=(lambda scope: _metadata_of(state, scope)) if settings.metadata else None,
+                on_sensitivity=lambda outcome: sensitivity.labels(outcome).inc(),
+            )
+            state.config = Config(settings, authorizer, verifier)
             try:
                 yield
             finally:
@@ -427,6 +436,17 @@ def _reloader(state: State) -> Ctx:
             await state.reloader.stop()  # before the audit log closes: a reload writes to it
 
     return ctx
+
+
+async def _metadata_of(state: State, scope: str) -> tuple[dict[str, Any] | None, str | None] | None:
+    """A recording's metadata for the sensitivity rules, waiting for it at most one fetch."""
+    cache, meta = state.metadata, state.settings.metadata
+    if cache is None or meta is None:
+        return None, "recording metadata has not started"
+    if not cache.applies(scope):
+        return None
+    found, why = await cache.lookup(scope, meta.timeout + 0.5)
+    return (found.to_json(), None) if found is not None else (None, why)
 
 
 def _prefetch(state: State, scope: str) -> None:

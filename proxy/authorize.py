@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -10,6 +10,11 @@ from .bodyrules import BadBody, BodyTooLarge
 from .grants import GrantChecker
 from .identity import Caller, Identity
 from .policy import Access, Match, Policy
+from .sensitivity import matching
+
+# A recording's metadata for sensitivity rules: (metadata, None), (None, why it is unknown),
+# or None when the scope names no recording the metadata describes.
+MetadataLookup = Callable[[str], Awaitable[tuple[Mapping[str, Any] | None, str | None] | None]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class Authorizer:
     policy: Policy
     grants: GrantChecker
     on_grant_error: Callable[[BaseException], None] = lambda exc: None
+    metadata: MetadataLookup | None = None  # None: no metadata section
+    on_sensitivity: Callable[[str], None] = lambda outcome: None  # blocked, unknown
 
     async def decide(
         self,
@@ -162,6 +169,10 @@ class Authorizer:
             if wider:
                 reason += f" (or {', '.join(wider)})"
             return Decision(False, 403, "deny", (reason,), route, access, **refused)
+        if self.policy.sensitivity:
+            held = await self._sensitive(scope, route, access, refused)
+            if held is not None:
+                return held
         grant_id, expires_at = found
         reason = f"active grant {grant_id} covers {scope}"
         return Decision(
@@ -175,3 +186,26 @@ class Authorizer:
             grant_expires_at=expires_at,
             **refused,
         )
+
+    async def _sensitive(
+        self, scope: str, route: str, access: Access, common: dict[str, Any]
+    ) -> Decision | None:
+        """Refuse a recording a sensitivity rule blocks, or whose metadata is unknown."""
+        why: str | None = "no metadata section is configured"
+        if self.metadata is not None:
+            found = await self.metadata(scope)
+            if found is None:  # not a recording the metadata describes
+                return None
+            meta, why = found
+            if meta is not None:
+                rule = matching(self.policy.sensitivity, meta)
+                if rule is None:
+                    return None
+                self.on_sensitivity("blocked")
+                return Decision(False, 403, "blocked", (rule.reason,), route, access, **common)
+        self.on_sensitivity("unknown")
+        reason = (
+            f"sensitivity rules apply and the metadata of {scope} is unknown ({why}): "
+            "failing closed"
+        )
+        return Decision(False, 503, "unavailable", (reason,), route, access, **common)

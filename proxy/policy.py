@@ -41,10 +41,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from . import bodyrules
 from .bodyrules import BodyRule
 from .queryrules import BadQuery, QueryBind, bind
+
+if TYPE_CHECKING:
+    from .sensitivity import Rule
 
 
 class Access(StrEnum):
@@ -184,6 +188,7 @@ class Policy:
     preset: PresetInfo | None = None
     lists: str = "pass"  # list routes: annotate, filter or pass (lists.py)
     list_max_bytes: int = 4 * 1024 * 1024  # larger list responses pass unchanged
+    sensitivity: tuple[Rule, ...] = ()  # recordings refused by what they hold (sensitivity.py)
     _recording: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
     # The routes a path can match, by its first segment (lower case), in policy order: those
     # naming that segment and those whose first segment is a parameter. Other paths get

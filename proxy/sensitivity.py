@@ -1,0 +1,136 @@
+"""Sensitivity rules: recordings that hold more than others, by what their metadata says.
+
+A policy's `sensitivity:` rules match a recording's metadata (from the replay tool, see
+proxy/metadata/) by the URLs it visited (globs) and by person properties (a value or a set
+of values). A recording that a `block` rule matches is refused under any grant, with the
+rule's reason ("this recording includes /billing/*"). Compiled with the policy; a plain
+mapping of metadata (`urls`, `start_url`, `properties`) is all this module reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from .errors import ConfigError, ConfigErrors
+from .policy import Policy
+from .settings.yamlsrc import Node, Seq
+
+ACTIONS = ("block",)
+_FIELDS = ("id", "description", "reason", "urls", "properties", "action")
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    reason: str  # what decisions and refusal pages say
+    urls: tuple[str, ...] = ()  # globs; `/...` against a URL's path, else the whole URL
+    properties: tuple[tuple[str, frozenset[str]], ...] = ()  # each must hold
+    action: str = "block"
+
+    def matches(self, meta: Mapping[str, Any]) -> bool:
+        """Whether the recording's metadata meets every condition the rule gives."""
+        if self.urls and not any(_url_matches(u, self.urls) for u in _urls(meta)):
+            return False
+        props = meta.get("properties") or {}
+        for name, allowed in self.properties:
+            value = props.get(name) if isinstance(props, Mapping) else None
+            values = value if isinstance(value, list) else [value]
+            if not any(v is not None and _text(v) in allowed for v in values):
+                return False
+        return True
+
+
+def matching(rules: tuple[Rule, ...], meta: Mapping[str, Any]) -> Rule | None:
+    """Return the first rule the metadata matches, or None."""
+    return next((rule for rule in rules if rule.matches(meta)), None)
+
+
+def _urls(meta: Mapping[str, Any]) -> list[str]:
+    found = [u for u in meta.get("urls") or () if isinstance(u, str)]
+    start = meta.get("start_url")
+    return [start, *found] if isinstance(start, str) else found
+
+
+def _url_matches(url: str, globs: tuple[str, ...]) -> bool:
+    path = urlsplit(url).path or "/"
+    return any(fnmatchcase(path if g.startswith("/") else url, g) for g in globs)
+
+
+class Compiler(Protocol):
+    errors: list[ConfigError]
+
+    def err(self, node: Node | Seq, key: str | int, where: str, message: str) -> None: ...
+
+    def unknown(self, node: Node, where: str, known: tuple[str, ...]) -> None: ...
+
+
+def settings(c: Compiler, raw: Node, policy: Policy) -> Policy:
+    """The policy with its `sensitivity:` rules."""
+    items = raw.get("sensitivity")
+    if items is None:
+        return policy
+    if not isinstance(items, Seq):
+        c.err(raw, "sensitivity", "sensitivity", "must be a list of rules")
+        raise ConfigErrors(c.errors)
+    rules: list[Rule] = []
+    for i, item in enumerate(items):
+        where = f"sensitivity[{i}]"
+        if not isinstance(item, Node):
+            c.err(items, i, where, "must be a mapping: {id, urls, properties, action}")
+            continue
+        rule = _rule(c, item, where, {r.id for r in rules})
+        if rule is not None:
+            rules.append(rule)
+    if c.errors:
+        raise ConfigErrors(c.errors)
+    return replace(policy, sensitivity=tuple(rules))
+
+
+def _rule(c: Compiler, item: Node, where: str, seen: set[str]) -> Rule | None:
+    c.unknown(item, where, _FIELDS)
+    rid = item.get("id")
+    if not isinstance(rid, str) or not rid:
+        c.err(item, "id", f"{where}.id", "is required")
+        return None
+    if rid in seen:
+        c.err(item, "id", f"{where}.id", f"{rid!r} is used by an earlier rule")
+    urls = item.get("urls", [])
+    if isinstance(urls, str):
+        urls = [urls]
+    if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
+        c.err(item, "urls", f"{where}.urls", "must be a list of URL globs such as /billing/*")
+        urls = []
+    props: list[tuple[str, frozenset[str]]] = []
+    raw_props = item.get("properties", Node())
+    if not isinstance(raw_props, Node):
+        c.err(item, "properties", f"{where}.properties", "must map property names to values")
+        raw_props = Node()
+    for name, value in raw_props.items():
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str | int | float | bool) for v in values):
+            message = "must be a value or a list of values"
+            c.err(raw_props, name, f"{where}.properties.{name}", message)
+            continue
+        props.append((str(name), frozenset(_text(v) for v in values)))
+    if not urls and not props:
+        c.err(item, "id", where, "needs urls or properties: a rule that matches every recording")
+    action = item.get("action", "block")
+    if action not in ACTIONS:
+        c.err(item, "action", f"{where}.action", f"must be {' or '.join(ACTIONS)}")
+    reason = item.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        c.err(item, "reason", f"{where}.reason", "must be a string")
+        reason = None
+    if reason is None:
+        parts = [f"includes {' or '.join(urls)}"] if urls else []
+        parts += [f"is of a person whose {n} is {' or '.join(sorted(v))}" for n, v in props]
+        reason = f"this recording {' and '.join(parts)} (sensitivity rule {rid!r})"
+    return Rule(rid, reason, tuple(urls), tuple(props), str(action))
+
+
+def _text(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
