@@ -36,6 +36,7 @@ from .metadata import MetadataCache, adapter_for
 from .notify import Notifier
 from .redisd import EmbeddedRedis, connect_redis
 from .reload import PolicyReloader
+from .sensitivity import Rule, matching
 from .settings import Settings
 from .state import STATE, Config, State, app_state
 from .web import api, auditpage, ops, refusal, signin, views
@@ -187,6 +188,7 @@ def _resources(compiled: policy.Policy) -> list[Callable[[State], Ctx]]:
                 grant_error,
                 metadata=(lambda scope: _metadata_of(state, scope)) if settings.metadata else None,
                 on_sensitivity=lambda outcome: sensitivity.labels(outcome).inc(),
+                grant_entitlement=lambda grant_id: _entitlement_of(state, grant_id),
             )
             state.config = Config(settings, authorizer, verifier)
             try:
@@ -376,6 +378,7 @@ def _workflow(state: State) -> Ctx:
             state.notifier,
             counted=lambda event: events.labels(event).inc(),
             granted=lambda grant: _prefetch(state, grant.scope),
+            sensitive=(lambda scope: _sensitive(state, scope)) if settings.metadata else None,
         )
         up = settings.upstream
         forwarder = Forwarder(
@@ -446,7 +449,26 @@ async def _metadata_of(state: State, scope: str) -> tuple[dict[str, Any] | None,
     if not cache.applies(scope):
         return None
     found, why = await cache.lookup(scope, meta.timeout + 0.5)
-    return (found.to_json(), None) if found is not None else (None, why)
+    if found is None:
+        return None, f"the metadata of {scope} is unknown ({why})"
+    return found.to_json(), None
+
+
+async def _sensitive(state: State, scope: str) -> tuple[Rule | None, str | None]:
+    """The sensitivity rule a requested recording matches, or why its metadata is unknown."""
+    found = await _metadata_of(state, scope)
+    if found is None:  # not a recording the metadata describes
+        return None, None
+    meta, why = found
+    if meta is None:
+        return None, why
+    return matching(state.config.policy.sensitivity, meta), None
+
+
+async def _entitlement_of(state: State, grant_id: str) -> str | None:
+    """The entitlement a grant was given under (None: an admin's grant, or none known)."""
+    grant = await state.grants.get(grant_id)
+    return grant.entitlement if grant is not None else None
 
 
 def _prefetch(state: State, scope: str) -> None:

@@ -10,7 +10,7 @@ from .bodyrules import BadBody, BodyTooLarge
 from .grants import GrantChecker
 from .identity import Caller, Identity
 from .policy import Access, Match, Policy
-from .sensitivity import matching
+from .sensitivity import Rule, matching
 
 # A recording's metadata for sensitivity rules: (metadata, None), (None, why it is unknown),
 # or None when the scope names no recording the metadata describes.
@@ -46,6 +46,8 @@ class Authorizer:
     on_grant_error: Callable[[BaseException], None] = lambda exc: None
     metadata: MetadataLookup | None = None  # None: no metadata section
     on_sensitivity: Callable[[str], None] = lambda outcome: None  # blocked, unknown
+    # The entitlement a grant was given under (sensitivity rules that require one).
+    grant_entitlement: Callable[[str], Awaitable[str | None]] | None = None
 
     async def decide(
         self,
@@ -170,7 +172,7 @@ class Authorizer:
                 reason += f" (or {', '.join(wider)})"
             return Decision(False, 403, "deny", (reason,), route, access, **refused)
         if self.policy.sensitivity:
-            held = await self._sensitive(scope, route, access, refused)
+            held = await self._sensitive(scope, found[0], route, access, refused)
             if held is not None:
                 return held
         grant_id, expires_at = found
@@ -188,9 +190,10 @@ class Authorizer:
         )
 
     async def _sensitive(
-        self, scope: str, route: str, access: Access, common: dict[str, Any]
+        self, scope: str, grant_id: str, route: str, access: Access, common: dict[str, Any]
     ) -> Decision | None:
-        """Refuse a recording a sensitivity rule blocks, or whose metadata is unknown."""
+        """Refuse a recording a sensitivity rule keeps from this grant, or whose metadata is
+        unknown."""
         why: str | None = "no metadata section is configured"
         if self.metadata is not None:
             found = await self.metadata(scope)
@@ -201,11 +204,26 @@ class Authorizer:
                 rule = matching(self.policy.sensitivity, meta)
                 if rule is None:
                     return None
-                self.on_sensitivity("blocked")
-                return Decision(False, 403, "blocked", (rule.reason,), route, access, **common)
+                refusal = rule.refusal(None)
+                if rule.action == "require":
+                    refusal, why = await self._entitled(rule, grant_id)
+                    if refusal is None and why is None:
+                        return None
+                if refusal is not None:
+                    self.on_sensitivity("blocked")
+                    outcome = "blocked" if rule.action == "block" else "deny"
+                    return Decision(False, 403, outcome, (refusal,), route, access, **common)
         self.on_sensitivity("unknown")
-        reason = (
-            f"sensitivity rules apply and the metadata of {scope} is unknown ({why}): "
-            "failing closed"
-        )
+        reason = f"sensitivity rules apply and {why}: failing closed"
         return Decision(False, 503, "unavailable", (reason,), route, access, **common)
+
+    async def _entitled(self, rule: Rule, grant_id: str) -> tuple[str | None, str | None]:
+        """(refusal or None, None), or (None, why the grant's entitlement is unknown)."""
+        if self.grant_entitlement is None:
+            return None, f"the entitlement of grant {grant_id} cannot be read"
+        try:
+            entitlement = await self.grant_entitlement(grant_id)
+        except Exception as exc:  # the grant store in doubt: fail closed
+            self.on_grant_error(exc)
+            return None, f"the entitlement of grant {grant_id} cannot be read ({exc!r})"
+        return rule.refusal(entitlement), None

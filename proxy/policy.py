@@ -322,14 +322,26 @@ class Policy:
         return tuple(found)
 
     def entitlement_for(
-        self, scope: str, user: str, groups: Iterable[str], *, break_glass: bool | None = None
+        self,
+        scope: str,
+        user: str,
+        groups: Iterable[str],
+        *,
+        break_glass: bool | None = None,
+        among: Iterable[str] | None = None,
     ) -> Entitlement | None:
-        """Return the first rule that covers the scope and admits the person, or None."""
+        """Return the first rule that covers the scope and admits the person, or None.
+
+        `among`: only these rules count (a sensitivity rule's, for a sensitive recording).
+        """
         # With `break_glass` given only rules with that flag count, so an ordinary request
         # never lands on a break-glass rule, nor an emergency one on an ordinary rule.
         member = frozenset(groups)
+        only = None if among is None else frozenset(among)
         for ent in self.entitlements:
             if break_glass is not None and ent.break_glass != break_glass:
+                continue
+            if only is not None and ent.id not in only:
                 continue
             if ent.covers(scope) and ent.admits(user, member):
                 return ent

@@ -3,8 +3,10 @@
 A policy's `sensitivity:` rules match a recording's metadata (from the replay tool, see
 proxy/metadata/) by the URLs it visited (globs) and by person properties (a value or a set
 of values). A recording that a `block` rule matches is refused under any grant, with the
-rule's reason ("this recording includes /billing/*"). Compiled with the policy; a plain
-mapping of metadata (`urls`, `start_url`, `properties`) is all this module reads.
+rule's reason ("this recording includes /billing/*"); one that a `require` rule matches
+only under a grant given by one of the rule's entitlements (their approvers, ticket and
+maximum then apply). Compiled with the policy; a plain mapping of metadata (`urls`,
+`start_url`, `properties`) is all this module reads.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from .errors import ConfigError, ConfigErrors
 from .policy import Policy
 from .settings.yamlsrc import Node, Seq
 
-ACTIONS = ("block",)
-_FIELDS = ("id", "description", "reason", "urls", "properties", "action")
+ACTIONS = ("block", "require")
+_FIELDS = ("id", "description", "reason", "urls", "properties", "action", "entitlements")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,16 @@ class Rule:
     urls: tuple[str, ...] = ()  # globs; `/...` against a URL's path, else the whole URL
     properties: tuple[tuple[str, frozenset[str]], ...] = ()  # each must hold
     action: str = "block"
+    entitlements: tuple[str, ...] = ()  # with `require`: the only ones whose grants open it
+
+    def refusal(self, entitlement: str | None) -> str | None:
+        """Why a grant under `entitlement` cannot open a matching recording, or None if it can."""
+        if self.action == "block":
+            return self.reason
+        if entitlement in self.entitlements:
+            return None
+        under = f"; the grant is under {entitlement!r}" if entitlement else ""
+        return f"{self.reason}: it needs a grant under {' or '.join(self.entitlements)}{under}"
 
     def matches(self, meta: Mapping[str, Any]) -> bool:
         """Whether the recording's metadata meets every condition the rule gives."""
@@ -82,7 +94,8 @@ def settings(c: Compiler, raw: Node, policy: Policy) -> Policy:
         if not isinstance(item, Node):
             c.err(items, i, where, "must be a mapping: {id, urls, properties, action}")
             continue
-        rule = _rule(c, item, where, {r.id for r in rules})
+        known = {e.id for e in policy.entitlements}
+        rule = _rule(c, item, where, {r.id for r in rules}, known)
         if rule is not None:
             rules.append(rule)
     if c.errors:
@@ -90,7 +103,7 @@ def settings(c: Compiler, raw: Node, policy: Policy) -> Policy:
     return replace(policy, sensitivity=tuple(rules))
 
 
-def _rule(c: Compiler, item: Node, where: str, seen: set[str]) -> Rule | None:
+def _rule(c: Compiler, item: Node, where: str, seen: set[str], known: set[str]) -> Rule | None:
     c.unknown(item, where, _FIELDS)
     rid = item.get("id")
     if not isinstance(rid, str) or not rid:
@@ -121,6 +134,16 @@ def _rule(c: Compiler, item: Node, where: str, seen: set[str]) -> Rule | None:
     action = item.get("action", "block")
     if action not in ACTIONS:
         c.err(item, "action", f"{where}.action", f"must be {' or '.join(ACTIONS)}")
+    entitlements = item.get("entitlements", [])
+    if not isinstance(entitlements, list) or not all(isinstance(e, str) for e in entitlements):
+        c.err(item, "entitlements", f"{where}.entitlements", "must be a list of entitlement ids")
+        entitlements = []
+    for name in entitlements:
+        if name not in known:
+            c.err(item, "entitlements", f"{where}.entitlements", f"no entitlement {name!r}")
+    if (action == "require") != bool(entitlements):
+        message = "goes with action: require (and require needs entitlements)"
+        c.err(item, "action", f"{where}.entitlements", message)
     reason = item.get("reason")
     if reason is not None and not isinstance(reason, str):
         c.err(item, "reason", f"{where}.reason", "must be a string")
@@ -129,7 +152,7 @@ def _rule(c: Compiler, item: Node, where: str, seen: set[str]) -> Rule | None:
         parts = [f"includes {' or '.join(urls)}"] if urls else []
         parts += [f"is of a person whose {n} is {' or '.join(sorted(v))}" for n, v in props]
         reason = f"this recording {' and '.join(parts)} (sensitivity rule {rid!r})"
-    return Rule(rid, reason, tuple(urls), tuple(props), str(action))
+    return Rule(rid, reason, tuple(urls), tuple(props), str(action), tuple(entitlements))
 
 
 def _text(value: object) -> str:

@@ -63,6 +63,7 @@ def test_reasons_say_what_the_recording_holds() -> None:
     assert billing.reason == "this recording includes /billing/* (sensitivity rule 'billing')"
     assert fintech.reason == "only the billing team may see fintech customers"
     assert schema_errors("routes: []\n" + RULES) == []
+    assert schema_errors((ROOT / "config" / "policy.yaml").read_text() + REQUIRE) == []
 
 
 @pytest.mark.parametrize(
@@ -74,13 +75,19 @@ def test_reasons_say_what_the_recording_holds() -> None:
         ("sensitivity: [{id: x, urls: [/a]}, {id: x, urls: [/b]}]", "used by an earlier rule"),
         ("sensitivity: [{id: x, properties: {plan: {a: 1}}}]", "must be a value or a list"),
         ("sensitivity: [{id: x, urls: [/a], colour: red}]", "unknown field"),
+        ("sensitivity: [{id: x, urls: [/a], action: require}]", "goes with action: require"),
+        ("sensitivity: [{id: x, urls: [/a], entitlements: [e]}]", "goes with action: require"),
+        (
+            "sensitivity: [{id: x, urls: [/a], action: require, entitlements: [nope]}]",
+            "no entitlement 'nope'",
+        ),
     ],
 )
 def test_bad_rules_are_refused_with_their_place(text: str, message: str) -> None:
     with pytest.raises(ConfigErrors) as err:
         compile_text("routes: []\n" + text, "policy.yaml")
     assert message in str(err.value) and "policy.yaml:2" in str(err.value)
-    if "earlier rule" not in message:  # a schema cannot see duplicate ids
+    if "earlier rule" not in message and "nope" not in message:  # ids are beyond a schema
         assert schema_errors("routes: []\n" + text) != []
 
 
@@ -89,11 +96,29 @@ async def tool(aiohttp_server: Any) -> FakeTool:
     return await fake_tool(aiohttp_server)
 
 
+REQUIRE = """
+  - id: billing-review
+    description: Billing leads approve access to recordings of billing pages
+    scopes: ["recording:{project}/{recording}"]
+    who: any
+    durations: {offered: [5m], default: 5m, max: 15m}
+    reason: required
+    ticket: {pattern: '^BILL-\\d+$'}
+    approval: {mode: approvers, count: 1, approvers: {groups: [billing-leads]}}
+sensitivity:
+  - id: billing
+    urls: [/billing/*]
+    action: require
+    entitlements: [billing-review]
+"""
+
+
 async def start(
-    make_proxy: ProxyFactory, tmp_path: Path, tool: FakeTool, metadata: bool = True
-) -> Any:
+    make_proxy: ProxyFactory, tmp_path: Path, tool: FakeTool, metadata: bool = True,
+    rules: str = RULES,
+) -> Any:  # fmt: skip
     (tmp_path / "token").write_text(TOKEN)
-    policy = (ROOT / "config" / "policy.yaml").read_text() + RULES
+    policy = (ROOT / "config" / "policy.yaml").read_text() + rules
     extra = "metadata: {adapter: posthog, token_file: token, subject: {audit: plain}}"
     return await make_proxy(
         upstream_url=tool.url, policy_text=policy, extra=extra if metadata else ""
@@ -101,13 +126,9 @@ async def start(
 
 
 async def granted_get(client: Any, user: str, recording: str) -> Any:
+    """GET a recording under a grant an admin gave (the access-time check, not the request's)."""
+    await client.app[STATE].grants.add(user, f"recording:1/{recording}", 300, "ticket 7", "sam")
     headers = {"Authorization": f"Bearer {make_token(user)}", "Accept": "application/json"}
-    r = await client.post(
-        "/_jit/api/requests",
-        json={"scope": f"recording:1/{recording}", "reason": "ticket 7", "duration": "5m"},
-        headers=headers,
-    )
-    assert r.status == 201, await r.text()
     return await client.get(SNAPSHOTS.format(recording), headers=headers)
 
 
@@ -168,3 +189,51 @@ async def test_rules_without_metadata_fail_closed(
     r = await granted_get(client, "alice", "demo-2")
     assert r.status == 503
     assert "no metadata section is configured" in (await r.json())["reasons"][0]
+
+
+async def test_a_require_rule_lets_only_its_entitlements_open_the_recording(
+    make_proxy: ProxyFactory, tmp_path: Path, tool: FakeTool
+) -> None:
+    client = await start(make_proxy, tmp_path, tool, rules=REQUIRE)
+    alice = {"Authorization": f"Bearer {make_token('alice')}", "Accept": "application/json"}
+    ask = {"scope": "recording:1/demo-1", "reason": "refund", "duration": "5m"}
+    # demo-1 starts on /billing/invoices: billing-review applies, not the auto-approved rule.
+    r = await client.post("/_jit/api/requests", json=ask, headers=alice)
+    assert r.status == 400 and "BILL-" in (await r.json())["message"]
+    r = await client.post("/_jit/api/requests", json={**ask, "ticket": "BILL-7"}, headers=alice)
+    grant = await r.json()
+    assert r.status == 201 and grant["state"] == "pending"
+    assert grant["entitlement"] == "billing-review"
+    lead = {"Authorization": f"Bearer {make_token('lena', groups=['billing-leads'])}"}
+    r = await client.post(f"/_jit/api/grants/{grant['id']}/approve", json={}, headers=lead)
+    assert r.status == 200, await r.text()
+    assert (await client.get(SNAPSHOTS.format("demo-1"), headers=alice)).status == 200
+    # demo-2 is not sensitive: the demo's auto-approved rule still applies.
+    r = await client.post("/_jit/api/requests", json={**ask, "scope": "recording:1/demo-2"},
+                          headers=alice)  # fmt: skip
+    assert r.status == 201 and (await r.json())["entitlement"] == "demo-recordings"
+    assert (await client.get(SNAPSHOTS.format("demo-2"), headers=alice)).status == 200
+    # A grant for the whole project, not under billing-review, does not open demo-1.
+    await client.app[STATE].grants.add("bob", "project:1", 300, "audit", "sam")
+    bob = {"Authorization": f"Bearer {make_token('bob')}", "Accept": "application/json"}
+    r = await client.get(SNAPSHOTS.format("demo-1"), headers=bob)
+    assert r.status == 403
+    assert (await r.json())["reasons"] == [
+        "this recording includes /billing/* (sensitivity rule 'billing'): it needs a grant "
+        "under billing-review"
+    ]
+    assert (await client.get(SNAPSHOTS.format("demo-2"), headers=bob)).status == 200
+
+
+async def test_requests_for_blocked_or_unknown_recordings_are_refused(
+    make_proxy: ProxyFactory, tmp_path: Path, tool: FakeTool
+) -> None:
+    client = await start(make_proxy, tmp_path, tool)
+    headers = {"Authorization": f"Bearer {make_token('alice')}"}
+    ask = {"scope": "recording:1/demo-1", "reason": "x", "duration": "5m"}
+    r = await client.post("/_jit/api/requests", json=ask, headers=headers)
+    assert r.status == 403 and (await r.json())["error"] == "sensitive"
+    tool.status = 500
+    r = await client.post("/_jit/api/requests", json={**ask, "scope": "recording:1/demo-3"},
+                          headers=headers)  # fmt: skip
+    assert r.status == 503 and "failing closed" in (await r.json())["message"]
