@@ -14,14 +14,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
+
+import yaml
 
 from .errors import ConfigError, ConfigErrors
 from .policy import Policy
 from .settings.yamlsrc import Node, Seq
 
 ACTIONS = ("block", "require")
+METADATA_FIELDS = ("start_url", "urls", "properties")  # what the rules read
 _FIELDS = ("id", "description", "reason", "urls", "properties", "action", "entitlements")
 
 
@@ -157,3 +161,31 @@ def _rule(c: Compiler, item: Node, where: str, seen: set[str], known: set[str]) 
 
 def _text(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def read_metadata(path: Path) -> Any:
+    """Read a metadata fixture (JSON or YAML); raise ValueError saying what is wrong."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not JSON or YAML: {exc}") from None
+    problem = metadata_problem(data)
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}")
+    return data
+
+
+def metadata_problem(value: Any) -> str | None:
+    """What is wrong with a recording's metadata as a test gives it, or None."""
+    if not isinstance(value, dict) or not set(value) <= set(METADATA_FIELDS):
+        return f"must be a mapping of {', '.join(METADATA_FIELDS)}"
+    urls = value.get("urls", [])
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        return "urls must be a list of URLs"
+    if not isinstance(value.get("start_url", ""), str):
+        return "start_url must be a URL"
+    if not isinstance(value.get("properties", {}), dict):
+        return "properties must be a mapping"
+    return None

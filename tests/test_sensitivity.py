@@ -6,11 +6,14 @@ whose recording demo-1 starts on /billing/invoices: real Redis, a real audit fil
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import ROOT, ProxyFactory, make_token
 from metadatakit import TOKEN, FakeTool, fake_tool
 from test_policy_schema import schema_errors
@@ -237,3 +240,69 @@ async def test_requests_for_blocked_or_unknown_recordings_are_refused(
     r = await client.post("/_jit/api/requests", json={**ask, "scope": "recording:1/demo-3"},
                           headers=headers)  # fmt: skip
     assert r.status == 503 and "failing closed" in (await r.json())["message"]
+
+
+JITGATE = str(Path(sys.executable).parent / "jitgate")
+BILLING = {"start_url": "https://shop.example/billing/invoices", "urls": []}
+
+
+async def run_jitgate(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        JITGATE, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_policy_test_takes_metadata_fixtures(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text((ROOT / "config" / "policy.yaml").read_text() + REQUIRE)
+    (tmp_path / "billing.json").write_text(json.dumps(BILLING))
+    case = "request: GET " + SNAPSHOTS.format("demo-1") + "\n    user: alice\n"
+    case += '    grants: ["recording:1/demo-1"]\n'
+    (tmp_path / "tests.yaml").write_text(
+        f"""cases:
+  - name: billing pages need billing-review
+    {case}    metadata: billing.json
+    entitlement: demo-recordings
+    expect: deny
+    expect_status: 403
+  - name: under billing-review they open
+    {case}    metadata: billing.json
+    entitlement: billing-review
+    expect: allow
+  - name: other pages open under any grant
+    {case}    metadata: {{start_url: "https://shop.example/cart"}}
+    expect: allow
+  - name: without metadata the rules are not considered
+    {case}    expect: allow
+"""
+    )
+    code, out, err = await run_jitgate("policy", "test", str(tmp_path / "tests.yaml"))
+    assert code == 0, out + err
+    assert out.strip().endswith("4 passed, 0 failed")
+    (tmp_path / "bad.yaml").write_text(
+        f"cases:\n  - name: x\n    {case}    metadata: {{visited: []}}\n    expect: allow\n"
+    )
+    code, _, err = await run_jitgate("policy", "test", str(tmp_path / "bad.yaml"))
+    assert code == 1 and "bad.yaml:6: cases[0].metadata: must be a mapping of" in err
+
+
+async def test_policy_explain_takes_metadata(
+    make_proxy: ProxyFactory, tmp_path: Path, tool: FakeTool
+) -> None:
+    client = await start(make_proxy, tmp_path, tool, rules=REQUIRE)
+    await client.app[STATE].grants.add("alice", "project:1", 300, "audit", "sam")
+    (tmp_path / "billing.yaml").write_text(yaml.safe_dump(BILLING))
+    cfg = str(client.app[STATE].settings.file)
+    explain = ("policy", "explain", "--config", cfg, "--user", "alice")
+    target = ("GET", SNAPSHOTS.format("demo-1"))
+    code, out, err = await run_jitgate(
+        *explain, "--metadata", str(tmp_path / "billing.yaml"), *target
+    )
+    assert code == 1, err
+    assert "it needs a grant under billing-review" in out
+    code, out, _ = await run_jitgate(*explain, *target)
+    assert code == 0 and "decision    allow" in out
+    code, _, err = await run_jitgate(*explain, "--metadata", str(tmp_path / "nope.json"), *target)
+    assert code == 2 and "--metadata: cannot read" in err
