@@ -149,15 +149,21 @@ async def test_a_sensitive_recording_is_refused_under_a_grant(
     assert r.status == 403
     body = await r.json()
     assert body["reasons"] == ["this recording includes /billing/* (sensitivity rule 'billing')"]
+    page = await client.get(
+        SNAPSHOTS.format("demo-1"),
+        headers={"Authorization": f"Bearer {make_token('alice')}", "Accept": "text/html"},
+    )
+    assert page.status == 403 and "this recording includes /billing/*" in await page.text()
     r = await granted_get(client, "alice", "demo-2")
     assert r.status == 200
-    assert await metric(client, "blocked") == 1
+    assert await metric(client, "blocked") == 2
     await client.app[STATE].audit.flush(force=True)
     path = client.app[STATE].settings.audit.file.path
     records = [json.loads(x) for x in path.read_text().splitlines()]
     refused = [r for r in records if r["event"] == "access.deny"]
     assert [(r["recording"], r["decision"], r["status"]) for r in refused] == [
-        ("demo-1", "blocked", 403)
+        ("demo-1", "blocked", 403),
+        ("demo-1", "blocked", 403),
     ]
     assert "includes /billing/*" in refused[0]["reasons"][0]
     # Only what was served reached the upstream.
