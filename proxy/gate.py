@@ -14,7 +14,6 @@ from aiohttp import web
 
 from . import audit
 from .accesslog import AccessLog, underscore_header
-from .audit.subjects import form_for
 from .authorize import Authorizer, Decision
 from .bodyrules import BadBody, BodyTooLarge
 from .errors import BadPath
@@ -69,7 +68,6 @@ class Gate:
         self.drop_cookies = self.vouch.drop_cookies
         self.log = AccessLog(audit_log, metrics.request, state)
         self.max_body = forward.max_body_bytes
-        self.subject_form = form_for(state.settings)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -157,7 +155,7 @@ class Gate:
                 self.metrics.upstream_errors.labels(error).inc()
             cancelled = False
             try:
-                subject = await self._subject(decision)
+                subject = await self.log.subject(decision)
             except asyncio.CancelledError:  # the record is written all the same
                 subject, cancelled = {"subject_error": "request cancelled before metadata"}, True
             self.log.decision(
@@ -173,24 +171,6 @@ class Gate:
             )
             if cancelled:
                 raise asyncio.CancelledError
-
-    async def _subject(self, decision: Decision) -> dict[str, str] | None:
-        """Whose recording an access under a grant was to (audit/subjects.py), or why unknown."""
-        cache, form, scope = self.state.metadata, self.subject_form, decision.scope
-        if cache is None or form is None or decision.grant_id is None or not cache.applies(scope):
-            return None
-        assert scope is not None
-        meta = self.state.settings.metadata
-        wait = meta.wait if meta is not None else 0.0
-        try:
-            found, why = await cache.lookup(scope, wait)
-        except Exception as exc:  # never lose the record over its subject
-            found, why = None, f"metadata lookup failed: {exc!r}"
-        if found is None:
-            return {"subject_error": why or "metadata unknown"}
-        if found.subject is None:
-            return {"subject_error": f"the recording's metadata names no {cache.subject_field}"}
-        return {"subject": form(found.subject)}
 
     def _listed(
         self, authorizer: Authorizer, method: str, path: str, user: str

@@ -225,3 +225,26 @@ async def test_plain_ids_and_unknown_subjects(
     assert [v["recording"] for v in (await r.json())["views"]] == ["demo-2"]
     metrics = await (await client.get("/_jit/metrics")).text()
     assert 'jitgate_metadata_lookups_total{source="error"}' in metrics
+
+
+async def test_forward_auth_records_carry_the_subject_too(
+    make_proxy: ProxyFactory, tmp_path: Path, tool: FakeTool
+) -> None:
+    (tmp_path / "token").write_text(TOKEN)
+    (tmp_path / "subject.key").write_text(KEY)
+    extra = METADATA.format(audit="hash") + (
+        "forward_auth: {enabled: true, trusted_proxies: [127.0.0.1/32]}\n"
+    )
+    client = await make_proxy(upstream_url=tool.url, extra=extra)
+    r = await client.post(
+        "/_jit/api/requests",
+        json={"scope": "recording:1/demo-2", "reason": "follow-up", "duration": "5m"},
+        headers=as_user("alice"),
+    )
+    assert r.status == 201
+    asked = {"X-Original-URI": SNAPSHOTS.format("demo-2"), "X-Original-Method": "GET"}
+    r = await client.get("/_jit/authz", headers={**asked, **as_user("alice")})
+    assert r.status == 200
+    await client.app[STATE].audit.flush(force=True)
+    (record,) = [x for x in file_records(client) if x.get("mode") == "forward_auth"]
+    assert record["event"] == "access.allow" and record["subject"] == hashed("user-bo")
