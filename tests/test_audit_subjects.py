@@ -20,7 +20,10 @@ from aiohttp.test_utils import TestClient
 from conftest import ProxyFactory, make_token
 from metadatakit import TOKEN, FakeTool, fake_tool
 from test_audit_query import jg
+from waiting import eventually
 
+from proxy.audit.store import AuditStore
+from proxy.audit.subjects import SubjectForm
 from proxy.state import STATE
 
 SNAPSHOTS = "/api/projects/1/session_recordings/{}/snapshots"
@@ -37,7 +40,8 @@ metadata:
 
 
 def hashed(subject: str) -> str:
-    return "hmac:" + hmac.new(KEY.encode(), subject.encode(), hashlib.sha256).hexdigest()[:32]
+    message = b"jitgate subject\x00" + subject.encode()
+    return "hmac:" + hmac.new(KEY.encode(), message, hashlib.sha256).hexdigest()[:32]
 
 
 def as_user(user: str) -> dict[str, str]:
@@ -248,3 +252,41 @@ async def test_forward_auth_records_carry_the_subject_too(
     await client.app[STATE].audit.flush(force=True)
     (record,) = [x for x in file_records(client) if x.get("mode") == "forward_auth"]
     assert record["event"] == "access.allow" and record["subject"] == hashed("user-bo")
+
+
+async def test_metadata_is_fetched_at_grant_time(
+    make_proxy: ProxyFactory, tmp_path: Path, tool: FakeTool
+) -> None:
+    client = await start(make_proxy, tmp_path, tool, "hash")
+    r = await client.post(
+        "/_jit/api/requests",
+        json={"scope": "recording:1/demo-3", "reason": "cart crash", "duration": "5m"},
+        headers=as_user("carol"),
+    )
+    assert r.status == 201
+    # Before any access: the grant alone started the fetch, and Redis keeps the answer.
+    await eventually(lambda: tool.metadata_hits(), what="the grant-time fetch")
+    redis = client.app[STATE].redis
+    await eventually(lambda: redis.exists("jit:meta:recording:1/demo-3"), what="the cache")
+    assert tool.metadata_hits() == ["/api/projects/1/session_recordings/demo-3"]
+
+
+async def test_trimming_removes_the_subject_index_with_the_records(
+    make_proxy: ProxyFactory, tool: FakeTool, tmp_path: Path
+) -> None:
+    client = await start(make_proxy, tmp_path, tool, "hash")
+    redis = client.app[STATE].redis
+    form = SubjectForm("hash", KEY.encode())
+    store = AuditStore(redis, "jit:trimtest", maxlen=None)
+    lines = [
+        json.dumps({"event": "access.allow", "ts": 1_700_000_000 + i, "user": "alice",
+                    "subject": form(f"person-{i % 2}"), "grant_id": "g-1"})
+        for i in range(10)
+    ]  # fmt: skip
+    await store.write(lines)
+    index = store.index_key("subject", form("person-0"))
+    assert await redis.zcard(index) == 5
+    assert await AuditStore(redis, "jit:trimtest", maxlen=4).maintain() == 6
+    assert await redis.zcard(index) == 2  # the records left are the newest four
+    assert await AuditStore(redis, "jit:trimtest", maxlen=0).maintain() == 4
+    assert not await redis.exists(index)

@@ -2,7 +2,8 @@
 
 Access records made under a grant carry `subject`, the person the recording is of, in the
 form the config chooses (`SubjectForm`): a keyed HMAC of the id (`hmac:` and 32 hex
-digits, the default) or the plain id. The store indexes records by it
+digits of HMAC-SHA256 over "jitgate subject", a NUL byte and the id; the default) or the
+plain id. The store indexes records by it
 (`{key}:idx:subject:{subject}`), so `report` reads one person's records without a scan of
 the trail, and folds them into views (one per viewer, grant and recording) with the
 reason each grant was given: the answer to a data subject access request (DSAR).
@@ -24,6 +25,7 @@ from .query import MAX_LIMIT, Query, _cell
 from .store import AuditStore
 
 HASHED = "hmac:"
+_LABEL = b"jitgate subject\x00"
 _ACCESS = ("access.allow", "access.deny")
 
 # The export's columns, each with what it means (the header of a DSAR export).
@@ -56,7 +58,9 @@ class SubjectForm:
         if self.mode == "plain":
             return subject
         assert self.key is not None
-        digest = hmac.new(self.key, subject.encode(), hashlib.sha256).hexdigest()
+        # A fixed label keeps these MACs apart from the chain's when both use audit.hmac_key.
+        message = _LABEL + subject.encode()
+        digest = hmac.new(self.key, message, hashlib.sha256).hexdigest()
         return HASHED + digest[:32]
 
     def stored(self, given: str) -> str:
