@@ -19,11 +19,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import ProxyFactory, make_token
 from metadatakit import TOKEN, FakeTool, fake_tool
+from redis.asyncio import Redis
 from test_audit_query import jg
 from waiting import eventually
 
 from proxy.audit.store import AuditStore
-from proxy.audit.subjects import SubjectForm
+from proxy.audit.subjects import SubjectForm, report
 from proxy.state import STATE
 
 SNAPSHOTS = "/api/projects/1/session_recordings/{}/snapshots"
@@ -290,3 +291,27 @@ async def test_trimming_removes_the_subject_index_with_the_records(
     assert await redis.zcard(index) == 2  # the records left are the newest four
     assert await AuditStore(redis, "jit:trimtest", maxlen=0).maintain() == 4
     assert not await redis.exists(index)
+
+
+async def test_the_report_counts_decision_and_completion_pairs_once(redis_url: str) -> None:
+    """A trail that writes a decision before the response and access.done after it."""
+    redis = Redis.from_url(redis_url)
+    form = SubjectForm("plain")
+    store = AuditStore(redis, "jit:pairs", maxlen=None)
+    base = {"user": "alice", "grant_id": "g-1", "recording": "demo-1", "subject": "ada"}
+    lines = [
+        {**base, "event": "access.allow", "ts": 1_700_000_000.0, "time": "2023-11-14T22:13:20Z"},
+        {**base, "event": "access.done", "ts": 1_700_000_001.0, "time": "2023-11-14T22:13:21Z",
+         "status": 200, "bytes": 100},
+        {**base, "event": "access.allow", "ts": 1_700_000_002.0, "time": "2023-11-14T22:13:22Z",
+         "status": 200, "bytes": 50},  # one record for the whole request
+        {**base, "event": "access.allow", "ts": 1_700_000_003.0, "time": "2023-11-14T22:13:23Z"},
+    ]  # fmt: skip
+    try:
+        await store.write([json.dumps(x) for x in lines])
+        (view,) = (await report(store, "ada", form.stored("ada")))["views"]
+        assert (view["requests"], view["bytes"]) == (2, 150)
+        assert view["first_access"] == "2023-11-14T22:13:20Z"
+        assert view["last_access"] == "2023-11-14T22:13:23Z"  # still being answered
+    finally:
+        await redis.aclose()

@@ -26,7 +26,9 @@ from .store import AuditStore
 
 HASHED = "hmac:"
 _LABEL = b"jitgate subject\x00"
-_ACCESS = ("access.allow", "access.deny")
+# A request served is an `access.allow` with its status, or (where the decision is written
+# before the response and its completion after) the `access.done` that completes it.
+_ACCESS = ("access.allow", "access.deny", "access.done")
 
 # The export's columns, each with what it means (the header of a DSAR export).
 COLUMNS = (
@@ -133,12 +135,15 @@ def _fold(views: dict[tuple[str, str, str], dict[str, Any]], rec: dict[str, Any]
             "reason": None, "ticket": None, "approvers": [], "break_glass": False,
         }  # fmt: skip
     when = rec.get("time") if isinstance(rec.get("time"), str) else None
-    if rec.get("event") == "access.allow":
+    event = rec.get("event")
+    if event in ("access.allow", "access.done"):
+        view["first_access"] = view["first_access"] or when
+        view["last_access"] = when or view["last_access"]
+        if event == "access.allow" and "status" not in rec:
+            return  # a decision written before its response: its access.done counts it
         view["requests"] += 1
         size = rec.get("bytes")
         view["bytes"] += size if isinstance(size, int) and not isinstance(size, bool) else 0
-        view["first_access"] = view["first_access"] or when
-        view["last_access"] = when or view["last_access"]
     else:
         view["denied"] += 1
 
