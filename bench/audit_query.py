@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from proxy.audit import query as auditquery  # noqa: E402
 from proxy.audit.store import AuditStore, Query  # noqa: E402
 
+T = TypeVar("T")
 DAY = 86_400.0
 USERS = 2_000
 RECORDINGS = 50_000
@@ -240,124 +241,142 @@ async def timed(runs: int, call: Callable[[], Awaitable[Any]]) -> tuple[list[flo
     return times, result
 
 
-async def bench(url: str, n: int, batch: int, runs: int, own: bool) -> None:
-    client = Redis.from_url(url)
-    key = "jit:audit" if own else f"jitbench:{secrets.token_hex(4)}:audit"
-    store = AuditStore(client, key, maxlen=None)
-    try:
-        await client.ping()
-        before = int((await client.info("memory"))["used_memory"])
-        trail = Trail(n)
-        write_s, line_bytes, lines = 0.0, 0, []
-        log(f"writing {n:,} records in batches of {batch} ...")
-        for rec in trail.records():
-            lines.append(json.dumps(rec, separators=(",", ":")))
-            if len(lines) == batch:
-                line_bytes += sum(map(len, lines))
-                t = time.perf_counter()
-                await store.write(lines)
-                write_s += time.perf_counter() - t
-                lines = []
-        if lines:
-            line_bytes += sum(map(len, lines))
-            t = time.perf_counter()
-            await store.write(lines)
-            write_s += time.perf_counter() - t
-        used = int((await client.info("memory"))["used_memory"]) - before
-
-        rows: list[tuple[str, int, list[float]]] = []
-        viewed = trail.recordings.most_common(1)[0][0]
-        typical = sorted(trail.recordings.items(), key=lambda kv: (kv[1], kv[0]))
-        typical_rec = typical[len(typical) // 2][0]
-        heavy_user = trail.users.most_common(1)[0][0]
-        big_grant, big_count = trail.grants.most_common(1)[0]
-        grants = sorted(trail.grants.items(), key=lambda kv: (kv[1], kv[0]))
-        typical_grant, typical_count = grants[len(grants) // 2]
-        end = trail.end
-        month = Query(user=heavy_user, events=("access.allow",), since=end - 30 * DAY, until=end)
-        day_denials = Query(events=("access.deny",), since=end - DAY, until=end)
-        hour = Query(since=end - 10 * DAY, until=end - 10 * DAY + 3600)
-
-        async def count(q: Query) -> int:
-            return len((await store.query(q)).records)
-
-        async def answered(q: Query) -> int:
-            # What GET /_jit/api/audit does: the page, then each grant's reason as `why`.
-            page = await store.query(q)
-            ids = (str(r["grant_id"]) for r in page.records if "grant_id" in r)
-            auditquery.annotate(page.records, await store.grant_reasons(ids))
-            return len(page.records)
-
-        async def grant_records(gid: str) -> int:
-            s = await store.summary(gid)
-            assert s is not None
-            return int(s["requests"]["allowed"]) + int(s["requests"]["denied"])
-
-        cases: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-            (f"who viewed recording {typical_rec} (typical)",
-             lambda: count(Query(recording=typical_rec))),
-            (f"who viewed recording {viewed} (most viewed)",
-             lambda: count(Query(recording=viewed))),
-            (f"what user viewed last month ({heavy_user}, busiest)", lambda: count(month)),
-            ("  the same, with each grant's reason (as the API answers)",
-             lambda: answered(month)),
-            ("  most viewed recording, with reasons (as the API answers)",
-             lambda: answered(Query(recording=viewed))),
-            (f"grant summary (typical, {typical_count} records)",
-             lambda: grant_records(typical_grant)),
-            (f"grant summary (largest, {big_count} records)", lambda: grant_records(big_grant)),
-            ("time range 1 h, limit 1000", lambda: count(hour)),
-            ("access.deny in the last day, limit 1000", lambda: count(day_denials)),
-            ("newest 1000, no filter", lambda: count(Query(order="desc"))),
-        ]  # fmt: skip
-        for label, call in cases:
-            times, result = await timed(runs, call)
-            rows.append((label, int(result), times))
-
-        trim_to = n - n // 10
-        trimmer = AuditStore(client, key, maxlen=trim_to)
-        t = time.perf_counter()
-        trimmed = await trimmer.maintain()
-        trim_s = time.perf_counter() - t
-        after_trim = int((await client.info("memory"))["used_memory"]) - before
-
-        print(f"records        {n:,} (average line {line_bytes / n:,.0f} bytes)")
-        print(f"write rate     {n / write_s:,.0f} records/s (batches of {batch}, one script each)")
-        print(f"memory         {used / n:,.0f} bytes/record (used_memory +{used / 2**20:,.0f} MiB)")
-        print(
-            f"trim           {trimmed:,} oldest records in {trim_s:.2f} s "
-            f"({trimmed / max(trim_s, 1e-9):,.0f} records/s); then {after_trim / 2**20:,.0f} MiB"
-        )
-        print()
-        width = max(len(label) for label, _, _ in rows)
-        print(f"{'query':<{width}}  {'records':>8}  {'median':>10}  {'min':>10}  {'max':>10}")
-        for label, result, times in rows:
-            print(
-                f"{label:<{width}}  {result:>8,}  {statistics.median(times):>7.2f} ms"
-                f"  {min(times):>7.2f} ms  {max(times):>7.2f} ms"
-            )
-        print(f"({runs} runs each; median, min and max wall time per call, perf_counter)")
-    finally:
-        if not own:
-            async for name in client.scan_iter(match=f"{key}*", count=1000):
-                await client.unlink(name)
-        await client.aclose()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str, json_flag: bool = False) -> argparse.Namespace:
+    """Read the options the audit benches share: --records, --redis-url, --batch, --runs."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument("--batch", type=int, default=1000, help="records per write")
     parser.add_argument("--runs", type=int, default=7, help="timed runs per query")
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     if args.records < 1 or args.batch < 1 or args.runs < 1:
         parser.error("--records, --batch and --runs must be at least 1")
+    return args
+
+
+def run(
+    args: argparse.Namespace, bench: Callable[[AuditStore, argparse.Namespace], Awaitable[T]]
+) -> T:
+    """Run a bench on a fresh audit store: in its own redis-server, or under a fresh key of
+    --redis-url's Redis, which is deleted with its indexes at the end."""
+
+    async def on(url: str, own: bool) -> T:
+        client = Redis.from_url(url)
+        key = "jit:audit" if own else f"jitbench:{secrets.token_hex(4)}:audit"
+        try:
+            await client.ping()
+            return await bench(AuditStore(client, key, maxlen=None), args)
+        finally:
+            if not own:
+                async for name in client.scan_iter(match=f"{key}*", count=1000):
+                    await client.unlink(name)
+            await client.aclose()
+
     if args.redis_url:
-        asyncio.run(bench(args.redis_url, args.records, args.batch, args.runs, own=False))
-    else:
-        with own_redis() as url:
-            asyncio.run(bench(url, args.records, args.batch, args.runs, own=True))
+        return asyncio.run(on(args.redis_url, own=False))
+    with own_redis() as url:
+        return asyncio.run(on(url, own=True))
+
+
+async def bench(store: AuditStore, args: argparse.Namespace) -> None:
+    client, key, n, batch, runs = store.redis, store.key, args.records, args.batch, args.runs
+    before = int((await client.info("memory"))["used_memory"])
+    trail = Trail(n)
+    write_s, line_bytes, lines = 0.0, 0, []
+    log(f"writing {n:,} records in batches of {batch} ...")
+    for rec in trail.records():
+        lines.append(json.dumps(rec, separators=(",", ":")))
+        if len(lines) == batch:
+            line_bytes += sum(map(len, lines))
+            t = time.perf_counter()
+            await store.write(lines)
+            write_s += time.perf_counter() - t
+            lines = []
+    if lines:
+        line_bytes += sum(map(len, lines))
+        t = time.perf_counter()
+        await store.write(lines)
+        write_s += time.perf_counter() - t
+    used = int((await client.info("memory"))["used_memory"]) - before
+
+    rows: list[tuple[str, int, list[float]]] = []
+    viewed = trail.recordings.most_common(1)[0][0]
+    typical = sorted(trail.recordings.items(), key=lambda kv: (kv[1], kv[0]))
+    typical_rec = typical[len(typical) // 2][0]
+    heavy_user = trail.users.most_common(1)[0][0]
+    big_grant, big_count = trail.grants.most_common(1)[0]
+    grants = sorted(trail.grants.items(), key=lambda kv: (kv[1], kv[0]))
+    typical_grant, typical_count = grants[len(grants) // 2]
+    end = trail.end
+    month = Query(user=heavy_user, events=("access.allow",), since=end - 30 * DAY, until=end)
+    day_denials = Query(events=("access.deny",), since=end - DAY, until=end)
+    hour = Query(since=end - 10 * DAY, until=end - 10 * DAY + 3600)
+
+    async def count(q: Query) -> int:
+        return len((await store.query(q)).records)
+
+    async def answered(q: Query) -> int:
+        # What GET /_jit/api/audit does: the page, then each grant's reason as `why`.
+        page = await store.query(q)
+        ids = (str(r["grant_id"]) for r in page.records if "grant_id" in r)
+        auditquery.annotate(page.records, await store.grant_reasons(ids))
+        return len(page.records)
+
+    async def grant_records(gid: str) -> int:
+        s = await store.summary(gid)
+        assert s is not None
+        return int(s["requests"]["allowed"]) + int(s["requests"]["denied"])
+
+    cases: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        (f"who viewed recording {typical_rec} (typical)",
+         lambda: count(Query(recording=typical_rec))),
+        (f"who viewed recording {viewed} (most viewed)",
+         lambda: count(Query(recording=viewed))),
+        (f"what user viewed last month ({heavy_user}, busiest)", lambda: count(month)),
+        ("  the same, with each grant's reason (as the API answers)",
+         lambda: answered(month)),
+        ("  most viewed recording, with reasons (as the API answers)",
+         lambda: answered(Query(recording=viewed))),
+        (f"grant summary (typical, {typical_count} records)",
+         lambda: grant_records(typical_grant)),
+        (f"grant summary (largest, {big_count} records)", lambda: grant_records(big_grant)),
+        ("time range 1 h, limit 1000", lambda: count(hour)),
+        ("access.deny in the last day, limit 1000", lambda: count(day_denials)),
+        ("newest 1000, no filter", lambda: count(Query(order="desc"))),
+    ]  # fmt: skip
+    for label, call in cases:
+        times, result = await timed(runs, call)
+        rows.append((label, int(result), times))
+
+    trim_to = n - n // 10
+    trimmer = AuditStore(client, key, maxlen=trim_to)
+    t = time.perf_counter()
+    trimmed = await trimmer.maintain()
+    trim_s = time.perf_counter() - t
+    after_trim = int((await client.info("memory"))["used_memory"]) - before
+
+    print(f"records        {n:,} (average line {line_bytes / n:,.0f} bytes)")
+    print(f"write rate     {n / write_s:,.0f} records/s (batches of {batch}, one script each)")
+    print(f"memory         {used / n:,.0f} bytes/record (used_memory +{used / 2**20:,.0f} MiB)")
+    print(
+        f"trim           {trimmed:,} oldest records in {trim_s:.2f} s "
+        f"({trimmed / max(trim_s, 1e-9):,.0f} records/s); then {after_trim / 2**20:,.0f} MiB"
+    )
+    print()
+    width = max(len(label) for label, _, _ in rows)
+    print(f"{'query':<{width}}  {'records':>8}  {'median':>10}  {'min':>10}  {'max':>10}")
+    for label, result, times in rows:
+        print(
+            f"{label:<{width}}  {result:>8,}  {statistics.median(times):>7.2f} ms"
+            f"  {min(times):>7.2f} ms  {max(times):>7.2f} ms"
+        )
+    print(f"({runs} runs each; median, min and max wall time per call, perf_counter)")
+
+
+def main() -> None:
+    run(parse_args(__doc__), bench)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ the proxy, since the response itself never passes through jitgate.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from . import audit
+from .audit.subjects import form_for
 from .authorize import Decision
 from .state import State
 
@@ -30,6 +31,7 @@ class AccessLog:
         self.meter = meter
         self.state = state
         self.mode = mode  # None in proxy mode: its records carry no `mode`
+        self.subject_form = form_for(state.settings)
 
     def decision(
         self,
@@ -43,8 +45,13 @@ class AccessLog:
         *,
         method: str | None = None,
         client_ip: str | None = None,
+        subject: Mapping[str, str] | None = None,
     ) -> None:
-        """Count and audit one decided request; `method`, `client_ip`: if not the request's."""
+        """Count and audit one decided request; `method`, `client_ip`: if not the request's.
+
+        `subject`: whose recording it is (`subject`), or why that is not known
+        (`subject_error`), for an access under a grant when recording metadata is on.
+        """
         elapsed = time.perf_counter() - started
         counter, histogram = self.meter(decision.route, decision.outcome)
         counter.inc()
@@ -73,8 +80,31 @@ class AccessLog:
                 user_agent=request.headers.get("User-Agent"),
                 policy_version=decision.policy_version,
                 mode=self.mode,
+                **(subject or {}),
             )
         )
+
+    async def subject(self, decision: Decision) -> dict[str, str] | None:
+        """Whose recording an access under a grant was to (audit/subjects.py), or why unknown.
+
+        Waits at most `metadata.wait` for a fetch under way (started at grant time, or by
+        the gate before forwarding).
+        """
+        cache, form, scope = self.state.metadata, self.subject_form, decision.scope
+        if cache is None or form is None or decision.grant_id is None or not cache.applies(scope):
+            return None
+        assert scope is not None
+        meta = self.state.settings.metadata
+        wait = meta.wait if meta is not None else 0.0
+        try:
+            found, why = await cache.lookup(scope, wait)
+        except Exception as exc:  # never lose the record over its subject
+            found, why = None, f"metadata lookup failed: {exc!r}"
+        if found is None:
+            return {"subject_error": why or "metadata unknown"}
+        if found.subject is None:
+            return {"subject_error": f"the recording's metadata names no {cache.subject_field}"}
+        return {"subject": form(found.subject)}
 
     def refused(
         self,

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -31,9 +32,11 @@ from .identity.assertion import AssertionSigner
 from .identity.oidc import OidcClient
 from .identity.session import Sessions
 from .live import LiveConnections, follow_revocations
+from .metadata import MetadataCache, adapter_for
 from .notify import Notifier
 from .redisd import EmbeddedRedis, connect_redis
 from .reload import PolicyReloader
+from .sensitivity import Rule, matching
 from .settings import Settings
 from .state import STATE, Config, State, app_state
 from .web import api, auditpage, ops, refusal, signin, views
@@ -178,7 +181,16 @@ def _resources(compiled: policy.Policy) -> list[Callable[[State], Ctx]]:
 
             view = state.grant_view
             checker = view if view is not None else state.grants
-            state.config = Config(settings, Authorizer(compiled, checker, grant_error), verifier)
+            sensitivity = m.sensitivity_refusals
+            authorizer = Authorizer(
+                compiled,
+                checker,
+                grant_error,
+                metadata=(lambda scope: _metadata_of(state, scope)) if settings.metadata else None,
+                on_sensitivity=lambda outcome: sensitivity.labels(outcome).inc(),
+                grant_entitlement=lambda grant_id: _entitlement_of(state, grant_id),
+            )
+            state.config = Config(settings, authorizer, verifier)
             try:
                 yield
             finally:
@@ -187,7 +199,10 @@ def _resources(compiled: policy.Policy) -> list[Callable[[State], Ctx]]:
 
         return ctx
 
-    return [_assertion, _redis, config, _sessions, _audit, _live, _notifier, _workflow, _reloader]
+    return [
+        _assertion, _redis, config, _sessions, _audit, _live, _notifier, _metadata, _workflow,
+        _reloader,
+    ]  # fmt: skip
 
 
 def _assertion(state: State) -> Ctx:
@@ -321,6 +336,34 @@ def _notifier(state: State) -> Ctx:
     return ctx
 
 
+def _metadata(state: State) -> Ctx:
+    """Recording metadata from the replay tool's API (proxy/metadata/), with a metadata section."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = state.settings
+        meta = settings.metadata
+        if meta is None:
+            yield
+            return
+        lookups = state.metrics.metadata_lookups
+        state.metadata = cache = MetadataCache(
+            adapter_for(meta),
+            state.redis,
+            state.http,
+            meta.url or settings.upstream.url,
+            key_prefix=settings.redis.key_prefix,
+            ttl=meta.ttl,
+            timeout=meta.timeout,
+            counted=lambda source: lookups.labels(source).inc(),
+        )
+        try:
+            yield
+        finally:
+            await cache.close()
+
+    return ctx
+
+
 def _workflow(state: State) -> Ctx:
     """The workflow with its expiry sweep, and the gate with its upstream pool."""
 
@@ -334,6 +377,8 @@ def _workflow(state: State) -> Ctx:
             settings.admins,
             state.notifier,
             counted=lambda event: events.labels(event).inc(),
+            granted=lambda grant: _prefetch(state, grant.scope),
+            sensitive=(lambda scope: _sensitive(state, scope)) if settings.metadata else None,
         )
         up = settings.upstream
         forwarder = Forwarder(
@@ -394,6 +439,42 @@ def _reloader(state: State) -> Ctx:
             await state.reloader.stop()  # before the audit log closes: a reload writes to it
 
     return ctx
+
+
+async def _metadata_of(state: State, scope: str) -> tuple[dict[str, Any] | None, str | None] | None:
+    """A recording's metadata for the sensitivity rules, waiting for it at most one fetch."""
+    cache, meta = state.metadata, state.settings.metadata
+    if cache is None or meta is None:
+        return None, "recording metadata has not started"
+    if not cache.applies(scope):
+        return None
+    found, why = await cache.lookup(scope, meta.timeout + 0.5)
+    if found is None:
+        return None, f"the metadata of {scope} is unknown ({why})"
+    return found.to_json(), None
+
+
+async def _sensitive(state: State, scope: str) -> tuple[Rule | None, str | None]:
+    """The sensitivity rule a requested recording matches, or why its metadata is unknown."""
+    found = await _metadata_of(state, scope)
+    if found is None:  # not a recording the metadata describes
+        return None, None
+    meta, why = found
+    if meta is None:
+        return None, why
+    return matching(state.config.policy.sensitivity, meta), None
+
+
+async def _entitlement_of(state: State, grant_id: str) -> str | None:
+    """The entitlement a grant was given under (None: an admin's grant, or none known)."""
+    grant = await state.grants.get(grant_id)
+    return grant.entitlement if grant is not None else None
+
+
+def _prefetch(state: State, scope: str) -> None:
+    """Fetch a granted recording's metadata in the background, before its first access."""
+    if state.metadata is not None:
+        state.metadata.prefetch(scope)
 
 
 async def _cancel(task: asyncio.Task[None], within: float = 5.0) -> None:

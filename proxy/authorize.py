@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -10,6 +10,11 @@ from .bodyrules import BadBody, BodyTooLarge
 from .grants import GrantChecker
 from .identity import Caller, Identity
 from .policy import Access, Match, Policy
+from .sensitivity import Rule, matching
+
+# A recording's metadata for sensitivity rules: (metadata, None), (None, why it is unknown),
+# or None when the scope names no recording the metadata describes.
+MetadataLookup = Callable[[str], Awaitable[tuple[Mapping[str, Any] | None, str | None] | None]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,10 @@ class Authorizer:
     policy: Policy
     grants: GrantChecker
     on_grant_error: Callable[[BaseException], None] = lambda exc: None
+    metadata: MetadataLookup | None = None  # None: no metadata section
+    on_sensitivity: Callable[[str], None] = lambda outcome: None  # blocked, unknown
+    # The entitlement a grant was given under (sensitivity rules that require one).
+    grant_entitlement: Callable[[str], Awaitable[str | None]] | None = None
 
     async def decide(
         self,
@@ -162,6 +171,10 @@ class Authorizer:
             if wider:
                 reason += f" (or {', '.join(wider)})"
             return Decision(False, 403, "deny", (reason,), route, access, **refused)
+        if self.policy.sensitivity:
+            held = await self._sensitive(scope, found[0], route, access, refused)
+            if held is not None:
+                return held
         grant_id, expires_at = found
         reason = f"active grant {grant_id} covers {scope}"
         return Decision(
@@ -175,3 +188,42 @@ class Authorizer:
             grant_expires_at=expires_at,
             **refused,
         )
+
+    async def _sensitive(
+        self, scope: str, grant_id: str, route: str, access: Access, common: dict[str, Any]
+    ) -> Decision | None:
+        """Refuse a recording a sensitivity rule keeps from this grant, or whose metadata is
+        unknown."""
+        why: str | None = "no metadata section is configured"
+        if self.metadata is not None:
+            found = await self.metadata(scope)
+            if found is None:  # not a recording the metadata describes
+                return None
+            meta, why = found
+            if meta is not None:
+                rule = matching(self.policy.sensitivity, meta)
+                if rule is None:
+                    return None
+                refusal = rule.refusal(None)
+                if rule.action == "require":
+                    refusal, why = await self._entitled(rule, grant_id)
+                    if refusal is None and why is None:
+                        return None
+                if refusal is not None:
+                    self.on_sensitivity("blocked")
+                    outcome = "blocked" if rule.action == "block" else "deny"
+                    return Decision(False, 403, outcome, (refusal,), route, access, **common)
+        self.on_sensitivity("unknown")
+        reason = f"sensitivity rules apply and {why}: failing closed"
+        return Decision(False, 503, "unavailable", (reason,), route, access, **common)
+
+    async def _entitled(self, rule: Rule, grant_id: str) -> tuple[str | None, str | None]:
+        """(refusal or None, None), or (None, why the grant's entitlement is unknown)."""
+        if self.grant_entitlement is None:
+            return None, f"the entitlement of grant {grant_id} cannot be read"
+        try:
+            entitlement = await self.grant_entitlement(grant_id)
+        except Exception as exc:  # the grant store in doubt: fail closed
+            self.on_grant_error(exc)
+            return None, f"the entitlement of grant {grant_id} cannot be read ({exc!r})"
+        return rule.refusal(entitlement), None

@@ -144,6 +144,8 @@ class ForwardAuth:
                 response.headers[name] = vouched.get(name, "")
         else:
             response = self._refusal(request, decision, method, target)
+        if decision.allow and state.metadata is not None:
+            state.metadata.prefetch(decision.scope)  # whose recording, for the record
         self.log.decision(
             request,
             decision,
@@ -154,6 +156,7 @@ class ForwardAuth:
             started,
             method=method,
             client_ip=client_ip,
+            subject=await self.log.subject(decision),
         )
         return response
 

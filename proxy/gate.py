@@ -5,6 +5,7 @@ It renders no pages: a refusal is answered by the `refuse` callable app.py hands
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -113,6 +114,8 @@ class Gate:
         outcome: Outcome | None = None
         # Under a grant, the response or WebSocket is cut when the grant ends.
         grant_id, stop, bar = decision.grant_id, None, None
+        if grant_id is not None and self.state.metadata is not None:
+            self.state.metadata.prefetch(decision.scope)  # whose recording: while it streams
         if grant_id is not None and decision.grant_expires_at is not None:
             stop = self.live.open(grant_id, decision.grant_expires_at)
             if self.status_bar is not None:
@@ -150,9 +153,24 @@ class Gate:
             error = outcome.upstream_error if outcome else "client disconnected"
             if error and outcome:
                 self.metrics.upstream_errors.labels(error).inc()
+            cancelled = False
+            try:
+                subject = await self.log.subject(decision)
+            except asyncio.CancelledError:  # the record is written all the same
+                subject, cancelled = {"subject_error": "request cancelled before metadata"}, True
             self.log.decision(
-                request, decision, path, status, sent, error, started, client_ip=client_ip
+                request,
+                decision,
+                path,
+                status,
+                sent,
+                error,
+                started,
+                client_ip=client_ip,
+                subject=subject,
             )
+            if cancelled:
+                raise asyncio.CancelledError
 
     def _listed(
         self, authorizer: Authorizer, method: str, path: str, user: str

@@ -169,6 +169,15 @@ class Metrics:
             "jitgate_grant_events", "Grant lifecycle events written, by event.", ["event"],
             registry=r,
         )  # fmt: skip
+        self.metadata_lookups = Counter(
+            "jitgate_metadata_lookups", "Recording metadata lookups by where the answer came "
+            "from: memory, redis, upstream, or error.", ["source"], registry=r,
+        )  # fmt: skip
+        self.sensitivity_refusals = Counter(
+            "jitgate_sensitivity_refusals", "Requests under a grant refused by a sensitivity "
+            "rule (blocked) or for want of the recording's metadata (unknown).", ["outcome"],
+            registry=r,
+        )  # fmt: skip
         # Forward-auth ({prefix}/authz): decisions for a proxy in front, apart from proxy mode.
         self.authz_requests = Counter(
             "jitgate_authz_requests", "Forward-auth decisions by route id and decision.",

@@ -41,10 +41,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from . import bodyrules
 from .bodyrules import BodyRule
 from .queryrules import BadQuery, QueryBind, bind
+
+if TYPE_CHECKING:
+    from .sensitivity import Rule
 
 
 class Access(StrEnum):
@@ -184,6 +188,7 @@ class Policy:
     preset: PresetInfo | None = None
     lists: str = "pass"  # list routes: annotate, filter or pass (lists.py)
     list_max_bytes: int = 4 * 1024 * 1024  # larger list responses pass unchanged
+    sensitivity: tuple[Rule, ...] = ()  # recordings refused by what they hold (sensitivity.py)
     _recording: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
     # The routes a path can match, by its first segment (lower case), in policy order: those
     # naming that segment and those whose first segment is a parameter. Other paths get
@@ -317,14 +322,26 @@ class Policy:
         return tuple(found)
 
     def entitlement_for(
-        self, scope: str, user: str, groups: Iterable[str], *, break_glass: bool | None = None
+        self,
+        scope: str,
+        user: str,
+        groups: Iterable[str],
+        *,
+        break_glass: bool | None = None,
+        among: Iterable[str] | None = None,
     ) -> Entitlement | None:
-        """Return the first rule that covers the scope and admits the person, or None."""
+        """Return the first rule that covers the scope and admits the person, or None.
+
+        `among`: only these rules count (a sensitivity rule's, for a sensitive recording).
+        """
         # With `break_glass` given only rules with that flag count, so an ordinary request
         # never lands on a break-glass rule, nor an emergency one on an ordinary rule.
         member = frozenset(groups)
+        only = None if among is None else frozenset(among)
         for ent in self.entitlements:
             if break_glass is not None and ent.break_glass != break_glass:
+                continue
+            if only is not None and ent.id not in only:
                 continue
             if ent.covers(scope) and ent.admits(user, member):
                 return ent

@@ -10,7 +10,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from . import listspec, presets
+from . import listspec, presets, sensitivity
 from .bodyrules import compile_body
 from .errors import ConfigError, ConfigErrors
 from .policy import (
@@ -74,7 +74,7 @@ class _Compiler:
             raise ConfigErrors([ConfigError("a policy must be a mapping", file=self.file, line=1)])
         known: tuple[str, ...] = ("default", "hierarchy", "routes", "version")
         known += ("about",) if self.table else ("entitlements", "overrides", "preset")
-        known += () if self.table else ("lists", "list_max_bytes")
+        known += () if self.table else ("lists", "list_max_bytes", "sensitivity")
         self.unknown(raw, "", known)
         if raw.get("version", 1) != 1:
             self.err(raw, "version", "version", "only version 1 is supported")
@@ -97,7 +97,7 @@ class _Compiler:
         policy = Policy(
             self.file, version, default, tuple(routes), tuple(covers), tuple(entitlements), info
         )
-        return listspec.settings(self, raw, policy)
+        return sensitivity.settings(self, raw, listspec.settings(self, raw, policy))
 
     # --- presets ----------------------------------------------------------------------
 

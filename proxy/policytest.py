@@ -17,6 +17,10 @@ A test file is YAML:
         expect_route: recording    # optional: route id, `_default` or `_invalid`
         expect_scope: "recording:1/demo-1"   # optional: the route's scope (null: none)
         description: why it matters          # optional, not checked
+        metadata: {start_url: "https://shop.example/billing/x", properties: {plan: pro}}
+                                   # optional: the recording's metadata for sensitivity
+                                   # rules, inline or a JSON/YAML file beside this one
+        entitlement: billing-review          # optional: the grants' entitlement
 
 `request` is `METHOD TARGET`; the target is the raw, still percent-encoded path (and
 query), as a client would send it. Paths are normalised with `forward.reject_semicolons`
@@ -28,7 +32,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +44,7 @@ from .grants import Grant, GrantChecker
 from .identity import Identity
 from .paths import normalise, split_target
 from .policy import Access, Policy, PresetInfo
+from .sensitivity import metadata_problem, read_metadata
 from .settings.yamlsrc import Node, Seq, line_of, load_file
 
 EXPECTS = ("allow", "deny", "blocked", "unauthenticated", "bad_request")
@@ -56,6 +61,8 @@ _CASE_FIELDS = (
     "expect_scope",
     "description",
     "body",
+    "metadata",
+    "entitlement",
 )
 
 
@@ -81,9 +88,25 @@ class SimulatedGrants:
         return None
 
 
-def authorizer(compiled: Policy, grants: GrantChecker) -> Authorizer:
-    """Return an Authorizer for decisions on known identities."""
-    return Authorizer(compiled, grants)
+def authorizer(
+    compiled: Policy,
+    grants: GrantChecker,
+    metadata: Mapping[str, Any] | None = None,
+    entitlement: str | None = None,
+) -> Authorizer:
+    """Return an Authorizer for decisions on known identities.
+
+    `metadata` is what the recording holds, for sensitivity rules; without it they are not
+    considered. `entitlement` is what the grants were given under.
+    """
+
+    async def lookup(scope: str) -> tuple[Mapping[str, Any] | None, str | None] | None:
+        return None if metadata is None else (metadata, None)
+
+    async def grant_entitlement(grant_id: str) -> str | None:
+        return entitlement
+
+    return Authorizer(compiled, grants, metadata=lookup, grant_entitlement=grant_entitlement)
 
 
 @dataclass(frozen=True)
@@ -268,11 +291,15 @@ async def explain(
     reject_semicolons: bool = True,
     prefix: str | None = None,
     body: bytes | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Explanation:
-    """Explain one request; `grants` None means grants are not checked (--no-redis)."""
+    """Explain one request; `grants` None means grants are not checked (--no-redis).
+
+    `metadata`: what the recording holds (--metadata), for the policy's sensitivity rules.
+    """
     checker: GrantChecker = grants if grants is not None else SimulatedGrants(None, ())
     verdict = await decide_request(
-        authorizer(compiled, checker),
+        authorizer(compiled, checker, metadata),
         ident,
         method,
         target,
@@ -326,6 +353,8 @@ class Case:
     # Optional expectations by field: status, route, scope.
     checks: tuple[tuple[str, Any], ...] = ()
     body: bytes | None = None  # for routes with body rules: a string as is, else as JSON
+    metadata: Mapping[str, Any] | None = None  # the recording's, for sensitivity rules
+    entitlement: str | None = None  # what the case's grants were given under
 
 
 @dataclass(frozen=True)
@@ -382,7 +411,8 @@ async def run_suite(suite: Suite, compiled: Policy) -> list[Result]:
 
 async def run_case(case: Case, compiled: Policy) -> Result:
     ident = Identity(case.user, case.groups) if case.user is not None else None
-    auth = authorizer(compiled, SimulatedGrants(case.user, case.grants))
+    grants = SimulatedGrants(case.user, case.grants)
+    auth = authorizer(compiled, grants, case.metadata, case.entitlement)
     verdict = await decide_request(auth, ident, case.method, case.target, body=case.body)
     got = {"status": verdict.status, "route": verdict.route, "scope": verdict.scope}
     mismatches: list[str] = []
@@ -492,6 +522,8 @@ class _SuiteReader:
             str(expect),
             tuple(checks),
             self._body(item),
+            self._metadata(item, where),
+            item.get("entitlement") if isinstance(item.get("entitlement"), str) else None,
         )
 
     def _body(self, item: Node) -> bytes | None:
@@ -501,6 +533,23 @@ class _SuiteReader:
         if isinstance(value, str):
             return value.encode()
         return json.dumps(value).encode()
+
+    def _metadata(self, item: Node, where: str) -> Mapping[str, Any] | None:
+        """A case's `metadata:`, inline or from a JSON/YAML file beside the test file."""
+        value, at = item.get("metadata"), f"{where}.metadata"
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = read_metadata(self.path.parent / value)
+            except ValueError as exc:
+                self.err(item, "metadata", at, str(exc))
+                return None
+        problem = metadata_problem(value)
+        if problem is not None:
+            self.err(item, "metadata", at, problem)
+            return None
+        return dict(value)
 
     def _request(self, item: Node, where: str) -> tuple[str, str]:
         value = item.get("request")

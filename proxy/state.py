@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the resources' types only: importing state starts nothing
     from .identity.oidc import OidcClient
     from .identity.session import Sessions
     from .live import LiveConnections
+    from .metadata import MetadataCache
     from .metrics import Metrics
     from .notify import Notifier
     from .reload import PolicyReloader
@@ -67,6 +68,7 @@ class State:
     oidc: OidcClient | None = None  # with identity.oidc
     assertion: AssertionSigner | None = None  # with forward.assertion
     notifier: Notifier | None = None  # with notifications.webhooks
+    metadata: MetadataCache | None = None  # with a metadata section: whose recording it is
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings  # fixed for the process; also in every Config

@@ -12,7 +12,7 @@ approval it needs lengthens the grant.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from . import audit
@@ -20,7 +20,12 @@ from .grants import Grant, GrantError, GrantStore
 from .identity import Identity
 from .notify import Notifier
 from .policy import Entitlement, Policy
+from .sensitivity import Rule
 from .settings import AdminSettings
+
+# The sensitivity rule a recording scope matches: (rule or None, None), or (None, why its
+# metadata is unknown).
+Sensitive = Callable[[str], Awaitable[tuple[Rule | None, str | None]]]
 
 _MAX_TEXT = 1000
 
@@ -58,6 +63,9 @@ class Workflow:
     admins: AdminSettings
     notifier: Notifier | None = None  # None: no webhooks configured
     counted: Callable[[str], None] = lambda event: None  # each event written (metrics)
+    # A grant was requested or activated: app.py fetches its recording's metadata meanwhile.
+    granted: Callable[[Grant], None] = lambda grant: None
+    sensitive: Sensitive | None = None  # None: no metadata, so no rule is known at request
 
     def is_admin(self, ident: Identity) -> bool:
         return ident.subject in self.admins.users or bool(self.admins.groups & set(ident.groups))
@@ -76,15 +84,22 @@ class Workflow:
         scope = scope.strip()
         if not scope:
             raise WorkflowError(400, "bad_request", "a scope is required")
-        # Break-glass requests consider only break-glass rules, ordinary ones only the rest.
+        rule = await self._sensitivity(scope)
+        # Break-glass requests consider only break-glass rules, ordinary ones only the rest;
+        # for a sensitive recording, only the rules its sensitivity rule names.
         ent = self.policy().entitlement_for(
-            scope, ident.subject, ident.groups, break_glass=break_glass
+            scope,
+            ident.subject,
+            ident.groups,
+            break_glass=break_glass,
+            among=rule.entitlements if rule is not None else None,
         )
         if ent is None:
             kind = "break-glass access to" if break_glass else "access to"
-            raise WorkflowError(
-                403, "not_entitled", f"no entitlement lets {ident.subject} request {kind} {scope}"
-            )
+            message = f"no entitlement lets {ident.subject} request {kind} {scope}"
+            if rule is not None:
+                message = f"{rule.reason}: only {' or '.join(rule.entitlements)} apply; {message}"
+            raise WorkflowError(403, "not_entitled", message)
         reason = _text(reason, "reason")
         if ent.reason_required and not reason:
             raise WorkflowError(400, "bad_request", "a reason is required")
@@ -121,12 +136,25 @@ class Workflow:
             raise _from(exc) from None
         self._audit("grant.requested", grant, actor=ident.subject)
         self._notify("requested", grant)
+        self.granted(grant)
         if ent.break_glass:
             self._audit("break_glass", grant, actor=ident.subject)
             self._notify("break_glass", grant)
         if grant.state == "active":
             self._audit("grant.activated", grant, actor=ident.subject)
         return grant
+
+    async def _sensitivity(self, scope: str) -> Rule | None:
+        """The `require` rule a recording matches; refuse one blocked or of unknown metadata."""
+        if self.sensitive is None or not self.policy().sensitivity:
+            return None
+        rule, unknown = await self.sensitive(scope)
+        if unknown is not None:
+            reason = f"sensitivity rules apply and {unknown}: failing closed"
+            raise WorkflowError(503, "unavailable", reason)
+        if rule is not None and rule.action == "block":
+            raise WorkflowError(403, "sensitive", rule.reason)
+        return rule
 
     async def waiting(self, ident: Identity) -> dict[str, Grant]:
         """Return this person's requests (not extensions) still awaiting approval, by scope."""
@@ -170,6 +198,7 @@ class Workflow:
         elif done:
             self._audit("grant.activated", grant, actor=ident.subject)
             self._notify("approved", grant)
+            self.granted(grant)
         return grant
 
     async def deny(self, ident: Identity, grant_id: str, comment: str = "") -> Grant:

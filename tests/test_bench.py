@@ -112,3 +112,19 @@ def test_workers_bench_runs() -> None:
     for key, result in report["results"].items():
         assert result["requests"] > 0 and result["errors"] == 0, (key, result)
     assert report["ratio"] is not None
+
+
+@pytest.mark.timeout(120)
+def test_subjects_bench_runs() -> None:
+    """bench/subjects.py on a small trail: each lookup finds every record of its subject."""
+    argv = [
+        sys.executable, str(ROOT / "bench" / "subjects.py"), "--records", "5000", "--runs", "1",
+        "--json",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["records"] == 5000 and report["subjects"] > 1
+    for name in ("typical", "busiest"):
+        lookup = report["lookups"][name]
+        assert lookup["records"] == lookup["expected"] > 0 and lookup["views"] >= 1, lookup

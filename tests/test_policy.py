@@ -486,7 +486,7 @@ SECOND = "  - {id: e, scopes: [t], who: any, durations: {default: 1m}, approval:
           at(4, "approval.mode: must be 'auto' or 'approvers', got 'x'", item=1)]),
         ("routes: []\nnope: 1\nentitlements: []\n",
          ["t.yaml:2: nope: unknown field (known: default, entitlements, hierarchy, list_max_bytes, "
-          "lists, overrides, preset, routes, version)"]),
+          "lists, overrides, preset, routes, sensitivity, version)"]),
     ],
 )  # fmt: skip
 def test_entitlement_list_errors(text: str, expected: list[str]) -> None:

@@ -255,8 +255,9 @@ cases:
     assert out.returncode == 1
     t = str(cases)
     assert out.stderr.splitlines() == [
-        f"error: {t}:8: cases[1].expcet: unknown field (known: body, description, expect, "
-        "expect_route, expect_scope, expect_status, grants, groups, name, request, user)",
+        f"error: {t}:8: cases[1].expcet: unknown field (known: body, description, entitlement, "
+        "expect, expect_route, expect_scope, expect_status, grants, groups, metadata, name, "
+        "request, user)",
         f"error: {t}:6: cases[1].expect: must be one of allow, deny, blocked, unauthenticated, "
         "bad_request; missing",
         f"error: {t}:11: cases[2].expect: must be one of allow, deny, blocked, unauthenticated, "

@@ -84,7 +84,7 @@ def test_a_table_is_not_a_policy() -> None:
     # The `about:` block belongs to shipped tables only.
     assert errors("preset: posthog\nabout: {tool: x, version: y, sources: []}\n") == [
         "p.yaml:2: about: unknown field (known: default, entitlements, hierarchy, list_max_bytes, "
-        "lists, overrides, preset, routes, version)"
+        "lists, overrides, preset, routes, sensitivity, version)"
     ]
 
 

@@ -1,7 +1,8 @@
 """Audit queries as people ask them: one set of filters for `jitgate audit query` and the API.
 
+`Query` says which records to read and `Page` holds one page of them (store.py answers).
 `parse` turns filters given as text (command-line options or URL query parameters, the same
-names in both) into a store.Query; `render` prints records as a table, JSON lines or
+names in both) into a Query; `render` prints records as a table, JSON lines or
 CSV; `summary_text` prints a grant summary for people.
 """
 
@@ -14,20 +15,55 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from ..settings.read import parse_duration
-from .store import Query
 
-FILTERS = ("user", "scope", "recording", "grant", "event", "since", "until")
+FILTERS = ("user", "scope", "recording", "grant", "subject", "event", "since", "until")
 FORMATS = ("table", "json", "jsonl", "csv")
 CSV_FIELDS = (
     "time", "event", "user", "actor", "scope", "recording", "grant_id", "decision", "method",
     "path", "status", "bytes", "duration_ms", "client_ip", "user_agent", "reason", "ticket",
-    "comment", "why", "id",
+    "comment", "why", "subject", "id",
 )  # fmt: skip
 MAX_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class Query:
+    """Which records to read: every given filter must hold."""
+
+    user: str | None = None
+    scope: str | None = None
+    recording: str | None = None
+    grant: str | None = None
+    events: tuple[str, ...] = ()
+    since: float | None = None
+    until: float | None = None
+    limit: int = 1000
+    cursor: str | None = None
+    order: str = "asc"
+    subject: str | None = None  # as records carry it (audit/subjects.py turns an id into it)
+
+    def __post_init__(self) -> None:
+        if self.order not in ("asc", "desc"):
+            raise ValueError(f"order must be asc or desc, not {self.order!r}")
+        if self.limit < 1:
+            raise ValueError(f"limit must be at least 1, not {self.limit}")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and math.isnan(value):
+                raise ValueError(f"{name} must be a number of seconds, not NaN")
+
+
+@dataclass(frozen=True)
+class Page:
+    """Records in the query's order, and the cursor that continues after them (None: done)."""
+
+    records: list[dict[str, Any]]
+    next: str | None
 
 
 class QueryError(ValueError):
@@ -84,6 +120,7 @@ def parse(
         scope=get("scope") or None,
         recording=get("recording") or None,
         grant=get("grant") or None,
+        subject=get("subject") or None,
         events=tuple(e.strip() for e in events),
         since=parse_time(since, now) if since else None,
         until=parse_time(until, now) if until else None,
@@ -118,7 +155,7 @@ def to_params(q: Query) -> list[tuple[str, str]]:
         (name, str(value))
         for name, value in (
             ("user", q.user), ("scope", q.scope), ("recording", q.recording),
-            ("grant", q.grant), ("since", q.since), ("until", q.until),
+            ("grant", q.grant), ("subject", q.subject), ("since", q.since), ("until", q.until),
             ("limit", q.limit), ("order", q.order), ("cursor", q.cursor),
         )
         if value is not None

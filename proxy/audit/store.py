@@ -12,6 +12,7 @@ Keys (`key` is the stream key, e.g. `jit:audit`):
   {key}:idx:scope:{scope}        ... `scope`
   {key}:idx:recording:{id}       ... `recording`
   {key}:idx:grant:{grant_id}     ... `grant_id`
+  {key}:idx:subject:{subject}    ... `subject` (whose recording: audit/subjects.py)
   {key}:idx:event:{event}        ... `event`
   {key}:idx:lifecycle:{grant_id} the grant's own events (`grant.*` and `break_glass`)
   {key}:w:{token}                marks a batch as written for 10 minutes (see `write`)
@@ -40,7 +41,6 @@ import math
 import re
 import secrets
 from collections.abc import AsyncGenerator, Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,6 +49,9 @@ from redis.asyncio import Redis
 from .. import lua
 from ..redisha import durable_script
 from ..settings import Settings
+from .query import Page, Query
+
+__all__ = ["AuditStore", "Page", "Query", "store_for"]
 
 log = logging.getLogger("jitgate.auditstore")
 
@@ -76,6 +79,11 @@ _LIFECYCLE_MAX = 10_000
 # is made on the decoded record, so float rounding of ts * 1000 can never lose a record.
 _SLACK_MS = 1.0
 _MEMBER = re.compile(r"(\d+)-(\d+)")
+# The filters with an index: the Query field (also the index kind) and the record field.
+_INDEXED = (
+    ("grant", "grant_id"), ("recording", "recording"), ("scope", "scope"), ("user", "user"),
+    ("subject", "subject"),
+)  # fmt: skip
 
 # The scripts (proxy/lua/audit_*.lua, each saying its KEYS and ARGV). The index library is
 # shared by every script that adds or removes index members, so that trimming removes
@@ -85,40 +93,6 @@ _WRITE = lua.compose("audit_write", _INDEX_LUA)
 _TRIM = lua.compose("audit_trim", _INDEX_LUA)
 _REINDEX = lua.compose("audit_reindex", _INDEX_LUA)
 _PAGE = lua.compose("audit_page", _INDEX_LUA)
-
-
-@dataclass(frozen=True)
-class Query:
-    """Which records to read: every given filter must hold."""
-
-    user: str | None = None
-    scope: str | None = None
-    recording: str | None = None
-    grant: str | None = None
-    events: tuple[str, ...] = ()
-    since: float | None = None
-    until: float | None = None
-    limit: int = 1000
-    cursor: str | None = None
-    order: str = "asc"
-
-    def __post_init__(self) -> None:
-        if self.order not in ("asc", "desc"):
-            raise ValueError(f"order must be asc or desc, not {self.order!r}")
-        if self.limit < 1:
-            raise ValueError(f"limit must be at least 1, not {self.limit}")
-        for name in ("since", "until"):
-            value = getattr(self, name)
-            if value is not None and math.isnan(value):
-                raise ValueError(f"{name} must be a number of seconds, not NaN")
-
-
-@dataclass(frozen=True)
-class Page:
-    """Records in the query's order, and the cursor that continues after them (None: done)."""
-
-    records: list[Record]
-    next: str | None
 
 
 Position = tuple[float, str]
@@ -335,10 +309,8 @@ class AuditStore:
     async def _choose(self, q: Query, lo: str, hi: str) -> list[str]:
         """Return the index keys to scan: those of the filter with the fewest entries in range."""
         candidates: list[list[str]] = []
-        for kind, value in (
-            ("grant", q.grant), ("recording", q.recording), ("scope", q.scope), ("user", q.user),
-        ):  # fmt: skip
-            if value is not None:
+        for kind, _ in _INDEXED:
+            if (value := getattr(q, kind)) is not None:
                 candidates.append([self.index_key(kind, value)])
         if q.events:
             candidates.append([self.index_key("event", e) for e in dict.fromkeys(q.events)])
@@ -486,10 +458,8 @@ def _effective_ts(rec: Record, member: str) -> float:
 
 
 def _matches(rec: Record, q: Query, ts: float) -> bool:
-    for name, value in (
-        ("grant_id", q.grant), ("recording", q.recording), ("scope", q.scope), ("user", q.user),
-    ):  # fmt: skip
-        if value is not None and rec.get(name) != value:
+    for kind, name in _INDEXED:
+        if (value := getattr(q, kind)) is not None and rec.get(name) != value:
             return False
     if q.events and rec.get("event") not in q.events:
         return False

@@ -1,4 +1,4 @@
-"""`jitgate audit verify | query | summary`: prove the trail untouched and ask it questions.
+"""`jitgate audit verify | query | summary | subject`: prove the trail untouched, ask it.
 
 `query` and `summary` read the Redis audit stream directly, or, given a token, go through
 `GET {prefix}/api/audit` as an admin; both ways take the same filters (audit/query.py).
@@ -18,6 +18,7 @@ from urllib.parse import quote, urlencode
 from redis.exceptions import RedisError
 
 from ..audit import query as auditquery
+from ..audit import subjects
 from ..audit.store import AuditStore, Page, Query, store_for
 from ..settings import Settings
 from .common import EXIT_FINDING, EXIT_OK, UsageError, api_args, api_url, config_arg, redis_for
@@ -65,6 +66,7 @@ def add_parser(nouns: Any) -> None:
     p.add_argument("--scope", help="exact scope, e.g. recording:1/demo-1")
     p.add_argument("--recording", help="recording id")
     p.add_argument("--grant", help="grant id")
+    p.add_argument("--subject", help="whose recording: the data subject's id, or hmac:...")
     p.add_argument("--event", action="append", help="event type (repeat for several)")
     p.add_argument("--since", help="from this time on")
     p.add_argument("--until", help="before this time")
@@ -73,6 +75,19 @@ def add_parser(nouns: Any) -> None:
     p.add_argument("--cursor", help="continue after a previous page")
     p.add_argument("--all", action="store_true", help="follow every page to the end")
     p.add_argument("--format", choices=auditquery.FORMATS, default=None, help="default: table")
+
+    p = aud.add_parser(
+        "subject",
+        help="who viewed one person's recordings, when, under which grant and why (a DSAR)",
+        description="SUBJECT is the person's id in the replay tool (metadata.subject.field), "
+        "or the hmac:... form audit records carry. csv starts with # lines that explain the "
+        "columns: a report to hand over. Exit 0 with views, 1 with none.",
+    )
+    api_args(p)
+    p.add_argument("subject")
+    p.add_argument("--since", help="from this time on")
+    p.add_argument("--until", help="before this time")
+    p.add_argument("--format", choices=("table", "csv", "json"), default=None)
 
     p = aud.add_parser(
         "reindex",
@@ -100,10 +115,13 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     token = args.token or os.environ.get("JITGATE_TOKEN")
     base = (args.url.rstrip("/") + settings.prefix) if args.url else api_url(settings)
+    if args.verb == "subject":
+        return await _subject(args, settings, _ApiSource(base, token) if token else None)
     if args.verb == "query":
         fmt = args.format or ("json" if args.json else "table")
         try:
             q = auditquery.from_mapping(vars(args))
+            q = subjects.with_subject(q, subjects.form_for(settings))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         if token:
@@ -142,6 +160,31 @@ async def _query(source: _RedisSource | _ApiSource, q: Query, fmt: str, follow: 
     if fmt in ("table", "json"):
         sys.stdout.write(auditquery.render(records, fmt, page.next))
     return EXIT_OK if count else EXIT_FINDING
+
+
+async def _subject(args: argparse.Namespace, settings: Settings, api: _ApiSource | None) -> int:
+    fmt = args.format or ("json" if args.json else "table")
+    try:
+        since, until = (auditquery.parse_time(t) if t else None for t in (args.since, args.until))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if api is not None:
+        params = urlencode({k: v for k, v in (("since", since), ("until", until)) if v})
+        rep = await api.subject(args.subject, params)
+    else:
+        form = subjects.form_for(settings)
+        if form is None:
+            raise UsageError(f"no metadata section in {settings.file}: records name no subject")
+        async with _RedisSource(settings) as source:
+            stored = form.stored(args.subject)
+            try:
+                rep = await subjects.report(
+                    source.store, args.subject, stored, since=since, until=until
+                )
+            except RedisError as exc:
+                raise UsageError(f"cannot read the audit stream: {exc}") from None
+    sys.stdout.write(subjects.render(rep, fmt))
+    return EXIT_OK if rep["views"] else EXIT_FINDING
 
 
 class _RedisSource:
@@ -204,6 +247,12 @@ class _ApiSource:
     async def page(self, q: Query) -> Page:
         data = await self._call("/audit?" + urlencode(auditquery.to_params(q), doseq=True))
         return Page(data["records"], data.get("next"))
+
+    async def subject(self, subject: str, params: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(
+            f"/audit/subjects/{quote(subject, safe='')}" + (f"?{params}" if params else "")
+        )
+        return result
 
     async def summary(self, grant_id: str) -> dict[str, Any] | None:
         result: dict[str, Any] | None = await self._call(

@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     body = p.add_mutually_exclusive_group()
     body.add_argument("--body", type=Path, help="the request body, from a file (body rules)")
     body.add_argument("--json-body", help="the request body, given as JSON text (body rules)")
+    p.add_argument(
+        "--metadata",
+        type=Path,
+        help="what the recording holds, for sensitivity rules: a JSON or YAML file of "
+        "start_url, urls and properties",
+    )
     p = pol.add_parser("test", help="run a policy's test cases (YAML)")
     p.add_argument("file", type=Path)
     p.add_argument(
@@ -285,6 +291,7 @@ async def _explain(args: argparse.Namespace, settings: Settings) -> int:
             reject_semicolons=reject,
             prefix=settings.prefix,
             body=_explain_body(args),
+            metadata=_explain_metadata(args),
         )
     finally:
         if redis is not None:
@@ -294,6 +301,18 @@ async def _explain(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print("\n".join(found.lines()))
     return EXIT_OK if found.verdict.allow else EXIT_FINDING
+
+
+def _explain_metadata(args: argparse.Namespace) -> dict[str, object] | None:
+    """--metadata FILE: what the recording holds, for the policy's sensitivity rules."""
+    from ..sensitivity import read_metadata
+
+    if args.metadata is None:
+        return None
+    try:
+        return dict(read_metadata(Path(args.metadata)))
+    except ValueError as exc:
+        raise UsageError(f"--metadata: {exc}") from None
 
 
 def _explain_body(args: argparse.Namespace) -> bytes | None:

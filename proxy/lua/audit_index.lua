@@ -2,7 +2,7 @@
 -- exactly the members that writing added. audit/store.py fills in the sequence width.
 local FIELDS = {
   {'user', 'user:'}, {'scope', 'scope:'}, {'recording', 'recording:'},
-  {'grant_id', 'grant:'}, {'event', 'event:'},
+  {'grant_id', 'grant:'}, {'event', 'event:'}, {'subject', 'subject:'},
 }
 
 local function member_of(id)

@@ -26,9 +26,11 @@ from ..errors import ConfigError, ConfigErrors
 from . import audit as auditsettings
 from . import forward as forwardsettings
 from . import identity as identitysettings
+from . import metadata as metadatasettings
 from .audit import AuditSettings
 from .forward import ForwardSettings
 from .identity import IdentitySettings
+from .metadata import MetadataSettings
 from .read import Reader, Secret, http_url, resolve, seconds
 from .yamlsrc import Node, load_file
 
@@ -175,6 +177,7 @@ class Settings:
     sweep_interval: float = 5.0  # how often expiries and lapses are written down
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
     forward_auth: ForwardAuthSettings = field(default_factory=ForwardAuthSettings)
+    metadata: MetadataSettings | None = None  # whose recording it is (proxy/metadata/)
 
 
 def _env_overrides(raw: Node, environ: Mapping[str, str]) -> dict[str, str]:
@@ -232,7 +235,7 @@ def validate(
         raw,
         {"listen", "upstream", "redis", "identity", "audit", "forward", "policy", "prefix"}
         | {"state_dir", "grant_max_ttl", "admins", "notifications", "sweep_interval"}
-        | {"forward_auth"},
+        | {"forward_auth", "metadata"},
         "",
     )
 
@@ -298,6 +301,9 @@ def validate(
 
     notifications = _notifications(r, r.section(raw, "notifications", "notifications"))
     forward_auth = _forward_auth(r, r.section(raw, "forward_auth", "forward_auth"))
+    meta = metadatasettings.metadata(
+        r, raw, r.section(raw, "metadata", "metadata"), base, audit.hmac_key
+    )
 
     settings = Settings(
         file=path,
@@ -316,6 +322,7 @@ def validate(
         sweep_interval=r.positive(raw, "sweep_interval", float, 5.0, "sweep_interval"),
         notifications=notifications,
         forward_auth=forward_auth,
+        metadata=meta,
     )
     if r.errors:
         raise ConfigErrors(r.errors)

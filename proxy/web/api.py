@@ -19,9 +19,11 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from ..audit import query as auditquery
+from ..audit import subjects
 from ..audit.store import AuditStore
 from ..grants import STATES, Grant
 from ..identity import Identity
+from ..settings import Settings
 from ..settings.read import parse_duration
 from ..state import app_state
 from ..workflow import WorkflowError
@@ -196,7 +198,7 @@ async def audit_query(request: web.Request, ident: Identity) -> tuple[Any, int]:
         raise WorkflowError(400, "bad_request", "format must be json, jsonl or csv")
     try:
         q = auditquery.parse(query.get, lambda name: query.getall(name, []))
-        page = await store.query(q)
+        page = await store.query(subjects.with_subject(q, subjects.form_for(_settings(request))))
         why = await store.grant_reasons(str(r["grant_id"]) for r in page.records if "grant_id" in r)
     except ValueError as exc:  # a bad filter or cursor
         raise WorkflowError(400, "bad_request", str(exc)) from None
@@ -211,6 +213,39 @@ async def audit_query(request: web.Request, ident: Identity) -> tuple[Any, int]:
     content_type = "text/csv" if fmt == "csv" else "application/x-ndjson"
     text = auditquery.render(page.records, fmt)
     return web.Response(text=text, content_type=content_type, headers=headers), 200
+
+
+@_api(changes_state=False)
+async def audit_subject(request: web.Request, ident: Identity) -> tuple[Any, int]:
+    """Who viewed one data subject's recordings, when, under which grant and why (a DSAR)."""
+    store = _audit_store(request, ident)
+    form = subjects.form_for(_settings(request))
+    if form is None:
+        raise WorkflowError(404, "not_found", "no metadata section: records name no data subject")
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise WorkflowError(400, "bad_request", "format must be json or csv")
+    given = request.match_info["subject"]
+    try:
+        since, until = (
+            auditquery.parse_time(t) if (t := request.query.get(k)) else None
+            for k in ("since", "until")
+        )
+        rep = await subjects.report(store, given, form.stored(given), since=since, until=until)
+    except ValueError as exc:
+        raise WorkflowError(400, "bad_request", str(exc)) from None
+    except RedisError as exc:
+        raise WorkflowError(503, "unavailable", f"audit store unavailable: {exc}") from None
+    if fmt == "json":
+        return rep, 200
+    text = subjects.render(rep, "csv")
+    disposition = 'attachment; filename="subject-access-report.csv"'
+    headers = {"Cache-Control": "no-store", "Content-Disposition": disposition}
+    return web.Response(text=text, content_type="text/csv", headers=headers), 200
+
+
+def _settings(request: web.Request) -> Settings:
+    return app_state(request).settings
 
 
 @_api(changes_state=False)
@@ -241,6 +276,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/grants/{grant_id}/{action}", act)
     app.router.add_get("/api/audit", audit_query)
     app.router.add_get("/api/audit/grants/{grant_id}/summary", audit_summary)
+    app.router.add_get("/api/audit/subjects/{subject}", audit_subject)
     app.router.add_get("/api/openapi.json", openapi)
 
 

@@ -8,6 +8,7 @@ itself with `format=csv` or `format=jsonl`.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -15,6 +16,7 @@ from yarl import URL
 
 from ..audit import query as auditquery
 from ..audit.store import AuditStore
+from ..audit.subjects import form_for, with_subject
 from ..identity import Identity
 from ..state import app_state
 from .accesspages import nav
@@ -53,7 +55,7 @@ async def audit_search(request: web.Request) -> web.Response:
     elif searched:
         try:
             q = auditquery.parse(query.get, lambda name: query.getall(name, []))
-            result = await store.query(q)
+            result = await store.query(with_subject(q, form_for(app_state(request).settings)))
             ids = (str(r["grant_id"]) for r in result.records if "grant_id" in r)
             auditquery.annotate(result.records, await store.grant_reasons(ids))
             records = result.records
@@ -69,6 +71,12 @@ async def audit_search(request: web.Request) -> web.Response:
         params = [(k, v) for k, v in query.items() if k not in ("cursor", "format")]
         base = URL(f"{prefix}/api/audit").with_query(params)
         exports = {fmt: str(base.update_query(format=fmt)) for fmt in ("csv", "jsonl")}
+        if form["subject"]:  # the report to hand over: who viewed this person's recordings
+            who = quote(form["subject"], safe="")
+            dsar = URL(f"{prefix}/api/audit/subjects/{who}", encoded=True)
+            times = [(k, form[k]) for k in ("since", "until") if form[k]]
+            for fmt in ("csv", "json"):
+                exports[f"dsar_{fmt}"] = str(dsar.with_query([*times, ("format", fmt)]))
     return page(
         request,
         "audit.html",
