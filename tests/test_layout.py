@@ -135,6 +135,7 @@ SERVICES = {
         "proxy.queryrules",
         "proxy.bodyrules",
         "proxy.listspec",
+        "proxy.refspec",
     ),
     "grants": ("proxy.grants", "proxy.grantstore", "proxy.grantview"),
     "audit": ("proxy.audit",),

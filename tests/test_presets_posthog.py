@@ -61,6 +61,13 @@ async def posthog(aiohttp_server: Any) -> FakePostHog:
 
         return handler
 
+    def answer_one(name: str, key: str, index: int) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            seen(request)
+            return web.json_response(fixture(name)[key][index])
+
+        return handler
+
     async def page(request: web.Request) -> web.Response:
         seen(request)  # a sharing viewer page would embed the shared recording
         return web.Response(text=f"<html>shared recording {REC}</html>", content_type="text/html")
@@ -86,6 +93,10 @@ async def posthog(aiohttp_server: Any) -> FakePostHog:
         )
         app.router.add_route("*", f"{base}/query", answer("recording_list.json"))
         app.router.add_route("*", f"{base}/exports", answer("sharing.json"))
+    app.router.add_get("/api/projects/{team}/comments", answer("comments.json"))
+    app.router.add_get(
+        "/api/projects/{team}/comments/{id}", answer_one("comments.json", "results", 0)
+    )
     for collector in ("/e/", "/s/", "/i/v0/e/", "/batch/", "/flags/", "/decide/"):
         app.router.add_route("*", collector, answer("capture_ok.json"))
     for viewer in ("/shared/{token}", "/embedded/{token}", "/exporter"):
@@ -104,6 +115,14 @@ async def grant(redis_url: str, scope: str, user: str = "alice") -> str:
     redis = Redis.from_url(redis_url)
     try:
         return (await RedisGrants(redis).add(user, scope, 600, "preset test", "test")).id
+    finally:
+        await redis.aclose()
+
+
+async def revoke(redis_url: str, grant_id: str) -> None:
+    redis = Redis.from_url(redis_url)
+    try:
+        await RedisGrants(redis).revoke(grant_id, "test")
     finally:
         await redis.aclose()
 
@@ -304,10 +323,32 @@ async def test_matching_events_needs_the_named_sessions_grant(
     twice = f'{base}?session_ids=["{REC}"]&session_ids=["0192ab-c2"]'
     assert (await gate.get(twice, headers=bearer())).status == 400
     assert (await gate.get(f"{base}?events=[]", headers=bearer())).status == 400
-    redis = Redis.from_url(redis_url)
-    try:
-        await RedisGrants(redis).revoke(grant_id, "test")
-    finally:
-        await redis.aclose()
+    await revoke(redis_url, grant_id)
     assert (await gate.get(mine, headers=bearer())).status == 403
     assert len(posthog.hits) == 1  # only the granted request reached PostHog
+
+
+async def test_comments_on_a_recording_are_locked_without_its_grant(
+    gate: TestClient, redis_url: str
+) -> None:
+    comments = fixture("comments.json")
+    on_recording, on_insight = comments["results"]
+    scope = f"recording:2/{REC}"
+    marker = {"locked": True, "scope": scope, "request_url": f"/_jit/request?scope={scope}"}
+    dropped = ("content", "rich_content", "item_context")  # what it says about the recording
+    locked = {k: v for k, v in on_recording.items() if k not in dropped}
+    locked["item_id"] = {"jitgate": marker}
+
+    async def get(path: str) -> Any:
+        resp = await gate.get(path, headers=bearer())
+        assert resp.status == 200
+        return await resp.json()
+
+    one = f"/api/projects/2/comments/{on_recording['id']}"
+    assert (await get("/api/projects/2/comments"))["results"] == [locked, on_insight]
+    assert await get(one) == locked
+    grant_id = await grant(redis_url, "project:2")
+    assert await get("/api/projects/2/comments") == comments
+    assert await get(one) == on_recording
+    await revoke(redis_url, grant_id)
+    assert (await get("/api/projects/2/comments"))["results"] == [locked, on_insight]
