@@ -267,12 +267,9 @@ async def test_collectors_are_public(gate: TestClient, posthog: FakePostHog) -> 
 
 
 def preset_tricks() -> list[tuple[str, int]]:
-    """The path-trick corpus, moved onto both PostHog URL families (the list left out:
-    it is identity-only under the preset)."""
+    """The path-trick corpus, moved onto both PostHog URL families."""
     out = []
     for target, status in TRICKS:
-        if target.rstrip("/").endswith("session_recordings"):
-            continue
         for fam in FAMILIES:
             out.append((target.replace("/projects/", f"/{fam}/").replace("demo-1", REC), status))
     return out
