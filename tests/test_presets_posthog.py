@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from test_path_tricks import TRICKS, raw_request
 
 from proxy.grantstore import RedisGrants
+from proxy.policyfile import compile_text
 
 FIXTURES = ROOT / "tests" / "fixtures" / "presets" / "posthog"
 FAMILIES = ("projects", "environments")
@@ -133,7 +134,7 @@ def content_paths(fam: str, rec: str = REC) -> list[str]:
         base,
         f"{base}/",
         f"{base}/snapshots",
-        f"{base}/snapshots?source=blob_v2&min_blob_key=0&max_blob_key=0",
+        f"{base}/snapshots?source=blob_v2&start_blob_key=0&end_blob_key=0",
     ]
 
 
@@ -165,7 +166,7 @@ async def test_one_grant_serves_both_url_families(
         assert await resp.json() == {**fixture("recording.json"), "id": REC}
         resp = await gate.get(f"{base}/snapshots", headers=bearer())
         assert await resp.json() == fixture("snapshot_sources.json")
-        resp = await gate.get(f"{base}/snapshots?source=blob_v2&min_blob_key=0", headers=bearer())
+        resp = await gate.get(f"{base}/snapshots?source=blob_v2&blob_key=0", headers=bearer())
         assert resp.status == 200
         lines = (await resp.text()).splitlines()
         assert [json.loads(line)[1]["type"] for line in lines] == [4, 2, 3]
@@ -349,3 +350,76 @@ async def test_comments_on_a_recording_are_locked_without_its_grant(
     assert await get(one) == on_recording
     await revoke(redis_url, grant_id)
     assert (await get("/api/projects/2/comments"))["results"] == [locked, on_insight]
+
+
+# --- the query API: decided on the body's kind -----------------------------------------
+
+# The kinds that reach recording data (PostHog's NodeKind, frontend/src/queries/schema/
+# schema-general.ts), each blocked by a named route, and kinds the table does not name.
+RECORDING_KINDS = {
+    "HogQLQuery": {"query": "select * from session_replay_events"},
+    "HogQLASTQuery": {"query": {}},
+    "HogQuery": {"code": "return 1"},
+    "SessionsTimelineQuery": {"after": "-24h"},
+    "RecordingsQuery": {"date_from": "-3d"},
+    "SessionBatchEventsQuery": {"session_ids": [REC]},
+    "EventsQuery": {"select": ["*"], "where": [f"$session_id = '{REC}'"]},
+}
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+async def test_query_kinds_with_recording_data_are_blocked(
+    gate: TestClient, posthog: FakePostHog, redis_url: str, fam: str
+) -> None:
+    await grant(redis_url, "project:2")
+    suffix = "-env" if fam == "environments" else ""
+    for kind, rest in RECORDING_KINDS.items():
+        body = {"query": {"kind": kind, **rest}}
+        resp = await gate.post(f"/api/{fam}/2/query", json=body, headers=bearer())
+        assert resp.status == 403 and (await resp.json())["error"] == "blocked", kind
+    for kind in ("TrendsQuery", "SomeNewQuery"):  # not named: blocked by default
+        resp = await gate.post(
+            f"/api/{fam}/2/query", json={"query": {"kind": kind}}, headers=bearer()
+        )
+        assert resp.status == 403, kind
+    resp = await gate.post(f"/api/{fam}/2/query", data=b"{not json", headers=bearer())
+    assert resp.status == 400
+    assert posthog.hits == []
+    policy = compile_text("preset: posthog\n", "p.yaml")
+    for kind in RECORDING_KINDS:
+        match = policy.match_body(
+            policy.match("POST", f"/api/{fam}/2/query"),
+            json.dumps({"query": {"kind": kind}}).encode(),
+        )
+        assert match.route.startswith("posthog.query-") and match.route.endswith(suffix), kind
+        assert match.note is None, kind  # blocked by its own route, which says why
+
+
+async def test_a_reviewed_kind_is_opened_by_an_own_route(
+    make_proxy: ProxyFactory, posthog: FakePostHog
+) -> None:
+    text = (
+        "preset: posthog\nroutes:\n  - id: trends\n    methods: [POST]\n"
+        "    path: /api/projects/{project}/query\n"
+        "    body: {json: {query.kind: TrendsQuery}}\n    access: identity\n"
+    )
+    gate = await make_proxy(upstream_url=posthog.url, policy_text=text)
+    trends = {"query": {"kind": "TrendsQuery", "series": []}}
+    resp = await gate.post("/api/projects/2/query", json=trends, headers=bearer())
+    assert resp.status == 200
+    hogql = {"query": {"kind": "HogQLQuery", "query": "select 1"}}
+    resp = await gate.post("/api/projects/2/query", json=hogql, headers=bearer())
+    assert resp.status == 403
+    assert posthog.hits == [("POST", "/api/projects/2/query")]
+
+
+def test_snapshot_lines_are_posthogs_blob_v2_lines() -> None:
+    """Each line of a blob_v2 answer is `[window_id, event]`, which PostHog's player turns
+    into {windowId, data: [event]} (processSnapshotLine in snapshot-parsing-utils.ts)."""
+    lines = (FIXTURES / "snapshot_block.jsonl").read_text().splitlines()
+    assert lines
+    for line in lines:
+        window_id, event = json.loads(line)
+        assert isinstance(window_id, str) and window_id
+        assert isinstance(event["type"], int) and isinstance(event["timestamp"], int)
+        assert isinstance(event["data"], dict)
