@@ -23,6 +23,7 @@ from .lists import LIST_DROP_HEADERS, LIST_REQUEST_HEADERS, ListRewrite
 from .live import LiveConnections
 from .metrics import Metrics
 from .paths import normalise, split_target
+from .rewrites import Rewrites
 from .settings import ForwardSettings
 from .settings.identity import IdentitySettings
 from .state import State
@@ -125,7 +126,8 @@ class Gate:
                 )
         set_headers, listed = self.vouch.headers(decision), None
         if decision.identity is not None and request.method in ("GET", "POST"):
-            listed = self._listed(authorizer, request.method, path, decision.identity.subject)
+            subject, body = decision.identity.subject, held[0] if held else None
+            listed = self._listed(authorizer, request.method, path, query, body, subject)
             if listed is not None:  # a list to rewrite: asked for whole, uncompressed JSON
                 set_headers = {**(set_headers or {}), **LIST_REQUEST_HEADERS}
         try:
@@ -137,7 +139,7 @@ class Gate:
                 drop_cookies=self.drop_cookies,
                 set_headers=set_headers,
                 stop=stop,
-                rewrite=bar or listed,
+                rewrite=Rewrites.of(bar, listed),
                 hygiene=self.hygiene,
                 body=held[0] if held else None,
             )
@@ -173,21 +175,33 @@ class Gate:
                 raise asyncio.CancelledError
 
     def _listed(
-        self, authorizer: Authorizer, method: str, path: str, user: str
+        self,
+        authorizer: Authorizer,
+        method: str,
+        path: str,
+        query: str,
+        body: bytes | None,
+        user: str,
     ) -> ListRewrite | None:
-        """The rewrite of a list route's response under `lists: annotate | filter` (lists.py)."""
+        """The rewrite of a response with a list (`lists:`) or references (`refs:`) to check."""
         policy = authorizer.policy
-        match = policy.match(method, path)  # the decision's own, from the same policy
-        if policy.lists == "pass" or match.listing is None:
+        match = policy.match(method, path, query)  # the decision's own, from the same policy
+        if match.body and body is not None:
+            match = policy.match_body(match, body)  # decided on the body: its route
+        listing = match.listing if policy.lists != "pass" else None
+        if listing is None and not match.refs:
             return None
-        counter = self.metrics.lists
+        lists, refs = self.metrics.lists, self.metrics.refs
 
         def count(outcome: str) -> None:
-            counter.labels(match.route, outcome).inc()
+            lists.labels(match.route, outcome).inc()
+
+        def count_refs(outcome: str) -> None:
+            refs.labels(match.route, outcome).inc()
 
         return ListRewrite(
             policy.lists,
-            match.listing,
+            listing,
             dict(match.params),
             policy,
             authorizer.grants,
@@ -195,6 +209,8 @@ class Gate:
             self.prefix,
             count,
             match.route,
+            match.refs,
+            count_refs,
         )
 
     def _bad_request(

@@ -21,6 +21,9 @@ JSON answers are rewritten; gzip and deflate bodies are decoded (the request ask
 upstream for `identity` anyway) and the rewritten list is sent uncompressed with its own
 Content-Length. Anything else passes unchanged and is counted: a malformed or differently
 shaped body (`malformed`, `shape`) or another encoding (`encoded`).
+
+A route's `refs:` (refs.py) are checked by the same rewrite: the response is parsed once
+and its list's ids and its references are looked up in one batch.
 """
 
 from __future__ import annotations
@@ -35,13 +38,13 @@ from typing import Any
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
-from .policy import Listing, Policy
+from . import refs as references
+from .policy import Listing, Policy, Ref
 
 log = logging.getLogger("jitgate.lists")
 
 _INLINE_MAX = 256 * 1024  # larger bodies are parsed in a worker thread
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-_BAD_ID = frozenset("/{}")
 # What a list request asks of the upstream, and the client headers it does not pass on: a
 # part of a list, or a 304 for a list cached before a grant changed, would pass unchecked.
 LIST_REQUEST_HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
@@ -53,12 +56,16 @@ Count = Callable[[str], None]  # counts one outcome
 
 
 class ListRewrite:
-    """One list response's rewrite (forward.AsyncBodyRewrite), for one caller."""
+    """One list or references response's rewrite (forward.AsyncBodyRewrite), for one caller.
+
+    `listing` is None when only the route's `refs` are checked; `count` and `count_refs`
+    count what was done to each (the metrics' outcome label).
+    """
 
     def __init__(
         self,
         mode: str,
-        listing: Listing,
+        listing: Listing | None,
         params: Mapping[str, str],
         policy: Policy,
         grants: Checker,
@@ -66,6 +73,8 @@ class ListRewrite:
         prefix: str,
         count: Count,
         route: str,
+        refs: tuple[Ref, ...] = (),
+        count_refs: Count = lambda outcome: None,
     ) -> None:
         self.mode = mode
         self.listing = listing
@@ -76,6 +85,8 @@ class ListRewrite:
         self.prefix = prefix
         self.count = count
         self.route = route
+        self.refs = refs
+        self.count_refs = count_refs
         self.limit = policy.list_max_bytes
         self.note: str | None = None  # what was done, for the request's audit reasons
 
@@ -85,9 +96,13 @@ class ListRewrite:
 
     def fell_back(self, why: str) -> None:
         """The body was not rewritten and went on as it came (over the cap)."""
-        log.warning("list on route %s passed unchanged: %s", self.route, why)
-        self.note = f"list passed unchanged: {why}"
-        self.count(why)
+        what = "list" if self.listing is not None else "references"
+        log.warning("%s on route %s passed unchanged: %s", what, self.route, why)
+        self.note = f"{what} passed unchanged: {why}"
+        if self.listing is not None:
+            self.count(why)
+        if self.refs:
+            self.count_refs(why)
 
     async def rewrite(
         self, headers: CIMultiDict[str], body: bytes
@@ -107,29 +122,16 @@ class ListRewrite:
             if len(body) > self.limit or decoder.unconsumed_tail:
                 self.fell_back("over_cap")
                 return None
+        path = self.listing.items if self.listing is not None else None
         if len(body) > _INLINE_MAX:
-            parsed = await asyncio.to_thread(_parse, body, self.listing.items)
+            parsed = await asyncio.to_thread(_parse, body, path)
         else:
-            parsed = _parse(body, self.listing.items)
-        if isinstance(parsed, str):
-            self.fell_back(parsed)
+            parsed = _parse(body, path)
+        if isinstance(parsed, str) or (parsed[1] is None and not self.refs):
+            self.fell_back(parsed if isinstance(parsed, str) else "shape")
             return None
         doc, items = parsed
-        scopes = [self._scope(item) for item in items]
-        try:
-            held = await self._check([s for s in scopes if s is not None])
-        except Exception as exc:  # fail closed: nothing is shown as open while in doubt
-            log.warning(
-                "grants of a list on route %s not checked (%r): all removed", self.route, exc
-            )
-            self.note = f"list emptied: grants not checked ({type(exc).__name__})"
-            items.clear()
-            self.count("unavailable")
-        else:
-            total = len(items)
-            locked = self._apply(items, scopes, held)
-            self.note = f"list {self.mode}: {locked} of {total} locked"
-            self.count(self.mode)
+        await self._change(doc, items)
         if len(body) > _INLINE_MAX:
             out = await asyncio.to_thread(_dump, doc)
         else:
@@ -139,15 +141,47 @@ class ListRewrite:
         new["Cache-Control"] = "no-store"  # what it shows changes with the caller's grants
         return new, out
 
+    async def _change(self, doc: Any, items: list[Any] | None) -> None:
+        """Lock, in place, the list's items and the references the caller holds no grant for."""
+        sites = references.find(doc, self.refs, self.params, self.policy, self.prefix)
+        scopes = [self._scope(item) for item in items] if items is not None else []
+        notes = []
+        try:
+            wanted = scopes + [site.scope for site in sites]
+            held = await self._check([s for s in wanted if s is not None])
+        except Exception as exc:  # fail closed: nothing is shown as open while in doubt
+            log.warning("grants on route %s not checked (%r): all removed", self.route, exc)
+            why = f"grants not checked ({type(exc).__name__})"
+            if items is not None:
+                items.clear()
+                notes.append(f"list emptied: {why}")
+                self.count("unavailable")
+            if sites:
+                references.apply(sites, None, self._marker)
+                notes.append(f"references removed: {why}")
+            if self.refs:
+                self.count_refs("unavailable")
+        else:
+            if items is not None:
+                total = len(items)
+                locked = self._apply(items, scopes, held)
+                notes.append(f"list {self.mode}: {locked} of {total} locked")
+                self.count(self.mode)
+            elif self.listing is not None:
+                notes.append("list passed unchanged: shape")
+                self.count("shape")
+            if self.refs:
+                locked = references.apply(sites, held, self._marker)
+                notes.append(f"references: {locked} of {len(sites)} locked")
+                self.count_refs("checked")
+        self.note = "; ".join(notes) or None
+
     def _scope(self, item: object) -> str | None:
+        assert self.listing is not None
         if not isinstance(item, dict):
             return None
         value = item.get(self.listing.id)
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str) or not value or not _BAD_ID.isdisjoint(value):
-            return None
-        return self.listing.scope.format_map({**self.params, self.listing.var: value})
+        return references.id_scope(value, self.listing.scope, self.listing.var, self.params)
 
     async def _check(self, scopes: list[str]) -> dict[str, bool]:
         """Whether a grant covers each scope: one batched lookup for all of them."""
@@ -183,18 +217,18 @@ class ListRewrite:
         return {"locked": True, "scope": scope, "request_url": str(url)}
 
 
-def _parse(body: bytes, path: tuple[str, ...]) -> tuple[Any, list[Any]] | str:
-    """Return the document and its list of items, or why it cannot be rewritten."""
+def _parse(body: bytes, path: tuple[str, ...] | None) -> tuple[Any, list[Any] | None] | str:
+    """Return the document and its list of items (None: no list or not there), or why not."""
     try:
         doc = json.loads(body)
     except ValueError:  # UnicodeDecodeError included
         return "malformed"
     node = doc
-    for key in path:
+    for key in path or ():
         if not isinstance(node, dict) or key not in node:
-            return "shape"
+            return doc, None
         node = node[key]
-    return (doc, node) if isinstance(node, list) else "shape"
+    return (doc, node) if path is not None and isinstance(node, list) else (doc, None)
 
 
 def _dump(doc: Any) -> bytes:

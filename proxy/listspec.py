@@ -1,13 +1,16 @@
 """Compiling the policy's list settings: a route's `list:` and the top-level `lists:` mode.
 
-Called by the policy compiler (policyfile.py); what they mean is in lists.py.
+Called by the policy compiler (policyfile.py); what they mean is in lists.py. A route's
+`refs:` (refspec.py) is compiled alongside its `list:`: both say what in its response
+is checked against the caller's grants.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
+from . import refspec
 from .errors import ConfigError, ConfigErrors
 from .policy import SCOPE_PARAM, Access, Listing, Policy
 from .settings.yamlsrc import Node, Seq
@@ -21,6 +24,15 @@ class Compiler(Protocol):
     def err(self, node: Node | Seq, key: str | int, where: str, message: str) -> None: ...
 
     def unknown(self, node: Node, where: str, known: tuple[str, ...]) -> None: ...
+
+
+def response(
+    c: Compiler, item: Node, where: str, params: set[str], access: Access
+) -> dict[str, Any]:
+    """A route's `list:` and `refs:`, as the Route fields `listing` and `refs`."""
+    found = listing(c, item, where, params, access) if "list" in item else None
+    refs = refspec.refs(c, item, where, params, access) if "refs" in item else ()
+    return {"listing": found, "refs": refs}
 
 
 def listing(

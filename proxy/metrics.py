@@ -92,6 +92,10 @@ class Metrics:
             "jitgate_list_responses", "List responses by what was done (lists.py).",
             ["route", "outcome"], registry=r,
         )  # fmt: skip
+        self.refs = Counter(
+            "jitgate_ref_responses", "Responses whose references were checked (refs.py).",
+            ["route", "outcome"], registry=r,
+        )  # fmt: skip
         self.upstream_errors = Counter(
             "jitgate_upstream_errors", "Upstream failures by kind.", ["kind"], registry=r
         )

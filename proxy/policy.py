@@ -41,7 +41,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import bodyrules
 from .bodyrules import BodyRule
@@ -70,11 +70,12 @@ class Match:
     scopes: tuple[str, ...] = ()  # that scope and every scope that covers it, narrowest first
     preset: str | None = None  # the preset the route came from, e.g. posthog
     listing: Listing | None = None  # a list of recordings (lists.py), with `params`
-    params: tuple[tuple[str, str], ...] = ()  # the path's parameters, for `listing` only
+    params: tuple[tuple[str, str], ...] = ()  # the path's values, for `listing` and `refs` only
     invalid: str | None = None  # why the request cannot be decided (refused, 400)
     # Routes with `body:` for this path, with their path values: the body decides (below).
     body: tuple[tuple[Route, tuple[tuple[str, str], ...]], ...] = ()
     note: str | None = None  # why a blocked request is blocked, when not by its route
+    refs: tuple[Ref, ...] = ()  # response fields that point at recordings (refs.py)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,25 @@ class Listing:
 
 
 @dataclass(frozen=True)
+class Ref:
+    """A response field that points at a recording, checked against the caller's grants (refs.py).
+
+    `at` is the key path to the field, where `*` steps into every element of an array.
+    With `scope` (a template of the route's path values and one more, `var`) the field holds
+    a recording id; without, it holds a URL, whose path the policy's own routes decide.
+    `when` names sibling fields that must hold these strings for the field to count; `drop`
+    names sibling fields removed together with a locked reference.
+    """
+
+    at: tuple[str, ...]
+    scope: str | None = None
+    var: str | None = None
+    when: tuple[tuple[str, str], ...] = ()
+    drop: tuple[str, ...] = ()
+    remove: bool = False  # a locked reference is removed (else replaced with a marker)
+
+
+@dataclass(frozen=True)
 class Route:
     id: str
     methods: frozenset[str] | None
@@ -104,6 +124,7 @@ class Route:
     query: tuple[QueryBind, ...] = ()  # scope variables bound from query parameters
     body: BodyRule | None = None  # the JSON or GraphQL body rule that must match too
     listing: Listing | None = None
+    refs: tuple[Ref, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -249,13 +270,11 @@ class Policy:
                 continue
             if route.body is not None:
                 return self._body_candidates(method, path, candidates[i:]), False
-            if route.listing is not None and route.access is not Access.PROTECTED:
-                params = tuple(m.groupdict().items())
-                found = Match(route.id, route.access, None, (), route.preset, route.listing, params)
-                return found, False
-            if route.scope is None:
-                return Match(route.id, route.access, preset=route.preset), False
             values = m.groupdict()
+            # What a list or reference check of the response needs (lists.py, refs.py).
+            shown = _shown(route, values)
+            if route.scope is None:
+                return Match(route.id, route.access, preset=route.preset, **shown), False
             if route.query:
                 try:
                     values.update(bind(query, route.query))
@@ -263,7 +282,8 @@ class Policy:
                     bad = Match(route.id, route.access, preset=route.preset, invalid=str(exc))
                     return bad, True
             scope = route.scope.format_map(values)
-            found = Match(route.id, route.access, scope, self.covering(scope), route.preset)
+            wider = self.covering(scope)
+            found = Match(route.id, route.access, scope, wider, route.preset, **shown)
             return found, bool(route.query)
         return Match("_default", self.default), False
 
@@ -285,15 +305,18 @@ class Policy:
         graphql = any(r.body is not None and r.body.kind == "graphql" for r, _ in match.body)
         try:
             parsed = bodyrules.parse(body, graphql)
-            for route, values in match.body:
+            for route, found in match.body:
                 assert route.body is not None
                 bound = bodyrules.match(route.body, parsed)
                 if bound is None:
                     continue
+                values = {**dict(found), **bound}
+                shown = _shown(route, values)
                 if route.scope is None:
-                    return Match(route.id, route.access, preset=route.preset)
-                scope = route.scope.format_map({**dict(values), **bound})
-                return Match(route.id, route.access, scope, self.covering(scope), route.preset)
+                    return Match(route.id, route.access, preset=route.preset, **shown)
+                scope = route.scope.format_map(values)
+                wider = self.covering(scope)
+                return Match(route.id, route.access, scope, wider, route.preset, **shown)
         except bodyrules.BadBody as exc:
             return Match(head.id, Access.BLOCKED, preset=head.preset, invalid=str(exc))
         what = f"operation {parsed.operation!r}" if parsed.operation else "this body"
@@ -353,6 +376,14 @@ class Policy:
 
     def entitlement(self, entitlement_id: str) -> Entitlement | None:
         return next((ent for ent in self.entitlements if ent.id == entitlement_id), None)
+
+
+def _shown(route: Route, values: dict[str, str]) -> dict[str, Any]:
+    """A Match's `listing`, `refs` and `params`, for a route whose response is checked."""
+    if route.listing is None and not route.refs:
+        return {}
+    listing = route.listing if route.access is not Access.PROTECTED else None
+    return {"listing": listing, "refs": route.refs, "params": tuple(values.items())}
 
 
 MATCH_CACHE = 4096  # recent (method, path) pairs whose Match a policy keeps

@@ -175,7 +175,7 @@ class _Compiler:
 
     def _route(self, item: Node, where: str) -> Route | None:
         known: tuple[str, ...] = ("id", "methods", "path", "subpaths", "access", "scope")
-        known += ("description", "query", "body", "list")
+        known += ("description", "query", "body", "list", "refs")
         self.unknown(item, where, known)
         rid = item.get("id")
         if not isinstance(rid, str) or not _ID.fullmatch(rid):
@@ -216,11 +216,9 @@ class _Compiler:
         first = (
             segments[0].lower() if path != "/" and not SCOPE_PARAM.fullmatch(segments[0]) else None
         )
-        listing = listspec.listing(self, item, where, params, access) if "list" in item else None
+        shown = listspec.response(self, item, where, params, access)  # list: and refs:
         scope = scope if isinstance(scope, str) else None
-        return Route(
-            rid, methods, regex, access, scope, first, query=query, body=body, listing=listing
-        )
+        return Route(rid, methods, regex, access, scope, first, query=query, body=body, **shown)
 
     def _methods(self, item: Node, where: str) -> frozenset[str] | None:
         value = item.get("methods")

@@ -239,7 +239,9 @@ async def test_index_lists_recordings(client: TestClient[Any, Any]) -> None:
     assert "Demo Replay" in page
     for rec in RECORDINGS:
         assert f'href="/replay/{rec}"' in page
+        assert f'<tr data-recording="{rec}">' in page  # list.js marks locked rows by id
     assert "eleanor.vance@example.com" in page
+    assert f'<script src="/static/list.js" data-list="{API}"></script>' in page
 
 
 async def test_replay_page_uses_vendored_player(client: TestClient[Any, Any]) -> None:

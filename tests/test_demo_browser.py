@@ -119,3 +119,56 @@ def test_the_whole_loop_in_a_browser_against_the_demo(tmp_path: Path) -> None:
                 _shot(alice, "6-history")
             finally:
                 browser.close()
+
+
+def test_the_list_shows_locks_until_a_grant() -> None:
+    """With the demo policy's `lists: annotate`, the list page marks what alice may not open:
+    a lock and a link to request access, gone while she holds a grant and back after its
+    revocation."""
+    sync_playwright = need_browser()
+    with running_demo() as (base, env):
+        token = cli(env, "token", "mint", "--sub", "alice", "--groups", "eng")
+        with sync_playwright() as pw:
+            browser = launch(pw)
+            try:
+                page = browser.new_context().new_page()
+                page.goto(f"{base}/")
+                page.click("text=Sign in")
+                _sign_in(page, token, f"{base}/")
+
+                def locks() -> dict[str, bool]:
+                    page.goto(f"{base}/")
+                    page.wait_for_selector("body[data-list-checked]")
+                    rows = page.locator("tr[data-recording]")
+                    return {
+                        rows.nth(i).get_attribute("data-recording") or "": (
+                            rows.nth(i).locator(".lock").count() == 1
+                        )
+                        for i in range(rows.count())
+                    }
+
+                locked = locks()
+                assert len(locked) >= 2 and all(locked.values()), locked
+                row = page.locator("tr[data-recording='demo-1']")
+                link = row.locator("a.request")
+                assert link.inner_text() == "Request access"
+                assert link.get_attribute("href") == "/_jit/request?scope=recording:1/demo-1"
+                _shot(page, "list-locked")
+
+                grant_id = cli(
+                    env, "grants", "add", "--user", "alice", "--scope", "recording:1/demo-1",
+                    "--ttl", "5m", "--reason", "ticket 42",
+                )  # fmt: skip
+                opened = locks()
+                assert opened == {**locked, "demo-1": False}
+                assert page.locator("tr[data-recording='demo-1'] a.request").count() == 0
+                _shot(page, "list-granted")
+
+                cli(env, "grants", "revoke", grant_id)
+                assert locks() == locked
+                # The link leads to jitgate's request page for that recording.
+                page.click("tr[data-recording='demo-1'] a.request")
+                page.wait_for_url(re.compile(r".*/_jit/request\?scope=recording:1/demo-1"))
+                assert "recording:1/demo-1" in page.inner_text("main")
+            finally:
+                browser.close()

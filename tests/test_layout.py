@@ -136,6 +136,7 @@ SERVICES = {
         "proxy.bodyrules",
         "proxy.listspec",
         "proxy.sensitivity",
+        "proxy.refspec",
     ),
     "grants": ("proxy.grants", "proxy.grantstore", "proxy.grantview"),
     "audit": ("proxy.audit",),

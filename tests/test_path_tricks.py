@@ -57,19 +57,14 @@ TRICKS = [
     ("/api/projects/1/session_recordings/%64emo-1/snapshots", 403),
     ("/api/projects/1/session_recordings/demo-1/snapshots?x=/../../replay", 403),  # query
     ("/api/projects/1/session_recordings/demo-1/", 403),  # trailing slash
-    ("/api/projects/1/session_recordings/", 403),  # the list
-    ("/api/projects/1/session_recordings", 403),
 ]
 
 
 def tricks_on(project: str, collection: str, recording: str) -> list[tuple[str, int]]:
     """The corpus moved onto another tool's recording route: `projects/1/` becomes
-    `project`, `session_recordings` becomes `collection` and `demo-1` becomes `recording`
-    (the list's own tricks are left out: a list is not a recording)."""
+    `project`, `session_recordings` becomes `collection` and `demo-1` becomes `recording`."""
     out = []
     for target, status in TRICKS:
-        if target.rstrip("/").endswith("session_recordings"):
-            continue
         moved = re.sub("(?i)projects/1/+", project, target)
         moved = re.sub("(?i)session_recordings", collection, moved).replace("demo-1", recording)
         out.append((moved, status))

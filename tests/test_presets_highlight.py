@@ -154,6 +154,39 @@ async def test_lists_are_identity_only(gate: TestClient, highlight: FakeHighligh
     assert highlight.bodies == [("/private", body)]
 
 
+@pytest.mark.parametrize("mode", ["annotate", "filter"])
+async def test_the_sessions_list_shows_what_the_caller_may_open(
+    make_proxy: ProxyFactory, highlight: FakeHighlight, grants: RedisGrants, mode: str
+) -> None:
+    text = f"preset: highlight\nlists: {mode}\n"
+    gate = await make_proxy(upstream_url=highlight.url, policy_text=text)
+    body = gql("GetSessions", GET_SESSIONS, project_id="1", count=10, sort_desc=True, page=1,
+               params={"query": "", "date_range": None})  # fmt: skip
+    sessions = fixture("sessions.json")["data"]["sessions"]
+
+    async def listed() -> list[Any]:
+        ok = await post(gate, "/private", body)
+        assert ok.status == 200
+        got = (await ok.json())["data"]["sessions"]
+        assert got["totalCount"] == sessions["totalCount"]  # the rest of the answer stays
+        return list(got["sessions"])
+
+    def locked(session: dict[str, Any]) -> dict[str, Any]:
+        scope = f"session:{session['secure_id']}"
+        url = f"/_jit/request?scope={scope}"
+        return {**session, "jitgate": {"locked": True, "scope": scope, "request_url": url}}
+
+    first, second = sessions["sessions"]
+    closed = [locked(first), locked(second)] if mode == "annotate" else []
+    assert await listed() == closed
+    grant = await grants.add("alice", f"session:{second['secure_id']}", 600, "test", "test")
+    opened = [locked(first), second] if mode == "annotate" else [second]
+    assert await listed() == opened
+    await grants.revoke(grant.id, "test")
+    assert await listed() == closed
+    assert all(sent == ("/private", body) for sent in highlight.bodies)  # forwarded as sent
+
+
 async def test_unknown_share_and_export_operations_are_blocked(
     gate: TestClient, highlight: FakeHighlight, grants: RedisGrants
 ) -> None:

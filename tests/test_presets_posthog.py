@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from test_path_tricks import TRICKS, raw_request
 
 from proxy.grantstore import RedisGrants
+from proxy.policyfile import compile_text
 
 FIXTURES = ROOT / "tests" / "fixtures" / "presets" / "posthog"
 FAMILIES = ("projects", "environments")
@@ -61,6 +62,13 @@ async def posthog(aiohttp_server: Any) -> FakePostHog:
 
         return handler
 
+    def answer_one(name: str, key: str, index: int) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            seen(request)
+            return web.json_response(fixture(name)[key][index])
+
+        return handler
+
     async def page(request: web.Request) -> web.Response:
         seen(request)  # a sharing viewer page would embed the shared recording
         return web.Response(text=f"<html>shared recording {REC}</html>", content_type="text/html")
@@ -86,6 +94,10 @@ async def posthog(aiohttp_server: Any) -> FakePostHog:
         )
         app.router.add_route("*", f"{base}/query", answer("recording_list.json"))
         app.router.add_route("*", f"{base}/exports", answer("sharing.json"))
+    app.router.add_get("/api/projects/{team}/comments", answer("comments.json"))
+    app.router.add_get(
+        "/api/projects/{team}/comments/{id}", answer_one("comments.json", "results", 0)
+    )
     for collector in ("/e/", "/s/", "/i/v0/e/", "/batch/", "/flags/", "/decide/"):
         app.router.add_route("*", collector, answer("capture_ok.json"))
     for viewer in ("/shared/{token}", "/embedded/{token}", "/exporter"):
@@ -108,13 +120,21 @@ async def grant(redis_url: str, scope: str, user: str = "alice") -> str:
         await redis.aclose()
 
 
+async def revoke(redis_url: str, grant_id: str) -> None:
+    redis = Redis.from_url(redis_url)
+    try:
+        await RedisGrants(redis).revoke(grant_id, "test")
+    finally:
+        await redis.aclose()
+
+
 def content_paths(fam: str, rec: str = REC) -> list[str]:
     base = f"/api/{fam}/2/session_recordings/{rec}"
     return [
         base,
         f"{base}/",
         f"{base}/snapshots",
-        f"{base}/snapshots?source=blob_v2&min_blob_key=0&max_blob_key=0",
+        f"{base}/snapshots?source=blob_v2&start_blob_key=0&end_blob_key=0",
     ]
 
 
@@ -146,7 +166,7 @@ async def test_one_grant_serves_both_url_families(
         assert await resp.json() == {**fixture("recording.json"), "id": REC}
         resp = await gate.get(f"{base}/snapshots", headers=bearer())
         assert await resp.json() == fixture("snapshot_sources.json")
-        resp = await gate.get(f"{base}/snapshots?source=blob_v2&min_blob_key=0", headers=bearer())
+        resp = await gate.get(f"{base}/snapshots?source=blob_v2&blob_key=0", headers=bearer())
         assert resp.status == 200
         lines = (await resp.text()).splitlines()
         assert [json.loads(line)[1]["type"] for line in lines] == [4, 2, 3]
@@ -248,12 +268,9 @@ async def test_collectors_are_public(gate: TestClient, posthog: FakePostHog) -> 
 
 
 def preset_tricks() -> list[tuple[str, int]]:
-    """The path-trick corpus, moved onto both PostHog URL families (the list left out:
-    it is identity-only under the preset)."""
+    """The path-trick corpus, moved onto both PostHog URL families."""
     out = []
     for target, status in TRICKS:
-        if target.rstrip("/").endswith("session_recordings"):
-            continue
         for fam in FAMILIES:
             out.append((target.replace("/projects/", f"/{fam}/").replace("demo-1", REC), status))
     return out
@@ -304,10 +321,105 @@ async def test_matching_events_needs_the_named_sessions_grant(
     twice = f'{base}?session_ids=["{REC}"]&session_ids=["0192ab-c2"]'
     assert (await gate.get(twice, headers=bearer())).status == 400
     assert (await gate.get(f"{base}?events=[]", headers=bearer())).status == 400
-    redis = Redis.from_url(redis_url)
-    try:
-        await RedisGrants(redis).revoke(grant_id, "test")
-    finally:
-        await redis.aclose()
+    await revoke(redis_url, grant_id)
     assert (await gate.get(mine, headers=bearer())).status == 403
     assert len(posthog.hits) == 1  # only the granted request reached PostHog
+
+
+async def test_comments_on_a_recording_are_locked_without_its_grant(
+    gate: TestClient, redis_url: str
+) -> None:
+    comments = fixture("comments.json")
+    on_recording, on_insight = comments["results"]
+    scope = f"recording:2/{REC}"
+    marker = {"locked": True, "scope": scope, "request_url": f"/_jit/request?scope={scope}"}
+    dropped = ("content", "rich_content", "item_context")  # what it says about the recording
+    locked = {k: v for k, v in on_recording.items() if k not in dropped}
+    locked["item_id"] = {"jitgate": marker}
+
+    async def get(path: str) -> Any:
+        resp = await gate.get(path, headers=bearer())
+        assert resp.status == 200
+        return await resp.json()
+
+    one = f"/api/projects/2/comments/{on_recording['id']}"
+    assert (await get("/api/projects/2/comments"))["results"] == [locked, on_insight]
+    assert await get(one) == locked
+    grant_id = await grant(redis_url, "project:2")
+    assert await get("/api/projects/2/comments") == comments
+    assert await get(one) == on_recording
+    await revoke(redis_url, grant_id)
+    assert (await get("/api/projects/2/comments"))["results"] == [locked, on_insight]
+
+
+# --- the query API: decided on the body's kind -----------------------------------------
+
+# The kinds that reach recording data (PostHog's NodeKind, frontend/src/queries/schema/
+# schema-general.ts), each blocked by a named route, and kinds the table does not name.
+RECORDING_KINDS = {
+    "HogQLQuery": {"query": "select * from session_replay_events"},
+    "HogQLASTQuery": {"query": {}},
+    "HogQuery": {"code": "return 1"},
+    "SessionsTimelineQuery": {"after": "-24h"},
+    "RecordingsQuery": {"date_from": "-3d"},
+    "SessionBatchEventsQuery": {"session_ids": [REC]},
+    "EventsQuery": {"select": ["*"], "where": [f"$session_id = '{REC}'"]},
+}
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+async def test_query_kinds_with_recording_data_are_blocked(
+    gate: TestClient, posthog: FakePostHog, redis_url: str, fam: str
+) -> None:
+    await grant(redis_url, "project:2")
+    suffix = "-env" if fam == "environments" else ""
+    for kind, rest in RECORDING_KINDS.items():
+        body = {"query": {"kind": kind, **rest}}
+        resp = await gate.post(f"/api/{fam}/2/query", json=body, headers=bearer())
+        assert resp.status == 403 and (await resp.json())["error"] == "blocked", kind
+    for kind in ("TrendsQuery", "SomeNewQuery"):  # not named: blocked by default
+        resp = await gate.post(
+            f"/api/{fam}/2/query", json={"query": {"kind": kind}}, headers=bearer()
+        )
+        assert resp.status == 403, kind
+    resp = await gate.post(f"/api/{fam}/2/query", data=b"{not json", headers=bearer())
+    assert resp.status == 400
+    assert posthog.hits == []
+    policy = compile_text("preset: posthog\n", "p.yaml")
+    for kind in RECORDING_KINDS:
+        match = policy.match_body(
+            policy.match("POST", f"/api/{fam}/2/query"),
+            json.dumps({"query": {"kind": kind}}).encode(),
+        )
+        assert match.route.startswith("posthog.query-") and match.route.endswith(suffix), kind
+        assert match.note is None, kind  # blocked by its own route, which says why
+
+
+async def test_a_reviewed_kind_is_opened_by_an_own_route(
+    make_proxy: ProxyFactory, posthog: FakePostHog
+) -> None:
+    text = (
+        "preset: posthog\nroutes:\n  - id: trends\n    methods: [POST]\n"
+        "    path: /api/projects/{project}/query\n"
+        "    body: {json: {query.kind: TrendsQuery}}\n    access: identity\n"
+    )
+    gate = await make_proxy(upstream_url=posthog.url, policy_text=text)
+    trends = {"query": {"kind": "TrendsQuery", "series": []}}
+    resp = await gate.post("/api/projects/2/query", json=trends, headers=bearer())
+    assert resp.status == 200
+    hogql = {"query": {"kind": "HogQLQuery", "query": "select 1"}}
+    resp = await gate.post("/api/projects/2/query", json=hogql, headers=bearer())
+    assert resp.status == 403
+    assert posthog.hits == [("POST", "/api/projects/2/query")]
+
+
+def test_snapshot_lines_are_posthogs_blob_v2_lines() -> None:
+    """Each line of a blob_v2 answer is `[window_id, event]`, which PostHog's player turns
+    into {windowId, data: [event]} (processSnapshotLine in snapshot-parsing-utils.ts)."""
+    lines = (FIXTURES / "snapshot_block.jsonl").read_text().splitlines()
+    assert lines
+    for line in lines:
+        window_id, event = json.loads(line)
+        assert isinstance(window_id, str) and window_id
+        assert isinstance(event["type"], int) and isinstance(event["timestamp"], int)
+        assert isinstance(event["data"], dict)

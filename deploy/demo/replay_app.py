@@ -15,7 +15,9 @@ Routes (project ``1``; any other project or recording answers a JSON 404):
 * ``GET  /api/projects/{p}/session_recordings/{r}/snapshots``      rrweb events; gzip when
   accepted; ``?stream=1`` sends the same bytes with chunked transfer encoding
 * ``POST /api/projects/{p}/session_recordings/{r}/sharing``        fake public share link
-* ``GET  /``, ``GET /replay/{r}``                                   HTML pages
+* ``GET  /``, ``GET /replay/{r}``                                   HTML pages; the list
+  page asks the list API (``static/list.js``) and marks what a proxy in front (jitgate
+  with ``lists: annotate``) says is locked
 * ``GET  /recordings/{r}``                                          302 to an absolute URL
 * ``GET  /static/...``, ``GET /ws/live`` (WebSocket echo), ``GET /healthz``
 """
@@ -41,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / "recordings"
 STATIC_DIR = HERE / "static"
 PROJECT_ID = "1"
+LIST_API = f"/api/projects/{PROJECT_ID}/session_recordings"  # what the list page asks
 STREAM_CHUNKS = 8
 STREAM_DELAY = 0.02  # seconds between chunks of a ?stream=1 answer
 
@@ -230,7 +233,7 @@ async def index_page(request: web.Request) -> web.Response:
         props = person.get("properties") or {}
         rid = html.escape(str(m["id"]))
         rows.append(
-            "<tr>"
+            f'<tr data-recording="{rid}">'
             f'<td><a class="play" href="/replay/{rid}">&#9654; {rid}</a></td>'
             f"<td><strong>{html.escape(str(person.get('name', '')))}</strong>"
             f'<br><span class="muted">{html.escape(str(props.get("email", "")))}</span></td>'
@@ -251,7 +254,8 @@ async def index_page(request: web.Request) -> web.Response:
         '<th>Started</th><th class="num">Length</th><th class="num">Clicks</th>'
         '<th class="num">Keys</th></tr></thead>\n<tbody>\n'
         + "\n".join(rows)
-        + "\n</tbody>\n</table>"
+        + "\n</tbody>\n</table>\n"
+        f'<script src="/static/list.js" data-list="{LIST_API}"></script>'
     )
     return web.Response(text=page("Demo Replay", body), content_type="text/html")
 

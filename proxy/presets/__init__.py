@@ -31,7 +31,8 @@ def merged(base: Node, override: Node) -> Node:
 
     Lines point at the override (the policy file is where a mistake would be fixed). A
     route that stops being protected loses the preset's scope unless the override gives one;
-    one that stops being an identity route loses its `list:`.
+    one that stops being an identity route loses its `list:`, and a public or blocked one
+    its `refs:`.
     """
     out = Node()
     out.line = override.line
@@ -49,4 +50,6 @@ def merged(base: Node, override: Node) -> Node:
             out.pop("query", None)
     if override.get("access", "identity") not in ("identity", "identity-only"):
         out.pop("list", None)  # only identity routes list recordings (lists.py)
+    if override.get("access", "identity") in ("public", "blocked"):
+        out.pop("refs", None)  # no caller whose grants a reference could be checked against
     return out
