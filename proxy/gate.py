@@ -126,8 +126,8 @@ class Gate:
                 )
         set_headers, listed = self.vouch.headers(decision), None
         if decision.identity is not None and request.method in ("GET", "POST"):
-            subject, body = decision.identity.subject, held[0] if held else None
-            listed = self._listed(authorizer, request.method, path, query, body, subject)
+            user, body = decision.identity.subject, held[0] if held else None
+            listed = self._listed(authorizer, request.method, path, query, body, user)
             if listed is not None:  # a list to rewrite: asked for whole, uncompressed JSON
                 set_headers = {**(set_headers or {}), **LIST_REQUEST_HEADERS}
         try:
