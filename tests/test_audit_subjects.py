@@ -67,10 +67,29 @@ async def view(client: TestClient, user: str, recording: str, reason: str, times
         headers=as_user(user),
     )
     assert r.status == 201, await r.text()
+    before = allowed(client, recording)
     for _ in range(times):
         got = await client.get(SNAPSHOTS.format(recording), headers=as_user(user))
         assert got.status == 200, await got.text()
+
+    async def recorded() -> bool:
+        # The record follows the response (after the metadata lookup): wait for it.
+        await client.app[STATE].audit.flush(force=True)
+        return allowed(client, recording) >= before + times
+
+    await eventually(recorded, what=f"{times} access.allow records of {recording}")
     return str((await r.json())["id"])
+
+
+def allowed(client: TestClient, recording: str) -> int:
+    path = client.app[STATE].settings.audit.file.path
+    if not path.exists():
+        return 0
+    return sum(
+        1
+        for r in file_records(client)
+        if r["event"] == "access.allow" and r.get("recording") == recording
+    )
 
 
 @pytest.fixture
