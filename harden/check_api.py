@@ -11,7 +11,7 @@ from kit import verdict
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--examples", type=int, default=100, help="per operation and role")
-    parser.add_argument("--max-time", type=float, default=150.0, help="seconds per role")
+    parser.add_argument("--max-time", type=int, default=60, help="seconds per role")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     from apifuzz import fuzz_with_own_redis

@@ -129,7 +129,7 @@ def write_schemathesis_config(where: Path, grants: list[str]) -> Path:
 
 
 def fuzz_role(
-    base: str, role: str, config: Path, *, examples: int, seed: int, max_time: float | None
+    base: str, role: str, config: Path, *, examples: int, seed: int, max_time: int | None
 ) -> RoleRun:
     argv = [
         SCHEMATHESIS, "--config-file", str(config), "run", f"{base}/_jit/api/openapi.json",
@@ -146,7 +146,7 @@ def fuzz_role(
     return RoleRun(role, cases, done.returncode == 0 and cases > 0, done.stdout + done.stderr)
 
 
-def fuzz(redis_url: str, *, examples: int, seed: int = 1, max_time: float | None = None) -> Report:
+def fuzz(redis_url: str, *, examples: int, seed: int = 1, max_time: int | None = None) -> Report:
     """Fuzz the API once per role against one running jitgate."""
     report = Report()
     tmp = Path(tempfile.mkdtemp(prefix="jitgate-apifuzz-"))
@@ -158,7 +158,7 @@ def fuzz(redis_url: str, *, examples: int, seed: int = 1, max_time: float | None
     return report
 
 
-def fuzz_with_own_redis(*, examples: int, seed: int = 1, max_time: float | None = None) -> Report:
+def fuzz_with_own_redis(*, examples: int, seed: int = 1, max_time: int | None = None) -> Report:
     redis = RedisServer()
     redis.start()
     try:
