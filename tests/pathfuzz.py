@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from conftest import free_port
 from hypothesis import strategies as st
 
 from proxy import policyfile
@@ -413,12 +413,6 @@ async def route_over_http(port: int, forwarded: list[str], *, batch: int = 64) -
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
     return answers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
