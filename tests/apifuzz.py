@@ -28,7 +28,7 @@ from conftest import RedisServer, free_port, make_token, write_config
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
 CHECKS = (
     "not_a_server_error,status_code_conformance,content_type_conformance,"
-    "response_schema_conformance"
+    "response_schema_conformance,ignored_auth"
 )
 ROLES = {  # who fuzzes: subject and groups (config: admins are the security group)
     "admin": ("sam", ["security"]),
