@@ -140,7 +140,10 @@ def fuzz_role(
     ]  # fmt: skip
     if max_time is not None:
         argv += ["--max-time", str(max_time)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+    # Run where its cache (.schemathesis/) goes with the config, not into the repository.
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=900, check=False, cwd=config.parent
+    )
     found = _CASES.findall(done.stdout)
     cases = int(found[-1]) if found else 0
     return RoleRun(role, cases, done.returncode == 0 and cases > 0, done.stdout + done.stderr)
