@@ -518,11 +518,11 @@ class Fuzzer:
             self.judge(router, target, reading, served)
 
 
-def fuzz(examples: int) -> Report:
-    """Generate `examples` targets (seeded: the same ones each run) and judge every one."""
+def sample(examples: int) -> list[str]:
+    """The first `examples` targets of the seeded run, as a list."""
     from hypothesis import HealthCheck, given, settings
 
-    fuzzer = Fuzzer()
+    out: list[str] = []
 
     @settings(
         max_examples=examples, derandomize=True, database=None, deadline=None,
@@ -530,8 +530,16 @@ def fuzz(examples: int) -> Report:
     )  # fmt: skip
     @given(targets())
     def each(target: str) -> None:
-        fuzzer.check(target)
+        out.append(target)
 
     each()
+    return out
+
+
+def fuzz(examples: int) -> Report:
+    """Generate `examples` targets (seeded: the same ones each run) and judge every one."""
+    fuzzer = Fuzzer()
+    for target in sample(examples):
+        fuzzer.check(target)
     asyncio.run(fuzzer.over_http())
     return fuzzer.report

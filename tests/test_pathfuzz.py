@@ -9,8 +9,13 @@ does not protect with the same scope.
 from __future__ import annotations
 
 import pytest
+from aiohttp.test_utils import TestClient
+from conftest import Upstream
 from nginxkit import binary
-from pathfuzz import Reading, fuzz, jitgate_reads, violation
+from pathfuzz import Reading, fuzz, jitgate_reads, sample, violation
+from test_path_tricks import raw_request
+
+from proxy.state import STATE
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -52,3 +57,28 @@ def test_the_invariant_can_fail(reading: Reading, served: str, broken: bool) -> 
 )
 def test_found_counterexamples_are_refused(target: str) -> None:
     assert jitgate_reads(target).outcome == "refused"
+
+
+async def test_the_fuzzer_reads_targets_as_the_running_gate_does(
+    proxy: TestClient, upstream: Upstream
+) -> None:
+    """The in-process reading is the gate's: sent as raw bytes to a running jitgate, a
+    refused target is a 400 and a forwarded one reaches the upstream as `forwarded`."""
+    await proxy.app[STATE].grants.add("alice", "project:1", 60, "test", "pytest")
+    forwarded = 0
+    for target in sample(150):
+        if any(c in target for c in " \t\x7f") or not target.isascii():
+            continue  # not sendable as one request line; the parser refuses those anyway
+        reading = jitgate_reads(target)
+        upstream.hits.clear()
+        status, _ = await raw_request(proxy, target)
+        if reading.outcome == "refused":
+            assert (status, upstream.paths()) == (400, []), target
+        elif reading.outcome in ("prefix", "blocked"):
+            assert upstream.paths() == [], target
+        elif upstream.paths():
+            assert upstream.paths() == [reading.forwarded], target
+            forwarded += 1
+        else:  # a protected route whose scope the grant does not cover
+            assert (reading.outcome, status) == ("protected", 403), target
+    assert forwarded > 10
