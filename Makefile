@@ -37,7 +37,7 @@ bench: $(STAMP) ## Load-test upstream, pass-through, jitgate and a naive check; 
 	$(BIN)/python bench/authz.py
 	$(BIN)/python bench/workers.py
 
-harden: $(STAMP) ## Fuzz paths against real routers, the API and JWTs; faults, hostile clients (<= 20 min)
+harden: $(STAMP) ## Run the hardening checks (harden/check_*.py), one line each; <= 20 min
 	bash .ci/install.sh nginx:nginx-light redis-server:redis-server  # a router, the grant store
 	$(BIN)/python harden/run.py
 
