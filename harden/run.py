@@ -60,10 +60,11 @@ def run_check(script: Path, timeout: float) -> Outcome:
     return Outcome(script.name, m["name"], m["figure"], passed, seconds)
 
 
-def table(outcomes: list[Outcome], total: float) -> str:
+def table(outcomes: list[Outcome], total: float, load: float) -> str:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     rows = [
-        f"Last run: {when}, {os.cpu_count()} CPUs, {total:.0f} s in all "
+        f"Last run: {when}, {os.cpu_count()} CPUs (load average {load:.1f} at the start), "
+        f"{total:.0f} s in all "
         f"({sum(o.passed for o in outcomes)} of {len(outcomes)} passed).",
         "",
         "| check | figure | result | time |",
@@ -97,7 +98,7 @@ def main() -> int:
         if not scripts:
             print(f"no such check: {', '.join(args.only)}", file=sys.stderr)
             return 2
-    started = time.monotonic()
+    started, load = time.monotonic(), os.getloadavg()[0]  # other work slows the checks
     outcomes = []
     for script in scripts:
         outcome = run_check(script, args.timeout)
@@ -114,7 +115,7 @@ def main() -> int:
         + (f"; failed: {', '.join(failed)}" if failed else "")
     )
     if not args.no_write and not args.only:
-        write_table(DOC, table(outcomes, total))
+        write_table(DOC, table(outcomes, total, load))
     return 1 if failed else 0
 
 

@@ -49,11 +49,11 @@ def test_the_table_goes_between_the_markers(tmp_path: Path) -> None:
     doc = tmp_path / "security.md"
     doc.write_text(f"# Title\n\n{run.BEGIN}\nold table\n{run.END}\n\nafter\n")
     outcomes = [run.Outcome("check_a.py", "a", "x | y", True, 1.2)]
-    run.write_table(doc, run.table(outcomes, 3.0))
+    run.write_table(doc, run.table(outcomes, 3.0, 0.5))
     text = doc.read_text()
     assert "old table" not in text and text.endswith(f"{run.END}\n\nafter\n")
     assert "| `a` | x \\| y | PASS | 1 s |" in text
-    assert "(1 of 1 passed)" in text
+    assert "(load average 0.5 at the start)" in text and "(1 of 1 passed)" in text
 
 
 def test_every_check_is_a_script_named_for_its_line() -> None:
