@@ -22,8 +22,8 @@ demo: $(STAMP) ## Run the demo replay app with jitgate in front of it on :8080
 	$(BIN)/python deploy/demo/launch.py
 
 lint: $(STAMP) ## ruff (lint and format check) and mypy --strict
-	$(BIN)/ruff check proxy tests deploy bench
-	$(BIN)/ruff format --check proxy tests deploy bench
+	$(BIN)/ruff check proxy tests deploy bench harden
+	$(BIN)/ruff format --check proxy tests deploy bench harden
 	$(BIN)/mypy
 
 test: $(STAMP) ## Lint, then run the whole test suite
@@ -37,7 +37,11 @@ bench: $(STAMP) ## Load-test upstream, pass-through, jitgate and a naive check; 
 	$(BIN)/python bench/authz.py
 	$(BIN)/python bench/workers.py
 
+harden: $(STAMP) ## Run the hardening checks (harden/check_*.py), one line each; <= 20 min
+	bash .ci/install.sh nginx:nginx-light redis-server:redis-server  # a router, the grant store
+	$(BIN)/python harden/run.py
+
 clean: ## Remove the venv, caches and the demo state directory
 	rm -rf $(VENV) .jitgate .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help venv demo lint test bench clean
+.PHONY: help venv demo lint test bench harden clean

@@ -4,14 +4,17 @@ Normalisation decodes percent-encoded unreserved characters, upper-cases the
 remaining escapes, resolves dot segments and merges empty segments. Anything
 that different servers could read differently is refused instead: encoded
 `/`, `\\`, `#`, NUL and other control characters, double encoding such as
-`%252f`, raw characters outside RFC 3986, and (by default) `;` parameters,
-which some servers strip before routing.
+`%252f`, raw characters outside RFC 3986, escapes that do not decode as UTF-8
+(overlong forms such as `%C0%AF`, surrogates, stray bytes: servers replace,
+re-escape or pass them, so `%C0` and `%C1` could become one recording id), and
+(by default) `;` parameters, which some servers strip before routing.
 """
 
 from __future__ import annotations
 
 import re
 import string
+from urllib.parse import unquote_to_bytes
 
 from .errors import BadPath
 
@@ -57,6 +60,11 @@ def normalise(raw_path: str, *, reject_semicolons: bool = True) -> str:
         # %25 followed by hex digits that were themselves encoded (%25%32%66): the same
         # double encoding as %252f once an upstream decodes the digits.
         raise BadPath("double percent-encoding is not allowed in paths")
+    if "%" in path:
+        try:
+            unquote_to_bytes(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadPath("percent-escapes that are not UTF-8 are not allowed in paths") from None
     return _resolve_segments(path)
 
 

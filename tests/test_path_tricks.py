@@ -44,6 +44,14 @@ TRICKS = [
     ("/api/projects/1/session_recordings/%252e%252e/demo-1", 400),  # double encoding
     ("/api/projects/1/session_recordings/demo-1%0d%0aX: y", 400),
     ("http://evil.example/api/projects/1/session_recordings/demo-1", 400),  # absolute form
+    # Escapes that are not UTF-8: servers replace, re-escape or pass them, so two
+    # recording ids could meet as one upstream (found by tests/test_pathfuzz.py).
+    ("/api/projects/1/session_recordings/%C0%AEdemo-1", 400),  # overlong '.'
+    ("/api/projects/1/session_recordings/demo-1/%C0%AF..%C0%AF", 400),  # overlong '/'
+    ("/replay/%DAdemo-1", 400),  # a lead byte without its continuation
+    ("/api/projects/1%FE/session_recordings/demo-1", 400),  # never UTF-8
+    ("/api/projects/1/session_recordings/demo%ED%A0%80-1", 400),  # a surrogate
+    ("/api/projects/1/session_recordings/demo%F4%90%80%80-1", 400),  # past U+10FFFF
     ("/api/projects/1/x/../session_recordings/demo-1/snapshots", 403),  # dot segments
     ("/api/projects/1/x/%2e%2e/session_recordings/demo-1/snapshots", 403),
     ("/api/projects/1/x/%2E%2e/session_recordings/demo-1", 403),

@@ -62,6 +62,12 @@ REFUSED = [
     ("/é", "character 'é' is not allowed"),
     ("/a;b", "';' path parameters"),
     ("/a%3bb", "encoded ';'"),
+    ("/%C0%AF", "not UTF-8"),  # overlong '/'
+    ("/%E0%80%AE%E0%80%AE/a", "not UTF-8"),  # overlong '.'
+    ("/a%C3", "not UTF-8"),  # a lead byte alone
+    ("/a%80", "not UTF-8"),  # a continuation byte alone
+    ("/a%ED%A0%80", "not UTF-8"),  # a surrogate
+    ("/a%F4%90%80%80", "not UTF-8"),  # past U+10FFFF
 ]
 
 

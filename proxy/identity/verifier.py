@@ -297,6 +297,9 @@ class Verifier:
             if iss is None:
                 raise IdentityError("token names no issuer")
             raise IdentityError(f"unknown issuer {safe_text(iss)}")
+        if self.settings.issuer and iss is not None and iss != self.settings.issuer:
+            # Said first, so the audit record names the issuer rather than its algorithm.
+            raise IdentityError(f"unknown issuer {safe_text(iss)}")
         return self._verify_local(token)
 
     async def _verify_assertion(self, token: str) -> tuple[Identity, float]:
