@@ -9,7 +9,7 @@ from typing import Any
 from .bodyrules import BadBody, BodyTooLarge
 from .grants import GrantChecker
 from .identity import Caller, Identity
-from .policy import Access, Match, Policy
+from .policy import Access, Blobs, Match, Policy
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Decision:
     source: str | None = None  # how the identity was found: bearer, session, cookie, ...
     policy_version: str = ""  # the policy that decided: a reload mid-request changes nothing
     recording: str | None = None  # the recording `scope` names, if it names one
+    blobs: Blobs | None = None  # allowed: the response's presigned URLs to rewrite (blobs.py)
 
 
 @dataclass(frozen=True)
@@ -173,5 +174,6 @@ class Authorizer:
             access,
             grant_id=grant_id,
             grant_expires_at=expires_at,
+            blobs=match.blobs,
             **refused,
         )

@@ -14,6 +14,7 @@ from aiohttp import web
 from . import audit
 from .accesslog import AccessLog, underscore_header
 from .authorize import Authorizer, Decision
+from .blobs import BlobSigner
 from .bodyrules import BadBody, BodyTooLarge
 from .errors import BadPath
 from .forward import Forwarder, Outcome
@@ -49,6 +50,7 @@ class Gate:
         live: LiveConnections,
         refuse: Refuse,
         assertion: AssertionSigner | None = None,
+        blob_signer: BlobSigner | None = None,
     ) -> None:
         self.state = state
         self.forwarder = forwarder
@@ -57,6 +59,7 @@ class Gate:
         self.live = live
         self.refuse = refuse
         self.assertion = assertion
+        self.blob_signer = blob_signer  # rewrites presigned URLs (blobs.py)
         self.prefix = prefix
         self.strict = strict_audit
         self.reject_underscores = forward.reject_underscore_headers
@@ -121,20 +124,24 @@ class Gate:
                     request.method, request.headers, decision.grant_expires_at
                 )
         set_headers, listed = self.vouch.headers(decision), None
-        if decision.identity is not None and request.method in ("GET", "POST"):
+        # A protected route's presigned URLs (blobs.py); list routes are identity-only,
+        # so a response has one JSON rewrite at most. Either one asks for whole JSON.
+        blobs = self.blob_signer.rewrite(decision) if self.blob_signer is not None else None
+        if blobs is None and decision.identity is not None and request.method in ("GET", "POST"):
             listed = self._listed(authorizer, request.method, path, decision.identity.subject)
-            if listed is not None:  # a list to rewrite: asked for whole, uncompressed JSON
-                set_headers = {**(set_headers or {}), **LIST_REQUEST_HEADERS}
+        json_rewrite = blobs or listed
+        if json_rewrite is not None:  # asked for whole, uncompressed JSON
+            set_headers = {**(set_headers or {}), **LIST_REQUEST_HEADERS}
         try:
             response, outcome = await self.forwarder.forward(
                 request,
                 path,
                 query,
-                drop_headers=LIST_DROP_HEADERS if listed is not None else frozenset(),
+                drop_headers=LIST_DROP_HEADERS if json_rewrite is not None else frozenset(),
                 drop_cookies=self.drop_cookies,
                 set_headers=set_headers,
                 stop=stop,
-                rewrite=bar or listed,
+                rewrite=blobs or bar or listed,
                 hygiene=self.hygiene,
                 body=held[0] if held else None,
             )
@@ -142,8 +149,8 @@ class Gate:
         finally:
             if stop is not None and grant_id is not None:
                 self.live.close(grant_id, stop)
-            if listed is not None and listed.note is not None:
-                decision = replace(decision, reasons=(*decision.reasons, listed.note))
+            if json_rewrite is not None and json_rewrite.note is not None:
+                decision = replace(decision, reasons=(*decision.reasons, json_rewrite.note))
             # Written even when the client went away mid-stream: status 499 then.
             status = outcome.status if outcome else 499
             sent = outcome.bytes_sent if outcome else 0

@@ -93,20 +93,11 @@ class ListRewrite:
         self, headers: CIMultiDict[str], body: bytes
     ) -> tuple[CIMultiDict[str], bytes] | None:
         """Return the list's new headers and body, or None to send it as it came."""
-        encoding = headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            if encoding not in _DECODERS:
-                self.fell_back("encoded")
-                return None
-            decoder = zlib.decompressobj(_DECODERS[encoding])
-            try:
-                body = decoder.decompress(body, self.limit + 1)
-            except zlib.error:
-                self.fell_back("malformed")
-                return None
-            if len(body) > self.limit or decoder.unconsumed_tail:
-                self.fell_back("over_cap")
-                return None
+        decoded = decode(headers, body, self.limit)
+        if isinstance(decoded, str):
+            self.fell_back(decoded)
+            return None
+        body = decoded
         if len(body) > _INLINE_MAX:
             parsed = await asyncio.to_thread(_parse, body, self.listing.items)
         else:
@@ -131,13 +122,10 @@ class ListRewrite:
             self.note = f"list {self.mode}: {locked} of {total} locked"
             self.count(self.mode)
         if len(body) > _INLINE_MAX:
-            out = await asyncio.to_thread(_dump, doc)
+            out = await asyncio.to_thread(dump, doc)
         else:
-            out = _dump(doc)
-        new = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _DROP)
-        new["Content-Length"] = str(len(out))
-        new["Cache-Control"] = "no-store"  # what it shows changes with the caller's grants
-        return new, out
+            out = dump(doc)
+        return changed_headers(headers, len(out)), out
 
     def _scope(self, item: object) -> str | None:
         if not isinstance(item, dict):
@@ -183,6 +171,23 @@ class ListRewrite:
         return {"locked": True, "scope": scope, "request_url": str(url)}
 
 
+def decode(headers: MultiMapping[str], body: bytes, limit: int) -> bytes | str:
+    """The body without its gzip or deflate encoding, or why not: encoded, malformed, over_cap."""
+    encoding = headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in _DECODERS:
+        return "encoded"
+    decoder = zlib.decompressobj(_DECODERS[encoding])
+    try:
+        body = decoder.decompress(body, limit + 1)
+    except zlib.error:
+        return "malformed"
+    if len(body) > limit or decoder.unconsumed_tail:
+        return "over_cap"
+    return body
+
+
 def _parse(body: bytes, path: tuple[str, ...]) -> tuple[Any, list[Any]] | str:
     """Return the document and its list of items, or why it cannot be rewritten."""
     try:
@@ -197,5 +202,13 @@ def _parse(body: bytes, path: tuple[str, ...]) -> tuple[Any, list[Any]] | str:
     return (doc, node) if isinstance(node, list) else "shape"
 
 
-def _dump(doc: Any) -> bytes:
+def changed_headers(headers: MultiMapping[str], length: int) -> CIMultiDict[str]:
+    """The headers of a JSON body jitgate changed: its own length, uncompressed, not cached."""
+    new = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _DROP)
+    new["Content-Length"] = str(length)
+    new["Cache-Control"] = "no-store"  # what it shows changes with the caller's grants
+    return new
+
+
+def dump(doc: Any) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()

@@ -71,6 +71,7 @@ class Match:
     # Routes with `body:` for this path, with their path values: the body decides (below).
     body: tuple[tuple[Route, tuple[tuple[str, str], ...]], ...] = ()
     note: str | None = None  # why a blocked request is blocked, when not by its route
+    blobs: Blobs | None = None  # presigned URLs in the response, rewritten (blobs.py)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,17 @@ class Listing:
 
 
 @dataclass(frozen=True)
+class Blobs:
+    """The JSON fields of a protected route's response that hold presigned storage URLs.
+
+    Each field is a key path (`data.domURL`); a list met on the way, or at the end, is
+    walked item by item. blobs.py rewrites every URL found into a grant-bound one.
+    """
+
+    fields: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
 class Route:
     id: str
     methods: frozenset[str] | None
@@ -100,6 +112,7 @@ class Route:
     query: tuple[QueryBind, ...] = ()  # scope variables bound from query parameters
     body: BodyRule | None = None  # the JSON or GraphQL body rule that must match too
     listing: Listing | None = None
+    blobs: Blobs | None = None
 
 
 @dataclass(frozen=True)
@@ -258,7 +271,8 @@ class Policy:
                     bad = Match(route.id, route.access, preset=route.preset, invalid=str(exc))
                     return bad, True
             scope = route.scope.format_map(values)
-            found = Match(route.id, route.access, scope, self.covering(scope), route.preset)
+            covering, preset = self.covering(scope), route.preset
+            found = Match(route.id, route.access, scope, covering, preset, blobs=route.blobs)
             return found, bool(route.query)
         return Match("_default", self.default), False
 
@@ -288,7 +302,8 @@ class Policy:
                 if route.scope is None:
                     return Match(route.id, route.access, preset=route.preset)
                 scope = route.scope.format_map({**dict(values), **bound})
-                return Match(route.id, route.access, scope, self.covering(scope), route.preset)
+                covering, preset = self.covering(scope), route.preset
+                return Match(route.id, route.access, scope, covering, preset, blobs=route.blobs)
         except bodyrules.BadBody as exc:
             return Match(head.id, Access.BLOCKED, preset=head.preset, invalid=str(exc))
         what = f"operation {parsed.operation!r}" if parsed.operation else "this body"

@@ -27,6 +27,7 @@ from . import audit as auditsettings
 from . import forward as forwardsettings
 from . import identity as identitysettings
 from .audit import AuditSettings
+from .blobs import BlobSettings, blobs
 from .forward import ForwardSettings
 from .identity import IdentitySettings
 from .read import Reader, Secret, http_url, resolve, seconds
@@ -175,6 +176,7 @@ class Settings:
     sweep_interval: float = 5.0  # how often expiries and lapses are written down
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
     forward_auth: ForwardAuthSettings = field(default_factory=ForwardAuthSettings)
+    blobs: BlobSettings = field(default_factory=BlobSettings)  # presigned URLs (blobs.py)
 
 
 def _env_overrides(raw: Node, environ: Mapping[str, str]) -> dict[str, str]:
@@ -232,7 +234,7 @@ def validate(
         raw,
         {"listen", "upstream", "redis", "identity", "audit", "forward", "policy", "prefix"}
         | {"state_dir", "grant_max_ttl", "admins", "notifications", "sweep_interval"}
-        | {"forward_auth"},
+        | {"forward_auth", "blobs"},
         "",
     )
 
@@ -316,6 +318,7 @@ def validate(
         sweep_interval=r.positive(raw, "sweep_interval", float, 5.0, "sweep_interval"),
         notifications=notifications,
         forward_auth=forward_auth,
+        blobs=blobs(r, r.section(raw, "blobs", "blobs")),
     )
     if r.errors:
         raise ConfigErrors(r.errors)
