@@ -1,0 +1,394 @@
+"""Presigned storage URLs rewritten into grant-bound blob URLs, end to end.
+
+jitgate in front of a fake replay app whose answers carry presigned URLs of a real local
+"S3" (storagekit.py: it checks its own signatures and expiry); Redis is real. A blob URL
+must open for its user under a live grant, and for nobody else, never after revocation,
+expiry or tampering, never with Redis down; the raw storage URL never reaches the client.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from conftest import ROOT, SECRET, ProxyFactory, RedisServer, bearer
+from cryptography.fernet import Fernet
+from redis.asyncio import Redis
+from storagekit import Storage, start_storage
+from waiting import past
+
+from proxy.errors import ConfigErrors
+from proxy.grantstore import RedisGrants
+from proxy.policyfile import compile_text
+from proxy.settings import load
+
+SESSION = "7391450123456789012"
+SCOPE = f"session:5/{SESSION}"
+REPLAY = f"/api/5/sessions/{SESSION}/replay"
+FILES = {
+    f"/mobs/{SESSION}/dom.mobs": b"\x00dom-start" * 1000,
+    f"/mobs/{SESSION}/dom.mobe": b"\x00dom-end",
+    f"/mobs/{SESSION}/devtools.mob": b"\x00devtools",
+}
+POLICY = """
+version: 1
+default: identity
+hierarchy:
+  - scope: "session:{project}/{session}"
+    covered_by: ["project:{project}"]
+routes:
+  - id: replay
+    path: /api/{project}/sessions/{session}/replay
+    scope: "session:{project}/{session}"
+    blobs: {fields: [data.domURL, data.devtoolsURL, data.canvas.url]}
+  - id: raw
+    path: /raw/{project}/{session}/{name}
+    scope: "session:{project}/{session}"
+    blobs: {fields: [url]}
+"""
+
+
+@dataclass
+class Replay:
+    """The fake replay app: the replay JSON, and any body under /raw/{p}/{s}/{name}."""
+
+    url: str = ""
+    raw: dict[str, tuple[int, str, bytes]] = field(default_factory=dict)
+    storage: Storage = field(default_factory=Storage)
+
+
+@pytest.fixture
+async def storage(aiohttp_server: Any) -> Storage:
+    store = await start_storage(aiohttp_server)
+    store.objects.update(FILES)
+    return store
+
+
+@pytest.fixture
+async def replay(aiohttp_server: Any, storage: Storage) -> Replay:
+    fake = Replay(storage=storage)
+    shape = json.loads((ROOT / "tests/fixtures/presets/openreplay/replay.json").read_text())
+
+    async def replay_json(request: web.Request) -> web.Response:
+        data = dict(shape["data"])
+        data["domURL"] = [storage.presign(p) for p in list(FILES)[:2]]
+        data["devtoolsURL"] = [storage.presign(list(FILES)[2])]
+        data["canvas"] = [{"url": storage.presign("/mobs/none.tar")}, {"url": None}]
+        return web.json_response({"data": data})
+
+    async def raw(request: web.Request) -> web.Response:
+        status, kind, body = fake.raw[request.match_info["name"]]
+        return web.Response(status=status, body=body, content_type=kind)
+
+    app = web.Application()
+    app.router.add_get("/api/{project}/sessions/{session}/replay", replay_json)
+    app.router.add_get("/raw/{project}/{session}/{name}", raw)
+    fake.url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    return fake
+
+
+def blob_config(storage: Storage, more: str = "") -> str:
+    return f'blobs: {{origins: ["{storage.url}"], ttl: 5m{more}}}\n'
+
+
+@pytest.fixture
+async def gate(make_proxy: ProxyFactory, replay: Replay, storage: Storage) -> TestClient:
+    return await make_proxy(upstream_url=replay.url, policy_text=POLICY, extra=blob_config(storage))
+
+
+async def grant(redis_url: str, user: str = "alice", scope: str = SCOPE, ttl: float = 600) -> str:
+    redis = Redis.from_url(redis_url)
+    try:
+        return (await RedisGrants(redis).add(user, scope, ttl, "blob test", "test")).id
+    finally:
+        await redis.aclose()
+
+
+async def revoke(redis_url: str, grant_id: str) -> None:
+    redis = Redis.from_url(redis_url)
+    try:
+        await RedisGrants(redis).revoke(grant_id, "test")
+    finally:
+        await redis.aclose()
+
+
+async def blob_urls(gate: TestClient, storage: Storage, user: str = "alice") -> list[str]:
+    """Open the replay; check no storage URL is in it; return its blob URLs, in order."""
+    resp = await gate.get(REPLAY, headers=bearer(user))
+    assert resp.status == 200
+    text = await resp.text()
+    assert storage.url not in text and "X-Amz-" not in text
+    assert resp.headers["Cache-Control"] == "no-store"
+    data = json.loads(text)["data"]
+    urls = [*data["domURL"], *data["devtoolsURL"], data["canvas"][0]["url"]]
+    assert data["canvas"][1]["url"] is None
+    assert all(u.startswith("/_jit/blob/") for u in urls)
+    return urls
+
+
+def audit_lines(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def test_urls_are_rewritten_and_open_under_the_grant(
+    gate: TestClient, storage: Storage, redis_url: str, tmp_path: Path
+) -> None:
+    grant_id = await grant(redis_url)
+    urls = await blob_urls(gate, storage)
+    for url, (path, body) in zip(urls, FILES.items(), strict=False):
+        resp = await gate.get(url, headers=bearer())
+        assert resp.status == 200, await resp.text()
+        assert await resp.read() == body
+        assert resp.headers["Cache-Control"] == "private, no-store"
+        assert storage.hits[-1] == (path, 200)
+    # The storage's own answer (a file that is not there) goes back as it came.
+    missing = await gate.get(urls[3], headers=bearer())
+    assert missing.status == 404 and storage.hits[-1] == ("/mobs/none.tar", 404)
+    # Nothing of the client's goes to storage but what a range request needs.
+    assert all("Authorization" not in h and "Cookie" not in h for h in storage.headers)
+    ranged = await gate.get(urls[0], headers={**bearer(), "Range": "bytes=0-3"})
+    assert storage.headers[-1]["Range"] == "bytes=0-3" and ranged.status in (200, 206)
+    await gate.close()  # flushes the audit log
+    fetches = [r for r in audit_lines(tmp_path) if r["route"] == "_blob"]
+    assert [r["event"] for r in fetches] == ["access.allow"] * 5
+    assert {(r["user"], r["scope"], r["grant_id"]) for r in fetches} == {("alice", SCOPE, grant_id)}
+    assert all(r["path"] == "/_jit/blob" and "route replay" in r["reasons"][1] for r in fetches)
+    replays = [r for r in audit_lines(tmp_path) if r["route"] == "replay"]
+    assert "4 presigned URL(s) rewritten" in replays[0]["reasons"][-1]
+
+
+async def test_a_url_copied_before_revocation_fails_after_it(
+    gate: TestClient, storage: Storage, redis_url: str, tmp_path: Path
+) -> None:
+    grant_id = await grant(redis_url)
+    url = (await blob_urls(gate, storage))[0]
+    assert (await gate.get(url, headers=bearer())).status == 200
+    await revoke(redis_url, grant_id)
+    resp = await gate.get(url, headers=bearer())
+    assert resp.status == 403
+    assert f"no active grant for {SCOPE}" in await resp.text()
+    assert len(storage.hits) == 1  # the refused fetch never reached storage
+    # A new grant for the scope opens it again: the URL is bound to the scope's grant.
+    await grant(redis_url, scope="project:5")
+    assert (await gate.get(url, headers=bearer())).status == 200
+    await gate.close()
+    denied = [r for r in audit_lines(tmp_path) if r["event"] == "access.deny"]
+    assert denied[0]["route"] == "_blob" and denied[0]["status"] == 403
+
+
+async def test_a_url_opens_for_its_own_user_only(
+    gate: TestClient, storage: Storage, redis_url: str
+) -> None:
+    await grant(redis_url)
+    await grant(redis_url, user="bob")  # bob may see the session, but not with alice's URL
+    url = (await blob_urls(gate, storage))[0]
+    resp = await gate.get(url, headers=bearer("bob"))
+    assert resp.status == 403 and "another user" in await resp.text()
+    assert (await gate.get(url)).status == 401
+    assert storage.hits == []
+
+
+async def test_an_expired_url_fails(
+    make_proxy: ProxyFactory, replay: Replay, storage: Storage, redis_url: str
+) -> None:
+    gate = await make_proxy(
+        upstream_url=replay.url, policy_text=POLICY, extra=blob_config(storage).replace("5m", "1s")
+    )
+    await grant(redis_url)
+    url = (await blob_urls(gate, storage))[0]
+    issued = time.time()
+    await past(issued + 1)
+    resp = await gate.get(url, headers=bearer())
+    assert resp.status == 403 and "expired" in await resp.text()
+    assert storage.hits == []
+
+
+async def test_a_url_never_outlives_its_grant(
+    gate: TestClient, storage: Storage, redis_url: str
+) -> None:
+    await grant(redis_url, ttl=1)
+    url = (await blob_urls(gate, storage))[0]
+    await grant(redis_url, scope="project:5")  # even with another grant afterwards
+    await past(time.time() + 1)
+    resp = await gate.get(url, headers=bearer())
+    assert resp.status == 403 and "expired" in await resp.text()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: t[:-2] + ("A" if t[-2] != "A" else "B") + t[-1],  # one character
+        lambda t: t[:40],  # cut short
+        lambda t: t[:20] + t[21:],  # one character less
+        lambda t: "gAAAAA" + t[6:][::-1],  # reversed
+    ],
+)
+async def test_a_tampered_url_fails(
+    gate: TestClient, storage: Storage, redis_url: str, change: Any
+) -> None:
+    await grant(redis_url)
+    url = (await blob_urls(gate, storage))[0]
+    token = url.rsplit("/", 1)[1]
+    resp = await gate.get(f"/_jit/blob/{change(token)}", headers=bearer())
+    assert resp.status == 403 and "not valid" in await resp.text()
+    assert storage.hits == []
+
+
+async def test_a_url_made_with_another_key_fails(
+    gate: TestClient, storage: Storage, redis_url: str
+) -> None:
+    await grant(redis_url)
+    url = (await blob_urls(gate, storage))[0]
+    assert (await gate.get(url, headers=bearer())).status == 200
+    # The same ticket sealed by another deployment's key: it does not open here.
+    body = {"u": storage.presign(next(iter(FILES))), "s": "alice", "c": SCOPE, "g": "g-1",
+            "e": time.time() + 60, "r": "replay"}  # fmt: skip
+    forged = Fernet(Fernet.generate_key()).encrypt(json.dumps(body).encode()).decode()
+    resp = await gate.get(f"/_jit/blob/{forged}", headers=bearer())
+    assert resp.status == 403 and "not valid" in await resp.text()
+    assert len(storage.hits) == 1
+
+
+async def test_redis_down_means_no_blob(
+    make_proxy: ProxyFactory,
+    replay: Replay,
+    storage: Storage,
+    own_redis: RedisServer,
+    tmp_path: Path,
+) -> None:
+    gate = await make_proxy(
+        upstream_url=replay.url,
+        policy_text=POLICY,
+        extra=blob_config(storage),
+        redis=own_redis.url,
+    )
+    await grant(own_redis.url)
+    url = (await blob_urls(gate, storage))[0]
+    own_redis.kill()
+    resp = await gate.get(url, headers=bearer())
+    assert resp.status == 503 and "failing closed" in await resp.text()
+    assert storage.hits == []
+
+
+JSON = "application/json"
+EVIL = b'"https://s3.evil.invalid/x?sig=1"'
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "body", "why"),
+    [
+        ("foreign", JSON, b'{"url": ' + EVIL + b"}", "origin"),
+        ("relative", JSON, b'{"url": "/mobs/x?X-Amz-Signature=1"}', "origin"),
+        ("html", "text/html", b"<p>see " + EVIL + b"</p>", "not JSON"),
+        ("shape", JSON, b'{"url": {"href": ' + EVIL + b"}}", "holds a dict"),
+        ("big", JSON, b'{"url": "' + b"x" * 5000 + b'"}', "over blobs.max_bytes"),
+    ],
+)
+async def test_a_body_that_cannot_be_rewritten_is_refused(
+    make_proxy: ProxyFactory,
+    replay: Replay,
+    storage: Storage,
+    redis_url: str,
+    name: str,
+    kind: str,
+    body: bytes,
+    why: str,
+) -> None:
+    gate = await make_proxy(
+        upstream_url=replay.url, policy_text=POLICY, extra=blob_config(storage, ", max_bytes: 4096")
+    )
+    await grant(redis_url)
+    replay.raw[name] = (200, kind, body)
+    resp = await gate.get(f"/raw/5/{SESSION}/{name}", headers=bearer())
+    text = await resp.text()
+    assert resp.status == 502 and why in text, text
+    assert "sig=1" not in text and "X-Amz" not in text
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "body"),
+    [
+        ("empty", 200, b""),
+        ("without", 200, b'{"other": ' + EVIL + b"}"),
+        ("null", 200, b'{"url": null}'),
+        ("error", 404, b'{"errors": ["session not found"]}'),
+    ],
+)
+async def test_a_body_without_urls_passes_unchanged(
+    gate: TestClient, replay: Replay, redis_url: str, name: str, status: int, body: bytes
+) -> None:
+    await grant(redis_url)
+    replay.raw[name] = (status, JSON, body)
+    resp = await gate.get(f"/raw/5/{SESSION}/{name}", headers=bearer())
+    assert resp.status == status and await resp.read() == body
+
+
+async def test_the_storage_origin_must_still_be_allowed(
+    make_proxy: ProxyFactory, replay: Replay, storage: Storage, redis_url: str
+) -> None:
+    gate = await make_proxy(upstream_url=replay.url, policy_text=POLICY, extra=blob_config(storage))
+    await grant(redis_url)
+    url = (await blob_urls(gate, storage))[0]
+    # The same Redis (same key) behind a jitgate whose blobs.origins no longer has it.
+    other = await make_proxy(
+        upstream_url=replay.url,
+        policy_text=POLICY,
+        extra='blobs: {origins: ["https://minio.example.com"]}\n',
+    )
+    resp = await other.get(url, headers=bearer())
+    assert resp.status == 403 and "blobs.origins" in await resp.text()
+    assert storage.hits == []
+
+
+@pytest.mark.parametrize(
+    ("route", "error"),
+    [
+        ("access: identity\n    blobs: {fields: [url]}", "only protected routes"),
+        ('scope: "s:{p}"\n    blobs: [url]', "must be a mapping"),
+        ('scope: "s:{p}"\n    blobs: {fields: []}', "is required"),
+        ('scope: "s:{p}"\n    blobs: {fields: ["a..b"]}', "dotted key path"),
+        ('scope: "s:{p}"\n    blobs: {fields: [a], scope: x}', "unknown field"),
+    ],
+)
+def test_policy_blobs_errors_name_the_place(route: str, error: str) -> None:
+    text = f"version: 1\nroutes:\n  - id: r\n    path: /x/{{p}}\n    {route}\n"
+    with pytest.raises(ConfigErrors) as info:
+        compile_text(text, "policy.yaml")
+    assert "policy.yaml:" in str(info.value) and "routes[0]" in str(info.value)
+    assert error in str(info.value)
+
+
+BASE = f"upstream: {{url: http://127.0.0.1:1}}\nidentity: {{hs_secret: {SECRET}}}\n"
+
+
+@pytest.mark.parametrize(
+    ("blobs", "error"),
+    [
+        ('{origins: ["https://minio.example.com/bucket"]}', "blobs.origins[0]: must be a storage"),
+        ('{origins: ["ftp://minio.example.com"]}', "blobs.origins[0]"),
+        ('{origins: ["https://key:secret@minio.example.com"]}', "must not carry credentials"),
+        ("{ttl: 2h}", "blobs.ttl: must be more than 0 and at most 3600s"),
+        ("{ttl: 0}", "blobs.ttl"),
+        ("{speed: 1}", "blobs.speed: unknown field"),
+    ],
+)
+def test_settings_blobs_errors(tmp_path: Path, blobs: str, error: str) -> None:
+    cfg = tmp_path / "jitgate.yaml"
+    cfg.write_text(f"{BASE}blobs: {blobs}\n")
+    with pytest.raises(ConfigErrors) as info:
+        load(cfg, environ={})
+    assert error in str(info.value)
+
+
+def test_settings_blobs_origins_are_normalised(tmp_path: Path) -> None:
+    cfg = tmp_path / "jitgate.yaml"
+    cfg.write_text(f'{BASE}blobs: {{origins: ["HTTPS://Minio.Example.com", "http://[::1]:9000/"]}}')
+    origins = load(cfg, environ={}).blobs.origins
+    assert origins == ("https://minio.example.com:443", "http://[::1]:9000")
