@@ -11,14 +11,21 @@ from .settings.yamlsrc import Node
 
 
 def blobs(c: Compiler, item: Node, where: str, access: Access) -> Blobs | None:
-    """A protected route's `blobs: {fields: [data.domURL, ...]}`."""
+    """A protected route's `blobs: {fields: [data.domURL, ...]}`; null: none.
+
+    On a blocked route (a preset's route overridden to `access: blocked`) it is ignored:
+    nothing is forwarded there. On identity and public routes it is an error.
+    """
     raw, at = item.get("blobs"), f"{where}.blobs"
+    if raw is None or access is Access.BLOCKED:
+        return None
     if not isinstance(raw, Node):
         c.err(item, "blobs", at, "must be a mapping: {fields: [key paths]}")
         return None
     c.unknown(raw, at, ("fields",))
     if access is not Access.PROTECTED:
-        c.err(item, "blobs", at, "only protected routes hand out recording files")
+        message = "only protected routes hand out recording files (blobs: null to drop it)"
+        c.err(item, "blobs", at, message)
     fields = raw.get("fields")
     if not isinstance(fields, list) or not fields:
         c.err(raw, "fields", f"{at}.fields", "is required: a list of dotted key paths")

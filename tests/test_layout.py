@@ -135,6 +135,7 @@ SERVICES = {
         "proxy.queryrules",
         "proxy.bodyrules",
         "proxy.listspec",
+        "proxy.blobspec",
     ),
     "grants": ("proxy.grants", "proxy.grantstore", "proxy.grantview"),
     "audit": ("proxy.audit",),
