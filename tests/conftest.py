@@ -19,6 +19,7 @@ import pytest
 import redis as redis_sync
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from storagekit import Storage, start_storage
 
 from proxy import settings as settings_mod
 from proxy.app import build_app
@@ -146,6 +147,12 @@ async def upstream(aiohttp_server: Any) -> Upstream:
     up = Upstream(await aiohttp_server(app))
     holder.append(up)
     return up
+
+
+@pytest.fixture
+async def storage(aiohttp_server: Any) -> Storage:
+    """A real local "S3" that signs and checks its own presigned URLs (storagekit.py)."""
+    return await start_storage(aiohttp_server)
 
 
 def demo_policy(entitlements: str) -> str:

@@ -37,6 +37,22 @@ class Storage:
         )
         return f"{self.url}{path}?{query}&X-Amz-Signature={_sign('GET', path, query)}"
 
+    def presign_all(self, doc: Any, origin: str) -> Any:
+        """`doc` with each URL on `origin` (a fixture's made-up host) presigned here instead."""
+        if isinstance(doc, dict):
+            return {k: self.presign_all(v, origin) for k, v in doc.items()}
+        if isinstance(doc, list):
+            return [self.presign_all(v, origin) for v in doc]
+        if isinstance(doc, str) and doc.startswith(origin + "/"):
+            path = doc[len(origin) :].partition("?")[0]
+            self.objects.setdefault(path, f"file {path}".encode())
+            return self.presign(path)
+        return doc
+
+    def config(self, more: str = "") -> str:
+        """The `blobs:` section of a jitgate config that lets jitgate fetch from here."""
+        return f'blobs: {{origins: ["{self.url}"], ttl: 5m{more}}}\n'
+
 
 def _sign(method: str, path: str, query: str) -> str:
     return hmac.new(_KEY, f"{method}\n{path}\n{query}".encode(), hashlib.sha256).hexdigest()

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient
 from conftest import ROOT, SECRET, ProxyFactory, RedisServer, bearer
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
-from storagekit import Storage, start_storage
+from storagekit import Storage
 from waiting import past
 
 from proxy.errors import ConfigErrors
@@ -64,15 +64,9 @@ class Replay:
 
 
 @pytest.fixture
-async def storage(aiohttp_server: Any) -> Storage:
-    store = await start_storage(aiohttp_server)
-    store.objects.update(FILES)
-    return store
-
-
-@pytest.fixture
 async def replay(aiohttp_server: Any, storage: Storage) -> Replay:
     fake = Replay(storage=storage)
+    storage.objects.update(FILES)
     shape = json.loads((ROOT / "tests/fixtures/presets/openreplay/replay.json").read_text())
 
     async def replay_json(request: web.Request) -> web.Response:
@@ -93,13 +87,9 @@ async def replay(aiohttp_server: Any, storage: Storage) -> Replay:
     return fake
 
 
-def blob_config(storage: Storage, more: str = "") -> str:
-    return f'blobs: {{origins: ["{storage.url}"], ttl: 5m{more}}}\n'
-
-
 @pytest.fixture
 async def gate(make_proxy: ProxyFactory, replay: Replay, storage: Storage) -> TestClient:
-    return await make_proxy(upstream_url=replay.url, policy_text=POLICY, extra=blob_config(storage))
+    return await make_proxy(upstream_url=replay.url, policy_text=POLICY, extra=storage.config())
 
 
 async def grant(redis_url: str, user: str = "alice", scope: str = SCOPE, ttl: float = 600) -> str:
@@ -199,7 +189,7 @@ async def test_an_expired_url_fails(
     make_proxy: ProxyFactory, replay: Replay, storage: Storage, redis_url: str
 ) -> None:
     gate = await make_proxy(
-        upstream_url=replay.url, policy_text=POLICY, extra=blob_config(storage).replace("5m", "1s")
+        upstream_url=replay.url, policy_text=POLICY, extra=storage.config().replace("5m", "1s")
     )
     await grant(redis_url)
     url = (await blob_urls(gate, storage))[0]
@@ -266,7 +256,7 @@ async def test_redis_down_means_no_blob(
     gate = await make_proxy(
         upstream_url=replay.url,
         policy_text=POLICY,
-        extra=blob_config(storage),
+        extra=storage.config(),
         redis=own_redis.url,
     )
     await grant(own_redis.url)
@@ -302,7 +292,7 @@ async def test_a_body_that_cannot_be_rewritten_is_refused(
     why: str,
 ) -> None:
     gate = await make_proxy(
-        upstream_url=replay.url, policy_text=POLICY, extra=blob_config(storage, ", max_bytes: 4096")
+        upstream_url=replay.url, policy_text=POLICY, extra=storage.config(", max_bytes: 4096")
     )
     await grant(redis_url)
     replay.raw[name] = (200, kind, body)
@@ -333,7 +323,7 @@ async def test_a_body_without_urls_passes_unchanged(
 async def test_the_storage_origin_must_still_be_allowed(
     make_proxy: ProxyFactory, replay: Replay, storage: Storage, redis_url: str
 ) -> None:
-    gate = await make_proxy(upstream_url=replay.url, policy_text=POLICY, extra=blob_config(storage))
+    gate = await make_proxy(upstream_url=replay.url, policy_text=POLICY, extra=storage.config())
     await grant(redis_url)
     url = (await blob_urls(gate, storage))[0]
     # The same Redis (same key) behind a jitgate whose blobs.origins no longer has it.
