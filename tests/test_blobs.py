@@ -382,3 +382,20 @@ def test_settings_blobs_origins_are_normalised(tmp_path: Path) -> None:
     cfg.write_text(f'{BASE}blobs: {{origins: ["HTTPS://Minio.Example.com", "http://[::1]:9000/"]}}')
     origins = load(cfg, environ={}).blobs.origins
     assert origins == ("https://minio.example.com:443", "http://[::1]:9000")
+
+
+async def test_forward_auth_refuses_routes_that_hand_out_presigned_urls(
+    make_proxy: ProxyFactory, replay: Replay, storage: Storage, redis_url: str
+) -> None:
+    # The answer would go from the upstream to the client past jitgate: no rewriting.
+    extra = storage.config() + "forward_auth: {enabled: true, trusted_proxies: [127.0.0.1/32]}\n"
+    gate = await make_proxy(upstream_url=replay.url, policy_text=POLICY, extra=extra)
+    await grant(redis_url)
+    headers = {"X-Original-URI": REPLAY, "X-Original-Method": "GET", **bearer()}
+    resp = await gate.get("/_jit/authz", headers={**headers, "Accept": "application/json"})
+    assert resp.status == 403
+    assert "forward-auth cannot rewrite" in json.dumps(await resp.json())
+    raw = await gate.get(
+        "/_jit/authz", headers={**headers, "X-Original-URI": f"/raw/5/{SESSION}/x"}
+    )
+    assert raw.status == 403
