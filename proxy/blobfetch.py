@@ -16,9 +16,10 @@ counted in `jitgate_blob_fetches{outcome}`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import aiohttp
 from aiohttp import web
@@ -41,6 +42,18 @@ _PASS_RESPONSE = (
     "Content-Type", "Content-Length", "Content-Encoding", "Content-Range", "Accept-Ranges",
     "ETag", "Last-Modified", "Content-Disposition",
 )  # fmt: skip
+
+
+@dataclass
+class Sent:
+    """How far one fetch got, for its audit record: kept up to date while it streams."""
+
+    status: int = 499  # the client went away before a status was sent
+    bytes: int = 0
+    error: str | None = "client disconnected"
+
+    def finish(self, status: int, size: int, error: str | None) -> None:
+        self.status, self.bytes, self.error = status, size, error
 
 
 class BlobFetcher:
@@ -107,49 +120,65 @@ class BlobFetcher:
         grant_id, expires_at = held
         why = f"active grant {grant_id} covers {ticket.scope}"
         decision = replace(self._decision(True, 0, "allow", why, ticket, who), grant_id=grant_id)
-        response, status, sent, error = await self._relay(request, ticket, grant_id, expires_at)
-        self.counter.labels("allow" if error is None else "storage_error").inc()
-        self.log.decision(request, decision, self.path, status, sent, error, started)
-        return response
+        sent = Sent()
+        try:
+            return await self._relay(request, ticket, grant_id, expires_at, sent)
+        finally:  # written even when the client went away mid-stream (499 then)
+            self.counter.labels("allow" if sent.error is None else "storage_error").inc()
+            self.log.decision(
+                request, decision, self.path, sent.status, sent.bytes, sent.error, started
+            )
 
     async def _relay(
-        self, request: web.Request, ticket: Ticket, grant_id: str, expires_at: float
-    ) -> tuple[web.StreamResponse, int, int, str | None]:
-        """Fetch the file and stream it on; return the response, status, bytes and any error."""
+        self, request: web.Request, ticket: Ticket, grant_id: str, expires_at: float, sent: Sent
+    ) -> web.StreamResponse:
+        """Fetch the file and stream it on; `sent` says how far it got."""
         assert self._session is not None, "BlobFetcher.start() was not awaited"
         headers = {k: request.headers[k] for k in _PASS_REQUEST if k in request.headers}
         url = URL(ticket.url, encoded=True)  # as signed: never re-encoded
         live = self.state.live
         stop = live.open(grant_id, expires_at)
+        # Revoked or expired mid-stream: cut at once, even while storage is silent.
+        upstream: list[aiohttp.ClientResponse] = []
+        watcher = asyncio.create_task(_cut_on(stop, request, upstream, sent))
         out: web.StreamResponse | None = None
-        sent = 0
         try:
             async with self._session.get(url, headers=headers, allow_redirects=False) as up:
+                upstream.append(up)
                 if 300 <= up.status < 400 and up.status != 304:
                     text = f"jitgate: storage answered {up.status} (redirects are not followed)\n"
-                    return web.Response(status=502, text=text), 502, len(text), "storage_redirect"
+                    sent.finish(502, len(text), "storage_redirect")
+                    return web.Response(status=502, text=text)
                 out = web.StreamResponse(status=up.status)
                 for name in _PASS_RESPONSE:
                     if name in up.headers:
                         out.headers[name] = up.headers[name]
                 out.headers["Cache-Control"] = "private, no-store"
                 out.headers["X-Content-Type-Options"] = "nosniff"
+                sent.status = up.status
                 await out.prepare(request)
                 async for chunk in up.content.iter_any():
-                    if stop.is_set():  # revoked or expired mid-stream: cut, never finish
-                        _abort(request)
-                        return out, up.status, sent, "grant ended"
+                    if stop.is_set():
+                        break
                     await out.write(chunk)
-                    sent += len(chunk)
+                    sent.bytes += len(chunk)
+                if stop.is_set():
+                    _abort(request)
+                    return out
                 await out.write_eof()
-                return out, up.status, sent, None
+                sent.error = None
+                return out
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if not stop.is_set():
+                sent.error = "storage"
             if out is not None and out.prepared:  # the status line is gone: cut
                 _abort(request)
-                return out, out.status, sent, "storage"
+                return out
             text = f"jitgate: storage fetch failed ({type(exc).__name__})\n"
-            return web.Response(status=502, text=text), 502, len(text), "storage"
+            sent.finish(502, len(text), sent.error)
+            return web.Response(status=502, text=text)
         finally:
+            watcher.cancel()
             live.close(grant_id, stop)
 
     def _decision(
@@ -199,3 +228,13 @@ class BlobFetcher:
 def _abort(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.abort()
+
+
+async def _cut_on(
+    stop: asyncio.Event, request: web.Request, upstream: list[aiohttp.ClientResponse], sent: Sent
+) -> None:
+    await stop.wait()
+    sent.error = "grant ended"
+    _abort(request)
+    for response in upstream:  # a storage that is silent is not waited for
+        response.close()

@@ -8,6 +8,7 @@ byte (re-encoded `%2F` included) or past its expiry is refused with 403, like S3
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import hashlib
 import hmac
@@ -26,6 +27,8 @@ class Storage:
     objects: dict[str, bytes] = field(default_factory=dict)  # raw path -> bytes
     hits: list[tuple[str, int]] = field(default_factory=list)  # (raw path, status)
     headers: list[dict[str, str]] = field(default_factory=list)  # what each request carried
+    # Raw paths whose body is sent in two halves, the second once the event is set.
+    held: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def presign(self, path: str, expires: int = 900) -> str:
         """A presigned GET URL of `path`, valid for `expires` seconds from now."""
@@ -73,7 +76,7 @@ def _check(request: web.Request) -> str | None:
 async def start_storage(aiohttp_server: Any) -> Storage:
     store = Storage()
 
-    async def get(request: web.Request) -> web.Response:
+    async def get(request: web.Request) -> web.StreamResponse:
         raw = request.raw_path.partition("?")[0]
         store.headers.append(dict(request.headers))
         why = _check(request)
@@ -85,7 +88,16 @@ async def start_storage(aiohttp_server: Any) -> Storage:
             store.hits.append((raw, 404))
             return web.Response(status=404, text="<Error><Code>NoSuchKey</Code></Error>")
         store.hits.append((raw, 200))
-        return web.Response(body=body, content_type="application/octet-stream")
+        if raw not in store.held:
+            return web.Response(body=body, content_type="application/octet-stream")
+        out = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        out.content_length = len(body)
+        await out.prepare(request)
+        half = len(body) // 2
+        await out.write(body[:half])
+        await store.held[raw].wait()
+        await out.write(body[half:])
+        return out
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", get)

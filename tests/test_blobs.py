@@ -8,12 +8,14 @@ expiry or tampering, never with Redis down; the raw storage URL never reaches th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -171,6 +173,25 @@ async def test_a_url_copied_before_revocation_fails_after_it(
     await gate.close()
     denied = [r for r in audit_lines(tmp_path) if r["event"] == "access.deny"]
     assert denied[0]["route"] == "_blob" and denied[0]["status"] == 403
+
+
+async def test_revocation_cuts_a_download_in_flight(
+    gate: TestClient, storage: Storage, redis_url: str, tmp_path: Path
+) -> None:
+    grant_id = await grant(redis_url)
+    url = (await blob_urls(gate, storage))[0]
+    path, body = next(iter(FILES.items()))
+    storage.held[path] = asyncio.Event()  # storage sends half, then goes silent
+    resp = await gate.get(url, headers=bearer())
+    assert resp.status == 200
+    first = await resp.content.readexactly(len(body) // 2)
+    assert first == body[: len(body) // 2]
+    await revoke(redis_url, grant_id)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(resp.read(), 10)
+    await gate.close()
+    fetch = [r for r in audit_lines(tmp_path) if r["route"] == "_blob"][-1]
+    assert "upstream error: grant ended" in fetch["reasons"]
 
 
 async def test_a_url_opens_for_its_own_user_only(
