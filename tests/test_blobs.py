@@ -25,9 +25,11 @@ from redis.asyncio import Redis
 from storagekit import Storage
 from waiting import past
 
+from proxy.authorize import Authorizer
 from proxy.errors import ConfigErrors
 from proxy.grantstore import RedisGrants
 from proxy.policyfile import compile_text
+from proxy.policytest import Explanation, decide_request
 from proxy.settings import load
 
 SESSION = "7391450123456789012"
@@ -420,3 +422,16 @@ async def test_forward_auth_refuses_routes_that_hand_out_presigned_urls(
         "/_jit/authz", headers={**headers, "X-Original-URI": f"/raw/5/{SESSION}/x"}
     )
     assert raw.status == 403
+
+
+async def test_policy_explain_names_the_blob_fields() -> None:
+    # No identity: decided without asking for grants, so none are needed here.
+    auth = Authorizer(compile_text(POLICY, "policy.yaml"), grants=None)  # type: ignore[arg-type]
+    verdict = await decide_request(auth, None, "GET", REPLAY)
+    assert verdict.to_dict()["blob_fields"] == [
+        "data.domURL",
+        "data.devtoolsURL",
+        "data.canvas.url",
+    ]
+    lines = Explanation(verdict, None, (), "policy.yaml", "v", None).lines()
+    assert any(line.startswith("blobs") and "data.canvas.url" in line for line in lines)
