@@ -65,6 +65,8 @@ async def openreplay(aiohttp_server: Any, storage: Storage) -> FakeOpenReplay:
     for prefix in ("/api", "/v2/api", ""):
         base = prefix + "/{project}/sessions/{session}"
         app.router.add_get(base + "/replay", answer("replay.json"))
+        app.router.add_get(base + "/first-mob", answer("first_mob.json"))
+        app.router.add_post(prefix + "/{project}/mobile/{session}/urls", answer("mobile_urls.json"))
         app.router.add_get(base + "/events", answer("events.json"))
         app.router.add_get(base + "/notes", answer("notes.json"))
         app.router.add_get(prefix + "/{project}/unprocessed/{session}/dom.mob", mob)
@@ -147,6 +149,21 @@ async def test_sessions_served_under_a_grant(
     # The session's grant is for that session; the project's covers its other sessions.
     sibling = await gate.get("/api/5/sessions/1/replay", headers=bearer())
     assert sibling.status == (200 if scope == "project:5" else 403)
+
+
+async def test_first_mob_and_mobile_urls_are_blob_urls(
+    gate: TestClient, storage: Storage, redis_url: str
+) -> None:
+    await grant(redis_url, SCOPE)
+    first = await gate.get(f"/v2/api/5/sessions/{SESSION}/first-mob", headers=bearer())
+    (dom,) = (await first.json())["data"]["domURL"]
+    mobile = await gate.post(f"/api/5/mobile/{SESSION}/urls", json={"keys": []}, headers=bearer())
+    urls = (await mobile.json())["data"]
+    assert len(urls) == 2 and all(u.startswith("/_jit/blob/") for u in [dom, *urls])
+    got = await gate.get(urls[1], headers=bearer())
+    assert await got.read() == f"file /pk123/{SESSION}/replay.frames.zst".encode()
+    assert (await gate.get(dom, headers=bearer())).status == 200
+    assert [status for _, status in storage.hits] == [200, 200]
 
 
 async def test_presigned_urls_never_pass_without_blob_origins(
