@@ -96,20 +96,10 @@ async def gate(make_proxy: ProxyFactory, replay: Replay, storage: Storage) -> Te
     return await make_proxy(upstream_url=replay.url, policy_text=POLICY, extra=storage.config())
 
 
-async def grant(redis_url: str, user: str = "alice", scope: str = SCOPE, ttl: float = 600) -> str:
-    redis = Redis.from_url(redis_url)
-    try:
-        return (await RedisGrants(redis).add(user, scope, ttl, "blob test", "test")).id
-    finally:
-        await redis.aclose()
-
-
-async def revoke(redis_url: str, grant_id: str) -> None:
-    redis = Redis.from_url(redis_url)
-    try:
-        await RedisGrants(redis).revoke(grant_id, "test")
-    finally:
-        await redis.aclose()
+async def grant(
+    store: RedisGrants, user: str = "alice", scope: str = SCOPE, ttl: float = 600
+) -> str:
+    return (await store.add(user, scope, ttl, "blob test", "test")).id
 
 
 async def blob_urls(gate: TestClient, storage: Storage, user: str = "alice") -> list[str]:
@@ -132,9 +122,9 @@ def audit_lines(tmp_path: Path) -> list[dict[str, Any]]:
 
 
 async def test_urls_are_rewritten_and_open_under_the_grant(
-    gate: TestClient, storage: Storage, redis_url: str, tmp_path: Path
+    gate: TestClient, storage: Storage, grant_store: RedisGrants, tmp_path: Path
 ) -> None:
-    grant_id = await grant(redis_url)
+    grant_id = await grant(grant_store)
     urls = await blob_urls(gate, storage)
     for url, (path, body) in zip(urls, FILES.items(), strict=False):
         resp = await gate.get(url, headers=bearer())
@@ -159,18 +149,18 @@ async def test_urls_are_rewritten_and_open_under_the_grant(
 
 
 async def test_a_url_copied_before_revocation_fails_after_it(
-    gate: TestClient, storage: Storage, redis_url: str, tmp_path: Path
+    gate: TestClient, storage: Storage, grant_store: RedisGrants, tmp_path: Path
 ) -> None:
-    grant_id = await grant(redis_url)
+    grant_id = await grant(grant_store)
     url = (await blob_urls(gate, storage))[0]
     assert (await gate.get(url, headers=bearer())).status == 200
-    await revoke(redis_url, grant_id)
+    await grant_store.revoke(grant_id, "test")
     resp = await gate.get(url, headers=bearer())
     assert resp.status == 403
     assert f"no active grant for {SCOPE}" in await resp.text()
     assert len(storage.hits) == 1  # the refused fetch never reached storage
     # A new grant for the scope opens it again: the URL is bound to the scope's grant.
-    await grant(redis_url, scope="project:5")
+    await grant(grant_store, scope="project:5")
     assert (await gate.get(url, headers=bearer())).status == 200
     await gate.close()
     denied = [r for r in audit_lines(tmp_path) if r["event"] == "access.deny"]
@@ -178,9 +168,9 @@ async def test_a_url_copied_before_revocation_fails_after_it(
 
 
 async def test_revocation_cuts_a_download_in_flight(
-    gate: TestClient, storage: Storage, redis_url: str, tmp_path: Path
+    gate: TestClient, storage: Storage, grant_store: RedisGrants, tmp_path: Path
 ) -> None:
-    grant_id = await grant(redis_url)
+    grant_id = await grant(grant_store)
     url = (await blob_urls(gate, storage))[0]
     path, body = next(iter(FILES.items()))
     storage.held[path] = asyncio.Event()  # storage sends half, then goes silent
@@ -188,7 +178,7 @@ async def test_revocation_cuts_a_download_in_flight(
     assert resp.status == 200
     first = await resp.content.readexactly(len(body) // 2)
     assert first == body[: len(body) // 2]
-    await revoke(redis_url, grant_id)
+    await grant_store.revoke(grant_id, "test")
     with pytest.raises(aiohttp.ClientPayloadError):
         await asyncio.wait_for(resp.read(), 10)
     await gate.close()
@@ -197,10 +187,10 @@ async def test_revocation_cuts_a_download_in_flight(
 
 
 async def test_a_url_opens_for_its_own_user_only(
-    gate: TestClient, storage: Storage, redis_url: str
+    gate: TestClient, storage: Storage, grant_store: RedisGrants
 ) -> None:
-    await grant(redis_url)
-    await grant(redis_url, user="bob")  # bob may see the session, but not with alice's URL
+    await grant(grant_store)
+    await grant(grant_store, user="bob")  # bob may see the session, but not with alice's URL
     url = (await blob_urls(gate, storage))[0]
     resp = await gate.get(url, headers=bearer("bob"))
     assert resp.status == 403 and "another user" in await resp.text()
@@ -209,12 +199,12 @@ async def test_a_url_opens_for_its_own_user_only(
 
 
 async def test_an_expired_url_fails(
-    make_proxy: ProxyFactory, replay: Replay, storage: Storage, redis_url: str
+    make_proxy: ProxyFactory, replay: Replay, storage: Storage, grant_store: RedisGrants
 ) -> None:
     gate = await make_proxy(
         upstream_url=replay.url, policy_text=POLICY, extra=storage.config().replace("5m", "1s")
     )
-    await grant(redis_url)
+    await grant(grant_store)
     url = (await blob_urls(gate, storage))[0]
     issued = time.time()
     await past(issued + 1)
@@ -224,11 +214,11 @@ async def test_an_expired_url_fails(
 
 
 async def test_a_url_never_outlives_its_grant(
-    gate: TestClient, storage: Storage, redis_url: str
+    gate: TestClient, storage: Storage, grant_store: RedisGrants
 ) -> None:
-    await grant(redis_url, ttl=1)
+    await grant(grant_store, ttl=1)
     url = (await blob_urls(gate, storage))[0]
-    await grant(redis_url, scope="project:5")  # even with another grant afterwards
+    await grant(grant_store, scope="project:5")  # even with another grant afterwards
     await past(time.time() + 1)
     resp = await gate.get(url, headers=bearer())
     assert resp.status == 403 and "expired" in await resp.text()
@@ -244,9 +234,9 @@ async def test_a_url_never_outlives_its_grant(
     ],
 )
 async def test_a_tampered_url_fails(
-    gate: TestClient, storage: Storage, redis_url: str, change: Any
+    gate: TestClient, storage: Storage, grant_store: RedisGrants, change: Any
 ) -> None:
-    await grant(redis_url)
+    await grant(grant_store)
     url = (await blob_urls(gate, storage))[0]
     token = url.rsplit("/", 1)[1]
     resp = await gate.get(f"/_jit/blob/{change(token)}", headers=bearer())
@@ -255,9 +245,9 @@ async def test_a_tampered_url_fails(
 
 
 async def test_a_url_made_with_another_key_fails(
-    gate: TestClient, storage: Storage, redis_url: str
+    gate: TestClient, storage: Storage, grant_store: RedisGrants
 ) -> None:
-    await grant(redis_url)
+    await grant(grant_store)
     url = (await blob_urls(gate, storage))[0]
     assert (await gate.get(url, headers=bearer())).status == 200
     # The same ticket sealed by another deployment's key: it does not open here.
@@ -282,7 +272,9 @@ async def test_redis_down_means_no_blob(
         extra=storage.config(),
         redis=own_redis.url,
     )
-    await grant(own_redis.url)
+    redis = Redis.from_url(own_redis.url)
+    await grant(RedisGrants(redis))
+    await redis.aclose()
     url = (await blob_urls(gate, storage))[0]
     own_redis.kill()
     resp = await gate.get(url, headers=bearer())
@@ -308,7 +300,7 @@ async def test_a_body_that_cannot_be_rewritten_is_refused(
     make_proxy: ProxyFactory,
     replay: Replay,
     storage: Storage,
-    redis_url: str,
+    grant_store: RedisGrants,
     name: str,
     kind: str,
     body: bytes,
@@ -317,7 +309,7 @@ async def test_a_body_that_cannot_be_rewritten_is_refused(
     gate = await make_proxy(
         upstream_url=replay.url, policy_text=POLICY, extra=storage.config(", max_bytes: 4096")
     )
-    await grant(redis_url)
+    await grant(grant_store)
     replay.raw[name] = (200, kind, body)
     resp = await gate.get(f"/raw/5/{SESSION}/{name}", headers=bearer())
     text = await resp.text()
@@ -335,19 +327,19 @@ async def test_a_body_that_cannot_be_rewritten_is_refused(
     ],
 )
 async def test_a_body_without_urls_passes_unchanged(
-    gate: TestClient, replay: Replay, redis_url: str, name: str, status: int, body: bytes
+    gate: TestClient, replay: Replay, grant_store: RedisGrants, name: str, status: int, body: bytes
 ) -> None:
-    await grant(redis_url)
+    await grant(grant_store)
     replay.raw[name] = (status, JSON, body)
     resp = await gate.get(f"/raw/5/{SESSION}/{name}", headers=bearer())
     assert resp.status == status and await resp.read() == body
 
 
 async def test_the_storage_origin_must_still_be_allowed(
-    make_proxy: ProxyFactory, replay: Replay, storage: Storage, redis_url: str
+    make_proxy: ProxyFactory, replay: Replay, storage: Storage, grant_store: RedisGrants
 ) -> None:
     gate = await make_proxy(upstream_url=replay.url, policy_text=POLICY, extra=storage.config())
-    await grant(redis_url)
+    await grant(grant_store)
     url = (await blob_urls(gate, storage))[0]
     # The same Redis (same key) behind a jitgate whose blobs.origins no longer has it.
     other = await make_proxy(
@@ -408,12 +400,12 @@ def test_settings_blobs_origins_are_normalised(tmp_path: Path) -> None:
 
 
 async def test_forward_auth_refuses_routes_that_hand_out_presigned_urls(
-    make_proxy: ProxyFactory, replay: Replay, storage: Storage, redis_url: str
+    make_proxy: ProxyFactory, replay: Replay, storage: Storage, grant_store: RedisGrants
 ) -> None:
     # The answer would go from the upstream to the client past jitgate: no rewriting.
     extra = storage.config() + "forward_auth: {enabled: true, trusted_proxies: [127.0.0.1/32]}\n"
     gate = await make_proxy(upstream_url=replay.url, policy_text=POLICY, extra=extra)
-    await grant(redis_url)
+    await grant(grant_store)
     headers = {"X-Original-URI": REPLAY, "X-Original-Method": "GET", **bearer()}
     resp = await gate.get("/_jit/authz", headers={**headers, "Accept": "application/json"})
     assert resp.status == 403
