@@ -89,18 +89,19 @@ class BlobFetcher:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        found = (await self.state.identify(request)).found  # the audit names who tried
+        caller = found.identity if found is not None else None
         try:
             ticket = await self.signer.open(request.match_info["token"])
         except BadTicket as exc:
-            return self._refuse(request, started, 403, exc.kind, str(exc), None, None)
+            return self._refuse(request, started, 403, exc.kind, str(exc), None, caller)
         except Exception as exc:  # the key cannot be read: Redis is down
             why = f"blob key unavailable ({type(exc).__name__}); failing closed"
-            return self._refuse(request, started, 503, "unavailable", why, None, None)
-        found = (await self.state.identify(request)).found
-        if found is None:
+            return self._refuse(request, started, 503, "unavailable", why, None, caller)
+        if caller is None:
             why = "sign in to open this recording file"
             return self._refuse(request, started, 401, "unauthenticated", why, ticket, None)
-        who = found.identity
+        who = caller
         if who.subject != ticket.user:
             why = "this blob URL was issued to another user"
             return self._refuse(request, started, 403, "other_user", why, ticket, who)

@@ -234,14 +234,18 @@ async def test_a_url_never_outlives_its_grant(
     ],
 )
 async def test_a_tampered_url_fails(
-    gate: TestClient, storage: Storage, grant_store: RedisGrants, change: Any
+    gate: TestClient, storage: Storage, grant_store: RedisGrants, change: Any, tmp_path: Path
 ) -> None:
     await grant(grant_store)
     url = (await blob_urls(gate, storage))[0]
     token = url.rsplit("/", 1)[1]
-    resp = await gate.get(f"/_jit/blob/{change(token)}", headers=bearer())
+    resp = await gate.get(f"/_jit/blob/{change(token)}", headers=bearer("mallory"))
     assert resp.status == 403 and "not valid" in await resp.text()
     assert storage.hits == []
+    await gate.close()
+    (refused,) = [r for r in audit_lines(tmp_path) if r["route"] == "_blob"]
+    assert (refused["event"], refused["user"]) == ("access.deny", "mallory")
+    assert token[:20] not in json.dumps(refused)  # the token is never written down
 
 
 async def test_a_url_made_with_another_key_fails(
