@@ -65,6 +65,7 @@ class BlobFetcher:
         self.state = state
         self.signer = signer
         self.settings = settings
+        self.connect = dict(settings.connect)
         self.path = signer.base.rstrip("/")  # what the audit record names: never the token
         self.log = AccessLog(audit_log, state.metrics.request, state)
         self.counter = state.metrics.blob_fetches
@@ -137,6 +138,10 @@ class BlobFetcher:
         assert self._session is not None, "BlobFetcher.start() was not awaited"
         headers = {k: request.headers[k] for k in _PASS_REQUEST if k in request.headers}
         url = URL(ticket.url, encoded=True)  # as signed: never re-encoded
+        address = self.connect.get(origin_of(ticket.url) or "")
+        if address is not None:  # reached elsewhere, with the Host the URL was signed for
+            headers["Host"] = url.raw_authority
+            url = URL(address + url.raw_path_qs, encoded=True)
         live = self.state.live
         stop = live.open(grant_id, expires_at)
         # Revoked or expired mid-stream: cut at once, even while storage is silent.

@@ -431,3 +431,38 @@ async def test_policy_explain_names_the_blob_fields() -> None:
     ]
     lines = Explanation(verdict, None, (), "policy.yaml", "v", None).lines()
     assert any(line.startswith("blobs") and "data.canvas.url" in line for line in lines)
+
+
+async def test_storage_behind_the_public_host_is_reached_at_its_own_address(
+    make_proxy: ProxyFactory, replay: Replay, storage: Storage, grant_store: RedisGrants
+) -> None:
+    # The tool signs URLs for its public host (which is jitgate): jitgate connects to the
+    # storage's own address and sends the Host the URL was signed for.
+    public = "http://replay.invalid:8123"
+    path = next(iter(FILES))
+    signed = storage.presign(path).replace(storage.url, public)
+    replay.raw["public"] = (200, JSON, json.dumps({"url": signed}).encode())
+    extra = f'blobs: {{origins: ["{public}"], connect: {{"{public}": "{storage.url}"}}}}\n'
+    gate = await make_proxy(upstream_url=replay.url, policy_text=POLICY, extra=extra)
+    await grant(grant_store)
+    answer = await gate.get(f"/raw/5/{SESSION}/public", headers=bearer())
+    url = (await answer.json())["url"]
+    got = await gate.get(url, headers=bearer())
+    assert got.status == 200 and await got.read() == FILES[path]
+    assert storage.headers[-1]["Host"] == "replay.invalid:8123"
+
+
+@pytest.mark.parametrize(
+    ("connect", "error"),
+    [
+        ('{"https://other.example.com": "http://n:80"}', "must name an origin listed"),
+        ('{"https://minio.example.com": "http://n:80/path"}', "must be an http(s) address"),
+        ('["http://n:80"]', "must map origins to strings"),
+    ],
+)
+def test_settings_blobs_connect_errors(tmp_path: Path, connect: str, error: str) -> None:
+    cfg = tmp_path / "jitgate.yaml"
+    cfg.write_text(f'{BASE}blobs: {{origins: ["https://minio.example.com"], connect: {connect}}}\n')
+    with pytest.raises(ConfigErrors) as info:
+        load(cfg, environ={})
+    assert error in str(info.value)

@@ -23,6 +23,9 @@ class BlobSettings:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     max_bytes: int = 4 * 1024 * 1024  # a response with blob fields is held up to this
+    # Origins fetched at another address (same Host sent, so the signature still holds):
+    # storage behind the tool's own public host, which would otherwise be jitgate itself.
+    connect: tuple[tuple[str, str], ...] = ()
 
 
 def origin_of(text: str) -> str | None:
@@ -37,7 +40,7 @@ def origin_of(text: str) -> str | None:
 
 def blobs(r: Reader, s: Node) -> BlobSettings:
     at = "blobs"
-    r.known(s, {"origins", "ttl", "connect_timeout", "read_timeout", "max_bytes"}, at)
+    r.known(s, {"origins", "ttl", "connect_timeout", "read_timeout", "max_bytes", "connect"}, at)
     origins: list[str] = []
     for i, text in enumerate(r.str_list(s, "origins", (), f"{at}.origins")):
         url = http_url(text)
@@ -52,6 +55,19 @@ def blobs(r: Reader, s: Node) -> BlobSettings:
             r.error(s, "origins", f"{at}.origins[{i}]", "must not carry credentials")
         else:
             origins.append(origin)
+    connect: list[tuple[str, str]] = []
+    example = '{"https://replay.example.com": "http://replay-nginx:80"}'
+    for origin_text, address in r.str_map(
+        s, "connect", f"{at}.connect", "origins", example
+    ).items():
+        where = f"{at}.connect[{origin_text!r}]"
+        origin, url = origin_of(origin_text), http_url(address)
+        if origin is None or origin not in origins:
+            r.error(s, "connect", where, "must name an origin listed in blobs.origins")
+        elif url is None or url.raw_path not in ("", "/") or url.query_string or url.user:
+            r.error(s, "connect", where, "must be an http(s) address such as http://host:port")
+        else:
+            connect.append((origin, str(url.origin())))
     ttl = seconds(r, s, "ttl", 300.0, at)
     if not 0 < ttl <= MAX_TTL:
         r.error(s, "ttl", f"{at}.ttl", f"must be more than 0 and at most {MAX_TTL:g}s")
@@ -62,4 +78,5 @@ def blobs(r: Reader, s: Node) -> BlobSettings:
         connect_timeout=r.positive(s, "connect_timeout", float, 5.0, f"{at}.connect_timeout"),
         read_timeout=r.positive(s, "read_timeout", float, 60.0, f"{at}.read_timeout"),
         max_bytes=size(r, s, "max_bytes", 4 * 1024 * 1024, at) or 4 * 1024 * 1024,
+        connect=tuple(connect),
     )
