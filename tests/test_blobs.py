@@ -9,6 +9,7 @@ expiry or tampering, never with Redis down; the raw storage URL never reaches th
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
 from dataclasses import dataclass, field
@@ -81,8 +82,12 @@ async def replay(aiohttp_server: Any, storage: Storage) -> Replay:
         return web.json_response({"data": data})
 
     async def raw(request: web.Request) -> web.Response:
-        status, kind, body = fake.raw[request.match_info["name"]]
-        return web.Response(status=status, body=body, content_type=kind)
+        name = request.match_info["name"]
+        status, kind, body = fake.raw[name]
+        resp = web.Response(status=status, body=body, content_type=kind)
+        if name.endswith(".gz"):  # sent compressed whatever the request asked for
+            resp.headers["Content-Encoding"] = "gzip"
+        return resp
 
     app = web.Application()
     app.router.add_get("/api/{project}/sessions/{session}/replay", replay_json)
@@ -337,6 +342,20 @@ async def test_a_body_without_urls_passes_unchanged(
     replay.raw[name] = (status, JSON, body)
     resp = await gate.get(f"/raw/5/{SESSION}/{name}", headers=bearer())
     assert resp.status == status and await resp.read() == body
+
+
+async def test_a_compressed_answer_is_decoded_and_rewritten(
+    gate: TestClient, replay: Replay, storage: Storage, grant_store: RedisGrants
+) -> None:
+    await grant(grant_store)
+    path = next(iter(FILES))
+    plain = json.dumps({"url": storage.presign(path)}).encode()
+    replay.raw["answer.gz"] = (200, JSON, gzip.compress(plain))
+    resp = await gate.get(f"/raw/5/{SESSION}/answer.gz", headers=bearer())
+    assert resp.status == 200 and "Content-Encoding" not in resp.headers
+    url = (await resp.json())["url"]
+    assert url.startswith("/_jit/blob/")
+    assert await (await gate.get(url, headers=bearer())).read() == FILES[path]
 
 
 async def test_the_storage_origin_must_still_be_allowed(
