@@ -23,6 +23,8 @@ from .audit import sinks as auditsinks
 from .audit.store import AuditStore, store_for
 from .authorize import Authorizer
 from .authz import ForwardAuth
+from .blobfetch import BlobFetcher
+from .blobs import BlobKeys, BlobSigner
 from .forward import Forwarder, UpstreamConfig
 from .gate import Gate
 from .grantstore import RedisGrants
@@ -45,6 +47,7 @@ from .workflow import Workflow
 log = logging.getLogger("jitgate")
 
 GATE = web.AppKey("gate", Gate)
+BLOBS = web.AppKey("blobs", BlobFetcher)
 AUTHZ = web.AppKey("authz", ForwardAuth)
 Ctx = Callable[[web.Application], AsyncIterator[None]]
 
@@ -120,6 +123,7 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     own.router.add_get("/readyz", ops.readyz)
     own.router.add_get("/metrics", ops.metrics_view)
     own.router.add_get("/.well-known/jwks.json", ops.jwks_view)
+    own.router.add_get("/blob/{token}", _blob_handler, allow_head=False)
     own.router.add_get("/login", views.login_form)
     own.router.add_post("/login", views.login)
     own.router.add_get("/logout", signin.logout_form)
@@ -392,6 +396,15 @@ def _workflow(state: State) -> Ctx:
             )
         )
         await forwarder.start()
+        rewrites = state.metrics.blob_rewrites
+        signer = BlobSigner(
+            BlobKeys(state.redis, settings.redis.key_prefix),
+            settings.prefix,
+            settings.blobs,
+            lambda outcome: rewrites.labels(outcome).inc(),
+        )
+        app[BLOBS] = blobs = BlobFetcher(state, signer, settings.blobs, state.audit)
+        await blobs.start()
         app[GATE] = gate = Gate(
             settings.prefix,
             settings.forward,
@@ -404,6 +417,7 @@ def _workflow(state: State) -> Ctx:
             live=state.live,
             refuse=refusal.refuse,
             assertion=state.assertion,
+            blob_signer=signer,
         )
         if settings.forward_auth.enabled:
             app[AUTHZ] = ForwardAuth(
@@ -421,6 +435,7 @@ def _workflow(state: State) -> Ctx:
             yield
         finally:
             await _cancel(sweeper)
+            await blobs.close()
             await forwarder.close()
 
     return ctx
@@ -510,6 +525,10 @@ async def _not_found(request: web.Request) -> web.Response:
 
 async def _gate_handler(request: web.Request) -> web.StreamResponse:
     return await request.app[GATE].handle(request)
+
+
+async def _blob_handler(request: web.Request) -> web.StreamResponse:
+    return await request.config_dict[BLOBS].handle(request)
 
 
 async def _authz_handler(request: web.Request) -> web.StreamResponse:

@@ -9,7 +9,7 @@ from typing import Any
 from .bodyrules import BadBody, BodyTooLarge
 from .grants import GrantChecker
 from .identity import Caller, Identity
-from .policy import Access, Match, Policy
+from .policy import Access, Blobs, Match, Policy
 from .sensitivity import Rule, matching
 
 # A recording's metadata for sensitivity rules: (metadata, None), (None, why it is unknown),
@@ -35,6 +35,7 @@ class Decision:
     source: str | None = None  # how the identity was found: bearer, session, cookie, ...
     policy_version: str = ""  # the policy that decided: a reload mid-request changes nothing
     recording: str | None = None  # the recording `scope` names, if it names one
+    blobs: Blobs | None = None  # allowed: the response's presigned URLs to rewrite (blobs.py)
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class Authorizer:
             access,
             grant_id=grant_id,
             grant_expires_at=expires_at,
+            blobs=match.blobs,
             **refused,
         )
 

@@ -33,6 +33,7 @@ import ipaddress
 import json
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -135,6 +136,15 @@ class ForwardAuth:
         )
         if decision.allow and decision.scope is not None and self.strict:
             decision = self.log.strict(decision)
+        if decision.allow and decision.blobs is not None:
+            # Its answer would carry presigned URLs that only the proxy can rewrite.
+            reason = (
+                f"route {decision.route!r} hands out presigned URLs (blobs:), which "
+                "forward-auth cannot rewrite: serve it through jitgate's proxy"
+            )
+            decision = replace(
+                decision, allow=False, status=403, outcome="blocked", reasons=(reason,)
+            )
         if decision.allow:
             response = web.Response(status=200, headers=_NO_STORE)
             vouched = self.vouch.headers(decision) or {}

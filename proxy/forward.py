@@ -75,7 +75,23 @@ class AsyncBodyRewrite(Protocol):
     ) -> tuple[CIMultiDict[str], bytes] | None: ...
 
     def fell_back(self, why: str) -> None:
-        """The body went on as it came: `over_cap` when larger than `limit`."""
+        """The body went on as it came: `over_cap` when larger than `limit`.
+
+        May raise RewriteRefused instead, to refuse the response.
+        """
+
+
+class RewriteRefused(Exception):
+    """A held body that must not reach the client as it came and could not be changed.
+
+    Raised by an AsyncBodyRewrite's `rewrite` or `fell_back` (blobs.py: a response with
+    presigned URLs that cannot be rewritten); the client gets `status` with `reason`.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
 
 @dataclass
@@ -220,19 +236,29 @@ class Forwarder:
             if end == "protocol":
                 upstream.close()
                 return self._failure(aiohttp.ClientPayloadError("upstream body cut"))
-            if end == "eof":
-                body = b"".join(held)
-                if isinstance(rewrite, AsyncBodyRewrite):
-                    changed = await rewrite.rewrite(headers, body)
-                elif len(body) > _REWRITE_INLINE_MAX:
-                    changed = await asyncio.to_thread(rewrite.apply, headers, body)
-                else:
-                    changed = rewrite.apply(headers, body)
-                if changed is not None:
-                    headers, body = changed
-                held = [body]
-            elif end == "over" and isinstance(rewrite, AsyncBodyRewrite):
-                rewrite.fell_back("over_cap")
+            try:
+                if end == "eof":
+                    body = b"".join(held)
+                    if isinstance(rewrite, AsyncBodyRewrite):
+                        changed = await rewrite.rewrite(headers, body)
+                    elif len(body) > _REWRITE_INLINE_MAX:
+                        changed = await asyncio.to_thread(rewrite.apply, headers, body)
+                    else:
+                        changed = rewrite.apply(headers, body)
+                    if changed is not None:
+                        headers, body = changed
+                    held = [body]
+                elif end == "over" and isinstance(rewrite, AsyncBodyRewrite):
+                    rewrite.fell_back("over_cap")
+                elif end == "expired" and isinstance(rewrite, AsyncBodyRewrite):
+                    # Never half a body that was to be changed: the grant ended first.
+                    raise RewriteRefused(403, "the grant ended while the response was read")
+            except RewriteRefused as exc:
+                upstream.close()
+                text = f"jitgate: {exc.reason}\n"
+                return web.Response(status=exc.status, text=text), Outcome(
+                    exc.status, len(text), "rewrite"
+                )
             # "over" (too large) and "expired" go on as a plain stream: the held part first.
         resp = web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
         outcome = Outcome(status, 0, None)

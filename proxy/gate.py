@@ -15,6 +15,7 @@ from aiohttp import web
 from . import audit
 from .accesslog import AccessLog, underscore_header
 from .authorize import Authorizer, Decision
+from .blobs import BlobSigner
 from .bodyrules import BadBody, BodyTooLarge
 from .errors import BadPath
 from .forward import Forwarder, Outcome
@@ -51,6 +52,7 @@ class Gate:
         live: LiveConnections,
         refuse: Refuse,
         assertion: AssertionSigner | None = None,
+        blob_signer: BlobSigner | None = None,
     ) -> None:
         self.state = state
         self.forwarder = forwarder
@@ -59,6 +61,7 @@ class Gate:
         self.live = live
         self.refuse = refuse
         self.assertion = assertion
+        self.blob_signer = blob_signer  # rewrites presigned URLs (blobs.py)
         self.prefix = prefix
         self.strict = strict_audit
         self.reject_underscores = forward.reject_underscore_headers
@@ -125,21 +128,25 @@ class Gate:
                     request.method, request.headers, decision.grant_expires_at
                 )
         set_headers, listed = self.vouch.headers(decision), None
+        # A protected route's presigned URLs (blobs.py), and a list or references to check
+        # (lists.py, refs.py): each asks for whole, uncompressed JSON.
+        blobs = self.blob_signer.rewrite(decision) if self.blob_signer is not None else None
         if decision.identity is not None and request.method in ("GET", "POST"):
             user, body = decision.identity.subject, held[0] if held else None
             listed = self._listed(authorizer, request.method, path, query, body, user)
-            if listed is not None:  # a list to rewrite: asked for whole, uncompressed JSON
-                set_headers = {**(set_headers or {}), **LIST_REQUEST_HEADERS}
+        json_rewrites = [r for r in (listed, blobs) if r is not None]
+        if json_rewrites:
+            set_headers = {**(set_headers or {}), **LIST_REQUEST_HEADERS}
         try:
             response, outcome = await self.forwarder.forward(
                 request,
                 path,
                 query,
-                drop_headers=LIST_DROP_HEADERS if listed is not None else frozenset(),
+                drop_headers=LIST_DROP_HEADERS if json_rewrites else frozenset(),
                 drop_cookies=self.drop_cookies,
                 set_headers=set_headers,
                 stop=stop,
-                rewrite=Rewrites.of(bar, listed),
+                rewrite=Rewrites.of(bar, listed, blobs),
                 hygiene=self.hygiene,
                 body=held[0] if held else None,
             )
@@ -147,8 +154,9 @@ class Gate:
         finally:
             if stop is not None and grant_id is not None:
                 self.live.close(grant_id, stop)
-            if listed is not None and listed.note is not None:
-                decision = replace(decision, reasons=(*decision.reasons, listed.note))
+            notes = tuple(r.note for r in json_rewrites if r.note is not None)
+            if notes:
+                decision = replace(decision, reasons=(*decision.reasons, *notes))
             # Written even when the client went away mid-stream: status 499 then.
             status = outcome.status if outcome else 499
             sent = outcome.bytes_sent if outcome else 0

@@ -108,20 +108,11 @@ class ListRewrite:
         self, headers: CIMultiDict[str], body: bytes
     ) -> tuple[CIMultiDict[str], bytes] | None:
         """Return the list's new headers and body, or None to send it as it came."""
-        encoding = headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            if encoding not in _DECODERS:
-                self.fell_back("encoded")
-                return None
-            decoder = zlib.decompressobj(_DECODERS[encoding])
-            try:
-                body = decoder.decompress(body, self.limit + 1)
-            except zlib.error:
-                self.fell_back("malformed")
-                return None
-            if len(body) > self.limit or decoder.unconsumed_tail:
-                self.fell_back("over_cap")
-                return None
+        decoded = decode(headers, body, self.limit)
+        if isinstance(decoded, str):
+            self.fell_back(decoded)
+            return None
+        body = decoded
         path = self.listing.items if self.listing is not None else None
         if len(body) > _INLINE_MAX:
             parsed = await asyncio.to_thread(_parse, body, path)
@@ -133,13 +124,10 @@ class ListRewrite:
         doc, items = parsed
         await self._change(doc, items)
         if len(body) > _INLINE_MAX:
-            out = await asyncio.to_thread(_dump, doc)
+            out = await asyncio.to_thread(dump, doc)
         else:
-            out = _dump(doc)
-        new = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _DROP)
-        new["Content-Length"] = str(len(out))
-        new["Cache-Control"] = "no-store"  # what it shows changes with the caller's grants
-        return new, out
+            out = dump(doc)
+        return changed_headers(headers, len(out)), out
 
     async def _change(self, doc: Any, items: list[Any] | None) -> None:
         """Lock, in place, the list's items and the references the caller holds no grant for."""
@@ -217,6 +205,23 @@ class ListRewrite:
         return {"locked": True, "scope": scope, "request_url": str(url)}
 
 
+def decode(headers: MultiMapping[str], body: bytes, limit: int) -> bytes | str:
+    """The body without its gzip or deflate encoding, or why not: encoded, malformed, over_cap."""
+    encoding = headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in _DECODERS:
+        return "encoded"
+    decoder = zlib.decompressobj(_DECODERS[encoding])
+    try:
+        body = decoder.decompress(body, limit + 1)
+    except zlib.error:
+        return "malformed"
+    if len(body) > limit or decoder.unconsumed_tail:
+        return "over_cap"
+    return body
+
+
 def _parse(body: bytes, path: tuple[str, ...] | None) -> tuple[Any, list[Any] | None] | str:
     """Return the document and its list of items (None: no list or not there), or why not."""
     try:
@@ -231,5 +236,13 @@ def _parse(body: bytes, path: tuple[str, ...] | None) -> tuple[Any, list[Any] | 
     return (doc, node) if path is not None and isinstance(node, list) else (doc, None)
 
 
-def _dump(doc: Any) -> bytes:
+def changed_headers(headers: MultiMapping[str], length: int) -> CIMultiDict[str]:
+    """The headers of a JSON body jitgate changed: its own length, uncompressed, not cached."""
+    new = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _DROP)
+    new["Content-Length"] = str(length)
+    new["Cache-Control"] = "no-store"  # what it shows changes with the caller's grants
+    return new
+
+
+def dump(doc: Any) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()

@@ -96,6 +96,14 @@ class Metrics:
             "jitgate_ref_responses", "Responses whose references were checked (refs.py).",
             ["route", "outcome"], registry=r,
         )  # fmt: skip
+        self.blob_rewrites = Counter(
+            "jitgate_blob_rewrites", "Responses with blob fields, by what was done (blobs.py).",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.blob_fetches = Counter(
+            "jitgate_blob_fetches", "Blob URL fetches by outcome (blobfetch.py).",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.upstream_errors = Counter(
             "jitgate_upstream_errors", "Upstream failures by kind.", ["kind"], registry=r
         )

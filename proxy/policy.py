@@ -76,6 +76,7 @@ class Match:
     body: tuple[tuple[Route, tuple[tuple[str, str], ...]], ...] = ()
     note: str | None = None  # why a blocked request is blocked, when not by its route
     refs: tuple[Ref, ...] = ()  # response fields that point at recordings (refs.py)
+    blobs: Blobs | None = None  # presigned URLs in the response, rewritten (blobs.py)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,17 @@ class Ref:
 
 
 @dataclass(frozen=True)
+class Blobs:
+    """The JSON fields of a protected route's response that hold presigned storage URLs.
+
+    Each field is a key path (`data.domURL`); a list met on the way, or at the end, is
+    walked item by item. blobs.py rewrites every URL found into a grant-bound one.
+    """
+
+    fields: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
 class Route:
     id: str
     methods: frozenset[str] | None
@@ -125,6 +137,7 @@ class Route:
     body: BodyRule | None = None  # the JSON or GraphQL body rule that must match too
     listing: Listing | None = None
     refs: tuple[Ref, ...] = ()
+    blobs: Blobs | None = None
 
 
 @dataclass(frozen=True)
@@ -379,11 +392,17 @@ class Policy:
 
 
 def _shown(route: Route, values: dict[str, str]) -> dict[str, Any]:
-    """A Match's `listing`, `refs` and `params`, for a route whose response is checked."""
-    if route.listing is None and not route.refs:
+    """A Match's `listing`, `refs`, `blobs` and `params`, for a route whose response is
+    checked or rewritten."""
+    if route.listing is None and not route.refs and route.blobs is None:
         return {}
     listing = route.listing if route.access is not Access.PROTECTED else None
-    return {"listing": listing, "refs": route.refs, "params": tuple(values.items())}
+    return {
+        "listing": listing,
+        "refs": route.refs,
+        "blobs": route.blobs,
+        "params": tuple(values.items()),
+    }
 
 
 MATCH_CACHE = 4096  # recent (method, path) pairs whose Match a policy keeps

@@ -10,7 +10,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from . import listspec, presets, sensitivity
+from . import blobspec, listspec, presets, sensitivity
 from .bodyrules import compile_body
 from .errors import ConfigError, ConfigErrors
 from .policy import (
@@ -175,7 +175,7 @@ class _Compiler:
 
     def _route(self, item: Node, where: str) -> Route | None:
         known: tuple[str, ...] = ("id", "methods", "path", "subpaths", "access", "scope")
-        known += ("description", "query", "body", "list", "refs")
+        known += ("description", "query", "body", "list", "refs", "blobs")
         self.unknown(item, where, known)
         rid = item.get("id")
         if not isinstance(rid, str) or not _ID.fullmatch(rid):
@@ -217,8 +217,11 @@ class _Compiler:
             segments[0].lower() if path != "/" and not SCOPE_PARAM.fullmatch(segments[0]) else None
         )
         shown = listspec.response(self, item, where, params, access)  # list: and refs:
+        blobs = blobspec.blobs(self, item, where, access) if "blobs" in item else None
         scope = scope if isinstance(scope, str) else None
-        return Route(rid, methods, regex, access, scope, first, query=query, body=body, **shown)
+        return Route(
+            rid, methods, regex, access, scope, first, query=query, body=body, blobs=blobs, **shown
+        )
 
     def _methods(self, item: Node, where: str) -> frozenset[str] | None:
         value = item.get("methods")

@@ -125,6 +125,7 @@ class Verdict:
     scopes: tuple[str, ...] = ()  # that scope and every scope covering it, narrowest first
     grant_id: str | None = None
     preset: str | None = None  # the preset the matched route came from, if any
+    blobs: tuple[str, ...] = ()  # the fields whose presigned URLs are rewritten (blobs.py)
 
     @property
     def allow(self) -> bool:
@@ -145,6 +146,7 @@ class Verdict:
             "status": self.status,
             "reasons": list(self.reasons),
             "grant_id": self.grant_id,
+            "blob_fields": list(self.blobs),
         }
 
 
@@ -185,6 +187,7 @@ async def decide_request(
         match.scopes,
         d.grant_id,
         match.preset if match.route == d.route else None,
+        tuple(".".join(f) for f in match.blobs.fields) if match.blobs else (),
     )
 
 
@@ -250,6 +253,8 @@ class Explanation:
             rule = v.route.removeprefix(f"{v.preset}.")
             made = f"{self.preset.tool} {self.preset.version}, {self.preset.file}"
             rows.append(("preset", f"{v.preset}: route {rule} ({made})"))
+        if v.blobs:
+            rows.append(("blobs", f"presigned URLs in {', '.join(v.blobs)} become blob URLs"))
         if v.scope:
             rows.append(("scope", v.scope))
             rows.append(("covered by", ", ".join(v.scopes[1:]) or "(no wider scope)"))

@@ -19,9 +19,12 @@ import pytest
 import redis as redis_sync
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+from storagekit import Storage, start_storage
 
 from proxy import settings as settings_mod
 from proxy.app import build_app
+from proxy.grantstore import RedisGrants
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
@@ -146,6 +149,20 @@ async def upstream(aiohttp_server: Any) -> Upstream:
     up = Upstream(await aiohttp_server(app))
     holder.append(up)
     return up
+
+
+@pytest.fixture
+async def grant_store(redis_url: str) -> AsyncIterator[RedisGrants]:
+    """The grant store in the session's Redis (emptied for this test)."""
+    redis = Redis.from_url(redis_url)
+    yield RedisGrants(redis)
+    await redis.aclose()
+
+
+@pytest.fixture
+async def storage(aiohttp_server: Any) -> Storage:
+    """A real local "S3" that signs and checks its own presigned URLs (storagekit.py)."""
+    return await start_storage(aiohttp_server)
 
 
 def demo_policy(entitlements: str) -> str:

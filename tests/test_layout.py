@@ -137,6 +137,7 @@ SERVICES = {
         "proxy.listspec",
         "proxy.sensitivity",
         "proxy.refspec",
+        "proxy.blobspec",
     ),
     "grants": ("proxy.grants", "proxy.grantstore", "proxy.grantview"),
     "audit": ("proxy.audit",),

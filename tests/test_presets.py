@@ -197,12 +197,12 @@ def test_disabled_route_falls_through() -> None:
           "other fields"]),
         ("  - {id: posthog.query}\n",
          ["p.yaml:4: overrides[0]: give the fields to replace (methods, path, subpaths, access, "
-          "scope, query, description) or disabled: true"]),
+          "scope, query, description, blobs) or disabled: true"]),
         ("  - {id: posthog.query, acess: public}\n",
-         ["p.yaml:4: overrides[0].acess: unknown field (known: access, description, disabled, "
-          "id, methods, path, query, scope, subpaths)",
+         ["p.yaml:4: overrides[0].acess: unknown field (known: access, blobs, description, "
+          "disabled, id, methods, path, query, scope, subpaths)",
           "p.yaml:4: overrides[0]: give the fields to replace (methods, path, subpaths, access, "
-          "scope, query, description) or disabled: true"]),
+          "scope, query, description, blobs) or disabled: true"]),
         ("  - {id: posthog.query, access: protected, scope: 'x:{nope}'}\n",
          ["p.yaml:4: overrides[0].scope: unknown parameter {nope}"]),
     ],

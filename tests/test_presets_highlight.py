@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ROOT, ProxyFactory, bearer
 from redis.asyncio import Redis
+from storagekit import Storage
 
 from proxy.grantstore import RedisGrants
 
@@ -24,6 +25,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "presets" / "highlight"
 SESSION = "Fk3xQ9pZr2mN7vB1cT8wY5hJ0aLd"
 OTHER = "Qm8bT1vX4kP0sR6nW2yZ9cH3jL5e"
 SCOPE = f"session:{SESSION}"
+S3 = "https://s3.example.invalid"
 JSON = {"Content-Type": "application/json", "Accept": "application/json"}
 
 # Documents as Highlight's app and SDK send them (frontend/src/graph/operators/query.gql,
@@ -31,6 +33,7 @@ JSON = {"Content-Type": "application/json", "Accept": "application/json"}
 GET_SESSION = "query GetSession($secure_id: String!) { session(secure_id: $secure_id) { secure_id identifier direct_download_url resources_url __typename } }"  # noqa: E501
 GET_PAYLOAD = "query GetSessionPayload($session_secure_id: String!, $skip_events: Boolean!) { events(session_secure_id: $session_secure_id) @skip(if: $skip_events) errors(session_secure_id: $session_secure_id) { id event } rage_clicks(session_secure_id: $session_secure_id) { total_clicks } session_comments(session_secure_id: $session_secure_id) { id text } }"  # noqa: E501
 GET_INTERVALS = "query GetSessionIntervals($session_secure_id: String!) { session_intervals(session_secure_id: $session_secure_id) { start_time end_time active duration } }"  # noqa: E501
+GET_CHUNK_URL = "query GetEventChunkURL($secure_id: String!, $index: Int!) { event_chunk_url(secure_id: $secure_id, index: $index) }"  # noqa: E501
 GET_RESOURCES = "query GetResources($session_secure_id: String!) { resources(session_secure_id: $session_secure_id) }"  # noqa: E501
 GET_SESSIONS = "query GetSessions($project_id: ID!, $count: Int!, $params: QueryInput!, $sort_desc: Boolean!, $page: Int) { sessions(project_id: $project_id, count: $count, params: $params, sort_desc: $sort_desc, page: $page) { sessions { id secure_id identifier } totalCount } }"  # noqa: E501
 EXPORT = "mutation ExportSession($session_secure_id: String!) { exportSession(session_secure_id: $session_secure_id) }"  # noqa: E501
@@ -43,6 +46,7 @@ ANSWERS = {  # operation -> fixture, as the fake Highlight answers it
     "GetSession": "session.json",
     "GetSessionPayload": "session_payload.json",
     "GetSessions": "sessions.json",
+    "GetEventChunkURL": "event_chunk_url.json",
     "initializeSession": "initialize.json",
 }
 
@@ -62,15 +66,15 @@ class FakeHighlight:
 
 
 @pytest.fixture
-async def highlight(aiohttp_server: Any) -> FakeHighlight:
+async def highlight(aiohttp_server: Any, storage: Storage) -> FakeHighlight:
     fake = FakeHighlight()
 
     async def graph(request: web.Request) -> web.Response:
         body = await request.read()
         fake.bodies.append((request.path, body))
         name = json.loads(body).get("operationName")
-        if name in ANSWERS:
-            return web.json_response(fixture(ANSWERS[name]))
+        if name in ANSWERS:  # the fixtures' made-up S3 host: a real local one instead
+            return web.json_response(storage.presign_all(fixture(ANSWERS[name]), S3))
         if name == "PushPayload":
             return web.json_response({"data": {"pushPayload": 3}})
         return web.json_response({"data": {}})  # other operations: an empty data object
@@ -84,8 +88,10 @@ async def highlight(aiohttp_server: Any) -> FakeHighlight:
 
 
 @pytest.fixture
-async def gate(make_proxy: ProxyFactory, highlight: FakeHighlight) -> TestClient:
-    return await make_proxy(upstream_url=highlight.url, policy_text="preset: highlight\n")
+async def gate(make_proxy: ProxyFactory, highlight: FakeHighlight, storage: Storage) -> TestClient:
+    return await make_proxy(
+        upstream_url=highlight.url, policy_text="preset: highlight\n", extra=storage.config()
+    )
 
 
 @pytest.fixture
@@ -127,7 +133,8 @@ async def test_session_content_needs_the_sessions_grant(
     # Forwarded exactly as sent, and answered with Highlight's shapes.
     assert highlight.bodies == [("/private", body) for body in CONTENT]
     session = (await (await post(gate, "/private", CONTENT[0])).json())["data"]["session"]
-    assert session["secure_id"] == SESSION and session["direct_download_url"]
+    assert session["secure_id"] == SESSION
+    assert session["direct_download_url"].startswith("/_jit/blob/")
     payload = (await (await post(gate, "/private", CONTENT[1])).json())["data"]
     assert [e["type"] for e in payload["events"]] == [4, 2, 3]
 
@@ -141,6 +148,30 @@ async def test_session_content_needs_the_sessions_grant(
     for body in CONTENT:
         assert (await post(gate, "/private", body)).status == 403
     assert len(highlight.bodies) == sent
+
+
+async def test_recording_files_open_by_grant_bound_blob_urls(
+    gate: TestClient, grants: RedisGrants, storage: Storage
+) -> None:
+    g = await grants.add("alice", SCOPE, 600, "preset test", "test")
+    answer = await post(gate, "/private", CONTENT[0])
+    text = await answer.text()
+    assert S3 not in text and storage.url not in text and "X-Amz-" not in text
+    session = json.loads(text)["data"]["session"]
+    urls = [session[k] for k in ("direct_download_url", "resources_url")]
+    assert session["web_socket_events_url"] is None
+    chunk = gql("GetEventChunkURL", GET_CHUNK_URL, secure_id=SESSION, index=0)
+    urls.append((await (await post(gate, "/private", chunk)).json())["data"]["event_chunk_url"])
+    assert all(u.startswith("/_jit/blob/") for u in urls)
+    for url, name in zip(
+        urls, ("contents-compressed", "resources-compressed", "0000"), strict=True
+    ):
+        got = await gate.get(url, headers=bearer())
+        assert got.status == 200 and name in (await got.read()).decode()
+    assert (await gate.get(urls[0], headers=bearer("bob"))).status == 403
+    await grants.revoke(g.id, "test")
+    assert (await gate.get(urls[0], headers=bearer())).status == 403
+    assert len(storage.hits) == 3
 
 
 async def test_lists_are_identity_only(gate: TestClient, highlight: FakeHighlight) -> None:

@@ -15,6 +15,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from conftest import ROOT, ProxyFactory, bearer
 from redis.asyncio import Redis
+from storagekit import Storage
 from test_path_tricks import raw_request, tricks_on
 
 from proxy.grantstore import RedisGrants
@@ -22,6 +23,7 @@ from proxy.grantstore import RedisGrants
 FIXTURES = ROOT / "tests" / "fixtures" / "presets" / "openreplay"
 SESSION = "7391450123456789012"
 SCOPE = f"session:5/{SESSION}"
+MINIO = "http://minio.invalid"
 SOCKET = f"/ws-assist/socket/?EIO=4&transport=websocket&peerId=pk123-{SESSION}&identity=agent"
 
 
@@ -36,13 +38,14 @@ class FakeOpenReplay:
 
 
 @pytest.fixture
-async def openreplay(aiohttp_server: Any) -> FakeOpenReplay:
+async def openreplay(aiohttp_server: Any, storage: Storage) -> FakeOpenReplay:
     fake = FakeOpenReplay()
 
     def answer(name: str) -> Any:
         async def handler(request: web.Request) -> web.Response:
             fake.hits.append((request.method, request.raw_path))
-            return web.json_response(fixture(name))
+            # The fixture's made-up MinIO host: presigned by a real local "S3" instead.
+            return web.json_response(storage.presign_all(fixture(name), MINIO))
 
         return handler
 
@@ -62,6 +65,8 @@ async def openreplay(aiohttp_server: Any) -> FakeOpenReplay:
     for prefix in ("/api", "/v2/api", ""):
         base = prefix + "/{project}/sessions/{session}"
         app.router.add_get(base + "/replay", answer("replay.json"))
+        app.router.add_get(base + "/first-mob", answer("first_mob.json"))
+        app.router.add_post(prefix + "/{project}/mobile/{session}/urls", answer("mobile_urls.json"))
         app.router.add_get(base + "/events", answer("events.json"))
         app.router.add_get(base + "/notes", answer("notes.json"))
         app.router.add_get(prefix + "/{project}/unprocessed/{session}/dom.mob", mob)
@@ -80,8 +85,12 @@ async def openreplay(aiohttp_server: Any) -> FakeOpenReplay:
 
 
 @pytest.fixture
-async def gate(make_proxy: ProxyFactory, openreplay: FakeOpenReplay) -> TestClient:
-    return await make_proxy(upstream_url=openreplay.url, policy_text="preset: openreplay\n")
+async def gate(
+    make_proxy: ProxyFactory, openreplay: FakeOpenReplay, storage: Storage
+) -> TestClient:
+    return await make_proxy(
+        upstream_url=openreplay.url, policy_text="preset: openreplay\n", extra=storage.config()
+    )
 
 
 async def grant(redis_url: str, scope: str) -> str:
@@ -111,7 +120,7 @@ async def test_sessions_refused_without_a_grant(
 
 @pytest.mark.parametrize("scope", [SCOPE, "project:5"])
 async def test_sessions_served_under_a_grant(
-    gate: TestClient, openreplay: FakeOpenReplay, redis_url: str, scope: str
+    gate: TestClient, openreplay: FakeOpenReplay, storage: Storage, redis_url: str, scope: str
 ) -> None:
     await grant(redis_url, scope)
     for path in CONTENT:
@@ -120,6 +129,10 @@ async def test_sessions_served_under_a_grant(
         if path.endswith("replay") or "/assist/" in path:
             data = (await resp.json())["data"]
             assert data["sessionId"] == SESSION and data["domURL"]
+            if path.endswith("replay"):  # the mob files by grant-bound blob URLs
+                assert all(u.startswith("/_jit/blob/") for u in data["domURL"])
+                mob = await gate.get(data["devtoolsURL"][0], headers=bearer())
+                assert await mob.read() == f"file /mobs/{SESSION}/devtools.mob".encode()
         elif path.endswith("events"):
             assert [e["type"] for e in (await resp.json())["data"]["events"]] == [
                 "LOCATION",
@@ -130,11 +143,41 @@ async def test_sessions_served_under_a_grant(
         else:
             assert await resp.read() == b"\x00mob"
     assert len(openreplay.hits) == len(CONTENT)
+    assert storage.hits == [(f"/mobs/{SESSION}/devtools.mob", 200)] * 2
     other = await gate.get(f"/api/6/sessions/{SESSION}/replay", headers=bearer())
     assert other.status == 403
     # The session's grant is for that session; the project's covers its other sessions.
     sibling = await gate.get("/api/5/sessions/1/replay", headers=bearer())
     assert sibling.status == (200 if scope == "project:5" else 403)
+
+
+async def test_first_mob_and_mobile_urls_are_blob_urls(
+    gate: TestClient, storage: Storage, redis_url: str
+) -> None:
+    await grant(redis_url, SCOPE)
+    first = await gate.get(f"/v2/api/5/sessions/{SESSION}/first-mob", headers=bearer())
+    (dom,) = (await first.json())["data"]["domURL"]
+    mobile = await gate.post(f"/api/5/mobile/{SESSION}/urls", json={"keys": []}, headers=bearer())
+    urls = (await mobile.json())["data"]
+    assert len(urls) == 2 and all(u.startswith("/_jit/blob/") for u in [dom, *urls])
+    got = await gate.get(urls[1], headers=bearer())
+    assert await got.read() == f"file /pk123/{SESSION}/replay.frames.zst".encode()
+    assert (await gate.get(dom, headers=bearer())).status == 200
+    assert [status for _, status in storage.hits] == [200, 200]
+
+
+async def test_presigned_urls_never_pass_without_blob_origins(
+    make_proxy: ProxyFactory, openreplay: FakeOpenReplay, storage: Storage, redis_url: str
+) -> None:
+    # Without `blobs.origins` the replay cannot be rewritten: refused, never passed on.
+    gate = await make_proxy(upstream_url=openreplay.url, policy_text="preset: openreplay\n")
+    await grant(redis_url, SCOPE)
+    resp = await gate.get(f"/api/5/sessions/{SESSION}/replay", headers=bearer())
+    text = await resp.text()
+    assert resp.status == 502 and "is not in blobs.origins" in text
+    assert "X-Amz-" not in text
+    events = await gate.get(f"/api/5/sessions/{SESSION}/events", headers=bearer())
+    assert events.status == 200  # answers without presigned URLs are untouched
 
 
 async def test_search_identity_only_shares_and_exports_blocked(

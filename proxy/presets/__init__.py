@@ -15,7 +15,9 @@ from ..settings.yamlsrc import Node
 
 NAMES = ("highlight", "openreplay", "posthog", "rrweb-generic", "sentry")
 # Route fields an override may replace; `disabled: true` removes the route instead.
-OVERRIDE_FIELDS = ("methods", "path", "subpaths", "access", "scope", "query", "description")
+OVERRIDE_FIELDS = (
+    "methods", "path", "subpaths", "access", "scope", "query", "description", "blobs",
+)  # fmt: skip
 
 
 def read(name: str) -> tuple[str, str]:

@@ -28,6 +28,7 @@ from . import forward as forwardsettings
 from . import identity as identitysettings
 from . import metadata as metadatasettings
 from .audit import AuditSettings
+from .blobs import BlobSettings, blobs
 from .forward import ForwardSettings
 from .identity import IdentitySettings
 from .metadata import MetadataSettings
@@ -178,6 +179,7 @@ class Settings:
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
     forward_auth: ForwardAuthSettings = field(default_factory=ForwardAuthSettings)
     metadata: MetadataSettings | None = None  # whose recording it is (proxy/metadata/)
+    blobs: BlobSettings = field(default_factory=BlobSettings)  # presigned URLs (blobs.py)
 
 
 def _env_overrides(raw: Node, environ: Mapping[str, str]) -> dict[str, str]:
@@ -235,7 +237,7 @@ def validate(
         raw,
         {"listen", "upstream", "redis", "identity", "audit", "forward", "policy", "prefix"}
         | {"state_dir", "grant_max_ttl", "admins", "notifications", "sweep_interval"}
-        | {"forward_auth", "metadata"},
+        | {"forward_auth", "metadata", "blobs"},
         "",
     )
 
@@ -323,6 +325,7 @@ def validate(
         notifications=notifications,
         forward_auth=forward_auth,
         metadata=meta,
+        blobs=blobs(r, r.section(raw, "blobs", "blobs")),
     )
     if r.errors:
         raise ConfigErrors(r.errors)
