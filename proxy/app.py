@@ -22,6 +22,7 @@ from .audit import sinks as auditsinks
 from .audit.store import AuditStore, store_for
 from .authorize import Authorizer
 from .authz import ForwardAuth
+from .breaker import Breaker, BreakerOpen
 from .forward import Forwarder, UpstreamConfig
 from .gate import Gate
 from .grantstore import RedisGrants
@@ -174,10 +175,11 @@ def _resources(compiled: policy.Policy) -> list[Callable[[State], Ctx]]:
 
             def grant_error(exc: BaseException) -> None:
                 m.redis_errors.labels("grant_check").inc()
-                log.warning("grant check failed: %r", exc)
+                if not isinstance(exc, BreakerOpen):  # said once, when the breaker opened
+                    log.warning("grant check failed: %r", exc)
 
             view = state.grant_view
-            checker = view if view is not None else state.grants
+            checker = view if view is not None else state.breaker
             state.config = Config(settings, Authorizer(compiled, checker, grant_error), verifier)
             try:
                 yield
@@ -213,9 +215,11 @@ def _redis(state: State) -> Ctx:
         state.redis = connect_redis(settings.redis, url)
         wait = (settings.redis.wait_replicas, settings.redis.wait_timeout)
         state.grants = RedisGrants(state.redis, settings.redis.key_prefix, wait=wait)
+        breaker = state.breaker = _breaker(state)
+        watch = asyncio.create_task(breaker.run(), name="redis-breaker")
         follower = None
         if settings.redis.local_view:
-            view = state.grant_view = GrantView(state.grants, lag=settings.redis.view_lag)
+            view = state.grant_view = GrantView(breaker, lag=settings.redis.view_lag)
             state.metrics.watch_grant_view(
                 lambda: (view.hits, view.misses, view.current(), len(view))
             )
@@ -225,11 +229,30 @@ def _redis(state: State) -> Ctx:
         finally:
             if follower is not None:
                 await _cancel(follower)
+            await _cancel(watch)
             await state.redis.aclose()
             if embedded is not None:
                 await embedded.stop()
 
     return ctx
+
+
+def _breaker(state: State) -> Breaker:
+    r, m = state.settings.redis, state.metrics
+
+    def changed(is_open: bool) -> None:
+        m.redis_breaker_open.set(int(is_open))
+        if is_open:
+            m.redis_breaker_trips.inc()
+
+    return Breaker(
+        state.grants,
+        state.redis.ping,
+        trip_after=r.breaker_trip_after,
+        probe_every=r.breaker_probe_every,
+        probe_timeout=r.timeout,
+        on_change=changed,
+    )
 
 
 def _sessions(state: State) -> Ctx:

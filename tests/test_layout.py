@@ -136,7 +136,7 @@ SERVICES = {
         "proxy.bodyrules",
         "proxy.listspec",
     ),
-    "grants": ("proxy.grants", "proxy.grantstore", "proxy.grantview"),
+    "grants": ("proxy.grants", "proxy.grantstore", "proxy.grantview", "proxy.breaker"),
     "audit": ("proxy.audit",),
 }
 

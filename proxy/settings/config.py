@@ -109,6 +109,8 @@ class RedisSettings:
     max_connections: int = 512
     local_view: bool = True  # answer repeated grant checks from memory (grantview.py)
     view_lag: float = 0.1  # ... only while every change older than this has been seen
+    breaker_trip_after: float = 0.05  # a grant check unanswered this long opens the breaker
+    breaker_probe_every: float = 0.1  # while open, Redis is pinged at most this often
 
     @property
     def embedded(self) -> bool:
@@ -327,7 +329,8 @@ def _redis(r: Reader, s: Node, base: Path) -> RedisSettings:
     r.known(
         s,
         {"url", "sentinel", "cluster", "timeout", "key_prefix", "max_connections", "local_view"}
-        | {"view_lag", "wait_replicas", "wait_timeout"},
+        | {"view_lag", "wait_replicas", "wait_timeout", "breaker_trip_after"}
+        | {"breaker_probe_every"},
         at,
     )
     url = r.optional_str(s, "url", None, f"{at}.url") or None
@@ -368,6 +371,12 @@ def _redis(r: Reader, s: Node, base: Path) -> RedisSettings:
         max_connections=r.positive(s, "max_connections", int, 512, f"{at}.max_connections"),
         local_view=r.get(s, "local_view", bool, True, f"{at}.local_view"),
         view_lag=r.positive(s, "view_lag", float, 0.1, f"{at}.view_lag"),
+        breaker_trip_after=r.positive(
+            s, "breaker_trip_after", float, 0.05, f"{at}.breaker_trip_after"
+        ),
+        breaker_probe_every=r.positive(
+            s, "breaker_probe_every", float, 0.1, f"{at}.breaker_probe_every"
+        ),
     )
 
 

@@ -1,0 +1,135 @@
+"""Redis in trouble under load: how soon protected requests are answered once Redis stops
+(SIGSTOP) or dies (kill -9), whether any is let through without a grant, and how soon
+access comes back once Redis answers again. Used by tests/test_breaker.py and
+harden/check_breaker.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from conftest import RedisServer, make_token
+from proxykit import SNAPSHOTS
+
+
+@dataclass
+class Answer:
+    sent: float
+    done: float
+    granted: bool  # asked as the user with a grant
+    status: int
+
+
+@dataclass
+class Outage:
+    how: str  # "stop" (SIGSTOP, then SIGCONT) or "kill" (kill -9, then started again)
+    out: float  # when Redis stopped answering (monotonic)
+    back: float  # when it answered again
+
+
+@dataclass
+class Load:
+    """Clients asking for a protected recording in a loop, half as a user with a grant
+    (alice) and half as one without (bob)."""
+
+    base_url: str
+    clients: int
+    answers: list[Answer] = field(default_factory=list)
+    outages: list[Outage] = field(default_factory=list)
+
+    async def _client(
+        self, session: aiohttp.ClientSession, granted: bool, stop: asyncio.Event
+    ) -> None:
+        headers = {"Authorization": f"Bearer {make_token('alice' if granted else 'bob')}"}
+        url = self.base_url + SNAPSHOTS
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                async with session.get(url, headers=headers) as r:
+                    await r.read()
+                    status = r.status
+            except aiohttp.ClientError:
+                status = 0
+            self.answers.append(Answer(sent, time.monotonic(), granted, status))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        connector = aiohttp.TCPConnector(limit=self.clients)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await asyncio.gather(
+                *(self._client(session, n % 2 == 0, stop) for n in range(self.clients))
+            )
+
+    async def outage(self, redis: RedisServer, how: str, hold: float) -> None:
+        """Stop or kill Redis for `hold` seconds, then bring it back (killed, it starts
+        again on its port with what it persisted)."""
+        assert redis.proc is not None
+        pid = redis.proc.pid
+        out = time.monotonic()
+        if how == "stop":
+            os.kill(pid, signal.SIGSTOP)
+        else:
+            redis.kill()
+        await asyncio.sleep(hold)
+        if how == "stop":
+            os.kill(pid, signal.SIGCONT)
+        else:
+            await asyncio.to_thread(redis.start)  # returns once it answers PING
+        self.outages.append(Outage(how, out, time.monotonic()))
+
+    # -- the figures -------------------------------------------------------------------
+
+    def during(self, outage: Outage) -> list[float]:
+        """Seconds each request waited for its answer while Redis was out (counted from the
+        moment it went, for requests already waiting then)."""
+        return [
+            a.done - max(a.sent, outage.out)
+            for a in self.answers
+            if a.done > outage.out and a.sent < outage.back
+        ]
+
+    def refused_during(self, outage: Outage) -> int:
+        return sum(1 for a in self.answers if outage.out < a.sent < outage.back and a.status == 503)
+
+    def back_after(self, outage: Outage) -> float | None:
+        """Seconds from Redis answering again to the first 200 of a request sent after."""
+        firsts = [
+            a.done for a in self.answers if a.granted and a.sent >= outage.back and a.status == 200
+        ]
+        return min(firsts) - outage.back if firsts else None
+
+    def ungranted_200(self) -> int:
+        return sum(1 for a in self.answers if not a.granted and a.status == 200)
+
+    def unexpected(self) -> dict[int, int]:
+        """Statuses other than 200, 403 and 503, with their counts (0: no answer)."""
+        out: dict[int, int] = {}
+        for a in self.answers:
+            if a.status not in (200, 403, 503):
+                out[a.status] = out.get(a.status, 0) + 1
+        return out
+
+
+async def exercise(
+    load: Load, redis: RedisServer, plan: list[str], *, hold: float, settle: float
+) -> None:
+    """Run the load, and meanwhile each outage of the plan ("stop" or "kill") in turn, each
+    for `hold` seconds, with `settle` seconds of a healthy Redis before, between and after."""
+    stop = asyncio.Event()
+    running = asyncio.create_task(load.run(stop))
+    await asyncio.sleep(settle)
+    for how in plan:
+        await load.outage(redis, how, hold)
+        await asyncio.sleep(settle)
+    stop.set()
+    await running
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
