@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast, runtime_checkable
@@ -13,7 +14,7 @@ from aiohttp import WSMsgType, hdrs, web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
-from .hygiene import HOP_BY_HOP, Hygiene, connection_tokens
+from .hygiene import HOP_BY_HOP, Hygiene, connection_tokens, wants_html
 from .upstream import ConnectFailed, Pool, Response
 
 # Every request goes through the maintained list, also where no configuration says more.
@@ -82,7 +83,9 @@ class AsyncBodyRewrite(Protocol):
 class Outcome:
     status: int
     bytes_sent: int
-    upstream_error: str | None
+    upstream_error: str | None  # the kind: connect, timeout, protocol
+    detail: str = ""  # what went wrong, in words, for the log line
+    cut: bool = False  # the upstream failed after the status line went out: the client is cut
 
 
 class Forwarder:
@@ -190,7 +193,7 @@ class Forwarder:
                 _body(request, body),
             )
         except Exception as exc:
-            return self._failure(exc)
+            return self._failure(request, exc)
         try:
             return await self._relay(request, upstream, stop, rewrite)
         finally:
@@ -216,10 +219,10 @@ class Forwarder:
             # Nothing has been sent yet, so a failing upstream still gets a clean 502/504.
             if end == "timeout":
                 upstream.close()
-                return self._failure(TimeoutError())
+                return self._failure(request, TimeoutError())
             if end == "protocol":
                 upstream.close()
-                return self._failure(aiohttp.ClientPayloadError("upstream body cut"))
+                return self._failure(request, aiohttp.ClientPayloadError("upstream body cut"))
             if end == "eof":
                 body = b"".join(held)
                 if isinstance(rewrite, AsyncBodyRewrite):
@@ -265,9 +268,11 @@ class Forwarder:
                         chunk = await content.readany()
                     except TimeoutError:
                         outcome.upstream_error = "timeout"
+                        outcome.detail = self._read_timeout_text + " in the body"
                         break
-                    except (aiohttp.ClientError, OSError):
+                    except (aiohttp.ClientError, OSError) as exc:
                         outcome.upstream_error = "protocol"
+                        outcome.detail = f"jitgate: upstream body cut ({type(exc).__name__})"
                         break
                     if not chunk:
                         break
@@ -285,6 +290,7 @@ class Forwarder:
             if watcher is not None:
                 watcher.cancel()
         if cut or outcome.upstream_error:
+            outcome.cut = True
             # The status line is gone: abort so a truncated body cannot look complete.
             upstream.close()
             if request.transport is not None:
@@ -319,7 +325,7 @@ class Forwarder:
             )
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status == 101 or exc.headers is None:
-                return self._failure(exc)
+                return self._failure(request, exc)
             # Relay the refusal (403, 404, ...) as a plain HTTP answer.
             text = f"jitgate: upstream refused the websocket upgrade ({exc.status})"
             refused = web.Response(
@@ -329,7 +335,7 @@ class Forwarder:
             )
             return refused, Outcome(exc.status, len(text), None)
         except Exception as exc:
-            return self._failure(exc)
+            return self._failure(request, exc)
 
         client: ServerWS = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (),
@@ -425,7 +431,10 @@ class Forwarder:
             rest = "/" + rest
         return f"{request.scheme}://{request.host}{rest}"
 
-    def _failure(self, exc: BaseException) -> tuple[web.StreamResponse, Outcome]:
+    def _failure(
+        self, request: web.Request, exc: BaseException
+    ) -> tuple[web.StreamResponse, Outcome]:
+        """The upstream failed before anything was sent: 502 or 504, as JSON or a page."""
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             status, kind, text = 504, "connect", "jitgate: upstream connect timed out"
         elif isinstance(exc, TimeoutError):
@@ -442,7 +451,26 @@ class Forwarder:
             text = f"jitgate: upstream protocol error ({type(exc).__name__})"
         else:
             raise exc
-        return web.Response(status=status, text=text), Outcome(status, len(text), kind)
+        response = _failure_response(request, status, kind, text)
+        return response, Outcome(status, response.content_length or 0, kind, text)
+
+
+_FAILURE_ERRORS = {502: "bad_gateway", 504: "gateway_timeout"}
+_FAILURE_PAGE = (
+    "<!doctype html><html lang=en><meta charset=utf-8><title>{status} {title}</title>"
+    "<h1>{title}</h1><p>{text}</p><p>Try again in a moment.</p></html>\n"
+)
+
+
+def _failure_response(request: web.Request, status: int, kind: str, text: str) -> web.Response:
+    """A JSON answer for scripts and a small page for browsers (as for a refusal)."""
+    headers = {"Cache-Control": "no-store"}
+    if wants_html(request):
+        title = "Bad Gateway" if status == 502 else "Gateway Timeout"
+        page = _FAILURE_PAGE.format(status=status, title=title, text=html.escape(text))
+        return web.Response(status=status, text=page, content_type="text/html", headers=headers)
+    payload = {"error": _FAILURE_ERRORS[status], "kind": kind, "message": text}
+    return web.json_response(payload, status=status, headers=headers)
 
 
 def _is_websocket(request: web.Request) -> bool:

@@ -22,14 +22,22 @@ SCOPE = "recording:1/demo-1"
 
 @contextlib.asynccontextmanager
 async def running(
-    upstream_url: str, redis_url: str, *, extra: str = "", tmp: Path | None = None
+    upstream_url: str,
+    redis_url: str,
+    *,
+    extra: str = "",
+    tmp: Path | None = None,
+    read_timeout: float = 5,
 ) -> AsyncIterator[tuple[TestServer, State, Path]]:
     """Start jitgate (the demo policy, test identities) on a free port; yield its server,
     its state and its directory (audit.jsonl is there)."""
     with contextlib.ExitStack() as stack:
         if tmp is None:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jitgate-")))
-        cfg = write_config(tmp, upstream_url=upstream_url, redis_url=redis_url, extra=extra)
+        cfg = write_config(
+            tmp, upstream_url=upstream_url, redis_url=redis_url, extra=extra,
+            read_timeout=read_timeout,
+        )  # fmt: skip
         app = build_app(settings_mod.load(cfg, environ={}))
         server = TestServer(app)
         await server.start_server()
