@@ -31,6 +31,7 @@ from .identity import Verifier
 from .identity.assertion import AssertionSigner
 from .identity.oidc import OidcClient
 from .identity.session import Sessions
+from .listener import quiet_bad_requests, server_options
 from .live import LiveConnections, follow_revocations
 from .notify import Notifier
 from .redisd import EmbeddedRedis, connect_redis
@@ -104,6 +105,7 @@ def make_audit_log(settings: Settings, redis: Redis | None, m: metrics.Metrics) 
 def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.Application:
     """Return the proxy application; Redis, upstream pool and audit start with it."""
     app = web.Application(client_max_size=0)
+    quiet_bad_requests()
     state = State(settings, metrics.Metrics())
     app[STATE] = state
     pages.setup(app)
@@ -367,6 +369,8 @@ def _workflow(state: State) -> Ctx:
                 up.read_timeout,
                 up.pool_size,
                 up.keepalive,
+                settings.listen.max_ws_message_bytes,
+                settings.listen.max_body_bytes,
             )
         )
         await forwarder.start()
@@ -471,6 +475,7 @@ def run(settings: Settings) -> None:
         host=settings.listen.host,
         port=settings.listen.port,
         access_log=None,
+        **server_options(settings.listen),
         print=lambda *_: log.info(
             "jitgate listening on http://%s:%d -> %s",
             settings.listen.host,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast, runtime_checkable
@@ -14,7 +13,8 @@ from aiohttp import WSMsgType, hdrs, web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
-from .hygiene import HOP_BY_HOP, Hygiene, connection_tokens, wants_html
+from .failures import failure_response, too_large
+from .hygiene import HOP_BY_HOP, Hygiene, connection_tokens
 from .upstream import ConnectFailed, Pool, Response
 
 # Every request goes through the maintained list, also where no configuration says more.
@@ -41,6 +41,8 @@ class UpstreamConfig:
     read_timeout: float = 60.0
     pool_size: int = 100
     keepalive: float = 15.0  # below the upstream's own idle timeout
+    max_ws_message: int = 4 * 1024 * 1024  # a larger WebSocket message closes with 1009
+    max_body: int = 64 * 1024 * 1024  # a larger request body is refused with 413
 
 
 class BodyRewrite(Protocol):
@@ -185,14 +187,15 @@ class Forwarder:
         if ws:
             return await self._websocket(session, request, target, headers, stop)
 
+        limit = self._config.max_body
+        if (request.content_length or 0) > limit:
+            return too_large(request, limit), Outcome(413, 0, None)
+        sent = _body(request, body, limit)
         try:
-            upstream = await pool.request(
-                request.method,
-                self._base + target,
-                headers,
-                _body(request, body),
-            )
+            upstream = await pool.request(request.method, self._base + target, headers, sent)
         except Exception as exc:
+            if isinstance(sent, _Capped) and sent.over:
+                return too_large(request, limit), Outcome(413, 0, None)
             return self._failure(request, exc)
         try:
             return await self._relay(request, upstream, stop, rewrite)
@@ -319,6 +322,7 @@ class Forwarder:
                 autoclose=False,
                 autoping=False,
                 decode_text=False,
+                max_msg_size=self._config.max_ws_message,
                 timeout=aiohttp.ClientWSTimeout(
                     ws_receive=None, ws_close=self._config.connect_timeout
                 ),
@@ -343,6 +347,7 @@ class Forwarder:
             autoping=False,
             compress=False,
             decode_text=False,
+            max_msg_size=self._config.max_ws_message,
         )
         try:
             await client.prepare(request)
@@ -451,26 +456,8 @@ class Forwarder:
             text = f"jitgate: upstream protocol error ({type(exc).__name__})"
         else:
             raise exc
-        response = _failure_response(request, status, kind, text)
+        response = failure_response(request, status, kind, text)
         return response, Outcome(status, response.content_length or 0, kind, text)
-
-
-_FAILURE_ERRORS = {502: "bad_gateway", 504: "gateway_timeout"}
-_FAILURE_PAGE = (
-    "<!doctype html><html lang=en><meta charset=utf-8><title>{status} {title}</title>"
-    "<h1>{title}</h1><p>{text}</p><p>Try again in a moment.</p></html>\n"
-)
-
-
-def _failure_response(request: web.Request, status: int, kind: str, text: str) -> web.Response:
-    """A JSON answer for scripts and a small page for browsers (as for a refusal)."""
-    headers = {"Cache-Control": "no-store"}
-    if wants_html(request):
-        title = "Bad Gateway" if status == 502 else "Gateway Timeout"
-        page = _FAILURE_PAGE.format(status=status, title=title, text=html.escape(text))
-        return web.Response(status=status, text=page, content_type="text/html", headers=headers)
-    payload = {"error": _FAILURE_ERRORS[status], "kind": kind, "message": text}
-    return web.json_response(payload, status=status, headers=headers)
 
 
 def _is_websocket(request: web.Request) -> bool:
@@ -561,11 +548,30 @@ def _sendable(code: int) -> int:
     return code
 
 
-def _body(request: web.Request, held: bytes | None) -> aiohttp.StreamReader | None:
+def _body(request: web.Request, held: bytes | None, limit: int) -> aiohttp.StreamReader | None:
+    # The pool only iterates the body (iter_any), which _Held and _Capped provide.
     if held is not None:
-        # The pool only iterates the body (iter_any), which _Held provides.
         return cast(aiohttp.StreamReader, _Held(held))
-    return request.content if request.body_exists else None
+    if not request.body_exists:
+        return None
+    return cast(aiohttp.StreamReader, _Capped(request.content, limit))
+
+
+class _Capped:
+    """A client's streamed body, cut off (the upstream request fails) past `limit` bytes."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._left = limit
+        self.over = False
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        async for chunk in self._content.iter_any():
+            self._left -= len(chunk)
+            if self._left < 0:
+                self.over = True
+                raise aiohttp.ClientPayloadError("request body over the limit")
+            yield chunk
 
 
 class _Held:

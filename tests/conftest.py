@@ -162,6 +162,7 @@ def write_config(
     extra: str = "",
     policy_text: str | None = None,
     read_timeout: float = 5,
+    listen: str = "",
 ) -> Path:
     """Write a config and the demo policy into tmp and return the config path."""
     policy = tmp / "policy.yaml"
@@ -169,7 +170,7 @@ def write_config(
     cfg = tmp / "jitgate.yaml"
     cfg.write_text(
         f"""
-listen: {{host: 127.0.0.1, port: 0}}
+listen: {{host: 127.0.0.1, port: 0{", " + listen if listen else ""}}}
 upstream: {{url: "{upstream_url}", connect_timeout: 2, read_timeout: {read_timeout}}}
 redis: {{url: {f'"{redis_url}"' if redis_url else "null"}, timeout: 0.5}}
 state_dir: state

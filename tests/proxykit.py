@@ -14,6 +14,7 @@ from conftest import write_config
 
 from proxy import settings as settings_mod
 from proxy.app import build_app
+from proxy.listener import server_options
 from proxy.state import STATE, State
 
 SNAPSHOTS = "/api/projects/1/session_recordings/demo-1/snapshots"  # protected, in the demo policy
@@ -28,6 +29,7 @@ async def running(
     extra: str = "",
     tmp: Path | None = None,
     read_timeout: float = 5,
+    listen: str = "",
 ) -> AsyncIterator[tuple[TestServer, State, Path]]:
     """Start jitgate (the demo policy, test identities) on a free port; yield its server,
     its state and its directory (audit.jsonl is there)."""
@@ -36,11 +38,12 @@ async def running(
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jitgate-")))
         cfg = write_config(
             tmp, upstream_url=upstream_url, redis_url=redis_url, extra=extra,
-            read_timeout=read_timeout,
+            read_timeout=read_timeout, listen=listen,
         )  # fmt: skip
-        app = build_app(settings_mod.load(cfg, environ={}))
+        settings = settings_mod.load(cfg, environ={})
+        app = build_app(settings)
         server = TestServer(app)
-        await server.start_server()
+        await server.start_server(**server_options(settings.listen))  # as `jitgate serve`
         try:
             yield server, app[STATE], tmp
         finally:

@@ -43,6 +43,18 @@ class ListenSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1  # processes serving the port (SO_REUSEPORT); `auto` in the file: cores
+    # What a client may send (listener.py): longer lines or more headers get a 400.
+    max_line_bytes: int = 8190  # the request line
+    max_field_bytes: int = 8190  # one header line
+    max_headers: int = 100
+    keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this
+    max_body_bytes: int = 64 * 1024 * 1024  # a forwarded request body; over it: 413
+    max_ws_message_bytes: int = 4 * 1024 * 1024  # a WebSocket message, either way; over: 1009
+
+
+_LIMITS = {
+    "max_line_bytes", "max_field_bytes", "max_headers", "max_body_bytes", "max_ws_message_bytes",
+}  # fmt: skip
 
 
 def usable_cores() -> int:
@@ -239,7 +251,7 @@ def validate(
     )
 
     s = r.section(raw, "listen", "listen")
-    r.known(s, {"host", "port", "workers"}, "listen")
+    r.known(s, {"host", "port", "workers", "keepalive_timeout"} | _LIMITS, "listen")
     workers = workers_count(1 if s.get("workers") is None else s["workers"])
     if workers is None:
         r.error(s, "workers", "listen.workers", "must be a positive integer or auto")
@@ -247,6 +259,10 @@ def validate(
         host=r.get(s, "host", str, "127.0.0.1", "listen.host"),
         port=r.get(s, "port", int, 8080, "listen.port"),
         workers=workers or 1,
+        keepalive_timeout=r.positive(
+            s, "keepalive_timeout", float, 75.0, "listen.keepalive_timeout"
+        ),
+        **{k: r.positive(s, k, int, getattr(ListenSettings, k), f"listen.{k}") for k in _LIMITS},
     )
     if not 0 <= listen.port <= 65535:
         r.error(s, "port", "listen.port", "must be between 0 and 65535")
