@@ -10,7 +10,6 @@ listen.keepalive_timeout."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 import time
@@ -19,10 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from breakerkit import percentile  # noqa: E402
 from conftest import RedisServer, make_token  # noqa: E402
 from hostilekit import exchange, status_of, timed_gets, trickle_elsewhere  # noqa: E402
-from proxykit import plain_upstream, running  # noqa: E402
+from proxykit import counting_logs, percentile, plain_upstream, running  # noqa: E402
 
 SLOW_CONNS, EVERY, SECONDS = 300, 0.1, 10.0
 KEEPALIVE = 1.0
@@ -38,34 +36,25 @@ OVERSIZED = {
 }
 
 
-class _Count(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.bad_requests = self.errors = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.ERROR or record.exc_info:
-            self.errors += 1
-        elif record.getMessage().startswith("bad request from"):
-            self.bad_requests += 1
-
-
 async def main() -> int:
-    count = _Count()
-    logging.getLogger().addHandler(count)
     redis = RedisServer()
     redis.start()
+    bad = counting_logs(lambda record: record.getMessage().startswith("bad request from"))
     try:
         listen = f"keepalive_timeout: {KEEPALIVE}"
-        async with plain_upstream() as up, running(up, redis.url, listen=listen) as (server, *_):
+        async with (
+            plain_upstream() as up,
+            running(up, redis.url, listen=listen) as (server, *_),
+        ):
             host, port = str(server.host), int(server.port or 0)
             slow = trickle_elsewhere(host, port, SLOW_CONNS, EVERY, SECONDS)
             await asyncio.sleep(2.0)  # every slow connection open and trickling
             answers = await timed_gets(str(server.make_url("/static/x")), SECONDS - 3.0, {})
             await asyncio.to_thread(slow.join, 10)
-            statuses = {
-                name: status_of(await exchange(host, port, h)) for name, h in OVERSIZED.items()
-            }
+            with bad as count:
+                statuses = {
+                    n: status_of(await exchange(host, port, h)) for n, h in OVERSIZED.items()
+                }
             started = time.monotonic()
             idle = await exchange(
                 host, port, b"GET /static/x HTTP/1.1\r\nHost: x\r\n\r\n", within=10
@@ -73,20 +62,19 @@ async def main() -> int:
             closed_after = time.monotonic() - started
     finally:
         redis.close()
-        logging.getLogger().removeHandler(count)
     p99 = percentile([t for t, _ in answers], 99) * 1000
     not_ok = sum(1 for _, s in answers if s != 200)
     wrong = {k: v for k, v in statuses.items() if v != 400}
     reaped = status_of(idle) == 200 and KEEPALIVE <= closed_after < KEEPALIVE + 1.0
     ok = (
-        p99 < 100 and not not_ok and not wrong and count.errors == 0
-        and count.bad_requests == len(OVERSIZED) and reaped
+        p99 < 100 and not not_ok and not wrong and not count.errors
+        and count.matched == len(OVERSIZED) and reaped
     )  # fmt: skip
     print(
         f"hostile: normal client p99 {p99:.0f} ms ({len(answers)} requests, {not_ok} not 200) "
         f"beside {SLOW_CONNS} slowloris connections; oversized {len(OVERSIZED) - len(wrong)}/"
-        f"{len(OVERSIZED)} answered 400 {wrong or ''}with {count.bad_requests} WARNING lines "
-        f"and {count.errors} ERROR; idle keep-alive closed after {closed_after:.2f} s "
+        f"{len(OVERSIZED)} answered 400 {wrong or ''}with {count.matched} WARNING lines "
+        f"and {len(count.errors)} ERROR; idle keep-alive closed after {closed_after:.2f} s "
         f"(keepalive_timeout {KEEPALIVE:g}); load average {os.getloadavg()[0]:.1f} "
         f"{'PASS' if ok else 'FAIL'}"
     )

@@ -29,6 +29,7 @@ from .grants import GrantChecker
 log = logging.getLogger("jitgate.redis")
 
 _TROUBLE = (RedisError, OSError, TimeoutError)
+_SETTLE_STEPS = 8  # loop iterations a suspected stall waits for answers already received
 
 
 class BreakerOpen(RedisError):
@@ -138,8 +139,14 @@ class Breaker:
             now = loop.time()
             # A late wake-up means the event loop itself is busy, which delays answers as
             # much as it delays this watch: that much more wait is not Redis's.
-            if self.stalled(now, lag=now - planned):
-                self.trip(f"no answer within {self.trip_after * 1000:g} ms")
+            lag = now - planned
+            if self.stalled(now, lag):
+                # Answers that reached the socket may still be on their way through the
+                # loop (a busy process, not a silent Redis): let them arrive, then look again.
+                for _ in range(_SETTLE_STEPS):
+                    await asyncio.sleep(0)
+                if self.stalled(now, lag):
+                    self.trip(f"no answer within {self.trip_after * 1000:g} ms")
 
     async def _probe(self) -> None:
         self.probes += 1

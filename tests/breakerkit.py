@@ -15,6 +15,8 @@ import aiohttp
 from conftest import RedisServer, make_token
 from proxykit import SNAPSHOTS
 
+from proxy.breaker import Breaker
+
 
 @dataclass
 class Answer:
@@ -29,6 +31,7 @@ class Outage:
     how: str  # "stop" (SIGSTOP, then SIGCONT) or "kill" (kill -9, then started again)
     out: float  # when Redis stopped answering (monotonic)
     back: float  # when it answered again
+    trips_before: int  # times the breaker had opened before this outage
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Load:
 
     base_url: str
     clients: int
+    breaker: Breaker
     answers: list[Answer] = field(default_factory=list)
     outages: list[Outage] = field(default_factory=list)
 
@@ -68,6 +72,7 @@ class Load:
         again on its port with what it persisted)."""
         assert redis.proc is not None
         pid = redis.proc.pid
+        trips = self.breaker.trips
         out = time.monotonic()
         if how == "stop":
             os.kill(pid, signal.SIGSTOP)
@@ -78,7 +83,7 @@ class Load:
             os.kill(pid, signal.SIGCONT)
         else:
             await asyncio.to_thread(redis.start)  # returns once it answers PING
-        self.outages.append(Outage(how, out, time.monotonic()))
+        self.outages.append(Outage(how, out, time.monotonic(), trips))
 
     # -- the figures -------------------------------------------------------------------
 
@@ -126,10 +131,3 @@ async def exercise(
         await asyncio.sleep(settle)
     stop.set()
     await running
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import socket
 import struct
@@ -21,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 from aiohttp.test_utils import TestServer
-from proxykit import running
+from proxykit import counting_logs, running
 
 # fault -> what the client should get: the status, or 0 when the response has begun and
 # can only be cut (a truncated body must not look complete).
@@ -220,57 +219,36 @@ class Figures:
         return out
 
 
-class _Caught(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.warnings = 0
-        self.errors: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.ERROR:
-            self.errors.append(f"{record.name}: {record.getMessage().splitlines()[0][:200]}")
-        elif record.name == "jitgate.upstream":
-            self.warnings += 1
-
-
 async def run_faults(redis_url: str, total: int, concurrency: int) -> Figures:
     """Two jitgates (one in front of the faulty upstream, one in front of a closed port),
     `total` faulted requests through them after a warm-up, then the figures."""
-    caught = _Caught()
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(caught)
-    root.setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="jitgate-faults-") as tmp:
+    upstream_log = counting_logs(lambda record: record.name == "jitgate.upstream")
+    with tempfile.TemporaryDirectory(prefix="jitgate-faults-") as tmp, upstream_log as caught:
         dirs = [Path(tmp, "faulty"), Path(tmp, "dead")]
         for d in dirs:
             d.mkdir()
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                up = await stack.enter_async_context(FaultyUpstream(slow=2.0).running())
-                faulty, _, _ = await stack.enter_async_context(
-                    running(up.url, redis_url, read_timeout=1.0, tmp=dirs[0])
-                )
-                dead, _, _ = await stack.enter_async_context(
-                    running(closed_port_url(), redis_url, tmp=dirs[1])
-                )
-                bases = {f: _base(dead if f == "refused" else faulty) for f in FAULTS}
-                warm = len(FAULTS) * concurrency
-                await hammer(bases, warm, concurrency)
-                await asyncio.sleep(1.0)
-                redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-                before, pooled = open_fds(redis_port)
-                tally = await hammer(bases, total, concurrency)
-                # Cut connections close on the upstream's side as it notices: a leak is
-                # what is still open after that.
-                for _ in range(50):
-                    after, pooled_after = open_fds(redis_port)
-                    if after <= before:
-                        break
-                    await asyncio.sleep(0.1)
-        finally:
-            root.removeHandler(caught)
-            root.setLevel(level)
+        async with contextlib.AsyncExitStack() as stack:
+            up = await stack.enter_async_context(FaultyUpstream(slow=2.0).running())
+            faulty, _, _ = await stack.enter_async_context(
+                running(up.url, redis_url, read_timeout=1.0, tmp=dirs[0])
+            )
+            dead, _, _ = await stack.enter_async_context(
+                running(closed_port_url(), redis_url, tmp=dirs[1])
+            )
+            bases = {f: _base(dead if f == "refused" else faulty) for f in FAULTS}
+            warm = len(FAULTS) * concurrency
+            await hammer(bases, warm, concurrency)
+            await asyncio.sleep(1.0)
+            redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+            before, pooled = open_fds(redis_port)
+            tally = await hammer(bases, total, concurrency)
+            # Cut connections close on the upstream's side as it notices: a leak is
+            # what is still open after that.
+            for _ in range(50):
+                after, pooled_after = open_fds(redis_port)
+                if after <= before:
+                    break
+                await asyncio.sleep(0.1)
         audited = sum(
             1
             for d in dirs
@@ -286,7 +264,7 @@ async def run_faults(redis_url: str, total: int, concurrency: int) -> Figures:
         redis_pool_growth=pooled_after - pooled,
         failures_audited=audited - warm_failing,
         failures_sent=sent,
-        warnings=caught.warnings - warm_failing,
+        warnings=caught.matched - warm_failing,
         errors=caught.errors,
     )
 

@@ -4,8 +4,9 @@ for the `harden/` checks, and for tests that measure the same way they do."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 from aiohttp import web
@@ -66,3 +67,41 @@ async def plain_upstream() -> AsyncIterator[str]:
         yield str(server.make_url("")).rstrip("/")
     finally:
         await server.close()
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
+
+
+class LogCount(logging.Handler):
+    """Counts the records `match` picks out, and keeps the first line of every ERROR (or
+    of anything logged with a traceback)."""
+
+    def __init__(self, match: Callable[[logging.LogRecord], bool]) -> None:
+        super().__init__(logging.WARNING)
+        self.match = match
+        self.matched = 0
+        self.errors: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.exc_info:
+            self.errors.append(f"{record.name}: {record.getMessage().splitlines()[0][:200]}")
+        elif self.match(record):
+            self.matched += 1
+
+
+@contextlib.contextmanager
+def counting_logs(match: Callable[[logging.LogRecord], bool]) -> Iterator[LogCount]:
+    """Count the log records of WARNING and above while inside (whatever else handles them)."""
+    count, root = LogCount(match), logging.getLogger()
+    level = root.level
+    root.addHandler(count)
+    root.setLevel(logging.WARNING)
+    try:
+        yield count
+    finally:
+        root.removeHandler(count)
+        root.setLevel(level)

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 from aiohttp import ClientSession
-from breakerkit import Load, exercise, percentile
+from breakerkit import Load, exercise
 from conftest import RedisServer, Upstream, bearer
-from proxykit import SCOPE, SNAPSHOTS, running
+from proxykit import SCOPE, SNAPSHOTS, percentile, running
 from redis.asyncio import Redis
 from waiting import eventually
 
@@ -111,11 +111,12 @@ async def test_under_load_quick_503s_never_a_200_without_a_grant(
 ) -> None:
     async with running(upstream.url, kept_redis.url) as (server, state, _):
         await state.grants.add("alice", SCOPE, 3600, "r", "admin")
-        load = Load(str(server.make_url("")).rstrip("/"), clients=8)
+        load = Load(str(server.make_url("")).rstrip("/"), 8, state.breaker)
         await exercise(load, kept_redis, plan, hold=0.6, settle=0.4)
+    (outage,) = load.outages
+    assert outage.trips_before == 0  # never on a healthy Redis under load
     assert load.ungranted_200() == 0
     assert load.unexpected() == {}
-    (outage,) = load.outages
     assert load.refused_during(outage) > 0
     waits = load.during(outage)
     # Below redis.timeout (0.5 s here), which every request waited for without the breaker.
