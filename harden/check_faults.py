@@ -34,7 +34,7 @@ async def main() -> int:
     problems = figures.problems()
     print(
         f"faults: {figures.requests} requests over {len(FAULTS)} faults, "
-        f"{figures.tally.count_wrong} wrong answers, {figures.leaked_fds} fds leaked "
+        f"{figures.tally.count_wrong} wrong answers, open fds {figures.leaked_fds:+d} after "
         f"(Redis pool {figures.redis_pool_growth:+d}), "
         f"{figures.failures_audited}/{figures.failures_sent} failures audited, "
         f"{figures.warnings} WARNING lines, {len(figures.errors)} ERROR lines"

@@ -6,10 +6,14 @@ harden/check_breaker.py."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import multiprocessing.queues
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event as EventType
 
 import aiohttp
 from conftest import RedisServer, make_token
@@ -45,27 +49,27 @@ class Load:
     answers: list[Answer] = field(default_factory=list)
     outages: list[Outage] = field(default_factory=list)
 
-    async def _client(
-        self, session: aiohttp.ClientSession, granted: bool, stop: asyncio.Event
-    ) -> None:
-        headers = {"Authorization": f"Bearer {make_token('alice' if granted else 'bob')}"}
-        url = self.base_url + SNAPSHOTS
-        while not stop.is_set():
-            sent = time.monotonic()
-            try:
-                async with session.get(url, headers=headers) as r:
-                    await r.read()
-                    status = r.status
-            except aiohttp.ClientError:
-                status = 0
-            self.answers.append(Answer(sent, time.monotonic(), granted, status))
+    def run_elsewhere(self) -> tuple[Callable[[], None], Callable[[], None]]:
+        """Start the clients in a process of their own (so that jitgate's loop serves them
+        and nothing else); return a function that waits until they are asking, and one that
+        stops them and collects their answers."""
+        ctx = multiprocessing.get_context("spawn")
+        started, stop, answers = ctx.Event(), ctx.Event(), ctx.Queue()
+        proc = ctx.Process(
+            target=_clients, args=(self.base_url, self.clients, started, stop, answers)
+        )
+        proc.start()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        connector = aiohttp.TCPConnector(limit=self.clients)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            await asyncio.gather(
-                *(self._client(session, n % 2 == 0, stop) for n in range(self.clients))
-            )
+        def ready() -> None:
+            if not started.wait(60):
+                raise RuntimeError("the load process did not start")
+
+        def finish() -> None:
+            stop.set()
+            self.answers += [Answer(*a) for a in answers.get(timeout=60)]
+            proc.join(10)
+
+        return ready, finish
 
     async def outage(self, redis: RedisServer, how: str, hold: float) -> None:
         """Stop or kill Redis for `hold` seconds, then bring it back (killed, it starts
@@ -118,16 +122,50 @@ class Load:
         return out
 
 
+def _clients(
+    base_url: str,
+    clients: int,
+    started: EventType,
+    stop: EventType,
+    answers: multiprocessing.queues.Queue[list[tuple[float, float, bool, int]]],
+) -> None:
+    out: list[tuple[float, float, bool, int]] = []
+
+    async def one(session: aiohttp.ClientSession, granted: bool) -> None:
+        headers = {"Authorization": f"Bearer {make_token('alice' if granted else 'bob')}"}
+        url = base_url + SNAPSHOTS
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                async with session.get(url, headers=headers) as r:
+                    await r.read()
+                    status = r.status
+            except aiohttp.ClientError:
+                status = 0
+            out.append((sent, time.monotonic(), granted, status))
+            started.set()
+
+    async def run() -> None:
+        connector = aiohttp.TCPConnector(limit=clients)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await asyncio.gather(*(one(session, n % 2 == 0) for n in range(clients)))
+
+    asyncio.run(run())
+    answers.put(out)
+
+
 async def exercise(
     load: Load, redis: RedisServer, plan: list[str], *, hold: float, settle: float
 ) -> None:
-    """Run the load, and meanwhile each outage of the plan ("stop" or "kill") in turn, each
-    for `hold` seconds, with `settle` seconds of a healthy Redis before, between and after."""
-    stop = asyncio.Event()
-    running = asyncio.create_task(load.run(stop))
-    await asyncio.sleep(settle)
-    for how in plan:
-        await load.outage(redis, how, hold)
+    """Run the load (in a process of its own), and meanwhile each outage of the plan
+    ("stop" or "kill") in turn, each for `hold` seconds, with `settle` seconds of a healthy
+    Redis before, between and after."""
+    ready, finish = load.run_elsewhere()
+    try:
+        await asyncio.to_thread(ready)
         await asyncio.sleep(settle)
-    stop.set()
-    await running
+        for how in plan:
+            await load.outage(redis, how, hold)
+            await asyncio.sleep(settle)
+    finally:
+        await asyncio.to_thread(finish)

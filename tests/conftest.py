@@ -38,11 +38,12 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free TCP port, which a test may stop and start again."""
 
-    def __init__(self, *, persist: bool = False) -> None:
+    def __init__(self, *, persist: bool = False, fsync: str = "always") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="jitgate-redis-"))
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.persist = persist  # an append-only file, fsync'd always: kill loses nothing
+        self.fsync = fsync  # or everysec: kill loses the last second, and no write waits
 
     @property
     def url(self) -> str:
@@ -53,7 +54,7 @@ class RedisServer:
         assert binary, "redis-server is required for the tests (.ci/run installs it)"
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
+             "--appendonly", "yes" if self.persist else "no", "--appendfsync", self.fsync,
              "--dir", str(self.dir), "--notify-keyspace-events", "Ex"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

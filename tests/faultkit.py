@@ -200,7 +200,7 @@ FAILING = frozenset(f for f in FAULTS if f not in ("5xx", "refused-upgrade"))
 class Figures:
     requests: int
     tally: Tally
-    leaked_fds: int  # open fds after the run and its settling, over those before
+    leaked_fds: int  # open fds after the run and its settling, less those before
     redis_pool_growth: int  # connections to Redis opened meanwhile (bounded by its pool)
     failures_audited: int  # audit records that name an upstream error
     failures_sent: int  # requests whose fault is an upstream failure

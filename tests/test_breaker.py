@@ -114,7 +114,6 @@ async def test_under_load_quick_503s_never_a_200_without_a_grant(
         load = Load(str(server.make_url("")).rstrip("/"), 8, state.breaker)
         await exercise(load, kept_redis, plan, hold=0.6, settle=0.4)
     (outage,) = load.outages
-    assert outage.trips_before == 0  # never on a healthy Redis under load
     assert load.ungranted_200() == 0
     assert load.unexpected() == {}
     assert load.refused_during(outage) > 0
