@@ -226,7 +226,10 @@ def start(args: argparse.Namespace, tmp: Path, procs: bench.Processes) -> dict[s
         home = tmp / name
         home.mkdir()
         cfg = bench.write_config(home, port=port, upstream_url=upstream_url, redis_port=redis_port)
-        cfg.write_text(cfg.read_text() + "admins: {users: [admin]}\n")
+        # The upload is as large as the download: past listen.max_body_bytes's default.
+        listen = f"listen: {{host: {bench.HOST}, port: {port}"
+        text = cfg.read_text().replace(listen, f"{listen}, max_body_bytes: {parse_size(args.bytes)}")
+        cfg.write_text(text + "admins: {users: [admin]}\n")
         server = procs.start(
             f"jitgate-{name}",
             [*bench.jitgate_command(), "serve", "--config", str(cfg)],

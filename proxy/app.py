@@ -25,6 +25,7 @@ from .authorize import Authorizer
 from .authz import ForwardAuth
 from .blobfetch import BlobFetcher
 from .blobs import BlobKeys, BlobSigner
+from .breaker import Breaker, BreakerOpen
 from .forward import Forwarder, UpstreamConfig
 from .gate import Gate
 from .grantstore import RedisGrants
@@ -33,6 +34,7 @@ from .identity import Verifier
 from .identity.assertion import AssertionSigner
 from .identity.oidc import OidcClient
 from .identity.session import Sessions
+from .listener import quiet_bad_requests, server_options
 from .live import LiveConnections, follow_revocations
 from .metadata import MetadataCache, adapter_for
 from .notify import Notifier
@@ -109,6 +111,7 @@ def make_audit_log(settings: Settings, redis: Redis | None, m: metrics.Metrics) 
 def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.Application:
     """Return the proxy application; Redis, upstream pool and audit start with it."""
     app = web.Application(client_max_size=0)
+    quiet_bad_requests()
     state = State(settings, metrics.Metrics())
     app[STATE] = state
     pages.setup(app)
@@ -181,10 +184,11 @@ def _resources(compiled: policy.Policy) -> list[Callable[[State], Ctx]]:
 
             def grant_error(exc: BaseException) -> None:
                 m.redis_errors.labels("grant_check").inc()
-                log.warning("grant check failed: %r", exc)
+                if not isinstance(exc, BreakerOpen):  # said once, when the breaker opened
+                    log.warning("grant check failed: %r", exc)
 
             view = state.grant_view
-            checker = view if view is not None else state.grants
+            checker = view if view is not None else state.breaker
             sensitivity = m.sensitivity_refusals
             authorizer = Authorizer(
                 compiled,
@@ -232,9 +236,11 @@ def _redis(state: State) -> Ctx:
         state.redis = connect_redis(settings.redis, url)
         wait = (settings.redis.wait_replicas, settings.redis.wait_timeout)
         state.grants = RedisGrants(state.redis, settings.redis.key_prefix, wait=wait)
+        breaker = state.breaker = _breaker(state)
+        watch = asyncio.create_task(breaker.run(), name="redis-breaker")
         follower = None
         if settings.redis.local_view:
-            view = state.grant_view = GrantView(state.grants, lag=settings.redis.view_lag)
+            view = state.grant_view = GrantView(breaker, lag=settings.redis.view_lag)
             state.metrics.watch_grant_view(
                 lambda: (view.hits, view.misses, view.current(), len(view))
             )
@@ -244,11 +250,30 @@ def _redis(state: State) -> Ctx:
         finally:
             if follower is not None:
                 await _cancel(follower)
+            await _cancel(watch)
             await state.redis.aclose()
             if embedded is not None:
                 await embedded.stop()
 
     return ctx
+
+
+def _breaker(state: State) -> Breaker:
+    r, m = state.settings.redis, state.metrics
+
+    def changed(is_open: bool) -> None:
+        m.redis_breaker_open.set(int(is_open))
+        if is_open:
+            m.redis_breaker_trips.inc()
+
+    return Breaker(
+        state.grants,
+        state.redis.ping,
+        trip_after=r.breaker_trip_after,
+        probe_every=r.breaker_probe_every,
+        probe_timeout=r.timeout,
+        on_change=changed,
+    )
 
 
 def _sessions(state: State) -> Ctx:
@@ -393,6 +418,8 @@ def _workflow(state: State) -> Ctx:
                 up.read_timeout,
                 up.pool_size,
                 up.keepalive,
+                settings.listen.max_ws_message_bytes,
+                settings.listen.max_body_bytes,
             )
         )
         await forwarder.start()
@@ -548,6 +575,7 @@ def run(settings: Settings) -> None:
         host=settings.listen.host,
         port=settings.listen.port,
         access_log=None,
+        **server_options(settings.listen),
         print=lambda *_: log.info(
             "jitgate listening on http://%s:%d -> %s",
             settings.listen.host,

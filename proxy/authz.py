@@ -44,7 +44,7 @@ from . import audit
 from .accesslog import AccessLog, underscore_header
 from .authorize import Decision
 from .errors import BadPath
-from .hygiene import TrustedPeers
+from .hygiene import TrustedPeers, wants_html
 from .metrics import Metrics
 from .paths import normalise, split_target
 from .settings import Settings
@@ -250,7 +250,7 @@ class ForwardAuth:
             headers["WWW-Authenticate"] = 'Bearer realm="jitgate"'
         # Only a browser's page load is sent on: a script gets the status and the JSON.
         status = decision.status
-        if location and method in ("GET", "HEAD") and _wants_html(request):
+        if location and method in ("GET", "HEAD") and wants_html(request):
             headers["Location"] = location
             if self._redirects(request):
                 status = 302  # Traefik and Envoy relay it; nginx redirects a 401 or 403 itself
@@ -285,12 +285,6 @@ class ForwardAuth:
 
 
 _NO_STORE = {"Cache-Control": "no-store"}
-
-
-def _wants_html(request: web.Request) -> bool:
-    """A browser's navigation, by its Accept header (as web/refusal.py tells them apart)."""
-    accept = request.headers.get("Accept", "")
-    return "text/html" in accept and "application/json" not in accept.split(",")[0]
 
 
 def _answer(

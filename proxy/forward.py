@@ -13,6 +13,7 @@ from aiohttp import WSMsgType, hdrs, web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
+from .failures import failure_response, too_large
 from .hygiene import HOP_BY_HOP, Hygiene, connection_tokens
 from .upstream import ConnectFailed, Pool, Response
 
@@ -40,6 +41,8 @@ class UpstreamConfig:
     read_timeout: float = 60.0
     pool_size: int = 100
     keepalive: float = 15.0  # below the upstream's own idle timeout
+    max_ws_message: int = 4 * 1024 * 1024  # a larger WebSocket message closes with 1009
+    max_body: int = 64 * 1024 * 1024  # a larger request body is refused with 413
 
 
 class BodyRewrite(Protocol):
@@ -98,7 +101,9 @@ class RewriteRefused(Exception):
 class Outcome:
     status: int
     bytes_sent: int
-    upstream_error: str | None
+    upstream_error: str | None  # the kind: connect, timeout, protocol
+    detail: str = ""  # what went wrong, in words, for the log line
+    cut: bool = False  # the upstream failed after the status line went out: the client is cut
 
 
 class Forwarder:
@@ -198,15 +203,16 @@ class Forwarder:
         if ws:
             return await self._websocket(session, request, target, headers, stop)
 
+        limit = self._config.max_body
+        if (request.content_length or 0) > limit:
+            return too_large(request, limit), Outcome(413, 0, None)
+        sent = _body(request, body, limit)
         try:
-            upstream = await pool.request(
-                request.method,
-                self._base + target,
-                headers,
-                _body(request, body),
-            )
+            upstream = await pool.request(request.method, self._base + target, headers, sent)
         except Exception as exc:
-            return self._failure(exc)
+            if isinstance(sent, _Capped) and sent.over:
+                return too_large(request, limit), Outcome(413, 0, None)
+            return self._failure(request, exc)
         try:
             return await self._relay(request, upstream, stop, rewrite)
         finally:
@@ -232,10 +238,10 @@ class Forwarder:
             # Nothing has been sent yet, so a failing upstream still gets a clean 502/504.
             if end == "timeout":
                 upstream.close()
-                return self._failure(TimeoutError())
+                return self._failure(request, TimeoutError())
             if end == "protocol":
                 upstream.close()
-                return self._failure(aiohttp.ClientPayloadError("upstream body cut"))
+                return self._failure(request, aiohttp.ClientPayloadError("upstream body cut"))
             try:
                 if end == "eof":
                     body = b"".join(held)
@@ -257,7 +263,7 @@ class Forwarder:
                 upstream.close()
                 text = f"jitgate: {exc.reason}\n"
                 return web.Response(status=exc.status, text=text), Outcome(
-                    exc.status, len(text), "rewrite"
+                    exc.status, len(text), "rewrite", text
                 )
             # "over" (too large) and "expired" go on as a plain stream: the held part first.
         resp = web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
@@ -291,9 +297,11 @@ class Forwarder:
                         chunk = await content.readany()
                     except TimeoutError:
                         outcome.upstream_error = "timeout"
+                        outcome.detail = self._read_timeout_text + " in the body"
                         break
-                    except (aiohttp.ClientError, OSError):
+                    except (aiohttp.ClientError, OSError) as exc:
                         outcome.upstream_error = "protocol"
+                        outcome.detail = f"jitgate: upstream body cut ({type(exc).__name__})"
                         break
                     if not chunk:
                         break
@@ -311,6 +319,7 @@ class Forwarder:
             if watcher is not None:
                 watcher.cancel()
         if cut or outcome.upstream_error:
+            outcome.cut = True
             # The status line is gone: abort so a truncated body cannot look complete.
             upstream.close()
             if request.transport is not None:
@@ -339,13 +348,14 @@ class Forwarder:
                 autoclose=False,
                 autoping=False,
                 decode_text=False,
+                max_msg_size=self._config.max_ws_message,
                 timeout=aiohttp.ClientWSTimeout(
                     ws_receive=None, ws_close=self._config.connect_timeout
                 ),
             )
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status == 101 or exc.headers is None:
-                return self._failure(exc)
+                return self._failure(request, exc)
             # Relay the refusal (403, 404, ...) as a plain HTTP answer.
             text = f"jitgate: upstream refused the websocket upgrade ({exc.status})"
             refused = web.Response(
@@ -355,7 +365,7 @@ class Forwarder:
             )
             return refused, Outcome(exc.status, len(text), None)
         except Exception as exc:
-            return self._failure(exc)
+            return self._failure(request, exc)
 
         client: ServerWS = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (),
@@ -363,6 +373,7 @@ class Forwarder:
             autoping=False,
             compress=False,
             decode_text=False,
+            max_msg_size=self._config.max_ws_message,
         )
         try:
             await client.prepare(request)
@@ -451,7 +462,10 @@ class Forwarder:
             rest = "/" + rest
         return f"{request.scheme}://{request.host}{rest}"
 
-    def _failure(self, exc: BaseException) -> tuple[web.StreamResponse, Outcome]:
+    def _failure(
+        self, request: web.Request, exc: BaseException
+    ) -> tuple[web.StreamResponse, Outcome]:
+        """The upstream failed before anything was sent: 502 or 504, as JSON or a page."""
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             status, kind, text = 504, "connect", "jitgate: upstream connect timed out"
         elif isinstance(exc, TimeoutError):
@@ -468,7 +482,8 @@ class Forwarder:
             text = f"jitgate: upstream protocol error ({type(exc).__name__})"
         else:
             raise exc
-        return web.Response(status=status, text=text), Outcome(status, len(text), kind)
+        response = failure_response(request, status, kind, text)
+        return response, Outcome(status, response.content_length or 0, kind, text)
 
 
 def _is_websocket(request: web.Request) -> bool:
@@ -559,11 +574,30 @@ def _sendable(code: int) -> int:
     return code
 
 
-def _body(request: web.Request, held: bytes | None) -> aiohttp.StreamReader | None:
+def _body(request: web.Request, held: bytes | None, limit: int) -> aiohttp.StreamReader | None:
+    # The pool only iterates the body (iter_any), which _Held and _Capped provide.
     if held is not None:
-        # The pool only iterates the body (iter_any), which _Held provides.
         return cast(aiohttp.StreamReader, _Held(held))
-    return request.content if request.body_exists else None
+    if not request.body_exists:
+        return None
+    return cast(aiohttp.StreamReader, _Capped(request.content, limit))
+
+
+class _Capped:
+    """A client's streamed body, cut off (the upstream request fails) past `limit` bytes."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._left = limit
+        self.over = False
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        async for chunk in self._content.iter_any():
+            self._left -= len(chunk)
+            if self._left < 0:
+                self.over = True
+                raise aiohttp.ClientPayloadError("request body over the limit")
+            yield chunk
 
 
 class _Held:

@@ -6,6 +6,7 @@ It renders no pages: a refusal is answered by the `refuse` callable app.py hands
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -30,6 +31,8 @@ from .settings.identity import IdentitySettings
 from .state import State
 from .statusbar import StatusBar
 from .vouch import Vouch
+
+log = logging.getLogger("jitgate.upstream")
 
 # Answers a refused request: a page for a browser, JSON for a script (web/refusal.py).
 Refuse = Callable[[web.Request, Decision, str], Awaitable[web.Response]]
@@ -163,6 +166,9 @@ class Gate:
             error = outcome.upstream_error if outcome else "client disconnected"
             if error and outcome:
                 self.metrics.upstream_errors.labels(error).inc()
+                detail = (outcome.detail or error).removeprefix("jitgate: ")
+                done = f"cut after {sent} bytes" if outcome.cut else f"answered {status}"
+                log.warning("%s %s %s: %s", request.method, path, done, detail)
             cancelled = False
             try:
                 subject = await self.log.subject(decision)

@@ -323,3 +323,9 @@ def _in(peer: str, nets: tuple[Network, ...]) -> bool | None:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return any(addr in net for net in nets)
+
+
+def wants_html(request: web.Request) -> bool:
+    """A browser's navigation, told from an API client by its Accept header."""
+    accept = request.headers.get("Accept", "")
+    return "text/html" in accept and "application/json" not in accept.split(",")[0]

@@ -110,6 +110,14 @@ class Metrics:
         self.redis_errors = Counter(
             "jitgate_redis_errors", "Redis operations that failed.", ["op"], registry=r
         )
+        self.redis_breaker_open = Gauge(
+            "jitgate_redis_breaker_open",
+            "1 while grant checks are refused (503) without asking Redis, until it answers.",
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.redis_breaker_trips = Counter(
+            "jitgate_redis_breaker_trips", "Times Redis trouble opened the breaker.", registry=r
+        )
         self.active_grants = Gauge(
             "jitgate_active_grants", "Grants active now, as last counted.", registry=r,
             multiprocess_mode="livemostrecent",

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the resources' types only: importing state starts nothing
 
     from .audit import AuditLog
     from .audit.store import AuditStore
+    from .breaker import Breaker
     from .grantstore import RedisGrants
     from .grantview import GrantView
     from .identity.assertion import AssertionSigner
@@ -58,6 +59,7 @@ class State:
     http: aiohttp.ClientSession  # discovery and JWKS fetches, apart from the upstream pool
     redis: Redis
     grants: RedisGrants
+    breaker: Breaker  # in front of the grant check: quick 503s while Redis is in trouble
     audit: AuditLog
     live: LiveConnections
     workflow: Workflow

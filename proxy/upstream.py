@@ -28,6 +28,7 @@ import time
 import aiohttp
 from aiohttp import hdrs
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -38,6 +39,10 @@ _STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionRese
 
 class ConnectTimeout(aiohttp.ConnectionTimeoutError):
     """The upstream did not accept a connection within the connect timeout."""
+
+
+class BadAnswer(aiohttp.ClientError):
+    """The upstream's answer is not HTTP that llhttp accepts (its head, e.g. a header)."""
 
 
 class ConnectFailed(OSError):
@@ -222,11 +227,13 @@ class Pool:
                 message, payload = await proto.read()
                 if not 100 <= message.code < 200 or message.code == 101:
                     break
-        except BaseException:
+        except BaseException as exc:
             if sending is not None:
                 sending.cancel()
                 with contextlib.suppress(BaseException):
                     await sending
+            if isinstance(exc, HttpProcessingError):  # as aiohttp's client says it, a ClientError
+                raise BadAnswer(f"invalid response: {exc.message.strip()}") from exc
             raise
         return Response(
             self,

@@ -337,6 +337,7 @@ def serve_worker(settings: Settings, slot: int, ready_fd: int) -> None:
 
 async def _serve(app: web.Application, settings: Settings, slot: int, ready_fd: int) -> None:
     from . import app as wiring
+    from .listener import server_options
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -344,7 +345,12 @@ async def _serve(app: web.Application, settings: Settings, slot: int, ready_fd: 
         loop.add_signal_handler(sig, stop.set)  # a second signal changes nothing
     app.cleanup_ctx.append(_sampler)
     app.on_startup.append(wiring.freeze_startup_objects)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=_SHUTDOWN_TIMEOUT,
+        **server_options(settings.listen),
+    )
     await runner.setup()
     parent = os.getppid()
     watcher = asyncio.create_task(_watch_parent(parent, stop), name="parent-watch")

@@ -41,11 +41,12 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free TCP port, which a test may stop and start again."""
 
-    def __init__(self, *, persist: bool = False) -> None:
+    def __init__(self, *, persist: bool = False, fsync: str = "always") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="jitgate-redis-"))
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.persist = persist  # an append-only file, fsync'd always: kill loses nothing
+        self.fsync = fsync  # or everysec: kill loses the last second, and no write waits
 
     @property
     def url(self) -> str:
@@ -56,7 +57,7 @@ class RedisServer:
         assert binary, "redis-server is required for the tests (.ci/run installs it)"
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
+             "--appendonly", "yes" if self.persist else "no", "--appendfsync", self.fsync,
              "--dir", str(self.dir), "--notify-keyspace-events", "Ex"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -178,6 +179,8 @@ def write_config(
     redis_url: str | None,
     extra: str = "",
     policy_text: str | None = None,
+    read_timeout: float = 5,
+    listen: str = "",
 ) -> Path:
     """Write a config and the demo policy into tmp and return the config path."""
     policy = tmp / "policy.yaml"
@@ -185,8 +188,8 @@ def write_config(
     cfg = tmp / "jitgate.yaml"
     cfg.write_text(
         f"""
-listen: {{host: 127.0.0.1, port: 0}}
-upstream: {{url: "{upstream_url}", connect_timeout: 2, read_timeout: 5}}
+listen: {{host: 127.0.0.1, port: 0{", " + listen if listen else ""}}}
+upstream: {{url: "{upstream_url}", connect_timeout: 2, read_timeout: {read_timeout}}}
 redis: {{url: {f'"{redis_url}"' if redis_url else "null"}, timeout: 0.5}}
 state_dir: state
 policy: {{file: policy.yaml}}

@@ -604,8 +604,9 @@ async def test_connect_refused_is_502(make_proxy: MakeProxy) -> None:
     proxy = await make_proxy(URL(f"http://127.0.0.1:{free_port()}"))
     async with proxy.client.get("/x") as resp:
         assert resp.status == 502
-        text = await resp.text()
-    assert text.startswith("jitgate: upstream unreachable (connect failed: ")
+        body = await resp.json()
+    assert body["error"] == "bad_gateway" and body["kind"] == "connect"
+    assert body["message"].startswith("jitgate: upstream unreachable (connect failed: ")
     assert proxy.outcomes[-1].upstream_error == "connect"
 
 
@@ -627,7 +628,7 @@ async def test_connect_timeout_is_504(make_proxy: MakeProxy) -> None:
         )
         async with proxy.client.get("/x") as resp:
             assert resp.status == 504
-            assert await resp.text() == "jitgate: upstream connect timed out"
+            assert (await resp.json())["message"] == "jitgate: upstream connect timed out"
         assert proxy.outcomes[-1].upstream_error == "connect"
     finally:
         for s in [*fillers, listener]:
@@ -641,11 +642,22 @@ async def test_read_timeout_before_headers_is_504(
     started = time.monotonic()
     async with proxy.client.get("/slow") as resp:
         assert resp.status == 504
-        assert await resp.text() == "jitgate: upstream timed out after 0.3s"
+        body = await resp.read()
+    assert json.loads(body) == {
+        "error": "gateway_timeout",
+        "kind": "timeout",
+        "message": "jitgate: upstream timed out after 0.3s",
+    }
     assert time.monotonic() - started < 0.9
-    assert proxy.outcomes[-1] == Outcome(
-        504, len("jitgate: upstream timed out after 0.3s"), "timeout"
-    )
+    text = "jitgate: upstream timed out after 0.3s"
+    assert proxy.outcomes[-1] == Outcome(504, len(body), "timeout", text)
+
+
+async def test_a_browser_gets_a_page_for_an_upstream_failure(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(URL(f"http://127.0.0.1:{free_port()}"))
+    async with proxy.client.get("/x", headers={"Accept": "text/html"}) as resp:
+        assert (resp.status, resp.content_type) == (502, "text/html")
+        assert "<h1>Bad Gateway</h1>" in await resp.text()
 
 
 async def test_read_timeout_mid_body_aborts(upstream: TestServer, make_proxy: MakeProxy) -> None:
@@ -654,7 +666,8 @@ async def test_read_timeout_mid_body_aborts(upstream: TestServer, make_proxy: Ma
         assert resp.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
-    assert proxy.outcomes[-1] == Outcome(200, 5, "timeout")
+    text = "jitgate: upstream timed out after 0.3s in the body"
+    assert proxy.outcomes[-1] == Outcome(200, 5, "timeout", text, cut=True)
 
 
 # 7. WebSockets

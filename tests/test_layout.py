@@ -139,7 +139,7 @@ SERVICES = {
         "proxy.refspec",
         "proxy.blobspec",
     ),
-    "grants": ("proxy.grants", "proxy.grantstore", "proxy.grantview"),
+    "grants": ("proxy.grants", "proxy.grantstore", "proxy.grantview", "proxy.breaker"),
     "audit": ("proxy.audit",),
 }
 

@@ -242,9 +242,14 @@ async def test_redis_down_fails_closed(
     assert (await client.get("/_jit/readyz")).status == 503
     metrics = await (await client.get("/_jit/metrics")).text()
     assert 'jitgate_redis_errors_total{op="grant_check"} 1.0' in metrics
-    # Redis comes back (empty, as it keeps nothing): access follows the new state.
+    # Redis comes back (empty, as it keeps nothing): once the breaker's probe sees it,
+    # access follows the new state.
     own_redis.start()
-    assert (await client.get(SNAPSHOTS, headers=bearer())).status == 403
+
+    async def refused() -> bool:
+        return (await client.get(SNAPSHOTS, headers=bearer())).status == 403
+
+    await eventually(refused, within=2, what="the breaker to close")
 
 
 async def test_audit_records_every_decision(proxy: TestClient, tmp_path: Path) -> None:

@@ -341,3 +341,16 @@ def test_grant_view_settings(tmp_path: Path) -> None:
         load(cfg, environ={})
     text = str(exc.value)
     assert "redis.local_view: must be" in text and "redis.view_lag: must be greater than 0" in text
+
+
+def test_listen_limits_defaults_and_errors(tmp_path: Path) -> None:
+    s = load(_config(tmp_path, ""), environ={})
+    assert (s.listen.max_line_bytes, s.listen.max_headers, s.listen.keepalive_timeout) == (
+        8190, 100, 75.0,
+    )  # fmt: skip
+    assert (s.listen.max_body_bytes, s.listen.max_ws_message_bytes) == (64 << 20, 4 << 20)
+    cfg = _config(tmp_path, "listen: {max_headers: 20, max_body_bytes: 1000}\n")
+    s = load(cfg, environ={})
+    assert (s.listen.max_headers, s.listen.max_body_bytes) == (20, 1000)
+    with pytest.raises(ConfigErrors, match=r"listen\.max_headers: must be greater than 0"):
+        load(_config(tmp_path, "listen: {max_headers: 0}\n"), environ={})

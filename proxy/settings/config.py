@@ -46,6 +46,18 @@ class ListenSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1  # processes serving the port (SO_REUSEPORT); `auto` in the file: cores
+    # What a client may send (listener.py): longer lines or more headers get a 400.
+    max_line_bytes: int = 8190  # the request line
+    max_field_bytes: int = 8190  # one header line
+    max_headers: int = 100
+    keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this
+    max_body_bytes: int = 64 * 1024 * 1024  # a forwarded request body; over it: 413
+    max_ws_message_bytes: int = 4 * 1024 * 1024  # a WebSocket message, either way; over: 1009
+
+
+_LIMITS = {
+    "max_line_bytes", "max_field_bytes", "max_headers", "max_body_bytes", "max_ws_message_bytes",
+}  # fmt: skip
 
 
 def usable_cores() -> int:
@@ -112,6 +124,8 @@ class RedisSettings:
     max_connections: int = 512
     local_view: bool = True  # answer repeated grant checks from memory (grantview.py)
     view_lag: float = 0.1  # ... only while every change older than this has been seen
+    breaker_trip_after: float = 0.05  # a grant check unanswered this long opens the breaker
+    breaker_probe_every: float = 0.1  # while open, Redis is pinged at most this often
 
     @property
     def embedded(self) -> bool:
@@ -242,7 +256,7 @@ def validate(
     )
 
     s = r.section(raw, "listen", "listen")
-    r.known(s, {"host", "port", "workers"}, "listen")
+    r.known(s, {"host", "port", "workers", "keepalive_timeout"} | _LIMITS, "listen")
     workers = workers_count(1 if s.get("workers") is None else s["workers"])
     if workers is None:
         r.error(s, "workers", "listen.workers", "must be a positive integer or auto")
@@ -250,6 +264,10 @@ def validate(
         host=r.get(s, "host", str, "127.0.0.1", "listen.host"),
         port=r.get(s, "port", int, 8080, "listen.port"),
         workers=workers or 1,
+        keepalive_timeout=r.positive(
+            s, "keepalive_timeout", float, 75.0, "listen.keepalive_timeout"
+        ),
+        **{k: r.positive(s, k, int, getattr(ListenSettings, k), f"listen.{k}") for k in _LIMITS},
     )
     if not 0 <= listen.port <= 65535:
         r.error(s, "port", "listen.port", "must be between 0 and 65535")
@@ -337,7 +355,8 @@ def _redis(r: Reader, s: Node, base: Path) -> RedisSettings:
     r.known(
         s,
         {"url", "sentinel", "cluster", "timeout", "key_prefix", "max_connections", "local_view"}
-        | {"view_lag", "wait_replicas", "wait_timeout"},
+        | {"view_lag", "wait_replicas", "wait_timeout", "breaker_trip_after"}
+        | {"breaker_probe_every"},
         at,
     )
     url = r.optional_str(s, "url", None, f"{at}.url") or None
@@ -378,6 +397,12 @@ def _redis(r: Reader, s: Node, base: Path) -> RedisSettings:
         max_connections=r.positive(s, "max_connections", int, 512, f"{at}.max_connections"),
         local_view=r.get(s, "local_view", bool, True, f"{at}.local_view"),
         view_lag=r.positive(s, "view_lag", float, 0.1, f"{at}.view_lag"),
+        breaker_trip_after=r.positive(
+            s, "breaker_trip_after", float, 0.05, f"{at}.breaker_trip_after"
+        ),
+        breaker_probe_every=r.positive(
+            s, "breaker_probe_every", float, 0.1, f"{at}.breaker_probe_every"
+        ),
     )
 
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..authorize import Decision
+from ..hygiene import wants_html
 from ..state import app_state
 from . import requestpages
 from .accesspages import nav
@@ -26,12 +27,6 @@ _HEADINGS = {
     "blocked": "Blocked by policy",
     "unavailable": "Access check unavailable",
 }
-
-
-def wants_html(request: web.Request) -> bool:
-    """Tell a browser navigation from an API client by its Accept header."""
-    accept = request.headers.get("Accept", "")
-    return "text/html" in accept and "application/json" not in accept.split(",")[0]
 
 
 def _to_provider(request: web.Request, sso_login: bool) -> bool:
