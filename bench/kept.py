@@ -228,7 +228,8 @@ def start(args: argparse.Namespace, tmp: Path, procs: bench.Processes) -> dict[s
         cfg = bench.write_config(home, port=port, upstream_url=upstream_url, redis_port=redis_port)
         # The upload is as large as the download: past listen.max_body_bytes's default.
         listen = f"listen: {{host: {bench.HOST}, port: {port}"
-        text = cfg.read_text().replace(listen, f"{listen}, max_body_bytes: {parse_size(args.bytes)}")
+        cap = f", max_body_bytes: {parse_size(args.bytes)}"
+        text = cfg.read_text().replace(listen, listen + cap)
         cfg.write_text(text + "admins: {users: [admin]}\n")
         server = procs.start(
             f"jitgate-{name}",
