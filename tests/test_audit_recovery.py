@@ -73,6 +73,33 @@ async def test_replay_after_a_crash_writes_nothing_twice_and_verify_is_clean(
         assert "crashed, recovered at seq 45" in out.stdout
         out = verify(cfg, *source, "--strict")
         assert out.returncode == 0, out.stdout  # recovered is not "still running"
+    out = verify(cfg, "--json")  # no source: every sink the config names
+    assert out.returncode == 0, out.stdout
+    report = json.loads(out.stdout)
+    assert [r["source"] for r in report["sources"]] == [str(tmp_path / "audit.jsonl"), STREAM]
+    assert all(r["clean"] and r["records"] == 47 for r in report["sources"])
+
+
+async def test_verify_without_a_source_checks_every_sink_and_names_the_unreadable(
+    tmp_path: Path, redis_url: str
+) -> None:
+    with redis_sync.Redis.from_url(redis_url) as c:
+        c.delete(STREAM)
+    cfg = config(tmp_path, redis_url)
+    with cfg.open("a") as fh:
+        fh.write("  http: [{name: siem, url: 'http://127.0.0.1:9/ingest'}]\n")
+    out = verify(cfg)
+    assert out.returncode == 0, out.stderr
+    assert f"{STREAM}: 0 records from 0 writers: clean" in out.stdout
+    assert "http:siem: an HTTP collector cannot be read back" in out.stdout
+    save(cfg, ['{"event": "access.allow"}'])
+    out = verify(cfg)
+    assert out.returncode == 1 and len(errors(out)) == 1
+    assert f"{tmp_path / 'audit.jsonl'}: 1 records from 0 writers: 1 errors" in out.stdout
+    text = cfg.read_text().replace("  file: audit.jsonl\n", "  redis: null\n")
+    cfg.write_text(text.replace("  http: [{name: siem, url: 'http://127.0.0.1:9/ingest'}]\n", ""))
+    out = verify(cfg)
+    assert out.returncode == 2 and "names no audit file or Redis stream" in out.stderr
 
 
 async def test_records_missing_after_the_recovered_seq_are_an_error(tmp_path: Path) -> None:
