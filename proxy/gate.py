@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 
 from aiohttp import web
 
@@ -125,6 +124,9 @@ class Gate:
             listed = self._listed(authorizer, request.method, path, decision.identity.subject)
             if listed is not None:  # a list to rewrite: asked for whole, uncompressed JSON
                 set_headers = {**(set_headers or {}), **LIST_REQUEST_HEADERS}
+        # The decision is spooled before anything goes upstream or back to the client; how
+        # the response ended follows in a completion record (audit/pairs.py).
+        decided = self.log.decided(request, decision, path, client_ip=client_ip)
         try:
             response, outcome = await self.forwarder.forward(
                 request,
@@ -142,16 +144,15 @@ class Gate:
         finally:
             if stop is not None and grant_id is not None:
                 self.live.close(grant_id, stop)
-            if listed is not None and listed.note is not None:
-                decision = replace(decision, reasons=(*decision.reasons, listed.note))
+            notes = (listed.note,) if listed is not None and listed.note is not None else ()
             # Written even when the client went away mid-stream: status 499 then.
             status = outcome.status if outcome else 499
             sent = outcome.bytes_sent if outcome else 0
             error = outcome.upstream_error if outcome else "client disconnected"
             if error and outcome:
                 self.metrics.upstream_errors.labels(error).inc()
-            self.log.decision(
-                request, decision, path, status, sent, error, started, client_ip=client_ip
+            self.log.completed(
+                request, decision, decided, path, (status, sent, error), started, notes
             )
 
     def _listed(
