@@ -20,9 +20,11 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from conftest import RedisServer, free_port, write_config
 from redis.asyncio import Redis
 from test_audit_delivery import JITGATE, http_get, upstream_process, wait_ready
@@ -117,8 +119,10 @@ class Load:
         await self._session.close()
 
 
-def serve(cfg: Path, port: int, **popen: object) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "JITGATE_LISTEN__PORT": str(port)}
+def serve(
+    cfg: Path, port: int, env_extra: dict[str, str] | None = None, **popen: object
+) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "JITGATE_LISTEN__PORT": str(port), **(env_extra or {})}
     proc = subprocess.Popen(
         [JITGATE, "serve", "--config", str(cfg)], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen,  # type: ignore[call-overload]
@@ -200,10 +204,54 @@ async def test_sigkill_under_load_again_and_again_loses_nothing_and_verifies_cle
         states = sorted(w.state() for w in v.writers.values())
         assert len(states) == kills + 1 and states[0] == "closed", states
         assert all(s.startswith("crashed, recovered at seq ") for s in states[1:]), states
+        assert not any(w.duplicates for w in v.writers.values()), f"{name}: replayed twice"
         seen = decisions(lines)
         assert len(seen) >= len(received), name
         missing = set(received) - set(seen)
         assert not missing, f"{name}: no decision record for {sorted(missing)[:5]}"
+
+
+async def test_the_decision_is_spooled_before_the_first_response_byte(
+    tmp_path: Path, aiohttp_server: Any, redis_url: str
+) -> None:
+    """A response that has begun and never ends: a kill now must not lose its decision."""
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"first bytes\n")
+        await release.wait()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/static/slow.css", slow)
+    server = await aiohttp_server(app)
+    # A flusher that waits 30 s: only the spool can hold the record when the kill comes.
+    cfg = chained_config(tmp_path, str(server.make_url("")).rstrip("/"), redis_url)
+    port = free_port()
+    proc = serve(cfg, port, env_extra={"JITGATE_AUDIT__FLUSH_INTERVAL": "30"})
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/static/slow.css") as resp,
+        ):
+            assert await resp.content.readline() == b"first bytes\n"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    spooled = [
+        json.loads(line)
+        for wal in (tmp_path / "state" / "audit-spool").glob("*/*.wal")
+        for line in wal.read_text().splitlines()
+    ]
+    decided = [r for r in spooled if r["event"] == "access.allow"]
+    assert [r["path"] for r in decided] == ["/static/slow.css"]
+    assert not [r for r in spooled if r["event"] == "access.done"]  # it never ended
 
 
 async def test_ctrl_c_to_the_process_group_closes_the_trail_before_redis_stops(
