@@ -89,6 +89,7 @@ class _Lane:
         self.on_disk = False  # newer records are only in the spool
         self.cursor = 0  # own spool: line number of the first record not yet taken
         self.adopted: list[Spool] = []
+        self.past: list[Spool] = []  # adopted spools replayed past what the sink held
         self.inflight: list[str] | None = None  # a batch read from a spool, kept for retry
         self.failures = 0
         self.retry_at = 0.0
@@ -420,13 +421,13 @@ class AuditLog:
             source, batch = self._next_batch(lane)
             if not batch:
                 return True
+            fresh = batch
             try:
-                if source is None or source is self.spool:
-                    await lane.sink.write(batch)
-                else:  # a crashed writer's spool: what the sink took before the crash, once
+                if source is not None and source is not self.spool and source not in lane.past:
+                    # A crashed writer's spool: what the sink took before the crash, once.
                     fresh = await replay.unheld(lane.sink, batch)
-                    if fresh:
-                        await lane.sink.write(fresh)
+                if fresh:
+                    await lane.sink.write(fresh)
             except Exception as exc:  # any sink error: keep the batch and retry later
                 lane.failures += 1
                 lane.retry_at = time.monotonic() + min(5.0, 0.1 * 2 ** min(lane.failures, 6))
@@ -438,7 +439,10 @@ class AuditLog:
                 return False
             lane.failures = 0
             lane.inflight = None
-            self._on_written(lane.name, len(batch))
+            if fresh and source is not None and source is not self.spool:
+                # The sink took records in order: once one was new, so are all after it.
+                lane.past.append(source)
+            self._on_written(lane.name, len(fresh))
             save = self._advance(lane, source, len(batch))
             if save is not None:
                 saves.append(save)

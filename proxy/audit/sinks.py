@@ -260,20 +260,16 @@ def position(line: str) -> tuple[Position, str] | None:
     return None
 
 
-def batch_key(lines: Iterable[str]) -> str | None:
-    """Return `writer:first-last` for a batch of one writer's chained records, else None."""
-    writer, first, last = None, None, None
-    for line in lines:
-        found = position(line)
-        if found is None:
-            return None
-        (w, seq), _ = found
-        if writer is None:
-            writer, first = w, seq
-        elif w != writer:
-            return None
-        last = seq
-    return None if writer is None else f"{writer}:{first}-{last}"
+def batch_key(lines: list[str]) -> str | None:
+    """Return `writer:first-last` for a batch of one writer's chained records, else None.
+
+    A batch comes from one spool, so one writer: its first and last records say it all."""
+    if not lines:
+        return None
+    first, last = position(lines[0]), position(lines[-1])
+    if first is None or last is None or first[0][0] != last[0][0]:
+        return None
+    return f"{first[0][0]}:{first[0][1]}-{last[0][1]}"
 
 
 def _ts_ns(rec: dict[str, Any]) -> str:
