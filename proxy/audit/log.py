@@ -439,7 +439,12 @@ class AuditLog:
                 return False
             lane.failures = 0
             lane.inflight = None
-            if fresh and source is not None and source is not self.spool:
+            if (
+                fresh
+                and source is not None
+                and source is not self.spool
+                and source not in lane.past
+            ):
                 # The sink took records in order: once one was new, so are all after it.
                 lane.past.append(source)
             self._on_written(lane.name, len(fresh))
@@ -457,6 +462,8 @@ class AuditLog:
                 return old, lane.inflight
             lane.inflight = None
             lane.adopted.pop(0)
+            if old in lane.past:
+                lane.past.remove(old)
             if old.done() or not any(old in other.adopted for other in self.lanes):
                 old.close()
         if lane.queue:
