@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import RedisServer, free_port, write_config
+from conftest import ROOT, RedisServer, free_port, write_config
 from redis.asyncio import Redis
 from test_audit_delivery import JITGATE, http_get, upstream_process, wait_ready
 from test_cli import run as cli
@@ -120,11 +120,16 @@ class Load:
 
 
 def serve(
-    cfg: Path, port: int, env_extra: dict[str, str] | None = None, **popen: object
+    cfg: Path,
+    port: int,
+    env_extra: dict[str, str] | None = None,
+    command: list[str] | None = None,
+    **popen: object,
 ) -> subprocess.Popen[bytes]:
+    """Start `jitgate serve` (or another command that starts it) and wait until it serves."""
     env = {**os.environ, "JITGATE_LISTEN__PORT": str(port), **(env_extra or {})}
     proc = subprocess.Popen(
-        [JITGATE, "serve", "--config", str(cfg)], env=env,
+        command or [JITGATE, "serve", "--config", str(cfg)], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen,  # type: ignore[call-overload]
     )  # fmt: skip
     wait_ready(port, proc)
@@ -254,12 +259,20 @@ async def test_the_decision_is_spooled_before_the_first_response_byte(
     assert not [r for r in spooled if r["event"] == "access.done"]  # it never ended
 
 
+@pytest.mark.parametrize("demo", [False, True], ids=["jitgate-serve", "make-demo"])
 async def test_ctrl_c_to_the_process_group_closes_the_trail_before_redis_stops(
-    tmp_path: Path, upstream_process: str
+    tmp_path: Path, upstream_process: str, demo: bool
 ) -> None:
-    cfg = chained_config(tmp_path, upstream_process, None)  # the embedded Redis
     port = free_port()
-    proc = serve(cfg, port, start_new_session=True)  # a group of its own, as a terminal's
+    if demo:  # the demo launcher starts the replay app on the upstream's port, then jitgate
+        upstream = f"http://127.0.0.1:{free_port()}"
+        cfg = chained_config(tmp_path, upstream, None)  # the embedded Redis
+        launch = [sys.executable, str(ROOT / "deploy" / "demo" / "launch.py")]
+        env = {"JITGATE_CONFIG": str(cfg)}
+        proc = serve(cfg, port, env, launch, start_new_session=True)
+    else:
+        cfg = chained_config(tmp_path, upstream_process, None)
+        proc = serve(cfg, port, start_new_session=True)  # a group of its own, as a terminal's
     try:
         for i in range(20):
             assert http_get(port, f"/static/ctrl-c-{i}.css") != 0
