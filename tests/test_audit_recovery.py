@@ -96,6 +96,15 @@ async def test_verify_without_a_source_checks_every_sink_and_names_the_unreadabl
     out = verify(cfg)
     assert out.returncode == 1 and len(errors(out)) == 1
     assert f"{tmp_path / 'audit.jsonl'}: 1 records from 0 writers: 1 errors" in out.stdout
+    # The stream cannot be read (the embedded Redis is not running): the file still is.
+    embedded = cfg.read_text().replace(f'"{redis_url}"', "null")
+    cfg.write_text(embedded)
+    out = verify(cfg)
+    assert out.returncode == 1 and len(errors(out)) == 1  # the file's finding comes first
+    assert "jit:audit: cannot be verified: jitgate's embedded Redis is not running" in out.stdout
+    save(cfg, [])
+    out = verify(cfg)
+    assert out.returncode == 2 and "0 records from 0 writers: clean" in out.stdout
     text = cfg.read_text().replace("  file: audit.jsonl\n", "  redis: null\n")
     cfg.write_text(text.replace("  http: [{name: siem, url: 'http://127.0.0.1:9/ingest'}]\n", ""))
     out = verify(cfg)

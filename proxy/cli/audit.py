@@ -21,7 +21,16 @@ from ..audit import query as auditquery
 from ..audit.sinks import JsonlFileSink
 from ..audit.store import AuditStore, Page, Query, store_for
 from ..settings import Settings
-from .common import EXIT_FINDING, EXIT_OK, UsageError, api_args, api_url, config_arg, redis_for
+from .common import (
+    EXIT_FINDING,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    api_args,
+    api_url,
+    config_arg,
+    redis_for,
+)
 
 if TYPE_CHECKING:
     from ..audit.chain import Verifier
@@ -247,32 +256,46 @@ async def _verify(args: argparse.Namespace, settings: Settings) -> int:
         if not trails and not a.http:
             raise UsageError(f"{settings.file} names no audit file or Redis stream to verify")
     reports, lines, errors = [], [], 0
+    every = args.file is None and not args.redis
+    failed: list[str] = []  # trails that could not be read (with every trail: go on)
     for source, files in trails:
         v = verifier()
-        if files is None:
-            await _feed_stream(v, settings, source)
-        else:
-            _feed_files(v, files)
+        try:
+            if files is None:
+                await _feed_stream(v, settings, source)
+            else:
+                _feed_files(v, files)
+        except UsageError as exc:
+            if not every:
+                raise
+            failed.append(source)
+            lines.append(f"{source}: cannot be verified: {exc}")
+            continue
         v.finish()
         errors += v.errors
         reports.append(v.report(source))
         lines.extend(v.text(source))
     unread = []
-    if args.file is None and not args.redis:
+    if every:
         unread = [f"http:{h.name}" for h in a.http]
         lines.extend(
             f"{name}: an HTTP collector cannot be read back: verify the copy it holds there"
             for name in unread
         )
     if args.json:
-        if len(reports) == 1 and not unread:
+        if len(reports) == 1 and not unread and not failed:
             print(json.dumps(reports[0], indent=2))
         else:
-            out = {"clean": errors == 0, "errors": errors, "sources": reports, "unread": unread}
+            out = {
+                "clean": errors == 0 and not failed, "errors": errors, "sources": reports,
+                "failed": failed, "unread": unread,
+            }  # fmt: skip
             print(json.dumps(out, indent=2))
     else:
         print("\n".join(lines))
-    return EXIT_FINDING if errors else EXIT_OK
+    if errors:
+        return EXIT_FINDING
+    return EXIT_USAGE if failed else EXIT_OK
 
 
 def _feed_files(v: Verifier, files: list[Path]) -> None:
