@@ -22,8 +22,9 @@ from redis.asyncio import Redis
 from .log import CHECKPOINT, RECOVERED
 
 # How many of a writer's latest records are remembered to tell a duplicate: a replay after
-# a crash repeats at most a few batches from the end of what a sink took.
-DUPLICATE_WINDOW = 20_000
+# a crash repeats at most a few batches from the end of what a sink took. A writer that
+# closed its chain forgets them (only a crashed writer's spool is replayed).
+DUPLICATE_WINDOW = 10_000
 
 CHAIN_FIELDS = {"writer": str, "seq": int, "prev": str, "kid": str, "mac": str}
 
@@ -207,6 +208,8 @@ class Verifier:
         st.at_checkpoint = rec.get("event") == CHECKPOINT
         st.checkpoints += st.at_checkpoint
         st.closed = st.at_checkpoint and rec.get("final") is True
+        if st.closed:
+            st.seen.clear()  # a long trail of many writers must not fill memory
 
     def finish(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
