@@ -4,8 +4,9 @@
 
 (a) the upstream directly, (b) a check-free aiohttp proxy in front of it, (c) jitgate with
 full enforcement in front of it: an RS256 token checked against the issuer's JWKS, the
-policy, a Redis grant check, metrics, and an audit record per request to the Redis stream
-and the file with the HMAC chain; (d) a naive check as a yardstick (bench/naive.py).
+policy, a Redis grant check, metrics, and audit records per request (decision, completion)
+to the Redis stream and the file with the HMAC chain; (d) a naive check as a yardstick
+(bench/naive.py).
 The upstream is nginx serving files when it is installed (it competes least for Python's
 CPU), else bench/upstream.py. Each server is its own process; the load generator is wrk
 if installed, else bench/loadgen.py. It measures and prints; it asserts nothing about

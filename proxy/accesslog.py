@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from . import audit
+from .audit.pairs import DONE
 from .audit.subjects import form_for
 from .authorize import Decision
 from .state import State
@@ -47,41 +49,97 @@ class AccessLog:
         client_ip: str | None = None,
         subject: Mapping[str, str] | None = None,
     ) -> None:
-        """Count and audit one decided request; `method`, `client_ip`: if not the request's.
-
-        `subject`: whose recording it is (`subject`), or why that is not known
-        (`subject_error`), for an access under a grant when recording metadata is on.
-        """
-        elapsed = time.perf_counter() - started
-        counter, histogram = self.meter(decision.route, decision.outcome)
-        counter.inc()
-        histogram.observe(elapsed)
+        """Count and audit one decided request in one record, written before its answer
+        is sent (a refusal, a forward-auth answer); `method`, `client_ip`: if not the
+        request's. `subject`: whose recording it is (`subject`), or why that is not known
+        (`subject_error`), for an access under a grant when recording metadata is on."""
+        elapsed = self._count(decision, started)
         reasons = list(decision.reasons)
+        if upstream_error:
+            reasons.append(f"upstream error: {upstream_error}")
+        self.audit.emit(
+            self._record(
+                request, decision, path, reasons, method, client_ip,
+                status=status, bytes=sent, duration_ms=round(elapsed * 1000, 3),
+                **(subject or {}),
+            )
+        )  # fmt: skip
+
+    def decided(
+        self, request: web.Request, decision: Decision, path: str, *, client_ip: str | None
+    ) -> str:
+        """Audit an allowed request before it is forwarded; return its record's id.
+
+        The record is in the spool (written to the kernel) when this returns, so a crash
+        after the first response byte cannot lose it (audit/pairs.py)."""
+        rec = self._record(request, decision, path, list(decision.reasons), None, client_ip)
+        self.audit.emit(rec)
+        return str(rec["id"])
+
+    def completed(
+        self,
+        request: web.Request,
+        decision: Decision,
+        decided_id: str,
+        path: str,
+        outcome: tuple[int, int, str | None],
+        started: float,
+        notes: tuple[str, ...] = (),
+        subject: Mapping[str, str] | None = None,
+    ) -> None:
+        """Count a forwarded request and audit how it ended: `access.done` for its decision,
+        with whose recording it was (`subject`, as in `decision`)."""
+        status, sent, upstream_error = outcome
+        elapsed = self._count(decision, started)
+        reasons = list(notes)
         if upstream_error:
             reasons.append(f"upstream error: {upstream_error}")
         user = decision.identity.subject if decision.identity else None
         self.audit.emit(
             audit.record(
-                "access.allow" if decision.allow else "access.deny",
-                actor=user,  # who made the request: the subject, for an access
-                user=user,
-                scope=decision.scope,
-                recording=decision.recording,
-                grant_id=decision.grant_id,
-                decision=decision.outcome,
-                reasons=reasons,
-                route=decision.route,
-                method=method or request.method,
-                path=path,
-                status=status,
-                bytes=sent,
-                duration_ms=round(elapsed * 1000, 3),
-                client_ip=client_ip or request.remote,
-                user_agent=request.headers.get("User-Agent"),
-                policy_version=decision.policy_version,
-                mode=self.mode,
+                DONE, decision_id=decided_id, user=user, scope=decision.scope,
+                recording=decision.recording, grant_id=decision.grant_id, route=decision.route,
+                method=request.method, path=path, status=status, bytes=sent,
+                duration_ms=round(elapsed * 1000, 3), reasons=reasons or None, mode=self.mode,
                 **(subject or {}),
             )
+        )  # fmt: skip
+
+    def _count(self, decision: Decision, started: float) -> float:
+        elapsed = time.perf_counter() - started
+        counter, histogram = self.meter(decision.route, decision.outcome)
+        counter.inc()
+        histogram.observe(elapsed)
+        return elapsed
+
+    def _record(
+        self,
+        request: web.Request,
+        decision: Decision,
+        path: str,
+        reasons: list[str],
+        method: str | None,
+        client_ip: str | None,
+        **outcome: Any,
+    ) -> audit.Record:
+        user = decision.identity.subject if decision.identity else None
+        return audit.record(
+            "access.allow" if decision.allow else "access.deny",
+            actor=user,  # who made the request: the subject, for an access
+            user=user,
+            scope=decision.scope,
+            recording=decision.recording,
+            grant_id=decision.grant_id,
+            decision=decision.outcome,
+            reasons=reasons,
+            route=decision.route,
+            method=method or request.method,
+            path=path,
+            **outcome,
+            client_ip=client_ip or request.remote,
+            user_agent=request.headers.get("User-Agent"),
+            policy_version=decision.policy_version,
+            mode=self.mode,
         )
 
     async def subject(self, decision: Decision) -> dict[str, str] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -563,26 +564,34 @@ async def _authz_handler(request: web.Request) -> web.StreamResponse:
 
 
 def run(settings: Settings) -> None:
-    """Serve until interrupted, on uvloop where it is installed."""
+    """Serve until SIGINT or SIGTERM, on uvloop where it is installed."""
     app = build_app(settings)
-    loop = new_event_loop()
-    for level, line in speedups(loop):
-        log.log(level, "%s", line)
     app.on_startup.append(freeze_startup_objects)  # after every resource has started
-    web.run_app(
-        app,
-        loop=loop,
-        host=settings.listen.host,
-        port=settings.listen.port,
-        access_log=None,
-        **server_options(settings.listen),
-        print=lambda *_: log.info(
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        for level, line in speedups(runner.get_loop()):
+            log.log(level, "%s", line)
+        runner.run(_serve(app, settings))
+
+
+async def _serve(app: web.Application, settings: Settings) -> None:
+    # Not web.run_app: there a second signal (Ctrl-C reaches `make demo`'s launcher too,
+    # which then sends SIGTERM) breaks off the shutdown before the audit log is closed.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)  # a second signal changes nothing
+    runner = web.AppRunner(app, access_log=None, **server_options(settings.listen))
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.listen.host, settings.listen.port).start()
+        log.info(
             "jitgate listening on http://%s:%d -> %s",
-            settings.listen.host,
-            settings.listen.port,
-            settings.upstream.url,
-        ),
-    )
+            settings.listen.host, settings.listen.port, settings.upstream.url,
+        )  # fmt: skip
+        await stop.wait()
+        log.info("jitgate stopping")
+    finally:
+        await runner.cleanup()
 
 
 async def freeze_startup_objects(app: web.Application) -> None:

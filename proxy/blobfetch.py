@@ -123,13 +123,14 @@ class BlobFetcher:
         why = f"active grant {grant_id} covers {ticket.scope}"
         decision = replace(self._decision(True, 0, "allow", why, ticket, who), grant_id=grant_id)
         sent = Sent()
+        # In the spool before a byte is sent; how the fetch ended follows (audit/pairs.py).
+        decided = self.log.decided(request, decision, self.path, client_ip=None)
         try:
             return await self._relay(request, ticket, grant_id, expires_at, sent)
         finally:  # written even when the client went away mid-stream (499 then)
             self.counter.labels("allow" if sent.error is None else "storage_error").inc()
-            self.log.decision(
-                request, decision, self.path, sent.status, sent.bytes, sent.error, started
-            )
+            outcome = (sent.status, sent.bytes, sent.error)
+            self.log.completed(request, decision, decided, self.path, outcome, started)
 
     async def _relay(
         self, request: web.Request, ticket: Ticket, grant_id: str, expires_at: float, sent: Sent

@@ -9,7 +9,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 
 from aiohttp import web
 
@@ -140,6 +139,9 @@ class Gate:
         json_rewrites = [r for r in (listed, blobs) if r is not None]
         if json_rewrites:
             set_headers = {**(set_headers or {}), **LIST_REQUEST_HEADERS}
+        # The decision is spooled before anything goes upstream or back to the client; how
+        # the response ended follows in a completion record (audit/pairs.py).
+        decided = self.log.decided(request, decision, path, client_ip=client_ip)
         try:
             response, outcome = await self.forwarder.forward(
                 request,
@@ -158,8 +160,6 @@ class Gate:
             if stop is not None and grant_id is not None:
                 self.live.close(grant_id, stop)
             notes = tuple(r.note for r in json_rewrites if r.note is not None)
-            if notes:
-                decision = replace(decision, reasons=(*decision.reasons, *notes))
             # Written even when the client went away mid-stream: status 499 then.
             status = outcome.status if outcome else 499
             sent = outcome.bytes_sent if outcome else 0
@@ -174,16 +174,8 @@ class Gate:
                 subject = await self.log.subject(decision)
             except asyncio.CancelledError:  # the record is written all the same
                 subject, cancelled = {"subject_error": "request cancelled before metadata"}, True
-            self.log.decision(
-                request,
-                decision,
-                path,
-                status,
-                sent,
-                error,
-                started,
-                client_ip=client_ip,
-                subject=subject,
+            self.log.completed(
+                request, decision, decided, path, (status, sent, error), started, notes, subject
             )
             if cancelled:
                 raise asyncio.CancelledError

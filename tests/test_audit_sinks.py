@@ -443,6 +443,17 @@ async def test_jsonl_body_and_headers(collector: Collector) -> None:
     assert post.headers["Authorization"] == "Bearer t0ken-value"
     assert post.headers["X-Scope-OrgID"] == "ops"
     assert post.headers["User-Agent"] == "jitgate"
+    assert "Idempotency-Key" not in post.headers  # unchained records: no chain position
+
+
+async def test_chained_batches_carry_an_idempotency_key(collector: Collector) -> None:
+    sink = HttpSink("vector", collector.url())
+    chained = [dump(rec(writer="5bde1fd49bd5", seq=n, mac=f"{n:064x}")) for n in (7, 8, 9)]
+    await sink.write(chained)
+    await sink.write(chained)  # sent again (a replay): the same key, for the receiver
+    await sink.close()
+    keys = [post.headers["Idempotency-Key"] for post in collector.posts]
+    assert keys == ["5bde1fd49bd5:7-9", "5bde1fd49bd5:7-9"]
 
 
 async def test_splunk_event_envelopes(collector: Collector) -> None:

@@ -308,7 +308,6 @@ def test_usage_errors(tmp_path: Path) -> None:
     cfg = config(tmp_path, None)
     out = verify(cfg, "--file", str(tmp_path / "missing.jsonl"))
     assert out.returncode == 2 and "cannot read" in out.stderr
-    assert verify(cfg).returncode == 2  # --file or --redis
     assert verify(cfg, "--file", "x", "--redis").returncode == 2
 
 

@@ -260,25 +260,30 @@ async def test_audit_records_every_decision(proxy: TestClient, tmp_path: Path) -
     await proxy.get("/a%2fb", headers=bearer())
     await proxy.app[STATE].audit.flush(force=True)
     lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
-    allow, deny, unauth, bad = lines
-    assert allow["event"] == "access.allow"
+    allow, done, deny, unauth, bad = lines
+    # A forwarded request: its decision before it went upstream, then how it ended.
+    assert allow["event"] == "access.allow" and "status" not in allow
     assert allow["user"] == "alice" and allow["scope"] == "recording:1/demo-1"
-    assert allow["grant_id"].startswith("g-") and allow["status"] == 200 and allow["bytes"] > 0
-    assert allow["route"] == "recording" and allow["path"] == SNAPSHOTS
-    assert allow["client_ip"] == "127.0.0.1" and allow["duration_ms"] >= 0
+    assert allow["grant_id"].startswith("g-") and allow["route"] == "recording"
+    assert allow["path"] == SNAPSHOTS and allow["client_ip"] == "127.0.0.1"
     assert allow["policy_version"]
+    assert done["event"] == "access.done" and done["decision_id"] == allow["id"]
+    assert done["status"] == 200 and done["bytes"] > 0 and done["duration_ms"] >= 0
+    assert {k: done[k] for k in ("user", "scope", "recording", "grant_id", "path")} == {
+        k: allow[k] for k in ("user", "scope", "recording", "grant_id", "path")
+    }
     assert deny["event"] == "access.deny" and deny["user"] == "bob" and deny["status"] == 403
     assert "no active grant" in deny["reasons"][0]
     assert unauth["status"] == 401 and "user" not in unauth
     assert bad["status"] == 400 and bad["route"] == "_invalid"
-    assert all(x["policy_version"] == allow["policy_version"] for x in lines)
+    assert all(x["policy_version"] == allow["policy_version"] for x in lines if x is not done)
     stream = redis_sync.Redis.from_url(proxy.app[STATE].settings.redis.url or "")
     with stream:
         entries = stream.xrange("jit:audit")
     assert [json.loads(e[1][b"record"])["id"] for e in entries] == [x["id"] for x in lines]
 
 
-async def test_concurrent_requests_each_get_one_audit_record(
+async def test_concurrent_requests_each_get_one_decision_and_one_completion(
     proxy: TestClient, tmp_path: Path
 ) -> None:
     await add_grant(proxy, "alice", "recording:1/demo-1", 60)
@@ -286,12 +291,13 @@ async def test_concurrent_requests_each_get_one_audit_record(
     results = await asyncio.gather(*(proxy.get(SNAPSHOTS, headers=bearer()) for _ in range(n)))
     assert [r.status for r in results] == [200] * n
     await proxy.app[STATE].audit.flush(force=True)
-    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
-    ids = {json.loads(x)["id"] for x in lines}
-    assert len(lines) == n and len(ids) == n
-    # The Redis trail has the same n, and its index answers "who viewed demo-1" with them.
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    decided = {r["id"] for r in recs if r["event"] == "access.allow"}
+    done = [r["decision_id"] for r in recs if r["event"] == "access.done"]
+    assert len(recs) == 2 * n and len(decided) == n and sorted(done) == sorted(decided)
+    # The Redis trail has the same, and its index answers "who viewed demo-1" with them.
     page = await proxy.app[STATE].audit_store.query(Query(recording="demo-1", limit=1000))
-    assert {r["id"] for r in page.records} == ids and page.next is None
+    assert {r["id"] for r in page.records} == {r["id"] for r in recs} and page.next is None
 
 
 async def test_audit_sink_outage_is_counted_and_recovered(
@@ -304,11 +310,12 @@ async def test_audit_sink_outage_is_counted_and_recovered(
     await client.app[STATE].audit.flush(force=True)
     metrics = await (await client.get("/_jit/metrics")).text()
     assert 'jitgate_audit_write_failures_total{sink="redis"}' in metrics
-    assert 'jitgate_audit_records_delivered_total{sink="file"} 3.0' in metrics
+    # /dashboard is forwarded: a decision and a completion each.
+    assert 'jitgate_audit_records_delivered_total{sink="file"} 6.0' in metrics
     own_redis.start()
     await client.app[STATE].audit.flush(force=True)
     with own_redis.client() as c:
-        assert c.xlen("jit:audit") == 3
+        assert c.xlen("jit:audit") == 6
 
 
 async def test_upstream_redirect_location_is_rewritten(

@@ -19,7 +19,12 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from .log import CHECKPOINT
+from .log import CHECKPOINT, RECOVERED
+
+# How many of a writer's latest records are remembered to tell a duplicate: a replay after
+# a crash repeats at most a few batches from the end of what a sink took. A writer that
+# closed its chain forgets them (only a crashed writer's spool is replayed).
+DUPLICATE_WINDOW = 10_000
 
 CHAIN_FIELDS = {"writer": str, "seq": int, "prev": str, "kid": str, "mac": str}
 
@@ -69,12 +74,23 @@ class Writer:
     # A record whose mac is wrong but which fits the chain: a modified record (then the
     # next one continues from it) or a forged one (then the next one has the same seq).
     tentative: tuple[int, str] | None = None
+    recovered_at: int | None = None  # crashed; another writer adopted it at this seq
+    duplicates: int = 0
+    # seq -> (mac, hash of the line, where it was) of the latest records, for duplicates
+    seen: dict[int, tuple[str, int, str]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("last_mac", "last_ts", "last_location", "tentative", "at_checkpoint"):
+        for key in ("last_mac", "last_ts", "last_location", "tentative", "at_checkpoint", "seen"):
             out.pop(key)
         return out
+
+    def state(self) -> str:
+        if self.closed:
+            return "closed"
+        if self.recovered_at is not None:
+            return f"crashed, recovered at seq {self.recovered_at}"
+        return "open"
 
 
 @dataclass
@@ -86,6 +102,7 @@ class Verifier:
     writers: dict[str, Writer] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     lines: int = 0
+    recovered: dict[str, tuple[int, str]] = field(default_factory=dict)  # writer: (seq, where)
 
     def _problem(self, kind: str, loc: str, message: str, rec: dict[str, Any] | None = None,
                  severity: str = "error") -> None:  # fmt: skip
@@ -122,9 +139,10 @@ class Verifier:
             message = f"signed with key id {rec['kid']!r}, not the configured {self.key_id!r}"
             self._problem("unknown_key", loc, message, rec)
             return
-        self._chain(loc, rec, hmac.compare_digest(mac_of(self.key, rec), rec["mac"]))
+        ok = hmac.compare_digest(mac_of(self.key, rec), rec["mac"])
+        self._chain(loc, rec, ok, hash(text.strip()))
 
-    def _chain(self, loc: str, rec: dict[str, Any], ok: bool) -> None:
+    def _chain(self, loc: str, rec: dict[str, Any], ok: bool, digest: int) -> None:
         seq: int = rec["seq"]
         st = self.writers.get(rec["writer"])
         if st is None:
@@ -135,7 +153,7 @@ class Verifier:
             # The first seq seen may be > 1: the stream is trimmed, files are rotated.
             st = Writer(rec["writer"], seq, seq - 1, rec["prev"], None, loc)
             self.writers[st.writer] = st
-            self._advance(st, loc, rec)
+            self._advance(st, loc, rec, digest)
             return
         if st.tentative is not None:
             t_seq, t_mac = st.tentative
@@ -154,7 +172,7 @@ class Verifier:
             if rec["prev"] != st.last_mac:
                 message = f"chain broken: prev is not the mac of seq {st.last_seq}"
                 self._problem("chain_broken", loc, message, rec)
-            self._advance(st, loc, rec)
+            self._advance(st, loc, rec, digest)
         elif seq > expected:
             if not ok:
                 self._problem("inserted", loc, "mac mismatch: forged record (inserted)", rec)
@@ -162,26 +180,56 @@ class Verifier:
             gap = f"{expected}" if seq == expected + 1 else f"{expected}..{seq - 1}"
             message = f"deleted records {gap} (after {st.last_location})"
             self._problem("deleted", loc, message, rec)
-            self._advance(st, loc, rec)
+            self._advance(st, loc, rec, digest)
         elif not ok:
             self._problem("inserted", loc, "mac mismatch: forged record (inserted)", rec)
+        elif (first := st.seen.get(seq)) is not None and first[:2] == (rec["mac"], digest):
+            # Delivered twice (at least once after a crash): the same bytes, not tampering.
+            st.duplicates += 1
+            message = f"duplicate of seq {seq} at {first[2]} (byte-identical)"
+            self._problem("duplicate", loc, message, rec, severity="warning")
         else:
             message = f"inserted or reordered: seq {seq} after seq {st.last_seq}"
             self._problem("reordered", loc, message, rec)
 
-    def _advance(self, st: Writer, loc: str, rec: dict[str, Any]) -> None:
+    def _advance(self, st: Writer, loc: str, rec: dict[str, Any], digest: int) -> None:
         st.last_seq, st.last_mac, st.last_location = rec["seq"], rec["mac"], loc
+        st.seen[rec["seq"]] = (rec["mac"], digest, loc)
+        if len(st.seen) > 2 * DUPLICATE_WINDOW:
+            floor = st.last_seq - DUPLICATE_WINDOW
+            st.seen = {k: v for k, v in st.seen.items() if k > floor}
+        if rec.get("event") == RECOVERED:
+            crashed, at = rec.get("recovered_writer"), rec.get("last_seq")
+            if isinstance(crashed, str) and type(at) is int:
+                self.recovered[crashed] = (max(at, self.recovered.get(crashed, (at, ""))[0]), loc)
         ts = rec.get("ts")
         st.last_ts = float(ts) if isinstance(ts, int | float) else None
         st.records += 1
         st.at_checkpoint = rec.get("event") == CHECKPOINT
         st.checkpoints += st.at_checkpoint
         st.closed = st.at_checkpoint and rec.get("final") is True
+        if st.closed:
+            st.seen.clear()  # a long trail of many writers must not fill memory
 
     def finish(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         for st in self.writers.values():
             if st.closed:
+                continue
+            if st.writer in self.recovered:
+                at, where = self.recovered[st.writer]
+                st.recovered_at = at
+                if st.last_seq >= at:
+                    continue  # crashed: its chain ends where the adopting writer said it does
+                gap = f"{st.last_seq + 1}" if at == st.last_seq + 1 else f"{st.last_seq + 1}..{at}"
+                message = (
+                    f"ends after seq {st.last_seq}, but crashed at seq {at} ({where}): "
+                    f"deleted records {gap}"
+                )
+                self.problems.append(
+                    Problem("error", "deleted", st.last_location, message, None, st.writer,
+                            st.last_seq)
+                )  # fmt: skip
                 continue
             message = (
                 f"ends after seq {st.last_seq} without a closing checkpoint "
@@ -218,10 +266,10 @@ class Verifier:
     def text(self, source: str) -> list[str]:
         out = [p.line() for p in self.problems]
         for st in self.writers.values():
-            state = "closed" if st.closed else "open"
+            dup = f", {st.duplicates} duplicates" if st.duplicates else ""
             out.append(
                 f"writer {st.writer}: seq {st.first_seq}..{st.last_seq}, {st.records} records, "
-                f"{st.checkpoints} checkpoints, {state}"
+                f"{st.checkpoints} checkpoints{dup}, {st.state()}"
             )
         verdict = "clean" if self.errors == 0 else f"{self.errors} errors"
         warnings = len(self.problems) - self.errors

@@ -29,11 +29,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import replay
+from .sinks import position
 from .spool import Spool
 
 log = logging.getLogger("jitgate.audit")
 
 CHECKPOINT = "audit.checkpoint"
+RECOVERED = "writer.recovered"
 
 Record = dict[str, Any]
 
@@ -86,6 +89,7 @@ class _Lane:
         self.on_disk = False  # newer records are only in the spool
         self.cursor = 0  # own spool: line number of the first record not yet taken
         self.adopted: list[Spool] = []
+        self.past: list[Spool] = []  # adopted spools replayed past what the sink held
         self.inflight: list[str] | None = None  # a batch read from a spool, kept for retry
         self.failures = 0
         self.retry_at = 0.0
@@ -246,8 +250,7 @@ class AuditLog:
         """Open the spool, adopt what earlier runs left, and start flushing."""
         if self.spool_dir is not None:
             names = [lane.name for lane in self.lanes]
-            for directory in Spool.leftovers(self.spool_dir, self.writer):
-                self._adopt(directory, names)
+            # Own spool first: the records told about adopted ones are spooled like any other.
             try:
                 self.spool = Spool.create(
                     self.spool_dir, self.writer, names, max_bytes=self.spool_max_bytes
@@ -255,6 +258,8 @@ class AuditLog:
             except OSError as exc:
                 self.spool_error = str(exc)
                 log.error("audit spool cannot be created in %s: %s", self.spool_dir, exc)
+            for directory in Spool.leftovers(self.spool_dir, self.writer):
+                self._adopt(directory, names)
         self._task = asyncio.create_task(self._run(), name="audit-flush")
 
     def _adopt(self, directory: Path, names: list[str]) -> None:
@@ -273,6 +278,7 @@ class AuditLog:
         for lane in self.lanes:
             if old.pending(lane.name):
                 lane.adopted.append(old)
+        self._recovered(old)
         if old.torn:
             self.emit(
                 record(
@@ -284,6 +290,30 @@ class AuditLog:
             )
         if old.done():
             old.close()
+
+    def _recovered(self, old: Spool) -> None:
+        """Tell, in this writer's chain, where a crashed writer's chain ends."""
+        last = replay.last_record(old.dir)
+        found = position(last) if last is not None else None
+        if found is None:
+            return  # nothing chained in it
+        (writer, seq), _ = found
+        try:
+            closed = json.loads(last or "").get("final") is True
+        except (ValueError, AttributeError):
+            closed = False
+        if closed:
+            return  # it shut down cleanly, with a sink down: only its delivery was left
+        self.emit(
+            record(
+                RECOVERED,
+                recovered_writer=writer,
+                last_seq=seq,
+                torn=old.torn or None,
+                reasons=[f"writer {writer} stopped without closing its chain; its spool "
+                         f"was adopted and replayed, its last record is seq {seq}"],
+            )
+        )  # fmt: skip
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop flushing and deliver everything, within grace seconds; keep the rest spooled."""
@@ -391,8 +421,13 @@ class AuditLog:
             source, batch = self._next_batch(lane)
             if not batch:
                 return True
+            fresh = batch
             try:
-                await lane.sink.write(batch)
+                if source is not None and source is not self.spool and source not in lane.past:
+                    # A crashed writer's spool: what the sink took before the crash, once.
+                    fresh = await replay.unheld(lane.sink, batch)
+                if fresh:
+                    await lane.sink.write(fresh)
             except Exception as exc:  # any sink error: keep the batch and retry later
                 lane.failures += 1
                 lane.retry_at = time.monotonic() + min(5.0, 0.1 * 2 ** min(lane.failures, 6))
@@ -404,7 +439,15 @@ class AuditLog:
                 return False
             lane.failures = 0
             lane.inflight = None
-            self._on_written(lane.name, len(batch))
+            if (
+                fresh
+                and source is not None
+                and source is not self.spool
+                and source not in lane.past
+            ):
+                # The sink took records in order: once one was new, so are all after it.
+                lane.past.append(source)
+            self._on_written(lane.name, len(fresh))
             save = self._advance(lane, source, len(batch))
             if save is not None:
                 saves.append(save)
@@ -419,6 +462,8 @@ class AuditLog:
                 return old, lane.inflight
             lane.inflight = None
             lane.adopted.pop(0)
+            if old in lane.past:
+                lane.past.remove(old)
             if old.done() or not any(old in other.adopted for other in self.lanes):
                 old.close()
         if lane.queue:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..settings.read import parse_duration
+from .pairs import fold
 
 FILTERS = ("user", "scope", "recording", "grant", "subject", "event", "since", "until")
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -188,7 +189,7 @@ def render(records: list[dict[str, Any]], fmt: str, next_cursor: str | None = No
         for rec in records:
             writer.writerow({k: _cell(rec.get(k)) for k in CSV_FIELDS})
         return out.getvalue()
-    return _table(records, next_cursor)
+    return _table(fold(records), next_cursor)
 
 
 def _cell(value: Any) -> Any:
@@ -220,7 +221,8 @@ def _table(records: list[dict[str, Any]], next_cursor: str | None) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append(
-        f"{len(records)} record(s)" + (f"; more with --cursor {next_cursor}" if next_cursor else "")
+        f"{len(rows) - 1} record(s)"
+        + (f"; more with --cursor {next_cursor}" if next_cursor else "")
     )
     return "\n".join(lines) + "\n"
 

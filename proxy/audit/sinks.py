@@ -243,6 +243,35 @@ def _parse(line: str) -> dict[str, Any]:
     return rec if isinstance(rec, dict) else {}
 
 
+Position = tuple[str, int]  # writer, seq
+
+
+def position(line: str) -> tuple[Position, str] | None:
+    """Return ((writer, seq), mac) of a chained record line, or None."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    writer, seq, mac = rec.get("writer"), rec.get("seq"), rec.get("mac")
+    if isinstance(writer, str) and type(seq) is int and isinstance(mac, str):
+        return (writer, seq), mac
+    return None
+
+
+def batch_key(lines: list[str]) -> str | None:
+    """Return `writer:first-last` for a batch of one writer's chained records, else None.
+
+    A batch comes from one spool, so one writer: its first and last records say it all."""
+    if not lines:
+        return None
+    first, last = position(lines[0]), position(lines[-1])
+    if first is None or last is None or first[0][0] != last[0][0]:
+        return None
+    return f"{first[0][0]}:{first[0][1]}-{last[0][1]}"
+
+
 def _ts_ns(rec: dict[str, Any]) -> str:
     """Return the record's ts in nanoseconds, exactly as written (no float rounding)."""
     try:
@@ -305,6 +334,11 @@ class HttpSink:
             headers["Content-Encoding"] = "gzip"
         for key, value in self._headers.items():
             headers[key] = value.reveal() if isinstance(value, Secret) else value
+        idempotency = batch_key(lines)
+        if idempotency is not None:
+            # The same records sent again (a retry, a replay after a crash) carry the same
+            # key; a receiver dedupes per record by writer and seq (docs/audit.md).
+            headers.setdefault("Idempotency-Key", idempotency)
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 headers={"User-Agent": "jitgate"},

@@ -49,6 +49,7 @@ from redis.asyncio import Redis
 from .. import lua
 from ..redisha import durable_script
 from ..settings import Settings
+from .pairs import ACCESS_EVENTS, note_access
 from .query import Page, Query
 
 __all__ = ["AuditStore", "Page", "Query", "store_for"]
@@ -60,8 +61,6 @@ Record = dict[str, Any]
 # Events that belong to a grant's own lifecycle, as opposed to accesses made under it.
 _LIFECYCLE_PREFIX = "grant."
 _BREAK_GLASS = "break_glass"
-_ALLOW = "access.allow"
-_DENY = "access.deny"
 
 # Fields copied from each lifecycle record into a summary's `events`.
 _STEP_FIELDS = (
@@ -262,8 +261,8 @@ class AuditStore:
                 if _is_lifecycle(event):
                     out["events"].append({k: rec[k] for k in _STEP_FIELDS if k in rec})
                     requested = _note_lifecycle(out, rec, requested)
-                elif event in (_ALLOW, _DENY):
-                    _note_access(out, resources, recordings, rec, member)
+                elif event in ACCESS_EVENTS:
+                    note_access(out, resources, recordings, rec, _iso(_effective_ts(rec, member)))
         if not seen:
             return None
         _prefer_request(out, requested)
@@ -519,44 +518,6 @@ def _prefer_request(out: dict[str, Any], requested: Record | None) -> None:
     for name in ("user", "scope", "reason", "ticket", "entitlement"):
         if requested.get(name) is not None:
             out[name] = requested[name]
-
-
-def _note_access(
-    out: dict[str, Any],
-    resources: dict[tuple[str, str], dict[str, Any]],
-    recordings: dict[str, None],
-    rec: Record,
-    member: str,
-) -> None:
-    """Fold one access record into a summary's counts and its per-resource totals."""
-    allowed = rec.get("event") == _ALLOW
-    size = rec.get("bytes")
-    size = size if isinstance(size, int) and not isinstance(size, bool) and allowed else 0
-    stamp = rec.get("time")
-    when = stamp if isinstance(stamp, str) else _iso(_effective_ts(rec, member))
-    if allowed:
-        out["requests"]["allowed"] += 1
-        out["bytes"] += size
-        out["first_access"] = out["first_access"] or when
-        out["last_access"] = when
-        if isinstance(rec.get("recording"), str):
-            recordings.setdefault(rec["recording"])
-    else:
-        out["requests"]["denied"] += 1
-    path, method = rec.get("path"), rec.get("method")
-    key = (str(method) if method is not None else "", str(path) if path is not None else "")
-    res = resources.get(key)
-    if res is None:
-        res = resources[key] = {
-            "path": key[1], "method": key[0], "requests": 0, "denied": 0, "bytes": 0,
-            "first": when, "last": when, "statuses": {},
-        }  # fmt: skip
-    res["requests"] += 1
-    res["denied"] += 0 if allowed else 1
-    res["bytes"] += size
-    res["last"] = when
-    status = str(rec.get("status"))
-    res["statuses"][status] = res["statuses"].get(status, 0) + 1
 
 
 def store_for(settings: Settings, redis: Redis) -> AuditStore | None:

@@ -12,16 +12,29 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from redis.exceptions import RedisError
 
 from ..audit import query as auditquery
 from ..audit import subjects
+from ..audit.sinks import JsonlFileSink
 from ..audit.store import AuditStore, Page, Query, store_for
 from ..settings import Settings
-from .common import EXIT_FINDING, EXIT_OK, UsageError, api_args, api_url, config_arg, redis_for
+from .common import (
+    EXIT_FINDING,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    api_args,
+    api_url,
+    config_arg,
+    redis_for,
+)
+
+if TYPE_CHECKING:
+    from ..audit.chain import Verifier
 
 
 def add_parser(nouns: Any) -> None:
@@ -32,11 +45,13 @@ def add_parser(nouns: Any) -> None:
     p = aud.add_parser(
         "verify",
         help="check the audit trail's HMAC chains for edits, deletions and insertions",
-        description="Exit 0 if every chain is intact, 1 if a problem is found, 2 if the "
+        description="Without --file or --redis, every trail the config writes is verified. "
+        "Exit 0 if every chain is intact, 1 if a problem is found, 2 if the "
         "trail cannot be read or no audit.hmac_key is configured.",
     )
     config_arg(p)
-    src = p.add_mutually_exclusive_group(required=True)
+    # Neither: every sink the config writes (the file, the Redis stream), each on its own.
+    src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--file",
         type=Path,
@@ -262,35 +277,95 @@ class _ApiSource:
 
 
 async def _verify(args: argparse.Namespace, settings: Settings) -> int:
-    from ..audit.chain import Verifier, file_lines, stream_entries
+    from ..audit.chain import Verifier
 
     a = settings.audit
     if a.hmac_key is None:
         raise UsageError(f"no audit.hmac_key in {settings.file}: the audit trail is not chained")
     if args.stream and not args.redis:
         raise UsageError("--stream goes with --redis")
-    v = Verifier(a.hmac_key.reveal().encode(), a.key_id, a.checkpoint_interval, args.strict)
+    key = a.hmac_key.reveal().encode()
+
+    def verifier() -> Verifier:
+        return Verifier(key, a.key_id, a.checkpoint_interval, args.strict)
+
+    stream = settings.redis.key_prefix + (a.redis.stream if a.redis else "audit")
+    trails: list[tuple[str, list[Path] | None]]  # (source, its files, or None: the stream)
     if args.file is not None:
-        source = " ".join(str(f) for f in args.file)
-        for path in args.file:  # one trail across rotated files: chains continue between them
-            try:
-                for loc, text in file_lines(path):
-                    v.feed(loc, text)
-            except OSError as exc:
-                raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    else:
-        source = args.stream or settings.redis.key_prefix + (a.redis.stream if a.redis else "audit")
-        redis = redis_for(settings)
+        trails = [(" ".join(str(f) for f in args.file), list(args.file))]
+    elif args.redis:
+        trails = [(args.stream or stream, None)]
+    else:  # every sink the config writes
+        trails = []
+        if a.file is not None:
+            written = JsonlFileSink(a.file.path).files()  # rotated ones oldest first, then live
+            trails.append((" ".join(str(f) for f in written) or str(a.file.path), written))
+        if a.redis is not None:
+            trails.append((stream, None))
+        if not trails and not a.http:
+            raise UsageError(f"{settings.file} names no audit file or Redis stream to verify")
+    reports, lines, errors = [], [], 0
+    every = args.file is None and not args.redis
+    failed: list[str] = []  # trails that could not be read (with every trail: go on)
+    for source, files in trails:
+        v = verifier()
         try:
-            async for loc, text in stream_entries(redis, source):
-                v.feed(loc, text)
-        except RedisError as exc:
-            raise UsageError(f"cannot read the stream {source}: {exc}") from None
-        finally:
-            await redis.aclose()
-    v.finish()
+            if files is None:
+                await _feed_stream(v, settings, source)
+            else:
+                _feed_files(v, files)
+        except UsageError as exc:
+            if not every:
+                raise
+            failed.append(source)
+            lines.append(f"{source}: cannot be verified: {exc}")
+            continue
+        v.finish()
+        errors += v.errors
+        reports.append(v.report(source))
+        lines.extend(v.text(source))
+    unread = []
+    if every:
+        unread = [f"http:{h.name}" for h in a.http]
+        lines.extend(
+            f"{name}: an HTTP collector cannot be read back: verify the copy it holds there"
+            for name in unread
+        )
     if args.json:
-        print(json.dumps(v.report(source), indent=2))
+        if len(reports) == 1 and not unread and not failed:
+            print(json.dumps(reports[0], indent=2))
+        else:
+            out = {
+                "clean": errors == 0 and not failed, "errors": errors, "sources": reports,
+                "failed": failed, "unread": unread,
+            }  # fmt: skip
+            print(json.dumps(out, indent=2))
     else:
-        print("\n".join(v.text(source)))
-    return EXIT_FINDING if v.errors else EXIT_OK
+        print("\n".join(lines))
+    if errors:
+        return EXIT_FINDING
+    return EXIT_USAGE if failed else EXIT_OK
+
+
+def _feed_files(v: Verifier, files: list[Path]) -> None:
+    from ..audit.chain import file_lines
+
+    for path in files:  # one trail across rotated files: chains continue between them
+        try:
+            for loc, text in file_lines(path):
+                v.feed(loc, text)
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+async def _feed_stream(v: Verifier, settings: Settings, key: str) -> None:
+    from ..audit.chain import stream_entries
+
+    redis = redis_for(settings)
+    try:
+        async for loc, text in stream_entries(redis, key):
+            v.feed(loc, text)
+    except RedisError as exc:
+        raise UsageError(f"cannot read the stream {key}: {exc}") from None
+    finally:
+        await redis.aclose()

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from ..audit import query as auditquery
+from ..audit.pairs import fold
 from ..audit.store import AuditStore
 from ..audit.subjects import form_for, with_subject
 from ..identity import Identity
@@ -23,8 +24,8 @@ from .accesspages import nav
 from .views import page, signed_in
 
 EVENTS = (
-    "access.allow", "access.deny", "grant.requested", "grant.approved", "grant.denied",
-    "grant.activated", "grant.extended", "grant.revoked", "grant.relinquished",
+    "access.allow", "access.done", "access.deny", "grant.requested", "grant.approved",
+    "grant.denied", "grant.activated", "grant.extended", "grant.revoked", "grant.relinquished",
     "grant.expired", "grant.lapsed", "grant.reviewed", "break_glass",
 )  # fmt: skip
 
@@ -58,7 +59,7 @@ async def audit_search(request: web.Request) -> web.Response:
             result = await store.query(with_subject(q, form_for(app_state(request).settings)))
             ids = (str(r["grant_id"]) for r in result.records if "grant_id" in r)
             auditquery.annotate(result.records, await store.grant_reasons(ids))
-            records = result.records
+            records = fold(result.records)  # a request's decision and completion: one row
             if result.next:
                 next_url = str(request.rel_url.update_query(cursor=result.next))
         except ValueError as exc:  # a filter that cannot be read
