@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import aiohttp
 from aiohttp import WSMsgType, hdrs, web
@@ -15,6 +15,7 @@ from yarl import URL
 
 from .failures import failure_response, too_large
 from .hygiene import HOP_BY_HOP, Hygiene, connection_tokens
+from .reqbody import Capped, request_body
 from .upstream import ConnectFailed, Pool, Response
 
 # Every request goes through the maintained list, also where no configuration says more.
@@ -206,11 +207,11 @@ class Forwarder:
         limit = self._config.max_body
         if (request.content_length or 0) > limit:
             return too_large(request, limit), Outcome(413, 0, None)
-        sent = _body(request, body, limit)
+        sent = request_body(request, body, limit)
         try:
             upstream = await pool.request(request.method, self._base + target, headers, sent)
         except Exception as exc:
-            if isinstance(sent, _Capped) and sent.over:
+            if isinstance(sent, Capped) and sent.over:
                 return too_large(request, limit), Outcome(413, 0, None)
             return self._failure(request, exc)
         try:
@@ -572,40 +573,3 @@ def _sendable(code: int) -> int:
     if code in (1006, 1015) or not 1000 <= code < 5000:
         return 1001
     return code
-
-
-def _body(request: web.Request, held: bytes | None, limit: int) -> aiohttp.StreamReader | None:
-    # The pool only iterates the body (iter_any), which _Held and _Capped provide.
-    if held is not None:
-        return cast(aiohttp.StreamReader, _Held(held))
-    if not request.body_exists:
-        return None
-    return cast(aiohttp.StreamReader, _Capped(request.content, limit))
-
-
-class _Capped:
-    """A client's streamed body, cut off (the upstream request fails) past `limit` bytes."""
-
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
-        self._content = content
-        self._left = limit
-        self.over = False
-
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        async for chunk in self._content.iter_any():
-            self._left -= len(chunk)
-            if self._left < 0:
-                self.over = True
-                raise aiohttp.ClientPayloadError("request body over the limit")
-            yield chunk
-
-
-class _Held:
-    """A request body already read whole, sent upstream as the client's stream would be."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        if self._data:
-            yield self._data

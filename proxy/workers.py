@@ -326,17 +326,18 @@ def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
 
 def serve_worker(settings: Settings, slot: int, ready_fd: int) -> None:
     """Serve as worker `slot` until SIGTERM; write READY to ready_fd once listening."""
-    from . import app as wiring
+    from . import serve
+    from .app import build_app
 
-    application = wiring.build_app(settings)
-    with asyncio.Runner(loop_factory=wiring.new_event_loop) as runner:
-        for level, line in wiring.speedups(runner.get_loop()):
+    application = build_app(settings)
+    with asyncio.Runner(loop_factory=serve.new_event_loop) as runner:
+        for level, line in serve.speedups(runner.get_loop()):
             log.log(level, "%s", line)
         runner.run(_serve(application, settings, slot, ready_fd))
 
 
 async def _serve(app: web.Application, settings: Settings, slot: int, ready_fd: int) -> None:
-    from . import app as wiring
+    from . import serve
     from .listener import server_options
 
     stop = asyncio.Event()
@@ -344,7 +345,7 @@ async def _serve(app: web.Application, settings: Settings, slot: int, ready_fd: 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)  # a second signal changes nothing
     app.cleanup_ctx.append(_sampler)
-    app.on_startup.append(wiring.freeze_startup_objects)
+    app.on_startup.append(serve.freeze_startup_objects)
     runner = web.AppRunner(
         app,
         access_log=None,

@@ -252,7 +252,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.config is not None:
             argv += ["--config", str(args.config)]
         return supervise(settings, count, argv)
-    from ..app import run
+    from ..serve import run
 
     run(settings)
     return EXIT_OK
