@@ -67,28 +67,28 @@ async def view(client: TestClient, user: str, recording: str, reason: str, times
         headers=as_user(user),
     )
     assert r.status == 201, await r.text()
-    before = allowed(client, recording)
+    before = completed(client, recording)
     for _ in range(times):
         got = await client.get(SNAPSHOTS.format(recording), headers=as_user(user))
         assert got.status == 200, await got.text()
 
     async def recorded() -> bool:
-        # The record follows the response (after the metadata lookup): wait for it.
+        # The completion record follows the response (and the metadata lookup): wait.
         await client.app[STATE].audit.flush(force=True)
-        return allowed(client, recording) >= before + times
+        return completed(client, recording) >= before + times
 
-    await eventually(recorded, what=f"{times} access.allow records of {recording}")
+    await eventually(recorded, what=f"{times} access.done records of {recording}")
     return str((await r.json())["id"])
 
 
-def allowed(client: TestClient, recording: str) -> int:
+def completed(client: TestClient, recording: str) -> int:
     path = client.app[STATE].settings.audit.file.path
     if not path.exists():
         return 0
     return sum(
         1
         for r in file_records(client)
-        if r["event"] == "access.allow" and r.get("recording") == recording
+        if r["event"] == "access.done" and r.get("recording") == recording
     )
 
 
@@ -122,7 +122,9 @@ async def test_access_records_name_whose_recording_it_was(
     access = [r for r in file_records(client) if r["event"].startswith("access.")]
     by_recording: dict[str, set[str]] = {}
     for rec in access:
-        if rec["event"] == "access.allow":
+        # The decision is written before the response; whose recording it was is known by
+        # the time the request completes, so its access.done says it.
+        if rec["event"] == "access.done":
             by_recording.setdefault(rec["recording"], set()).add(rec["subject"])
     assert by_recording == {
         "demo-1": {hashed("user-ada")},
@@ -239,7 +241,7 @@ async def test_plain_ids_and_unknown_subjects(
     tool.status = 500  # the tool cannot describe demo-1: the access is still recorded
     await view(client, "alice", "demo-1", "refund", 1)
     await client.app[STATE].audit.flush(force=True)
-    allowed = {r["recording"]: r for r in file_records(client) if r["event"] == "access.allow"}
+    allowed = {r["recording"]: r for r in file_records(client) if r["event"] == "access.done"}
     assert allowed["demo-2"]["subject"] == "user-bo"
     assert "subject" not in allowed["demo-1"]
     assert allowed["demo-1"]["subject_error"] == (
