@@ -145,12 +145,17 @@ async def test_urls_are_rewritten_and_open_under_the_grant(
     ranged = await gate.get(urls[0], headers={**bearer(), "Range": "bytes=0-3"})
     assert storage.headers[-1]["Range"] == "bytes=0-3" and ranged.status in (200, 206)
     await gate.close()  # flushes the audit log
-    fetches = [r for r in audit_lines(tmp_path) if r["route"] == "_blob"]
-    assert [r["event"] for r in fetches] == ["access.allow"] * 5
+    records = [r for r in audit_lines(tmp_path) if r["route"] == "_blob"]
+    # Each fetch: its decision, before a byte is sent, then how it ended (access.done).
+    fetches = [r for r in records if r["event"] == "access.allow"]
+    done = {r["decision_id"]: r for r in records if r["event"] == "access.done"}
+    assert len(fetches) == 5 and set(done) == {r["id"] for r in fetches}
     assert {(r["user"], r["scope"], r["grant_id"]) for r in fetches} == {("alice", SCOPE, grant_id)}
     assert all(r["path"] == "/_jit/blob" and "route replay" in r["reasons"][1] for r in fetches)
+    assert sorted(r["status"] for r in done.values()) == sorted([200, 200, 200, 404, ranged.status])
     replays = [r for r in audit_lines(tmp_path) if r["route"] == "replay"]
-    assert "4 presigned URL(s) rewritten" in replays[0]["reasons"][-1]
+    (rewritten,) = [r for r in replays if r["event"] == "access.done"]
+    assert "4 presigned URL(s) rewritten" in rewritten["reasons"][-1]
 
 
 async def test_a_url_copied_before_revocation_fails_after_it(
@@ -188,7 +193,7 @@ async def test_revocation_cuts_a_download_in_flight(
         await asyncio.wait_for(resp.read(), 10)
     await gate.close()
     fetch = [r for r in audit_lines(tmp_path) if r["route"] == "_blob"][-1]
-    assert "upstream error: grant ended" in fetch["reasons"]
+    assert fetch["event"] == "access.done" and "upstream error: grant ended" in fetch["reasons"]
 
 
 async def test_a_url_opens_for_its_own_user_only(
