@@ -10,12 +10,14 @@ get: Django (its real URL resolver and handlers, in-process through its WSGI han
 Starlette (its router, in-process, with the path an ASGI server decodes), aiohttp (a real
 server) and nginx (`location` matching in a running nginx), the last two over pipelined
 keep-alive connections. Every router serves the same routes as the policy; a handler
-answers with the scope it serves (`recording:1/demo-1`, `project:1`), `blocked` for the
-share link or `open` for the rest.
+answers with the scope it serves (`recording:1/demo-1`), `list:project:1` for a project's
+list of recordings, `blocked` for the share link or `open` for the rest.
 
 The invariant, per router and target: a handler that serves a scope is reached only by
 a target that jitgate decides is protected by that scope or a wider one (or blocks); the
-share link's handler only by a target jitgate blocks. Targets jitgate refuses (400) or
+list's handler only by a target jitgate decides by the list route (whose items it checks
+against the caller's grants, `lists: annotate`) or blocks; the share link's handler only
+by a target jitgate blocks. Targets jitgate refuses (400) or
 keeps for itself (`/_jit`) never reach an upstream.
 """
 
@@ -173,6 +175,7 @@ class Reading:
     forwarded: str = ""  # the target sent upstream: the normalised path and the query
     scope: str | None = None
     why: str = ""
+    listed: bool = False  # a list route: jitgate checks each item's recording (lists.py)
 
 
 def jitgate_reads(target: str, method: str = "GET") -> Reading:
@@ -189,13 +192,18 @@ def jitgate_reads(target: str, method: str = "GET") -> Reading:
     if match.invalid is not None:
         return Reading("refused", why=match.invalid)
     forwarded = path + ("?" + query if query else "")
-    return Reading(str(match.access), forwarded, match.scope, match.route)
+    listed = match.listing is not None and POLICY.lists != "pass"
+    return Reading(str(match.access), forwarded, match.scope, match.route, listed)
 
 
 def violation(reading: Reading, served: str) -> str | None:
     """Why a router's answer breaks the invariant for jitgate's reading, or None."""
     if served == "blocked" and reading.outcome != "blocked":
         return f"the share link's handler, but jitgate decides {reading.outcome}"
+    if served.startswith("list:"):
+        if reading.outcome == "blocked" or reading.listed:
+            return None
+        return f"the list's handler, but jitgate decides {reading.outcome} and checks no item"
     if served.startswith(("recording:", "project:")):
         if reading.outcome == "blocked":
             return None
@@ -233,7 +241,7 @@ def _django_setup() -> Callable[[str], str]:
         re_path(r"^static/", serve("open")),
         re_path(rec + r"/sharing(?:/.*)?$", serve("blocked")),
         re_path(r"^api/projects/(?P<project>[^/]+)/session_recordings/?$",
-                serve("project:{project}")),
+                serve("list:project:{project}")),
         re_path(rec + r"(?:/.*)?$", serve("recording:{project}/{recording}")),
         re_path(r"^replay/(?P<recording>[^/]+)/?$", serve("recording:1/{recording}")),
         re_path(r"", serve("open")),
@@ -284,7 +292,7 @@ def _starlette_setup() -> Callable[[str], str]:
             Route("/static/{rest:path}", serve("open")),
             Route(rec + "/sharing", serve("blocked")),
             Route(rec + "/sharing/{rest:path}", serve("blocked")),
-            Route("/api/projects/{project}/session_recordings", serve("project:{project}")),
+            Route("/api/projects/{project}/session_recordings", serve("list:project:{project}")),
             Route(rec, serve("recording:{project}/{recording}")),
             Route(rec + "/{rest:path}", serve("recording:{project}/{recording}")),
             Route("/replay/{recording}", serve("recording:1/{recording}")),
@@ -335,7 +343,7 @@ def _aiohttp_app() -> Any:
     add("/healthz", serve("open"))
     add("/static/{rest:.*}", serve("open"))
     add(rec + "/sharing{rest:(/.*)?}", serve("blocked"))
-    add("/api/projects/{project}/session_recordings{slash:/?}", serve("project:{project}"))
+    add("/api/projects/{project}/session_recordings{slash:/?}", serve("list:project:{project}"))
     add(rec + "{rest:(/.*)?}", serve("recording:{project}/{recording}"))
     add("/replay/{recording}{slash:/?}", serve("recording:1/{recording}"))
     add("/{rest:.*}", serve("open"))
@@ -351,7 +359,7 @@ server {
     location ~ ^/api/projects/([^/]+)/session_recordings/([^/]+)/sharing(/|$) {
         return 200 "blocked";
     }
-    location ~ ^/api/projects/([^/]+)/session_recordings/?$ { return 200 "project:$1"; }
+    location ~ ^/api/projects/([^/]+)/session_recordings/?$ { return 200 "list:project:$1"; }
     location ~ ^/api/projects/([^/]+)/session_recordings/([^/]+) {
         return 200 "recording:$1/$2";
     }
@@ -496,7 +504,7 @@ class Fuzzer:
 
     def judge(self, router: str, target: str, reading: Reading, served: str) -> None:
         self.report.routed += 1
-        if served == "blocked" or served.startswith(("recording:", "project:")):
+        if served == "blocked" or served.startswith(("recording:", "project:", "list:")):
             self.report.protected_served += 1
         why = violation(reading, served)
         if why is not None:

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from conftest import ROOT, ProxyFactory, bearer
 from redis.asyncio import Redis
 from test_path_tricks import TRICKS, raw_request
+from waiting import eventually
 
 from proxy.grantstore import RedisGrants
 from proxy.policyfile import compile_text
@@ -321,9 +322,13 @@ async def test_matching_events_needs_the_named_sessions_grant(
     twice = f'{base}?session_ids=["{REC}"]&session_ids=["0192ab-c2"]'
     assert (await gate.get(twice, headers=bearer())).status == 400
     assert (await gate.get(f"{base}?events=[]", headers=bearer())).status == 400
-    await revoke(redis_url, grant_id)
-    assert (await gate.get(mine, headers=bearer())).status == 403
     assert len(posthog.hits) == 1  # only the granted request reached PostHog
+    await revoke(redis_url, grant_id)
+
+    async def refused() -> bool:  # the revocation reaches the gate's grant view at once
+        return (await gate.get(mine, headers=bearer())).status == 403
+
+    await eventually(refused, within=5, what="the revoked grant to stop opening it")
 
 
 async def test_comments_on_a_recording_are_locked_without_its_grant(
@@ -349,7 +354,11 @@ async def test_comments_on_a_recording_are_locked_without_its_grant(
     assert await get("/api/projects/2/comments") == comments
     assert await get(one) == on_recording
     await revoke(redis_url, grant_id)
-    assert (await get("/api/projects/2/comments"))["results"] == [locked, on_insight]
+
+    async def relocked() -> bool:
+        return bool((await get("/api/projects/2/comments"))["results"] == [locked, on_insight])
+
+    await eventually(relocked, within=5, what="the revoked grant to lock the comment again")
 
 
 # --- the query API: decided on the body's kind -----------------------------------------
