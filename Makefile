@@ -37,7 +37,11 @@ bench: $(STAMP) ## Load-test upstream, pass-through, jitgate and a naive check; 
 	$(BIN)/python bench/authz.py
 	$(BIN)/python bench/workers.py
 
+soak: $(STAMP) ## Thirty minutes at half the maximum rate, grants and the policy changing throughout
+	bash .ci/install.sh nginx:nginx-light  # the upstream
+	$(BIN)/python harden/soak.py
+
 clean: ## Remove the venv, caches and the demo state directory
 	rm -rf $(VENV) .jitgate .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help venv demo lint test bench clean
+.PHONY: help venv demo lint test bench soak clean

@@ -463,7 +463,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--slack", type=float, default=0.5, help="seconds a change may take (0.5)")
     p.add_argument("--connections", type=int, default=32, help="client connections (32)")
     p.add_argument("--upstream", choices=("auto", "nginx", "aiohttp"), default="auto")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    p.add_argument("--json", action="store_true", help="the figures as JSON, the line to stderr")
     return p
 
 
@@ -490,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
-        print(json.dumps(report, indent=2))
-    print(line(report, missed))
+        print(json.dumps(report | {"missed": missed}, indent=2))
+    print(line(report, missed), file=sys.stderr if args.json else sys.stdout)
     return 1 if missed else 0
 
 
