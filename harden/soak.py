@@ -186,7 +186,9 @@ class Soak:
         tasks: set[asyncio.Task[None]] = set()
         start = time.monotonic()
         i = 0
-        while (due := start + i / rate) < start + seconds:
+        end = start + seconds
+        # Until the end, however far behind: a sender that cannot keep up sends less.
+        while (due := start + i / rate) < end and time.monotonic() < end:
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
