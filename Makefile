@@ -41,7 +41,11 @@ harden: $(STAMP) ## Run the hardening checks (harden/check_*.py), one line each;
 	bash .ci/install.sh nginx:nginx-light redis-server:redis-server  # a router, the grant store
 	$(BIN)/python harden/run.py
 
+soak: $(STAMP) ## Thirty minutes at half the maximum rate, grants and the policy changing throughout
+	bash .ci/install.sh nginx:nginx-light redis-server:redis-server  # the upstream, the grant store
+	$(BIN)/python harden/soak.py
+
 clean: ## Remove the venv, caches and the demo state directory
 	rm -rf $(VENV) .jitgate .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help venv demo lint test bench harden clean
+.PHONY: help venv demo lint test bench harden soak clean
