@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -48,9 +49,9 @@ from typing import Any
 import aiohttp
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
-import run as bench  # noqa: E402  (bench/run.py: processes, config, tokens)
-from loadgen import percentile  # noqa: E402
+sys.path.insert(0, str(BENCH))  # ahead of harden/, whose run.py is the checks' runner
+bench = importlib.import_module("run")  # bench/run.py: processes, config, tokens
+percentile = importlib.import_module("loadgen").percentile
 
 USERS = [f"soak-user-{i}" for i in range(5)]
 RECORDINGS = [f"rec-{i}" for i in range(8)]
@@ -99,6 +100,7 @@ class Key:
     grant: str | None = None  # the grant in force, if any
     until: float = 0.0  # when it expires
     busy: bool = False  # a change is under way
+    events: list[tuple[float, str]] = field(default_factory=list)  # what happened when
 
     def expected(self, sent: float, answered: float) -> bool | None:
         """200 expected (True), 403 (False), or None when the grant changed meanwhile."""
@@ -128,6 +130,7 @@ class Soak:
         self.keys = {(u, r): Key() for u in USERS for r in RECORDINGS}
         self.tally = Tally()
         self.grant_events: dict[str, int] = {"added": 0, "revoked": 0, "expired": 0}
+        self.reloaded: list[float] = []  # when each policy version was taken up
         self.stop = False
 
     def auth(self, user: str) -> dict[str, str]:
@@ -154,15 +157,14 @@ class Soak:
         if want is None:
             self.tally.ambiguous += 1
         elif want != (status == 200):
+            key = self.keys[(user, rec)]
+            near = [(round(t - sent, 3), what) for t, what in key.events if abs(t - sent) < 60]
+            reload = min((round(t - sent, 3) for t in self.reloaded), key=abs, default=None)
             self.tally.wrong.append(
-                {
-                    "user": user,
-                    "recording": rec,
-                    "status": status,
-                    "sent": sent,
-                    "answered": answered,
-                }
-            )
+                {"user": user, "recording": rec, "status": status, "expected": 200 if want else 403,
+                 "latency_ms": round(1000 * (answered - sent), 1),
+                 "grant_events_s": near, "nearest_reload_s": reload}
+            )  # fmt: skip
 
     async def closed_loop(self, http: aiohttp.ClientSession, seconds: float) -> float:
         """Requests per second that this client gets through, closed loop."""
@@ -205,6 +207,7 @@ class Soak:
         key = self.keys[(user, rec)]
         ttl = random.choice(DURATIONS)
         asked = time.monotonic()
+        key.events.append((asked, f"grant asked for {ttl} s"))
         body = {"scope": scope_of(rec), "reason": "soak", "duration": f"{ttl}s"}
         async with http.post(
             self.base + "/_jit/api/requests", json=body, headers=self.auth(user)
@@ -220,16 +223,19 @@ class Soak:
         key.unsure.append((asked, answered + self.args.slack))
         key.unsure.append((key.until - self.args.slack, key.until + self.args.slack))
         key.active.append((answered, key.until))
+        key.events += [(answered, "grant active"), (key.until, "grant expires")]
         self.grant_events["added"] += 1
 
     async def revoke(self, http: aiohttp.ClientSession, user: str, rec: str) -> None:
         key = self.keys[(user, rec)]
         asked = time.monotonic()
+        key.events.append((asked, "revoke asked"))
         url = f"{self.base}/_jit/api/grants/{key.grant}/revoke"
         async with http.post(url, json={"comment": "soak"}, headers=self.auth(ADMIN)) as resp:
             await resp.read()
             answered = time.monotonic()
             key.unsure.append((asked, answered + self.args.slack))
+            key.events.append((answered, f"revoke answered {resp.status}"))
             if resp.status != 200:
                 self.tally.error(f"revoke {resp.status}")
                 return
@@ -277,7 +283,7 @@ async def quiet_fds(pid: int) -> int:
 
 
 async def reloads(
-    policy: Path, metrics_url: str, every: float, stop: asyncio.Event
+    policy: Path, metrics_url: str, every: float, stop: asyncio.Event, taken_at: list[float]
 ) -> tuple[int, int]:
     """Rewrite the policy every `every` seconds; return (versions written, taken up)."""
     asked = taken = 0
@@ -293,6 +299,7 @@ async def reloads(
         try:
             await asyncio.to_thread(bench.wait_policy, metrics_url, text, 30.0)
             taken += 1
+            taken_at.append(time.monotonic())
         except bench.BenchError:
             pass
     return asked, taken
@@ -328,7 +335,10 @@ async def soak(
     async with client() as http:
         churn = asyncio.create_task(runner.churn(http))
         watcher = asyncio.create_task(sampler())
-        reloader = asyncio.create_task(reloads(policy, f"{base}/_jit/metrics", args.reload, stop))
+        metrics_url = f"{base}/_jit/metrics"
+        reloader = asyncio.create_task(
+            reloads(policy, metrics_url, args.reload, stop, runner.reloaded)
+        )
         started = time.monotonic()
         sent = await runner.open_loop(http, rate, seconds)
         elapsed = time.monotonic() - started
@@ -356,6 +366,7 @@ async def soak(
         "refused": t.refused,
         "ambiguous": t.ambiguous,
         "wrong": len(t.wrong),
+        "wrong_allowed": sum(1 for w in t.wrong if w["status"] == 200),  # 200 without a grant
         "wrong_first": t.wrong[:5],
         "errors": sum(t.errors.values()),
         "error_kinds": t.errors,
@@ -381,7 +392,9 @@ def verdict(r: dict[str, Any]) -> list[str]:
     if r["errors"]:
         missed.append(f"{r['errors']} errors {r['error_kinds']}")
     if r["wrong"]:
-        missed.append(f"{r['wrong']} wrong decisions")
+        missed.append(
+            f"{r['wrong']} wrong decisions ({r['wrong_allowed']} allowed without a grant)"
+        )
     if r["reloads"]["taken"] < r["reloads"]["asked"]:
         missed.append(f"reloads taken {r['reloads']['taken']} of {r['reloads']['asked']}")
     if r["log_errors"]:
@@ -404,7 +417,7 @@ def line(r: dict[str, Any], missed: list[str]) -> str:
     )
 
 
-def start(args: argparse.Namespace, tmp: Path, procs: bench.Processes) -> dict[str, Any]:
+def start(args: argparse.Namespace, tmp: Path, procs: Any) -> dict[str, Any]:
     redis_bin = bench.start(argparse.Namespace(loadgen="python", connections=1), procs)[1]
     up_port, jit_port, redis_port = bench.free_ports(3)
     upstream_url = f"http://{bench.HOST}:{up_port}"
