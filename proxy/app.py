@@ -33,7 +33,7 @@ from .identity import Verifier
 from .identity.assertion import AssertionSigner
 from .identity.oidc import OidcClient
 from .identity.session import Sessions
-from .listener import quiet_bad_requests
+from .listener import limits_middleware, quiet_bad_requests
 from .live import LiveConnections, follow_revocations
 from .metadata import MetadataCache, adapter_for
 from .notify import Notifier
@@ -120,7 +120,7 @@ def build_app(settings: Settings, compiled: policy.Policy | None = None) -> web.
     # jitgate's own endpoints live in a sub-application under the prefix (its handlers
     # reach the shared state through request.config_dict). Routing checks that one
     # prefix, then the catch-all: everything else goes through the gate.
-    own = web.Application()
+    own = web.Application(middlewares=[limits_middleware(settings.listen)])
     own.router.add_get("/healthz", ops.healthz)
     own.router.add_get("/readyz", ops.readyz)
     own.router.add_get("/metrics", ops.metrics_view)
@@ -444,6 +444,7 @@ def _workflow(state: State) -> Ctx:
             refuse=refusal.refuse,
             assertion=state.assertion,
             blob_signer=signer,
+            listen=settings.listen,
         )
         if settings.forward_auth.enabled:
             app[AUTHZ] = ForwardAuth(

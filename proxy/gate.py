@@ -20,12 +20,13 @@ from .bodyrules import BadBody, BodyTooLarge
 from .errors import BadPath
 from .forward import Forwarder, Outcome
 from .identity.assertion import AssertionSigner
+from .listener import over_limits, refuse_over_limits
 from .lists import LIST_DROP_HEADERS, LIST_REQUEST_HEADERS, ListRewrite
 from .live import LiveConnections
 from .metrics import Metrics
 from .paths import normalise, split_target
 from .rewrites import Rewrites
-from .settings import ForwardSettings
+from .settings import ForwardSettings, ListenSettings
 from .settings.identity import IdentitySettings
 from .state import State
 from .statusbar import StatusBar
@@ -55,6 +56,7 @@ class Gate:
         refuse: Refuse,
         assertion: AssertionSigner | None = None,
         blob_signer: BlobSigner | None = None,
+        listen: ListenSettings | None = None,
     ) -> None:
         self.state = state
         self.forwarder = forwarder
@@ -74,11 +76,15 @@ class Gate:
         self.drop_cookies = self.vouch.drop_cookies
         self.log = AccessLog(audit_log, metrics.request, state)
         self.max_body = forward.max_body_bytes
+        self.listen = listen  # its limits answer 414 and 431 (listener.py)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         # Behind a proxy in forward.trusted_proxies, the client it names; else the peer.
         client_ip = self.hygiene.client_ip(request)
+        if self.listen is not None and (over := over_limits(request, self.listen)):
+            self.log.refused(request, over[1], started, status=over[0], client_ip=client_ip)
+            return refuse_over_limits(request, *over)
         if self.reject_underscores:
             reason = underscore_header(request)
             if reason is not None:
