@@ -1,7 +1,9 @@
 """A fake replay tool that describes recordings in the tools' real shapes (tests/fixtures/metadata).
 
 It answers the metadata routes of PostHog, Sentry and OpenReplay (only with the service
-token) and PostHog's snapshots route; it records every request so a test can count fetches.
+token), PostHog's snapshots route and its recordings list (the shape of
+tests/fixtures/presets/posthog/recording_list.json); it records every request so a test
+can count fetches.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from aiohttp.test_utils import TestServer
 from conftest import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "metadata"
+LIST = ROOT / "tests" / "fixtures" / "presets" / "posthog" / "recording_list.json"
 TOKEN = "phx_service_token_for_tests"
 
 
@@ -42,7 +45,7 @@ class FakeTool:
         return str(self.server.make_url("")).rstrip("/")
 
     def metadata_hits(self) -> list[str]:
-        return [h for h in self.hits if not h.endswith("/snapshots")]
+        return [h for h in self.hits if not h.endswith(("/snapshots", "/session_recordings"))]
 
 
 def _posthog(recording: str) -> dict[str, Any]:
@@ -54,6 +57,17 @@ def _posthog(recording: str) -> dict[str, Any]:
     return body
 
 
+def _posthog_list() -> dict[str, Any]:
+    """The recordings list, one item per recording of PEOPLE, as PostHog lists them."""
+    shape = json.loads(LIST.read_text())
+    item = shape["results"][0]
+    items = [
+        {**item, "id": rid, "distinct_id": who, "start_url": start}
+        for rid, (who, _, start) in PEOPLE.items()
+    ]
+    return {**shape, "results": items}
+
+
 async def fake_tool(aiohttp_server: Any) -> FakeTool:
     holder: list[FakeTool] = []
 
@@ -62,6 +76,8 @@ async def fake_tool(aiohttp_server: Any) -> FakeTool:
         tool.hits.append(request.path)
         if request.path.endswith("/snapshots"):  # people's own traffic, through jitgate
             return web.json_response({"snapshots": [{"type": 4, "data": {}}]})
+        if request.path.endswith("/session_recordings"):
+            return web.json_response(_posthog_list())
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
             return web.json_response({"detail": "Authentication credentials"}, status=401)
         if tool.status != 200:
@@ -76,6 +92,7 @@ async def fake_tool(aiohttp_server: Any) -> FakeTool:
         return web.json_response(fixture("openreplay_replay.json"))
 
     app = web.Application()
+    app.router.add_get("/api/projects/{project}/session_recordings", answer)
     app.router.add_get("/api/projects/{project}/session_recordings/{recording}", answer)
     app.router.add_get("/api/projects/{project}/session_recordings/{recording}/snapshots", answer)
     app.router.add_get("/api/0/organizations/{org}/replays/{replay}/", answer)

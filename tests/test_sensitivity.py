@@ -118,10 +118,10 @@ sensitivity:
 
 async def start(
     make_proxy: ProxyFactory, tmp_path: Path, tool: FakeTool, metadata: bool = True,
-    rules: str = RULES,
+    rules: str = RULES, base: str | None = None,
 ) -> Any:  # fmt: skip
     (tmp_path / "token").write_text(TOKEN)
-    policy = (ROOT / "config" / "policy.yaml").read_text() + rules
+    policy = (base or (ROOT / "config" / "policy.yaml").read_text()) + rules
     extra = "metadata: {adapter: posthog, token_file: token, subject: {audit: plain}}"
     return await make_proxy(
         upstream_url=tool.url, policy_text=policy, extra=extra if metadata else ""

@@ -27,6 +27,7 @@ log = logging.getLogger("jitgate.metadata")
 # Lookup: the metadata, or None with the reason it is not known.
 Lookup = tuple[Metadata | None, str | None]
 _MEMORY_MAX = 10_000
+_LIST_FETCH = 32  # background fetches one list starts at most
 
 
 class MetadataCache:
@@ -84,6 +85,42 @@ class MetadataCache:
             self._fetching[scope] = task
             task.add_done_callback(lambda _: self._fetching.pop(scope, None))
         return task
+
+    async def cached(
+        self, scopes: list[str], fetch: int = _LIST_FETCH
+    ) -> dict[str, Metadata | None]:
+        """What is already known of each recording of `scopes` (only those of this tool), from
+        memory, else from Redis in one round trip; None where nothing is known yet, or Redis
+        cannot say. Never waits for the tool: for up to `fetch` of the unknown ones a
+        background fetch starts, so that they are known next time."""
+        mine = [s for s in dict.fromkeys(scopes) if self.applies(s)]
+        found: dict[str, Metadata | None] = {s: self.known(s) for s in mine}
+        missing = [s for s, meta in found.items() if meta is None]
+        if missing:
+            try:
+                raws = await self.redis.mget([self.key_prefix + s for s in missing])
+            except Exception as exc:  # unknown, then: the caller fails closed
+                log.warning("metadata: cannot read %d entries from Redis: %r", len(missing), exc)
+                raws = [None] * len(missing)
+            for scope, raw in zip(missing, raws, strict=True):
+                found[scope] = self._parse(scope, raw)
+        unknown = [s for s, meta in found.items() if meta is None]
+        for scope in unknown[:fetch]:
+            self.prefetch(scope)
+        return found
+
+    def _parse(self, scope: str, raw: bytes | str | None) -> Metadata | None:
+        if raw is None:
+            return None
+        try:
+            meta = Metadata.from_json(json.loads(raw))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("metadata: bad entry for %s in Redis: %r", scope, exc)
+            return None
+        if time.time() - meta.fetched_at >= self.ttl:
+            return None
+        self.counted("redis")
+        return self._keep(meta)
 
     async def lookup(self, scope: str, wait: float | None = None) -> Lookup:
         """Return a recording's metadata, waiting at most `wait` seconds (None: the fetch)."""
