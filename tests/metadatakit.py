@@ -34,18 +34,28 @@ PEOPLE = {
 }
 
 
+# The URLs each recording visited, as PostHog's query API names them (after its start URL).
+VISITED = {
+    "demo-1": ["https://shop.example/billing/invoices"],
+    "demo-2": ["https://shop.example/", "https://shop.example/orders/77"],
+    "demo-3": ["https://shop.example/cart"],
+}
+
+
 @dataclass
 class FakeTool:
     server: TestServer
     hits: list[str] = field(default_factory=list)
     status: int = 200  # what the metadata routes answer; 200 serves the fixture
+    queries: list[Any] = field(default_factory=list)  # the bodies posted to the query API
 
     @property
     def url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
 
     def metadata_hits(self) -> list[str]:
-        return [h for h in self.hits if not h.endswith(("/snapshots", "/session_recordings"))]
+        skip = ("/snapshots", "/session_recordings", "/query/")
+        return [h for h in self.hits if not h.endswith(skip)]
 
 
 def _posthog(recording: str) -> dict[str, Any]:
@@ -83,6 +93,14 @@ async def fake_tool(aiohttp_server: Any) -> FakeTool:
         if tool.status != 200:
             return web.json_response({"detail": "unavailable"}, status=tool.status)
         info = request.match_info
+        if request.method == "POST":  # the query API: the recording's visited URLs
+            body = await request.json()
+            tool.queries.append(body)
+            query = body["query"]
+            assert query["kind"] == "HogQLQuery" and "{session_id}" in query["query"]
+            answer = fixture("posthog_urls_query.json")
+            answer["results"] = [[u] for u in VISITED.get(query["values"]["session_id"], [])]
+            return web.json_response(answer)
         if "recording" in info:
             if info["recording"] not in PEOPLE:
                 return web.json_response({"detail": "Not found."}, status=404)
@@ -95,6 +113,7 @@ async def fake_tool(aiohttp_server: Any) -> FakeTool:
     app.router.add_get("/api/projects/{project}/session_recordings", answer)
     app.router.add_get("/api/projects/{project}/session_recordings/{recording}", answer)
     app.router.add_get("/api/projects/{project}/session_recordings/{recording}/snapshots", answer)
+    app.router.add_post("/api/projects/{project}/query/", answer)
     app.router.add_get("/api/0/organizations/{org}/replays/{replay}/", answer)
     app.router.add_get("/v2/api/{project}/sessions/{session}/replay", answer)
     tool = FakeTool(await aiohttp_server(app))

@@ -170,6 +170,19 @@ async def test_a_sensitive_recording_is_refused_under_a_grant(
     assert tool.hits.count(SNAPSHOTS.format("demo-1")) == 0
 
 
+async def test_a_visited_url_counts_as_the_start_url_does(
+    make_proxy: ProxyFactory, tmp_path: Path, tool: FakeTool
+) -> None:
+    rules = "sensitivity:\n  - id: orders\n    urls: [/orders/*]\n"
+    client = await start(make_proxy, tmp_path, tool, rules=rules)
+    r = await granted_get(client, "alice", "demo-2")  # starts on /, visits /orders/77
+    assert r.status == 403
+    assert (await r.json())["reasons"] == [
+        "this recording includes /orders/* (sensitivity rule 'orders')"
+    ]
+    assert (await granted_get(client, "alice", "demo-3")).status == 200
+
+
 async def test_unknown_metadata_fails_closed(
     make_proxy: ProxyFactory, tmp_path: Path, tool: FakeTool
 ) -> None:

@@ -15,6 +15,8 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import aiohttp
 from redis.asyncio import Redis
@@ -168,19 +170,28 @@ class MetadataCache:
     async def _fetch(self, scope: str) -> Metadata:
         path = self.adapter.target(scope)
         assert path is not None
+        meta = self.adapter.read(scope, await self._ask(scope, path, None))
+        urls = self.adapter.urls_query(scope)
+        if urls is None:
+            return meta
+        visited = self.adapter.read_urls(await self._ask(scope, *urls))
+        return replace(meta, urls=tuple(dict.fromkeys((*meta.urls, *visited))))
+
+    async def _ask(self, scope: str, path: str, query: dict[str, Any] | None) -> Any:
+        """GET `path` (or POST the JSON `query` to it) and return the JSON answer."""
         url = self.base_url.with_path(self.base_url.path.rstrip("/") + path, encoded=True)
         name = self.adapter.name
         try:
-            async with self.http.get(
-                url, headers=self.adapter.headers(), timeout=self.timeout, allow_redirects=False
-            ) as resp:
+            async with self.http.request(
+                "GET" if query is None else "POST", url, json=query,
+                headers=self.adapter.headers(), timeout=self.timeout, allow_redirects=False,
+            ) as resp:  # fmt: skip
                 if resp.status != 200:
                     raise MetadataError(f"{name} answered {resp.status} for {scope}'s metadata")
-                body = await resp.json(content_type=None)
+                return await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             why = str(exc) or type(exc).__name__
             raise MetadataError(f"cannot fetch {scope}'s metadata from {name}: {why}") from None
-        return self.adapter.read(scope, body)
 
     def _keep(self, meta: Metadata) -> Metadata:
         self._memory[meta.scope] = meta
