@@ -124,6 +124,37 @@ async def test_fetched_once_then_from_memory_then_from_redis(
     assert sources == ["upstream", "memory", "redis"]
 
 
+async def test_what_a_list_reads_is_one_round_trip_and_never_waits(
+    tool: FakeTool, redis: Redis, http: aiohttp.ClientSession
+) -> None:
+    one = cache_for(tool.url, redis, http, "posthog", "email")
+    for rid in ("demo-1", "demo-2"):
+        await one.lookup(f"recording:1/{rid}", wait=5)
+    hits = len(tool.metadata_hits())
+    other = cache_for(tool.url, redis, http, "posthog", "email")  # another replica
+    await other.lookup("recording:1/demo-1", wait=5)  # demo-1 in its memory, demo-2 in Redis
+    sent: list[object] = []
+    real = redis.connection_pool.get_connection
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        sent.append(args)
+        return await real(*args, **kw)
+
+    redis.connection_pool.get_connection = counted  # type: ignore[method-assign]
+    scopes = ["recording:1/demo-1", "recording:1/demo-2", "recording:1/demo-3", "project:1"]
+    found = await other.cached(scopes, fetch=1)
+    assert len(sent) == 1  # one MGET for all that memory did not have
+    assert {s: m.subject if m else None for s, m in found.items()} == {
+        "recording:1/demo-1": "ada@example.com",
+        "recording:1/demo-2": "bo@example.com",
+        "recording:1/demo-3": None,  # not known yet: fetched in the background
+    }
+    assert len(tool.metadata_hits()) == hits  # nothing asked of the tool meanwhile
+    meta, _ = await other.lookup("recording:1/demo-3", wait=5)  # the fetch it started
+    assert meta is not None and len(tool.metadata_hits()) == hits + 1
+    redis.connection_pool.get_connection = real  # type: ignore[method-assign]
+
+
 async def test_sentry_and_openreplay_through_their_routes(
     tool: FakeTool, redis: Redis, http: aiohttp.ClientSession
 ) -> None:
