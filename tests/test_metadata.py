@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import ROOT, free_port, write_config
+from conftest import ROOT, count_round_trips, free_port, write_config
 from metadatakit import TOKEN, FakeTool, fake_tool, fixture
 from redis.asyncio import Redis
 from yarl import URL
@@ -133,14 +133,7 @@ async def test_what_a_list_reads_is_one_round_trip_and_never_waits(
     hits = len(tool.metadata_hits())
     other = cache_for(tool.url, redis, http, "posthog", "email")  # another replica
     await other.lookup("recording:1/demo-1", wait=5)  # demo-1 in its memory, demo-2 in Redis
-    sent: list[object] = []
-    real = redis.connection_pool.get_connection
-
-    async def counted(*args: Any, **kw: Any) -> Any:
-        sent.append(args)
-        return await real(*args, **kw)
-
-    redis.connection_pool.get_connection = counted  # type: ignore[method-assign]
+    sent = count_round_trips(redis)
     scopes = ["recording:1/demo-1", "recording:1/demo-2", "recording:1/demo-3", "project:1"]
     found = await other.cached(scopes, fetch=1)
     assert len(sent) == 1  # one MGET for all that memory did not have
@@ -152,7 +145,6 @@ async def test_what_a_list_reads_is_one_round_trip_and_never_waits(
     assert len(tool.metadata_hits()) == hits  # nothing asked of the tool meanwhile
     meta, _ = await other.lookup("recording:1/demo-3", wait=5)  # the fetch it started
     assert meta is not None and len(tool.metadata_hits()) == hits + 1
-    redis.connection_pool.get_connection = real  # type: ignore[method-assign]
 
 
 async def test_sentry_and_openreplay_through_their_routes(
