@@ -317,6 +317,8 @@ async def test_posthog_visited_urls_come_from_its_query_api(
     )
     with pytest.raises(Exception, match="no results rows"):
         a.read_urls({"error": "x"})
+    with pytest.raises(Exception, match="at least 2 visited URLs, not all read"):
+        a.read_urls({**answer, "hasMore": True})
     # Other tools name the URLs in their own answer; the demo app in `visited_urls`.
     assert adapter_for(settings("sentry", "user_id")).urls_query("replay:acme/1") is None
     demo = adapter_for(settings("demo", "distinct_id"))

@@ -85,6 +85,9 @@ class Adapter:
         rows = body.get("results") if isinstance(body, dict) else None
         if not isinstance(rows, list) or not all(isinstance(r, list) and r for r in rows):
             raise MetadataError(f"{self.name}: the visited URLs query answered no results rows")
+        if body.get("hasMore") or len(rows) >= 10_000:  # the query's LIMIT: a rule could
+            # miss the URLs not read, so the metadata is not known
+            raise MetadataError(f"{self.name}: at least {len(rows)} visited URLs, not all read")
         return tuple(r[0] for r in rows if isinstance(r[0], str) and r[0])
 
     def headers(self) -> dict[str, str]:
@@ -186,7 +189,7 @@ _POSTHOG = (
 )
 _POSTHOG_URLS = (
     "SELECT DISTINCT url FROM (SELECT arrayJoin(all_urls) AS url FROM raw_session_replay_events"
-    " WHERE session_id = {session_id}) WHERE url != '' LIMIT 1000"
+    " WHERE session_id = {session_id}) WHERE url != '' LIMIT 10000"
 )
 _ROUTES = {
     "posthog": _POSTHOG,
