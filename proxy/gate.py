@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -22,6 +23,7 @@ from .forward import Forwarder, Outcome
 from .identity.assertion import AssertionSigner
 from .listener import over_limits, refuse_over_limits
 from .lists import LIST_DROP_HEADERS, LIST_REQUEST_HEADERS, ListRewrite
+from .listsensitivity import Lookups
 from .live import LiveConnections
 from .metrics import Metrics
 from .paths import normalise, split_target
@@ -223,7 +225,20 @@ class Gate:
             match.route,
             match.refs,
             count_refs,
+            self._lookups() if policy.sensitivity else None,
         )
+
+    def _lookups(self) -> Lookups | None:
+        """What a list's rewrite reads for the sensitivity rules (None: no metadata)."""
+        cache, grants = self.state.metadata, self.state.grants
+        if cache is None:
+            return None
+
+        async def metadata(scopes: list[str]) -> dict[str, dict[str, Any] | None]:
+            found = await cache.cached(scopes)
+            return {s: m.to_json() if m is not None else None for s, m in found.items()}
+
+        return Lookups(metadata, grants.entitlements)
 
     def _bad_request(
         self, request: web.Request, reason: str, started: float, what: str

@@ -207,13 +207,17 @@ class RedisGrants:
         found = await self._check(keys=keys, args=[_now_ms()])
         return (_text(found[0]), int(found[1]) / 1000) if found else None
 
-    async def check_many(self, user: str, groups: Iterable[tuple[str, ...]]) -> list[bool]:
-        """Per group of scopes, whether an active grant covers any; one round trip in all."""
+    async def check_many(self, user: str, groups: Iterable[tuple[str, ...]]) -> list[str | None]:
+        """Per group of scopes, the id of an active grant covering any; one round trip."""
         now, key = [_now_ms()], self._active_key
         async with self.redis.pipeline(transaction=False) as pipe:
             for scopes in groups:
                 await self._check(keys=[key(user, s) for s in scopes], args=now, client=pipe)
-            return [bool(found) for found in await pipe.execute()]
+            return [_text(found[0]) if found else None for found in await pipe.execute()]
+
+    async def entitlements(self, grant_ids: list[str]) -> dict[str, str]:
+        """The entitlement of each grant that still exists, by id; one round trip in all."""
+        return {g.id: g.entitlement for g in await self._fetch(grant_ids, _now_ms())}
 
     async def add(self, user: str, scope: str, ttl: float, reason: str, granted_by: str) -> Grant:
         """Create an active grant (an admin's) that Redis expires by itself after ttl seconds."""
@@ -485,17 +489,12 @@ class RedisGrants:
         """Return the requests still awaiting approval, oldest first."""
         now_ms = _now_ms()
         ids = await self.redis.zrange(self._pending, now_ms + 1, "+inf", byscore=True)
-        found = [
-            g
-            for g in await self._fetch(ids, now_ms)
-            if g.state == "pending" and (user is None or g.user == user)
-        ]
+        grants = await self._fetch(ids, now_ms)
+        found = [g for g in grants if g.state == "pending" and (user is None or g.user == user)]
         return sorted(found, key=lambda g: g.created_at)
 
     async def _fetch(self, ids: Iterable[Any], now_ms: int) -> list[Grant]:
         keys = [self._grant_key(_text(grant_id)) for grant_id in ids]
-        if not keys:
-            return []
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             pipe.hgetall(key)

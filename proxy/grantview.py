@@ -92,8 +92,8 @@ class GrantView:
             self._entries[key] = found
         return found
 
-    async def check_many(self, user: str, groups: list[tuple[str, ...]]) -> list[bool]:
-        """Per group of scopes, whether a grant covers any: always asked of the store, whose
+    async def check_many(self, user: str, groups: list[tuple[str, ...]]) -> list[str | None]:
+        """Per group of scopes, the grant covering any: always asked of the store, whose
         batch check is one round trip (a list's many ids would only crowd the memory)."""
         return await self.store.check_many(user, groups)  # type: ignore[attr-defined, no-any-return]
 

@@ -24,6 +24,9 @@ shaped body (`malformed`, `shape`) or another encoding (`encoded`).
 
 A route's `refs:` (refs.py) are checked by the same rewrite: the response is parsed once
 and its list's ids and its references are looked up in one batch.
+
+With `sensitivity:` rules, a recording a grant covers can still be locked by them, from
+the metadata already known (listsensitivity.py): its marker then says why, in `"reason"`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from . import refs as references
+from .listsensitivity import Lock, Lookups, locks
 from .policy import Listing, Policy, Ref
 
 log = logging.getLogger("jitgate.lists")
@@ -75,6 +79,7 @@ class ListRewrite:
         route: str,
         refs: tuple[Ref, ...] = (),
         count_refs: Count = lambda outcome: None,
+        sensitive: Lookups | None = None,
     ) -> None:
         self.mode = mode
         self.listing = listing
@@ -87,6 +92,8 @@ class ListRewrite:
         self.route = route
         self.refs = refs
         self.count_refs = count_refs
+        self.sensitive = sensitive
+        self.locks: dict[str, Lock] = {}  # the sensitivity rules' locks, by scope
         self.limit = policy.list_max_bytes
         self.note: str | None = None  # what was done, for the request's audit reasons
 
@@ -136,7 +143,9 @@ class ListRewrite:
         notes = []
         try:
             wanted = scopes + [site.scope for site in sites]
-            held = await self._check([s for s in wanted if s is not None])
+            grants = await self._check([s for s in wanted if s is not None])
+            self.locks = await locks(self.policy.sensitivity, grants, self.sensitive)
+            held = {s: bool(g) and s not in self.locks for s, g in grants.items()}
         except Exception as exc:  # fail closed: nothing is shown as open while in doubt
             log.warning("grants on route %s not checked (%r): all removed", self.route, exc)
             why = f"grants not checked ({type(exc).__name__})"
@@ -153,7 +162,7 @@ class ListRewrite:
             if items is not None:
                 total = len(items)
                 locked = self._apply(items, scopes, held)
-                notes.append(f"list {self.mode}: {locked} of {total} locked")
+                notes.append(f"list {self.mode}: {locked} of {total} locked{self._why()}")
                 self.count(self.mode)
             elif self.listing is not None:
                 notes.append("list passed unchanged: shape")
@@ -171,8 +180,11 @@ class ListRewrite:
         value = item.get(self.listing.id)
         return references.id_scope(value, self.listing.scope, self.listing.var, self.params)
 
-    async def _check(self, scopes: list[str]) -> dict[str, bool]:
-        """Whether a grant covers each scope: one batched lookup for all of them."""
+    def _why(self) -> str:
+        return f" ({len(self.locks)} by sensitivity rules)" if self.locks else ""
+
+    async def _check(self, scopes: list[str]) -> dict[str, str | None]:
+        """The grant covering each scope (None: none does): one batched lookup for all."""
         unique = sorted(set(scopes))
         groups = [self.policy.covering(s) for s in unique]
         batch = getattr(self.grants, "check_many", None)
@@ -180,10 +192,10 @@ class ListRewrite:
             found = await batch(self.user, groups)
         else:  # a checker without a batch call (a simulation): one check each
             checks = [self.grants.check(self.user, g) for g in groups]
-            found = [r is not None for r in await asyncio.gather(*checks)]
+            found = [r[0] if r else None for r in await asyncio.gather(*checks)]
         if len(found) != len(unique):
             raise RuntimeError("the grant store answered for the wrong number of scopes")
-        return dict(zip(unique, (bool(f) for f in found), strict=True))
+        return dict(zip(unique, (f or None for f in found), strict=True))
 
     def _apply(self, items: list[Any], scopes: list[str | None], held: dict[str, bool]) -> int:
         """Mark or remove the items not held in place; return how many were not held."""
@@ -201,8 +213,14 @@ class ListRewrite:
     def _marker(self, scope: str | None) -> dict[str, Any]:
         if scope is None:
             return {"locked": True, "scope": None, "request_url": None}
+        lock = self.locks.get(scope)
         url = URL(f"{self.prefix}/request").with_query(scope=scope)
-        return {"locked": True, "scope": scope, "request_url": str(url)}
+        marker: dict[str, Any] = {"locked": True, "scope": scope, "request_url": str(url)}
+        if lock is not None:
+            marker["reason"] = lock.reason
+            if not lock.requestable:
+                marker["request_url"] = None
+        return marker
 
 
 def decode(headers: MultiMapping[str], body: bytes, limit: int) -> bytes | str:

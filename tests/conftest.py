@@ -208,6 +208,20 @@ audit:
     return cfg
 
 
+def count_round_trips(client: Any) -> list[object]:
+    """Count the connections a redis.asyncio client takes from now on (one per command or
+    pipeline: one round trip each); the list grows by one each time."""
+    sent: list[object] = []
+    real = client.connection_pool.get_connection
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        sent.append(args)
+        return await real(*args, **kw)
+
+    client.connection_pool.get_connection = counted
+    return sent
+
+
 def make_token(sub: str = "alice", *, groups: list[str] | None = None, **claims: Any) -> str:
     now = int(time.time())
     payload: dict[str, Any] = {

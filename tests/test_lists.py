@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import ROOT, bearer
+from conftest import ROOT, bearer, count_round_trips
 from redis.asyncio import Redis
 
 from proxy.errors import ConfigErrors
@@ -348,23 +348,18 @@ async def test_batch_check_is_one_round_trip_per_list(redis_url: str) -> None:
     client = Redis.from_url(redis_url)
     store = RedisGrants(client, "jit:")
     try:
-        await store.add("alice", "recording:2/b", 300, "test", "admin")
-        await store.add("alice", "project:9", 300, "test", "admin")
+        b = await store.add("alice", "recording:2/b", 300, "test", "admin")
+        nine = await store.add("alice", "project:9", 300, "test", "admin")
         ended = await store.add("alice", "recording:2/c", 300, "test", "admin")
         await store.revoke(ended.id, "admin")
         groups = [("recording:2/a", "project:2"), ("recording:2/b", "project:2"),
                   ("recording:9/x", "project:9"), ("recording:2/c", "project:2")]  # fmt: skip
-        sent: list[object] = []
-        real = client.connection_pool.get_connection
-
-        async def counted(*args: Any, **kw: Any) -> Any:
-            sent.append(args)
-            return await real(*args, **kw)
-
-        client.connection_pool.get_connection = counted  # type: ignore[method-assign]
-        assert await GrantView(store).check_many("alice", groups) == [False, True, True, False]
+        sent = count_round_trips(client)
+        assert await GrantView(store).check_many("alice", groups) == [None, b.id, nine.id, None]
         assert len(sent) == 1  # one connection taken: one pipeline, one round trip
-        assert await store.check_many("bob", groups) == [False] * 4
+        assert await store.check_many("bob", groups) == [None] * 4
+        assert await store.entitlements([b.id, "gone"]) == {b.id: ""}
+        assert len(sent) == 3  # the entitlements of many grants: one round trip as well
         assert await store.check_many("alice", []) == []
     finally:
         await client.aclose()

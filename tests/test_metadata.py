@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import ROOT, free_port, write_config
+from conftest import ROOT, count_round_trips, free_port, write_config
 from metadatakit import TOKEN, FakeTool, fake_tool, fixture
 from redis.asyncio import Redis
 from yarl import URL
@@ -123,6 +124,29 @@ async def test_fetched_once_then_from_memory_then_from_redis(
     assert sources == ["upstream", "memory", "redis"]
 
 
+async def test_what_a_list_reads_is_one_round_trip_and_never_waits(
+    tool: FakeTool, redis: Redis, http: aiohttp.ClientSession
+) -> None:
+    one = cache_for(tool.url, redis, http, "posthog", "email")
+    for rid in ("demo-1", "demo-2"):
+        await one.lookup(f"recording:1/{rid}", wait=5)
+    hits = len(tool.metadata_hits())
+    other = cache_for(tool.url, redis, http, "posthog", "email")  # another replica
+    await other.lookup("recording:1/demo-1", wait=5)  # demo-1 in its memory, demo-2 in Redis
+    sent = count_round_trips(redis)
+    scopes = ["recording:1/demo-1", "recording:1/demo-2", "recording:1/demo-3", "project:1"]
+    found = await other.cached(scopes, fetch=1)
+    assert len(sent) == 1  # one MGET for all that memory did not have
+    assert {s: m.subject if m else None for s, m in found.items()} == {
+        "recording:1/demo-1": "ada@example.com",
+        "recording:1/demo-2": "bo@example.com",
+        "recording:1/demo-3": None,  # not known yet: fetched in the background
+    }
+    assert len(tool.metadata_hits()) == hits  # nothing asked of the tool meanwhile
+    meta, _ = await other.lookup("recording:1/demo-3", wait=5)  # the fetch it started
+    assert meta is not None and len(tool.metadata_hits()) == hits + 1
+
+
 async def test_sentry_and_openreplay_through_their_routes(
     tool: FakeTool, redis: Redis, http: aiohttp.ClientSession
 ) -> None:
@@ -174,14 +198,14 @@ async def test_a_lookup_waits_no_longer_than_asked_and_the_fetch_goes_on(
     await cache.close()
 
 
-def _demo_app() -> Any:
+def _demo_app(data_dir: Path | None = None) -> Any:
     path = ROOT / "deploy" / "demo" / "replay_app.py"
     spec = importlib.util.spec_from_file_location("jitgate_demo_replay_app_meta", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module.create_app()
+    return module.create_app(data_dir)
 
 
 async def test_the_demo_adapter_reads_the_demo_app(
@@ -195,6 +219,30 @@ async def test_the_demo_adapter_reads_the_demo_app(
     assert meta.subject == "u_7f3a9c1e-eleanor"
     assert meta.start_url == "https://shop.acme-outfitters.example/checkout"
     assert meta.properties == {"email": "eleanor.vance@example.com"}
+    assert meta.urls == ("https://shop.acme-outfitters.example/checkout",)
+
+
+async def test_the_demo_app_names_every_page_its_recording_visited(
+    aiohttp_server: Any, redis: Redis, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    src = ROOT / "deploy" / "demo" / "recordings"
+    (tmp_path / "index.json").write_text((src / "index.json").read_text())
+    for rid in ("demo-1", "demo-2", "demo-3"):
+        events = json.loads((src / f"{rid}.json").read_text())
+        if rid == "demo-2":  # it navigates on: a second page, and back to the first
+            meta = next(e for e in events if e["type"] == 4)
+            later = {**meta, "data": {**meta["data"], "href": "https://shop.example/billing/card"}}
+            events += [later, meta]
+        (tmp_path / f"{rid}.json").write_text(json.dumps(events))
+    server = await aiohttp_server(_demo_app(tmp_path))
+    url = str(server.make_url("")).rstrip("/")
+    cache = cache_for(url, redis, http, "demo", "distinct_id", token=None)
+    found, why = await cache.lookup("recording:1/demo-2", wait=5)
+    assert why is None and found is not None
+    assert found.urls == (
+        "https://shop.acme-outfitters.example/account/profile",
+        "https://shop.example/billing/card",
+    )
 
 
 def load(tmp_path: Path, section: str, environ: dict[str, str] | None = None) -> Any:
@@ -247,3 +295,36 @@ def test_config_errors_name_the_field(tmp_path: Path, section: str, message: str
     with pytest.raises(ConfigErrors) as err:
         load(tmp_path, section, {"T": "short"})
     assert message in str(err.value)
+
+
+async def test_posthog_visited_urls_come_from_its_query_api(
+    tool: FakeTool, redis: Redis, http: aiohttp.ClientSession
+) -> None:
+    cache = cache_for(tool.url, redis, http, "posthog", "distinct_id")
+    meta, why = await cache.lookup("recording:1/demo-2", wait=5)
+    assert why is None and meta is not None
+    assert meta.start_url == "https://shop.example/"
+    assert meta.urls == ("https://shop.example/", "https://shop.example/orders/77")
+    (asked,) = tool.queries  # the id is a placeholder's value, never in the query's text
+    assert asked["query"]["values"] == {"session_id": "demo-2"}
+    assert "demo-2" not in asked["query"]["query"]
+    assert tool.hits[-1] == "/api/projects/1/query/"
+    answer = fixture("posthog_urls_query.json")
+    a = adapter_for(settings("posthog", "distinct_id"))
+    assert a.read_urls(answer) == (
+        "https://shop.example/checkout",
+        "https://shop.example/checkout/payment",
+    )
+    with pytest.raises(Exception, match="no results rows"):
+        a.read_urls({"error": "x"})
+    with pytest.raises(Exception, match="at least 2 visited URLs, not all read"):
+        a.read_urls({**answer, "hasMore": True})
+    # Other tools name the URLs in their own answer; the demo app in `visited_urls`.
+    assert adapter_for(settings("sentry", "user_id")).urls_query("replay:acme/1") is None
+    demo = adapter_for(settings("demo", "distinct_id"))
+    assert demo.urls_query("recording:1/demo-2") is None
+    body = {**fixture("posthog_recording.json"), "visited_urls": ["https://a.example/x"]}
+    assert demo.read("recording:1/x", body).urls == (
+        "https://shop.example/billing/invoices",
+        "https://a.example/x",
+    )

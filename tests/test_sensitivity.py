@@ -118,10 +118,10 @@ sensitivity:
 
 async def start(
     make_proxy: ProxyFactory, tmp_path: Path, tool: FakeTool, metadata: bool = True,
-    rules: str = RULES,
+    rules: str = RULES, base: str | None = None,
 ) -> Any:  # fmt: skip
     (tmp_path / "token").write_text(TOKEN)
-    policy = (ROOT / "config" / "policy.yaml").read_text() + rules
+    policy = (base or (ROOT / "config" / "policy.yaml").read_text()) + rules
     extra = "metadata: {adapter: posthog, token_file: token, subject: {audit: plain}}"
     return await make_proxy(
         upstream_url=tool.url, policy_text=policy, extra=extra if metadata else ""
@@ -168,6 +168,19 @@ async def test_a_sensitive_recording_is_refused_under_a_grant(
     assert "includes /billing/*" in refused[0]["reasons"][0]
     # Only what was served reached the upstream.
     assert tool.hits.count(SNAPSHOTS.format("demo-1")) == 0
+
+
+async def test_a_visited_url_counts_as_the_start_url_does(
+    make_proxy: ProxyFactory, tmp_path: Path, tool: FakeTool
+) -> None:
+    rules = "sensitivity:\n  - id: orders\n    urls: [/orders/*]\n"
+    client = await start(make_proxy, tmp_path, tool, rules=rules)
+    r = await granted_get(client, "alice", "demo-2")  # starts on /, visits /orders/77
+    assert r.status == 403
+    assert (await r.json())["reasons"] == [
+        "this recording includes /orders/* (sensitivity rule 'orders')"
+    ]
+    assert (await granted_get(client, "alice", "demo-3")).status == 200
 
 
 async def test_unknown_metadata_fails_closed(

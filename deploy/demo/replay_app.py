@@ -11,7 +11,8 @@ under ``static/``.
 Routes (project ``1``; any other project or recording answers a JSON 404):
 
 * ``GET  /api/projects/{p}/session_recordings/``                   list
-* ``GET  /api/projects/{p}/session_recordings/{r}``                metadata
+* ``GET  /api/projects/{p}/session_recordings/{r}``                metadata, and the
+  pages the recording visited (``visited_urls``: the rrweb Meta events' ``href``)
 * ``GET  /api/projects/{p}/session_recordings/{r}/snapshots``      rrweb events; gzip when
   accepted; ``?stream=1`` sends the same bytes with chunked transfer encoding
 * ``POST /api/projects/{p}/session_recordings/{r}/sharing``        fake public share link
@@ -55,6 +56,7 @@ class Recording:
     meta: dict[str, Any]
     snapshots_json: bytes  # {"snapshots": [...]} as UTF-8 JSON
     snapshots_gzip: bytes  # the same bytes, gzip-compressed once at start-up
+    visited_urls: tuple[str, ...] = ()  # in visit order, each once
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,20 @@ def load_store(data_dir: Path) -> Store:
             meta=meta,
             snapshots_json=body,
             snapshots_gzip=gzip.compress(body, compresslevel=6, mtime=0),
+            visited_urls=visited(events),
         )
     return Store(recordings)
+
+
+def visited(events: list[Any]) -> tuple[str, ...]:
+    """The pages a recording visited: each rrweb Meta event (type 4) names one in its href."""
+    found: dict[str, None] = {}
+    for event in events:
+        if isinstance(event, dict) and event.get("type") == 4:
+            href = (event.get("data") or {}).get("href")
+            if isinstance(href, str) and href:
+                found[href] = None
+    return tuple(found)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -144,7 +158,7 @@ async def get_recording(request: web.Request) -> web.Response:
     rec = lookup(request)
     if isinstance(rec, web.Response):
         return rec
-    return web.json_response(rec.meta)
+    return web.json_response({**rec.meta, "visited_urls": list(rec.visited_urls)})
 
 
 async def get_snapshots(request: web.Request) -> web.StreamResponse:

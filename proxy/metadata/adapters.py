@@ -66,6 +66,30 @@ class Adapter:
             return None
         return self.path.format(owner=quote(m["owner"], safe=""), id=quote(m["id"], safe=""))
 
+    def urls_query(self, scope: str) -> tuple[str, dict[str, Any]] | None:
+        """The second request, (path, JSON body), that names a recording's visited URLs,
+        where the tool's description of a recording does not (PostHog): None if none."""
+        m = self.scope.fullmatch(scope)
+        if self.name != "posthog" or m is None:
+            return None
+        # The URLs replay itself recorded for the session (`all_urls` of HogQL's
+        # raw_session_replay_events, which PostHog's own "visited page" filter reads:
+        # posthog/session_recordings/queries/session_replay_url_values.py @3ca3413b),
+        # asked of the query API (`POST /api/projects/{id}/query/`, a HogQLQuery with the
+        # id as a `values` placeholder, never spliced into the text).
+        query = {"kind": "HogQLQuery", "query": _POSTHOG_URLS, "values": {"session_id": m["id"]}}
+        return f"/api/projects/{quote(m['owner'], safe='')}/query/", {"query": query}
+
+    def read_urls(self, body: Any) -> tuple[str, ...]:
+        """Read the URLs query's answer (HogQLQueryResponse: `results`, one row per URL)."""
+        rows = body.get("results") if isinstance(body, dict) else None
+        if not isinstance(rows, list) or not all(isinstance(r, list) and r for r in rows):
+            raise MetadataError(f"{self.name}: the visited URLs query answered no results rows")
+        if body.get("hasMore") or len(rows) >= 10_000:  # the query's LIMIT: a rule could
+            # miss the URLs not read, so the metadata is not known
+            raise MetadataError(f"{self.name}: at least {len(rows)} visited URLs, not all read")
+        return tuple(r[0] for r in rows if isinstance(r[0], str) and r[0])
+
     def headers(self) -> dict[str, str]:
         out = {"Accept": "application/json"}
         if self.settings.token is not None:
@@ -104,7 +128,7 @@ Read = tuple[str | None, str | None, tuple[str, ...], dict[str, Any]]
 def _posthog(body: dict[str, Any], subject: str) -> Read:
     # SessionRecordingSerializer (posthog/session_recordings/session_recording_api.py
     # @004ffdf6): distinct_id, start_url, person (MinimalPersonSerializer: id, distinct_ids,
-    # properties). The answer names no visited URLs beyond the start URL.
+    # properties). The answer names no visited URLs beyond the start URL: `urls_query`.
     person = _obj(body.get("person"))
     props = _obj(person.get("properties"))
     ids = {
@@ -114,6 +138,13 @@ def _posthog(body: dict[str, Any], subject: str) -> Read:
     }
     start = _str(body.get("start_url"))
     return ids[subject], start, (), dict(props)
+
+
+def _demo(body: dict[str, Any], subject: str) -> Read:
+    # The demo app answers as PostHog does, and adds the pages its recording visited.
+    found, start, _, props = _posthog(body, subject)
+    urls = tuple(u for u in body.get("visited_urls") or () if isinstance(u, str))
+    return found, start, urls, props
 
 
 def _sentry(body: dict[str, Any], subject: str) -> Read:
@@ -149,12 +180,16 @@ def _openreplay(body: dict[str, Any], subject: str) -> Read:
     return ids[subject], None, (), props
 
 
-_READERS = {"posthog": _posthog, "demo": _posthog, "sentry": _sentry, "openreplay": _openreplay}
+_READERS = {"posthog": _posthog, "demo": _demo, "sentry": _sentry, "openreplay": _openreplay}
 
 # The recording scope of each tool's preset, and the API path that describes it.
 _POSTHOG = (
     r"recording:(?P<owner>[^/]+)/(?P<id>.+)",
     "/api/projects/{owner}/session_recordings/{id}",
+)
+_POSTHOG_URLS = (
+    "SELECT DISTINCT url FROM (SELECT arrayJoin(all_urls) AS url FROM raw_session_replay_events"
+    " WHERE session_id = {session_id}) WHERE url != '' LIMIT 10000"
 )
 _ROUTES = {
     "posthog": _POSTHOG,

@@ -15,6 +15,8 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import aiohttp
 from redis.asyncio import Redis
@@ -27,6 +29,7 @@ log = logging.getLogger("jitgate.metadata")
 # Lookup: the metadata, or None with the reason it is not known.
 Lookup = tuple[Metadata | None, str | None]
 _MEMORY_MAX = 10_000
+_LIST_FETCH = 32  # background fetches one list starts at most
 
 
 class MetadataCache:
@@ -85,6 +88,42 @@ class MetadataCache:
             task.add_done_callback(lambda _: self._fetching.pop(scope, None))
         return task
 
+    async def cached(
+        self, scopes: list[str], fetch: int = _LIST_FETCH
+    ) -> dict[str, Metadata | None]:
+        """What is already known of each recording of `scopes` (only those of this tool), from
+        memory, else from Redis in one round trip; None where nothing is known yet, or Redis
+        cannot say. Never waits for the tool: for up to `fetch` of the unknown ones a
+        background fetch starts, so that they are known next time."""
+        mine = [s for s in dict.fromkeys(scopes) if self.applies(s)]
+        found: dict[str, Metadata | None] = {s: self.known(s) for s in mine}
+        missing = [s for s, meta in found.items() if meta is None]
+        if missing:
+            try:
+                raws = await self.redis.mget([self.key_prefix + s for s in missing])
+            except Exception as exc:  # unknown, then: the caller fails closed
+                log.warning("metadata: cannot read %d entries from Redis: %r", len(missing), exc)
+                raws = [None] * len(missing)
+            for scope, raw in zip(missing, raws, strict=True):
+                found[scope] = self._parse(scope, raw)
+        unknown = [s for s, meta in found.items() if meta is None]
+        for scope in unknown[:fetch]:
+            self.prefetch(scope)
+        return found
+
+    def _parse(self, scope: str, raw: bytes | str | None) -> Metadata | None:
+        if raw is None:
+            return None
+        try:
+            meta = Metadata.from_json(json.loads(raw))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("metadata: bad entry for %s in Redis: %r", scope, exc)
+            return None
+        if time.time() - meta.fetched_at >= self.ttl:
+            return None
+        self.counted("redis")
+        return self._keep(meta)
+
     async def lookup(self, scope: str, wait: float | None = None) -> Lookup:
         """Return a recording's metadata, waiting at most `wait` seconds (None: the fetch)."""
         meta = self.known(scope)
@@ -131,19 +170,28 @@ class MetadataCache:
     async def _fetch(self, scope: str) -> Metadata:
         path = self.adapter.target(scope)
         assert path is not None
+        meta = self.adapter.read(scope, await self._ask(scope, path, None))
+        urls = self.adapter.urls_query(scope)
+        if urls is None:
+            return meta
+        visited = self.adapter.read_urls(await self._ask(scope, *urls))
+        return replace(meta, urls=tuple(dict.fromkeys((*meta.urls, *visited))))
+
+    async def _ask(self, scope: str, path: str, query: dict[str, Any] | None) -> Any:
+        """GET `path` (or POST the JSON `query` to it) and return the JSON answer."""
         url = self.base_url.with_path(self.base_url.path.rstrip("/") + path, encoded=True)
         name = self.adapter.name
         try:
-            async with self.http.get(
-                url, headers=self.adapter.headers(), timeout=self.timeout, allow_redirects=False
-            ) as resp:
+            async with self.http.request(
+                "GET" if query is None else "POST", url, json=query,
+                headers=self.adapter.headers(), timeout=self.timeout, allow_redirects=False,
+            ) as resp:  # fmt: skip
                 if resp.status != 200:
                     raise MetadataError(f"{name} answered {resp.status} for {scope}'s metadata")
-                body = await resp.json(content_type=None)
+                return await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             why = str(exc) or type(exc).__name__
             raise MetadataError(f"cannot fetch {scope}'s metadata from {name}: {why}") from None
-        return self.adapter.read(scope, body)
 
     def _keep(self, meta: Metadata) -> Metadata:
         self._memory[meta.scope] = meta

@@ -1,7 +1,8 @@
 // Demo Replay: mark the recordings the viewer may not open, as the list API says.
 // Behind jitgate with `lists: annotate`, each such recording in the API's list carries
 // {"jitgate": {"locked": true, "scope": ..., "request_url": ...}}: its row gets a lock and
-// a link to request access. A recording missing from the list (`lists: filter`) loses its
+// a link to request access; a "reason" (a sensitivity rule's, or "metadata unknown") is
+// shown under it. A recording missing from the list (`lists: filter`) loses its
 // row. Without jitgate, or if the list cannot be read, the page stays as it is.
 (function () {
   "use strict";
@@ -27,11 +28,18 @@
     icon.appendChild(shackle);
     var badge = document.createElement("span");
     badge.className = "lock";
-    badge.title = marker.scope ? "No access to " + marker.scope : "No access";
+    badge.title = marker.reason || (marker.scope ? "No access to " + marker.scope : "No access");
     badge.appendChild(icon);
     badge.appendChild(document.createTextNode("Locked"));
     cell.appendChild(document.createElement("br"));
     cell.appendChild(badge);
+    if (marker.reason) {
+      var why = document.createElement("span");
+      why.className = "lock-reason";
+      why.textContent = marker.reason;
+      cell.appendChild(document.createTextNode(" "));
+      cell.appendChild(why);
+    }
     if (marker.request_url) {
       var link = document.createElement("a");
       link.className = "request";
