@@ -224,8 +224,9 @@ def count_round_trips(client: Any) -> list[object]:
 
 def make_token(sub: str = "alice", *, groups: list[str] | None = None, **claims: Any) -> str:
     now = int(time.time())
+    # Valid for longer than the whole suite runs: some modules mint theirs at import.
     payload: dict[str, Any] = {
-        "sub": sub, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 600,
+        "sub": sub, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 4 * 3600,
     }  # fmt: skip
     if groups:
         payload["groups"] = groups
