@@ -20,9 +20,9 @@ soak policy whose grants last 10 to 30 seconds. Then:
    errors (an exception, or a status other than 200 and 403); and the decisions that differ
    from the expected ones. The script knows which grants exist: a request is expected to
    get 200 if a grant for its (user, recording) was active when it was sent, else 403. A
-   request in flight while that grant changed (from the moment the change was asked for
-   until `--slack` after it was answered, or within `--slack` of its expiry) is ambiguous
-   and counted apart, not judged.
+   request in flight while that grant changed (from the moment the change was asked for,
+   while it is under way and until `--slack` after it was answered, or within `--slack` of
+   its expiry) is ambiguous and counted apart, not judged.
 
 It prints one line, `soak: ... PASS|FAIL`, writes the figures to .jitgate/soak-latest.json
 and exits 1 if a target is missed: RSS growth over 10%, more than 5 descriptors more than at
@@ -100,10 +100,13 @@ class Key:
     grant: str | None = None  # the grant in force, if any
     until: float = 0.0  # when it expires
     busy: bool = False  # a change is under way
+    changing: float | None = None  # when the change under way was asked for
     events: list[tuple[float, str]] = field(default_factory=list)  # what happened when
 
     def expected(self, sent: float, answered: float) -> bool | None:
         """200 expected (True), 403 (False), or None when the grant changed meanwhile."""
+        if self.changing is not None and self.changing <= answered:
+            return None  # a change was asked for and is not answered yet
         if any(a <= answered and sent <= b for a, b in self.unsure):
             return None
         return any(a <= sent < b for a, b in self.active)
@@ -206,7 +209,7 @@ class Soak:
     async def grant(self, http: aiohttp.ClientSession, user: str, rec: str) -> None:
         key = self.keys[(user, rec)]
         ttl = random.choice(DURATIONS)
-        asked = time.monotonic()
+        asked = key.changing = time.monotonic()
         key.events.append((asked, f"grant asked for {ttl} s"))
         body = {"scope": scope_of(rec), "reason": "soak", "duration": f"{ttl}s"}
         async with http.post(
@@ -215,12 +218,10 @@ class Soak:
             data = await resp.json()
             if resp.status != 201 or data.get("state") != "active":
                 self.tally.error(f"grant request {resp.status}")
-                key.unsure.append((asked, time.monotonic() + self.args.slack))
                 return
         answered = time.monotonic()
         left = float(data["expires_at"]) - time.time()  # wall clock, as the API gives it
         key.grant, key.until = str(data["id"]), answered + left
-        key.unsure.append((asked, answered + self.args.slack))
         key.unsure.append((key.until - self.args.slack, key.until + self.args.slack))
         key.active.append((answered, key.until))
         key.events += [(answered, "grant active"), (key.until, "grant expires")]
@@ -228,14 +229,12 @@ class Soak:
 
     async def revoke(self, http: aiohttp.ClientSession, user: str, rec: str) -> None:
         key = self.keys[(user, rec)]
-        asked = time.monotonic()
+        asked = key.changing = time.monotonic()
         key.events.append((asked, "revoke asked"))
         url = f"{self.base}/_jit/api/grants/{key.grant}/revoke"
         async with http.post(url, json={"comment": "soak"}, headers=self.auth(ADMIN)) as resp:
             await resp.read()
-            answered = time.monotonic()
-            key.unsure.append((asked, answered + self.args.slack))
-            key.events.append((answered, f"revoke answered {resp.status}"))
+            key.events.append((time.monotonic(), f"revoke answered {resp.status}"))
             if resp.status != 200:
                 self.tally.error(f"revoke {resp.status}")
                 return
@@ -264,7 +263,9 @@ class Soak:
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as exc:
                 self.tally.error(f"churn {type(exc).__name__}")
             finally:
-                key.busy = False
+                if key.changing is not None:  # done, or failed: in doubt until `slack` after
+                    key.unsure.append((key.changing, time.monotonic() + self.args.slack))
+                key.busy, key.changing = False, None
 
 
 def sample(pid: int) -> tuple[int, int]:
