@@ -48,19 +48,13 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
     loadgen, redis_bin, loadavg = run.start(args, procs)
     up_port, jit_port, redis_port = run.free_ports(3)
     upstream_url = f"http://{HOST}:{up_port}"
-    (tmp / "redis").mkdir()
-    redis = procs.start(
-        "redis",
-        [redis_bin, "--port", str(redis_port), "--bind", HOST, "--save", "",
-         "--appendonly", "no", "--dir", str(tmp / "redis")],
-    )  # fmt: skip
+    run.start_redis(procs, tmp, redis_bin, redis_port)
     # The upstream only serves the issuer's JWKS here: forward-auth never forwards.
     www = tmp / "www"
     run.write_www(www)
     key = run.make_key(www)
     upstream_kind = run.start_upstream(args.upstream, procs, tmp, www, up_port)
     upstream = procs.servers[-1]
-    run.wait_redis(redis, redis_port)
     run.wait_http(upstream, f"{upstream_url}/healthz")
     cfg = run.write_config(
         tmp, port=jit_port, upstream_url=upstream_url, redis_port=redis_port, audit=args.audit

@@ -208,18 +208,12 @@ def start(args: argparse.Namespace, tmp: Path, procs: bench.Processes) -> dict[s
         raise bench.BenchError("redis-server is missing (apt-get install redis-server)")
     up_port, a_port, b_port, redis_port = bench.free_ports(4)
     upstream_url = f"http://{bench.HOST}:{up_port}"
-    (tmp / "redis").mkdir()
-    redis = procs.start(
-        "redis",
-        [redis_bin, "--port", str(redis_port), "--bind", bench.HOST, "--save", "",
-         "--appendonly", "no", "--dir", str(tmp / "redis")],
-    )  # fmt: skip
+    bench.start_redis(procs, tmp, redis_bin, redis_port)
     www = tmp / "www"
     bench.write_www(www)
     key = bench.make_key(www)
     bench.start_upstream("aiohttp", procs, tmp, www, up_port)
     upstream = procs.servers[-1]
-    bench.wait_redis(redis, redis_port)
     bench.wait_http(upstream, f"{upstream_url}/healthz")
     replicas = {}
     for name, port in (("A", a_port), ("B", b_port)):

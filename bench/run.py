@@ -238,6 +238,18 @@ def redis_command(port: int, *args: str) -> bytes:
         return s.recv(4096).split(b"\r\n", 1)[0]
 
 
+def start_redis(procs: Processes, tmp: Path, redis_bin: str, port: int) -> Server:
+    """A bench's own redis-server, keeping nothing on disk; returns once it answers PING."""
+    (tmp / "redis").mkdir()
+    redis = procs.start(
+        "redis",
+        [redis_bin, "--port", str(port), "--bind", HOST, "--save", "",
+         "--appendonly", "no", "--dir", str(tmp / "redis")],
+    )  # fmt: skip
+    wait_redis(redis, port)
+    return redis
+
+
 # --- load generators -------------------------------------------------------------------
 
 
@@ -917,13 +929,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
     upstream_url = f"http://{HOST}:{up_port}"
     log(f"bench: temp dir {tmp}, load generator {loadgen.name}")
 
-    redis_dir = tmp / "redis"
-    redis_dir.mkdir()
-    redis = procs.start(
-        "redis",
-        [redis_bin, "--port", str(redis_port), "--bind", HOST, "--save", "",
-         "--appendonly", "no", "--dir", str(redis_dir)],
-    )  # fmt: skip
+    redis = start_redis(procs, tmp, redis_bin, redis_port)
     www = tmp / "www"
     want = write_www(www)
     key = make_key(www)
@@ -939,7 +945,6 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, An
         [sys.executable, str(BENCH / "naive.py"), "--port", str(naive_port),
          "--upstream", upstream_url, "--redis-port", str(redis_port), "--secret", SECRET],
     )  # fmt: skip
-    wait_redis(redis, redis_port)
     wait_http(upstream, f"{upstream_url}/healthz")  # jitgate fetches its keys at start
     cfg = write_config(
         tmp,

@@ -50,17 +50,11 @@ def bench(args: argparse.Namespace, tmp: Path, procs: run.Processes) -> dict[str
     loadgen, redis_bin, loadavg = run.start(args, procs)
     up_port, one_port, many_port, redis_port = run.free_ports(4)
     upstream_url = f"http://{run.HOST}:{up_port}"
-    (tmp / "redis").mkdir()
-    redis = procs.start(
-        "redis",
-        [redis_bin, "--port", str(redis_port), "--bind", run.HOST, "--save", "",
-         "--appendonly", "no", "--dir", str(tmp / "redis")],
-    )  # fmt: skip
+    run.start_redis(procs, tmp, redis_bin, redis_port)
     www = tmp / "www"
     want = run.write_www(www)
     key = run.make_key(www)
     upstream_kind = run.start_upstream(args.upstream, procs, tmp, www, up_port)
-    run.wait_redis(redis, redis_port)
     run.wait_http(procs.servers[-1], f"{upstream_url}/healthz")
 
     configs = {}

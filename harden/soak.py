@@ -422,12 +422,7 @@ def start(args: argparse.Namespace, tmp: Path, procs: Any) -> dict[str, Any]:
     redis_bin = bench.start(argparse.Namespace(loadgen="python", connections=1), procs)[1]
     up_port, jit_port, redis_port = bench.free_ports(3)
     upstream_url = f"http://{bench.HOST}:{up_port}"
-    (tmp / "redis").mkdir()
-    redis = procs.start(
-        "redis",
-        [redis_bin, "--port", str(redis_port), "--bind", bench.HOST, "--save", "",
-         "--appendonly", "no", "--dir", str(tmp / "redis")],
-    )  # fmt: skip
+    bench.start_redis(procs, tmp, redis_bin, redis_port)
     www = tmp / "www"
     body = bench.upstream_app.snapshot_body()
     for rec in RECORDINGS:
@@ -437,7 +432,6 @@ def start(args: argparse.Namespace, tmp: Path, procs: Any) -> dict[str, Any]:
     (www / "healthz").write_text("ok\n")
     key = bench.make_key(www)
     upstream_kind = bench.start_upstream(args.upstream, procs, tmp, www, up_port)
-    bench.wait_redis(redis, redis_port)
     bench.wait_http(procs.servers[-1], f"{upstream_url}/healthz")
     cfg = bench.write_config(tmp, port=jit_port, upstream_url=upstream_url, redis_port=redis_port)
     (tmp / "policy.yaml").write_text(POLICY)

@@ -246,12 +246,7 @@ class Forwarder:
             try:
                 if end == "eof":
                     body = b"".join(held)
-                    if isinstance(rewrite, AsyncBodyRewrite):
-                        changed = await rewrite.rewrite(headers, body)
-                    elif len(body) > _REWRITE_INLINE_MAX:
-                        changed = await asyncio.to_thread(rewrite.apply, headers, body)
-                    else:
-                        changed = rewrite.apply(headers, body)
+                    changed = await apply_rewrite(rewrite, headers, body)
                     if changed is not None:
                         headers, body = changed
                     held = [body]
@@ -485,6 +480,17 @@ class Forwarder:
             raise exc
         response = failure_response(request, status, kind, text)
         return response, Outcome(status, response.content_length or 0, kind, text)
+
+
+async def apply_rewrite(
+    rewrite: BodyRewrite | AsyncBodyRewrite, headers: CIMultiDict[str], body: bytes
+) -> tuple[CIMultiDict[str], bytes] | None:
+    """One rewrite of a whole body: awaited, or run in a thread when the body is large."""
+    if isinstance(rewrite, AsyncBodyRewrite):
+        return await rewrite.rewrite(headers, body)
+    if len(body) > _REWRITE_INLINE_MAX:
+        return await asyncio.to_thread(rewrite.apply, headers, body)
+    return rewrite.apply(headers, body)
 
 
 def _is_websocket(request: web.Request) -> bool:

@@ -7,13 +7,9 @@ which holds the body for those that want the response and applies them in the or
 
 from __future__ import annotations
 
-import asyncio
-
 from multidict import CIMultiDict, MultiMapping
 
-from .forward import AsyncBodyRewrite, BodyRewrite
-
-_INLINE_MAX = 256 * 1024  # a larger body goes through a synchronous rewrite in a thread
+from .forward import AsyncBodyRewrite, BodyRewrite, apply_rewrite
 
 
 class Rewrites:
@@ -44,12 +40,7 @@ class Rewrites:
     ) -> tuple[CIMultiDict[str], bytes] | None:
         changed = False
         for part in self.wanted:
-            if isinstance(part, AsyncBodyRewrite):
-                out = await part.rewrite(headers, body)
-            elif len(body) > _INLINE_MAX:
-                out = await asyncio.to_thread(part.apply, headers, body)
-            else:
-                out = part.apply(headers, body)
+            out = await apply_rewrite(part, headers, body)
             if out is not None:
                 (headers, body), changed = out, True
         return (headers, body) if changed else None
