@@ -15,9 +15,11 @@ soak policy whose grants last 10 to 30 seconds. Then:
    grants are requested through the API (auto-approved, 10 s, 20 s or 30 s), revoked by an
    admin through the API, or left to expire in Redis; the policy file is rewritten every
    `--reload` seconds and the script waits until jitgate runs the new version.
-3. **The figures:** jitgate's resident memory (VmRSS) and open file descriptors, sampled
-   every 5 s, from the end of the first tenth of the run (the baseline) to the end; the
-   errors (an exception, or a status other than 200 and 403); and the decisions that differ
+3. **The figures:** jitgate's resident memory (VmRSS), sampled every 5 s, from the end
+   of the first tenth of the run (the baseline) to the end; its open file descriptors when
+   idle, after the maximum-rate probe and after the soak, not counting its pooled
+   connections to the upstream and Redis (a pool keeps as many as were once in use at the
+   same time, up to its configured size, so they say nothing of a leak); the errors (an exception, or a status other than 200 and 403); and the decisions that differ
    from the expected ones. The script knows which grants exist: a request is expected to
    get 200 if a grant for its (user, recording) was active when it was sent, else 403. A
    request in flight while that grant changed (from the moment the change was asked for,
@@ -25,8 +27,8 @@ soak policy whose grants last 10 to 30 seconds. Then:
    its expiry) is ambiguous and counted apart, not judged.
 
 It prints one line, `soak: ... PASS|FAIL`, writes the figures to .jitgate/soak-latest.json
-and exits 1 if a target is missed: RSS growth over 10%, more than 5 descriptors more than at
-the baseline, any error, any wrong decision, or a reload that was not picked up.
+and exits 1 if a target is missed: RSS growth over 10%, more than 5 idle descriptors more
+after than before, any error, any wrong decision, or a reload that was not picked up.
 """
 
 from __future__ import annotations
@@ -277,10 +279,42 @@ def sample(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def quiet_fds(pid: int) -> int:
-    """jitgate's open descriptors a moment after the client has closed its connections."""
+async def counters(base: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The named counters of jitgate's metrics, each summed over its labels."""
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/_jit/metrics") as resp:
+        text = await resp.text()
+    out = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def pooled(pid: int, ports: tuple[int, ...]) -> int:
+    """jitgate's sockets to `ports` (the upstream's and Redis's): kept by its pools, which
+    hold as many as were once in use at the same time, up to their configured sizes."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = 0
+    for table in ("tcp", "tcp6"):
+        with suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                found += fields[9] in inodes and remote_port in ports
+    return found
+
+
+async def quiet_fds(pid: int, ports: tuple[int, ...]) -> int:
+    """jitgate's open descriptors a moment after the client has closed its connections,
+    not counting the pools' connections to `ports`."""
     await asyncio.sleep(1.0)
-    return sample(pid)[1]
+    return sample(pid)[1] - pooled(pid, ports)
 
 
 async def reloads(
@@ -307,7 +341,12 @@ async def reloads(
 
 
 async def soak(
-    args: argparse.Namespace, pid: int, base: str, tokens: dict[str, str], policy: Path
+    args: argparse.Namespace,
+    pid: int,
+    base: str,
+    tokens: dict[str, str],
+    policy: Path,
+    ports: tuple[int, ...],
 ) -> dict[str, Any]:
     runner = Soak(args, base, tokens)
 
@@ -320,7 +359,7 @@ async def soak(
         max_rate = await runner.closed_loop(http, args.probe)
         runner.stop = True
         await churn
-    fds_before = await quiet_fds(pid)
+    fds_before = await quiet_fds(pid, ports)
     runner.stop, runner.tally = False, Tally()
     rate = max_rate * args.load
     seconds = args.minutes * 60
@@ -348,7 +387,10 @@ async def soak(
         asked, taken = await reloader
         await watcher
         await churn
-    fds_after = await quiet_fds(pid)
+    fds_after = await quiet_fds(pid, ports)
+    redis_trouble = await counters(
+        base, ("jitgate_redis_breaker_trips_total", "jitgate_redis_errors_total")
+    )
     samples.append((time.monotonic(), *sample(pid)))
     base_at = started + seconds / 10
     baseline = next((s for s in samples if s[0] >= base_at), samples[-1])
@@ -371,6 +413,7 @@ async def soak(
         "wrong_first": t.wrong[:5],
         "errors": sum(t.errors.values()),
         "error_kinds": t.errors,
+        "redis_trouble": redis_trouble,  # breaker trips and failed Redis operations
         "grants": runner.grant_events,
         "reloads": {"asked": asked, "taken": taken},
         "rss_kib": {
@@ -391,7 +434,12 @@ def verdict(r: dict[str, Any]) -> list[str]:
     if r["fds"]["after"] - r["fds"]["before"] > FD_GROWTH_MAX:
         missed.append(f"descriptors {r['fds']['before']} -> {r['fds']['after']} when idle")
     if r["errors"]:
-        missed.append(f"{r['errors']} errors {r['error_kinds']}")
+        trouble = r["redis_trouble"]
+        missed.append(
+            f"{r['errors']} errors {r['error_kinds']} "
+            f"({trouble['jitgate_redis_breaker_trips_total']:g} breaker trips, "
+            f"{trouble['jitgate_redis_errors_total']:g} failed Redis operations)"
+        )
     if r["wrong"]:
         missed.append(
             f"{r['wrong']} wrong decisions ({r['wrong_allowed']} allowed without a grant)"
@@ -448,6 +496,7 @@ def start(args: argparse.Namespace, tmp: Path, procs: Any) -> dict[str, Any]:
     tokens = {u: bench.mint(key, hours, sub=u) for u in [*USERS, ADMIN]}
     return {
         "pid": jitgate.proc.pid,
+        "ports": (up_port, redis_port),
         "base": base,
         "tokens": tokens,
         "log": jitgate.log_file,
@@ -486,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
         procs = bench.Processes(tmp)
         try:
             ctx = start(args, tmp, procs)
-            report = asyncio.run(soak(args, ctx["pid"], ctx["base"], ctx["tokens"], ctx["policy"]))
+            report = asyncio.run(
+                soak(args, ctx["pid"], ctx["base"], ctx["tokens"], ctx["policy"], ctx["ports"])
+            )
             report["log_errors"] = log_errors(ctx["log"])
             report["upstream"] = ctx["upstream"]
             report["code"] = bench.code_revision()
