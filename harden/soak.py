@@ -19,8 +19,9 @@ soak policy whose grants last 10 to 30 seconds. Then:
    of the first tenth of the run (the baseline) to the end; its open file descriptors when
    idle, after the maximum-rate probe and after the soak, not counting its pooled
    connections to the upstream and Redis (a pool keeps as many as were once in use at the
-   same time, up to its configured size, so they say nothing of a leak); the errors (an exception, or a status other than 200 and 403); and the decisions that differ
-   from the expected ones. The script knows which grants exist: a request is expected to
+   same time, up to its configured size, so they say nothing of a leak); the errors (an
+   exception, or a status other than 200 and 403); and the decisions that differ from the
+   expected ones. The script knows which grants exist: a request is expected to
    get 200 if a grant for its (user, recording) was active when it was sent, else 403. A
    request in flight while that grant changed (from the moment the change was asked for,
    while it is under way and until `--slack` after it was answered, or within `--slack` of
