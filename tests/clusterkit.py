@@ -99,7 +99,7 @@ class ClusterKit:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         for port in self.ports:
-            eventually_sync(lambda p=port: self._ping(p), within=10, what=f"node {port}")
+            eventually_sync(lambda p=port: self._ping(p), within=30, what=f"node {port}")
         subprocess.run(
             [binary("redis-cli"), *(["--tls", "--cacert", str(self.ca_file)] if tls else []),
              "--cluster", "create", *self.addresses,
