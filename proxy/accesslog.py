@@ -132,6 +132,7 @@ class AccessLog:
             grant_id=decision.grant_id,
             decision=decision.outcome,
             reasons=reasons,
+            reason_code=decision.reason_code,
             route=decision.route,
             method=method or request.method,
             path=path,

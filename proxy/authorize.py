@@ -8,7 +8,7 @@ from typing import Any
 
 from .bodyrules import BadBody, BodyTooLarge
 from .grants import GrantChecker
-from .identity import Caller, Identity
+from .identity import NOBODY, Caller, Identity
 from .policy import Access, Blobs, Match, Policy
 from .sensitivity import Rule, matching
 
@@ -36,6 +36,7 @@ class Decision:
     policy_version: str = ""  # the policy that decided: a reload mid-request changes nothing
     recording: str | None = None  # the recording `scope` names, if it names one
     blobs: Blobs | None = None  # allowed: the response's presigned URLs to rewrite (blobs.py)
+    reason_code: str | None = None  # unauthenticated: why, as a stable word (docs/identity.md)
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,9 @@ class Authorizer:
         if match.invalid is not None:
             return self._invalid(match)
         if match.access is Access.PUBLIC or match.access is Access.BLOCKED:
-            return self._decide(None, None, match, "no credentials")
+            return self._decide(None, None, match, NOBODY)
         who = await caller()
-        return await self._decide_with_grants(who.identity, who.source, match, who.reason)
+        return await self._decide_with_grants(who.identity, who.source, match, who)
 
     async def decide_for(
         self,
@@ -84,7 +85,7 @@ class Authorizer:
         method: str,
         path: str,
         *,
-        no_identity_reason: str = "no credentials",
+        nobody: Caller = NOBODY,
         query: str = "",
         body: bytes | None = None,
     ) -> Decision:
@@ -97,7 +98,7 @@ class Authorizer:
             match = replace(match, note=note)
         if match.invalid is not None:
             return self._invalid(match)
-        return await self._decide_with_grants(ident, None, match, no_identity_reason)
+        return await self._decide_with_grants(ident, None, match, nobody)
 
     async def _with_body(
         self, match: Match, body: Callable[[], Awaitable[bytes]] | None
@@ -129,9 +130,9 @@ class Authorizer:
         )
 
     def _decide(
-        self, ident: Identity | None, source: str | None, match: Match, no_identity_reason: str
+        self, ident: Identity | None, source: str | None, match: Match, nobody: Caller
     ) -> Decision:
-        """Decide what needs no grant store; a protected route with an identity gets None."""
+        """Decide what needs no grant store; `nobody` says why `ident` is None, if it is."""
         route, access = match.route, match.access
         common: dict[str, Any] = {"source": source, "policy_version": self.policy.version}
         if access is Access.PUBLIC:
@@ -140,16 +141,18 @@ class Authorizer:
             reason = match.note or f"route {route!r} is blocked by policy"
             return Decision(False, 403, "blocked", (reason,), route, access, **common)
         if ident is None:
-            reasons = (no_identity_reason,)
-            return Decision(False, 401, "unauthenticated", reasons, route, access, **common)
+            return Decision(
+                False, 401, "unauthenticated", (nobody.reason,), route, access,
+                reason_code=nobody.code, **common,
+            )  # fmt: skip
         reasons = (f"identity-only route; user {ident.subject}",)
         return Decision(True, 0, "allow", reasons, route, access, identity=ident, **common)
 
     async def _decide_with_grants(
-        self, ident: Identity | None, source: str | None, match: Match, no_identity_reason: str
+        self, ident: Identity | None, source: str | None, match: Match, nobody: Caller
     ) -> Decision:
         if match.access is not Access.PROTECTED or ident is None:
-            return self._decide(ident, source, match, no_identity_reason)
+            return self._decide(ident, source, match, nobody)
         route, access, scope = match.route, match.access, match.scope
         assert scope is not None
         wider = match.scopes[1:]

@@ -236,6 +236,8 @@ class ForwardAuth:
             503: "unavailable",
         }.get(decision.status, "refused")
         payload: dict[str, Any] = {"error": error, "reasons": list(decision.reasons)}
+        if decision.reason_code:
+            payload["reason_code"] = decision.reason_code
         if decision.scope:
             payload["scope"] = decision.scope
         location = None

@@ -6,7 +6,8 @@ whose keys a real key server publishes (tests/jwtkit.py, RS256). An attacker's k
 offers its own keys and must never be contacted. Every attack is sent as a bearer token
 to its own protected path (the recording id is the attack's name), so its audit record
 can be found: each must be answered 401, reach nothing upstream, and leave an
-`unauthenticated` record whose reasons carry the attack's reason. A control token of the
+`unauthenticated` record whose reasons carry the attack's reason and whose `reason_code`
+is the attack's code, the same code as the JSON refusal's. A control token of the
 same issuer, under a grant, gets 200 first. Then a burst of made-up kids: every one is
 refused while the key server sees at most one more JWKS fetch.
 """
@@ -93,55 +94,63 @@ def _exp_past(c: Ctx) -> str:
     return by_issuer(c, iat=now - 900, exp=now - 600)
 
 
-# (name, token builder, the reason the refusal and its audit record must give)
-ATTACKS: list[tuple[str, Callable[[Ctx], str], str]] = [
+# (name, token builder, and the reason and reason code that the refusal and its audit
+# record must give)
+ATTACKS: list[tuple[str, Callable[[Ctx], str], str, str]] = [
     ("alg-none", lambda c: unsigned({"alg": "none", "kid": KID}, c.claims()) + ".",
-     "algorithm none not allowed"),
+     "algorithm none not allowed", "alg_none"),
     ("alg-none-local", lambda c: unsigned({"alg": "none"}, c.local_claims()) + ".",
-     "token algorithm 'none' is not allowed"),
+     "token algorithm 'none' is not allowed", "alg_none"),
+    ("alg-missing", lambda c: unsigned({"kid": KID}, c.claims()) + ".",
+     "token names no algorithm", "alg_missing"),
+    ("crit-extension", lambda c: by_attacker({"kid": KID, "crit": ["b64"], "b64": False},
+                                             c.claims()),
+     "critical header extensions not supported", "crit_unsupported"),
     ("alg-NoNe", lambda c: unsigned({"alg": "NoNe", "kid": KID}, c.claims()) + ".",
-     "algorithm none not allowed"),
+     "algorithm none not allowed", "alg_none"),
     ("hs256-keyed-with-rs-public-key", lambda c: hmac_signed({"kid": KID}, c.claims(), c.pem),
-     "algorithm HS256 not allowed for issuer"),
+     "algorithm HS256 not allowed for issuer", "alg_not_allowed"),
     ("hs256-rs-key-as-local-issuer", lambda c: hmac_signed({}, c.local_claims(), c.pem),
-     "token signature does not verify"),
+     "token signature does not verify", "signature_invalid"),
     ("rs256-attacker-key-real-kid", lambda c: by_attacker({"kid": KID}, c.claims()),
-     "signature does not verify"),
+     "signature does not verify", "signature_invalid"),
     ("kid-path", lambda c: by_attacker({"kid": "../../../../etc/passwd"}, c.claims()),
-     "kid is not a plain key id"),
+     "kid is not a plain key id", "kid_invalid"),
     ("kid-dev-null", lambda c: by_attacker({"kid": "/dev/null"}, c.claims()),
-     "kid is not a plain key id"),
+     "kid is not a plain key id", "kid_invalid"),
     ("kid-sql", lambda c: by_attacker({"kid": "x' UNION SELECT 'key'--"}, c.claims()),
-     "kid is not a plain key id"),
+     "kid is not a plain key id", "kid_invalid"),
     ("kid-sql-or", lambda c: by_attacker({"kid": "1' OR '1'='1"}, c.claims()),
-     "kid is not a plain key id"),
+     "kid is not a plain key id", "kid_invalid"),
     ("kid-not-a-string", lambda c: by_attacker({"kid": {"$ne": None}}, c.claims()),
-     "kid is not a string"),
+     "kid is not a string", "kid_invalid"),
     ("jku-ignored", lambda c: by_attacker(
         {"kid": "attacker-1", "jku": c.attacker.jwks_uri}, c.claims()),
-     "unknown kid 'attacker-1'"),
+     "unknown kid 'attacker-1'", "kid_unknown"),
     ("x5u-ignored", lambda c: by_attacker(
         {"kid": KID, "x5u": f"{c.attacker.url}/cert.pem"}, c.claims()),
-     "signature does not verify"),
+     "signature does not verify", "signature_invalid"),
     ("jwk-embedded-ignored", lambda c: by_attacker(
         {"kid": KID, "jwk": public_jwk(ATTACKER_KEY, KID)}, c.claims()),
-     "signature does not verify"),
-    ("expired", _exp_past, "token expired"),
+     "signature does not verify", "signature_invalid"),
+    ("expired", _exp_past, "token expired", "token_expired"),
     ("nbf-in-the-future", lambda c: by_issuer(c, nbf=int(time.time()) + 600),
-     "not yet valid (nbf)"),
+     "not yet valid (nbf)", "token_not_yet_valid"),
     ("wrong-iss", lambda c: by_attacker({"kid": KID}, c.claims(iss="https://evil.example")),
-     "unknown issuer https://evil.example"),
-    ("wrong-aud", lambda c: by_issuer(c, aud="someone-else"), "audience not accepted"),
-    ("local-aud-for-jwks-issuer", lambda c: by_issuer(c, aud=AUDIENCE), "audience not accepted"),
+     "unknown issuer https://evil.example", "issuer_unknown"),
+    ("wrong-aud", lambda c: by_issuer(c, aud="someone-else"),
+     "audience not accepted", "audience_invalid"),
+    ("local-aud-for-jwks-issuer", lambda c: by_issuer(c, aud=AUDIENCE),
+     "audience not accepted", "audience_invalid"),
     ("wrong-aud-local", lambda c: make_token("mallory", aud="someone-else"),
-     "token audience not accepted"),
+     "token audience not accepted", "audience_invalid"),
     ("expired-local", lambda c: make_token("mallory", exp=int(time.time()) - 600),
-     "token expired"),
+     "token expired", "token_expired"),
     # Over identity.max_token_bytes (4096 here), under the 8 KB header line limit.
-    ("huge-token", lambda c: by_issuer(c, pad="x" * 3500), "token too large"),
-    ("nested-jwt-in-none", lambda c: nested(c, "none"), "malformed token"),
-    ("nested-jwt-signed", lambda c: nested(c, "RS256"), "malformed token"),
-    ("jwe-shaped", lambda c: "e30.e30.e30.e30.e30", "malformed token"),
+    ("huge-token", lambda c: by_issuer(c, pad="x" * 3500), "token too large", "token_too_large"),
+    ("nested-jwt-in-none", lambda c: nested(c, "none"), "malformed token", "token_malformed"),
+    ("nested-jwt-signed", lambda c: nested(c, "RS256"), "malformed token", "token_malformed"),
+    ("jwe-shaped", lambda c: "e30.e30.e30.e30.e30", "malformed token", "token_malformed"),
 ]  # fmt: skip
 
 
@@ -155,10 +164,17 @@ class Outcome:
     status: int
     reasons: list[str] = field(default_factory=list)  # from the audit record
     expected: str = ""
+    code: str | None = None  # the audit record's reason_code
+    expected_code: str = ""
+    answered_code: str | None = None  # the refusal's own reason_code
 
     @property
     def ok(self) -> bool:
-        return self.status == 401 and any(self.expected in r for r in self.reasons)
+        return (
+            self.status == 401
+            and any(self.expected in r for r in self.reasons)
+            and self.code == self.answered_code == self.expected_code
+        )
 
 
 @dataclass
@@ -174,7 +190,8 @@ class Report:
     @property
     def failures(self) -> list[str]:
         out = [
-            f"{o.name}: status {o.status}, audit reasons {o.reasons}, wanted 401 and {o.expected!r}"
+            f"{o.name}: status {o.status}, audit reasons {o.reasons} and code {o.code!r}, "
+            f"answered code {o.answered_code!r}; wanted 401, {o.expected!r}, {o.expected_code!r}"
             for o in self.outcomes
             if not o.ok
         ]
@@ -194,7 +211,7 @@ class Report:
     def line(self) -> str:
         good = sum(o.ok for o in self.outcomes)
         return (
-            f"{good} of {len(self.outcomes)} attacks refused 401 with their reason audited, "
+            f"{good} of {len(self.outcomes)} attacks refused 401 with reason and code audited, "
             f"control {self.control}, {self.burst_refused} of {self.burst} random kids refused "
             f"with {self.burst_fetches} JWKS fetch(es), attacker contacted "
             f"{self.attacker_requests} times"
@@ -236,13 +253,14 @@ async def counting_upstream() -> AsyncIterator[tuple[str, list[str]]]:
         await server.close()
 
 
-def audit_reasons(path: Path) -> dict[str, list[str]]:
-    """The reasons of each `unauthenticated` decision in an audit file, by path."""
-    out: dict[str, list[str]] = {}
+def audit_reasons(path: Path) -> dict[str, tuple[list[str], str | None]]:
+    """The reasons and reason code of each `unauthenticated` decision in an audit file, by
+    path."""
+    out: dict[str, tuple[list[str], str | None]] = {}
     for line in path.read_text().splitlines():
         record = json.loads(line)
         if record.get("decision") == "unauthenticated":
-            out[record["path"]] = record.get("reasons", [])
+            out[record["path"]] = (record.get("reasons", []), record.get("reason_code"))
     return out
 
 
@@ -271,17 +289,23 @@ async def run(redis_url: str, *, burst: int = 200) -> Report:
             grants = server.app[STATE].grants
             async with aiohttp.ClientSession(str(server.make_url(""))) as http:
 
-                async def status(path: str, token: str) -> int:
-                    headers = {"Authorization": f"Bearer {token}"}
+                async def answer(path: str, token: str) -> tuple[int, str | None]:
+                    """The status, and the reason code of a JSON refusal."""
+                    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
                     async with http.get(path, headers=headers) as r:
-                        await r.read()
-                        return r.status
+                        body = await r.read()
+                    if r.content_type != "application/json":
+                        return r.status, None
+                    return r.status, json.loads(body).get("reason_code")
+
+                async def status(path: str, token: str) -> int:
+                    return (await answer(path, token))[0]
 
                 await grants.add("mallory", "project:1", 300, "harden", "jwtattack")
                 report.control = await status(recording_path("control"), by_issuer(ctx))
-                statuses = {}
-                for name, build, _ in ATTACKS:
-                    statuses[name] = await status(recording_path(name), build(ctx))
+                answers = {}
+                for name, build, _, _ in ATTACKS:
+                    answers[name] = await answer(recording_path(name), build(ctx))
                 # A burst of well-formed, made-up kids, all at once, once a refetch is
                 # allowed again: one fetch answers them all.
                 await asyncio.sleep(max(0.0, started + REFETCH * 1.2 - time.monotonic()))
@@ -297,9 +321,11 @@ async def run(redis_url: str, *, burst: int = 200) -> Report:
         finally:
             await server.close()  # flushes the audit file
         reasons = audit_reasons(tmp / "audit.jsonl")
-        for name, _, expected in ATTACKS:
-            got = reasons.get(recording_path(name), [])
-            report.outcomes.append(Outcome(name, statuses[name], got, expected))
+        for name, _, expected, code in ATTACKS:
+            got, got_code = reasons.get(recording_path(name), ([], None))
+            status, answered = answers[name]
+            outcome = Outcome(name, status, got, expected, got_code, code, answered)
+            report.outcomes.append(outcome)
         report.upstream_hits = len(hits)
         report.attacker_requests = len(attacker.requests)
     return report

@@ -81,7 +81,7 @@ async def test_refusals_say_why_and_where_to_go(authz: TestClient, tmp_path: Pat
     r = await authz.get("/_jit/authz", headers=nginx_style(SNAPSHOTS))
     assert r.status == 401 and "Location" not in r.headers
     body = await r.json()
-    assert body["error"] == "unauthenticated"
+    assert body["error"] == "unauthenticated" and body["reason_code"] == "no_credentials"
     assert body["login_url"] == f"/_jit/login?next={SNAPSHOTS}"
     assert json.loads(r.headers["X-Jitgate-Refusal"]) == body
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
@@ -107,6 +107,8 @@ async def test_refusals_say_why_and_where_to_go(authz: TestClient, tmp_path: Pat
     recs = await records(tmp_path, 6)
     assert [x["status"] for x in recs] == [401, 401, 403, 403, 401, 403]
     assert {x["event"] for x in recs} == {"access.deny"}
+    codes = [x.get("reason_code") for x in recs]
+    assert codes == ["no_credentials", "no_credentials", None, None, "no_credentials", None]
 
 
 async def test_every_identity_header_is_answered_even_empty(authz: TestClient) -> None:

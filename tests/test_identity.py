@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from waiting import past
 
 from proxy.identity import Identity, IdentityError, MintError, Verifier, mint
+from proxy.identity.keyset import REASON_CODES
 from proxy.settings.identity import IdentitySettings
 from proxy.settings.read import Secret
 
@@ -137,6 +139,25 @@ async def test_rejections(verifier: Verifier, case: str, make: Any, reason: str)
     with pytest.raises(IdentityError) as exc:
         await verifier.verify(make())
     assert reason in str(exc.value), case
+    assert exc.value.code in REASON_CODES and exc.value.code != "no_credentials", case
+
+
+def test_reason_codes_are_one_list_in_code_schema_and_docs() -> None:
+    """Every code the identity package gives is listed, and the schema and docs list those."""
+    root = Path(__file__).resolve().parent.parent
+    given: set[str] = set()
+    for path in (root / "proxy" / "identity").glob("*.py"):
+        text = path.read_text()
+        given |= set(re.findall(r'Error\([^()]*(?:\([^()]*\)[^()]*)*, "([a-z_]+)"\)', text))
+        given |= set(re.findall(r'(?:code|_[A-Z_]+) = "([a-z_]+)"', text))
+    given |= {"no_credentials", "token_invalid"}  # NOBODY's, and the default
+    assert given == REASON_CODES
+    schema = json.loads((root / "config" / "audit-record.schema.json").read_text())
+    assert set(schema["properties"]["reason_code"]["enum"]) == REASON_CODES
+    documented = set(
+        re.findall(r"^\| `([a-z_]+)` \|", (root / "docs" / "identity.md").read_text(), re.M)
+    )
+    assert documented >= REASON_CODES
 
 
 def test_token_sources(verifier: Verifier) -> None:

@@ -11,10 +11,11 @@
 It reads only its settings: it imports neither policy, grants nor audit.
 """
 
-from .caller import Caller, identify
+from .caller import NOBODY, Caller, identify
 from .verifier import Identity, IdentityError, MintError, SessionLookup, Verifier, mint
 
 __all__ = [
+    "NOBODY",
     "Caller",
     "Identity",
     "IdentityError",

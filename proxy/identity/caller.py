@@ -17,6 +17,7 @@ class Caller:
 
     found: Found | None
     reason: str = ""  # why there is no identity: a bad credential, or none at all
+    code: str = ""  # the reason's stable word (docs/identity.md), for the audit record
 
     @property
     def identity(self) -> Identity | None:
@@ -27,6 +28,8 @@ class Caller:
         """bearer, session, cookie, headers or assertion; None without an identity."""
         return self.found.source if self.found is not None else None
 
+
+NOBODY = Caller(None, "no credentials", "no_credentials")
 
 _KEY = web.RequestKey("caller", Caller)
 
@@ -40,10 +43,11 @@ async def identify(request: web.Request, verifier: Verifier, sessions: Sessions 
     try:
         found = await verifier.identify(request.headers, request.cookies, request.remote, lookup)
     except IdentityError as exc:
-        caller = Caller(None, str(exc))
+        caller = Caller(None, str(exc), exc.code)
     else:
         if found is None:
-            caller = Caller(None, verifier.no_identity_reason(request.headers, request.remote))
+            reason = verifier.no_identity_reason(request.headers, request.remote)
+            caller = Caller(None, reason, NOBODY.code)
         else:
             caller = Caller(found)
     request[_KEY] = caller

@@ -40,6 +40,7 @@ from .keyset import (
 log = logging.getLogger("jitgate.jwks")
 
 _MAX_DISCOVERY_BYTES = 256 * 1024
+_NO_KEYS = "jwks_unavailable"  # the code of every failure to get an issuer's keys
 
 
 @dataclass(frozen=True)
@@ -98,26 +99,27 @@ async def discover(
             headers={"Accept": "application/json"},
         ) as resp:
             if resp.status != 200:
-                raise TokenError(f"discovery for {issuer}: HTTP {resp.status}")
+                raise TokenError(f"discovery for {issuer}: HTTP {resp.status}", _NO_KEYS)
             too_large = f"discovery for {issuer}: document too large"
             body = await read_limited(resp, _MAX_DISCOVERY_BYTES, too_large)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise TokenError(f"discovery for {issuer} failed: {type(exc).__name__}") from None
+        raise TokenError(f"discovery for {issuer} failed: {type(exc).__name__}", _NO_KEYS) from None
     try:
         doc = json.loads(body)
     except ValueError:
-        raise TokenError(f"discovery for {issuer}: not JSON") from None
+        raise TokenError(f"discovery for {issuer}: not JSON", _NO_KEYS) from None
     if not isinstance(doc, dict):
-        raise TokenError(f"discovery for {issuer}: not a JSON object")
+        raise TokenError(f"discovery for {issuer}: not a JSON object", _NO_KEYS)
     # Section 4.3: the document must name exactly the issuer it was fetched for, or a
     # provider could pass off another one's tokens.
     if doc.get("issuer") != issuer:
         raise TokenError(
-            f"discovery for {issuer}: document names issuer {safe_text(doc.get('issuer'))}"
+            f"discovery for {issuer}: document names issuer {safe_text(doc.get('issuer'))}",
+            _NO_KEYS,
         )
     jwks_uri = doc.get("jwks_uri")
     if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
-        raise TokenError(f"discovery for {issuer}: no usable jwks_uri")
+        raise TokenError(f"discovery for {issuer}: no usable jwks_uri", _NO_KEYS)
     return doc
 
 
@@ -191,32 +193,36 @@ class MultiVerifier:
     async def verify(self, token: str) -> dict[str, Any]:
         """Return the token's claims, or raise TokenError with the reason it is refused."""
         if len(token) > self.max_token_bytes:
-            raise TokenError("token too large")
+            raise TokenError("token too large", "token_too_large")
         if not token.isascii() or token.count(".") != 2:
-            raise TokenError("malformed token")  # JWE (5 parts) and garbage alike
+            raise TokenError(
+                "malformed token", "token_malformed"
+            )  # JWE (5 parts) and garbage alike
         header = unverified_header(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or not alg:
-            raise TokenError("token names no algorithm")
+            raise TokenError("token names no algorithm", "alg_missing")
         if alg.lower() == "none":
-            raise TokenError("algorithm none not allowed")
+            raise TokenError("algorithm none not allowed", "alg_none")
         if "crit" in header:
             # We implement no JWS extension, so any critical one must fail (RFC 7515 4.1.11).
-            raise TokenError("critical header extensions not supported")
+            raise TokenError("critical header extensions not supported", "crit_unsupported")
         kid = check_kid(header.get("kid"))
         # jku, x5u, jwk and x5c are deliberately never looked at (see IGNORED_HEADERS).
         try:
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.InvalidTokenError:
-            raise TokenError("malformed token") from None
+            raise TokenError("malformed token", "token_malformed") from None
         iss = unverified.get("iss")
         if not isinstance(iss, str) or not iss:
-            raise TokenError("token names no issuer")
+            raise TokenError("token names no issuer", "issuer_missing")
         cfg = self.issuers.get(iss)
         if cfg is None:
-            raise TokenError(f"unknown issuer {safe_text(iss)}")
+            raise TokenError(f"unknown issuer {safe_text(iss)}", "issuer_unknown")
         if alg not in cfg.algorithms:
-            raise TokenError(f"algorithm {safe_text(alg, 20)} not allowed for issuer {iss}")
+            raise TokenError(
+                f"algorithm {safe_text(alg, 20)} not allowed for issuer {iss}", "alg_not_allowed"
+            )
         keys = await self._key_set(cfg)
         jwk = await keys.key_for(kid, alg)
         return self._decode(token, jwk, alg, cfg)
@@ -246,20 +252,22 @@ class MultiVerifier:
                 options={"require": self.required_claims, "verify_signature": True},
             )
         except jwt.InvalidSignatureError:
-            raise TokenError("signature does not verify") from None
+            raise TokenError("signature does not verify", "signature_invalid") from None
         except jwt.ExpiredSignatureError:
-            raise TokenError("token expired") from None
+            raise TokenError("token expired", "token_expired") from None
         except jwt.ImmatureSignatureError as exc:
             which = "iat" if "iat" in str(exc) else "nbf"
-            raise TokenError(f"token not yet valid ({which})") from None
+            raise TokenError(f"token not yet valid ({which})", "token_not_yet_valid") from None
         except jwt.InvalidAudienceError:
-            raise TokenError(f"audience not accepted for issuer {cfg.issuer}") from None
+            raise TokenError(
+                f"audience not accepted for issuer {cfg.issuer}", "audience_invalid"
+            ) from None
         except jwt.InvalidIssuerError:
-            raise TokenError("issuer does not match") from None
+            raise TokenError("issuer does not match", "issuer_unknown") from None
         except jwt.MissingRequiredClaimError as exc:
-            raise TokenError(f"token lacks the {exc.claim!r} claim") from None
+            raise TokenError(f"token lacks the {exc.claim!r} claim", "claim_missing") from None
         except jwt.InvalidKeyError:
-            raise TokenError(f"key does not fit algorithm {alg}") from None
+            raise TokenError(f"key does not fit algorithm {alg}", "key_mismatch") from None
         except jwt.InvalidTokenError as exc:
             raise TokenError(f"invalid token: {safe_text(str(exc))}") from None
         return claims
@@ -276,7 +284,7 @@ class MultiVerifier:
             failed = self._discovery_failed.get(cfg.issuer)
             interval = self._keyset_options["min_refetch_interval"]
             if failed is not None and self._clock() - failed[0] < interval:
-                raise TokenError(failed[1])
+                raise TokenError(failed[1], _NO_KEYS)
             try:
                 doc = await discover(cfg.issuer, self._http.get(), request_timeout=self.timeout)
             except TokenError as exc:
@@ -289,7 +297,7 @@ class MultiVerifier:
                 reason = f"discovery for {cfg.issuer}: jwks_uri {safe_text(jwks_uri)} is not https"
                 self._discovery_failed[cfg.issuer] = (self._clock(), reason)
                 log.warning("%s", reason)
-                raise TokenError(reason)
+                raise TokenError(reason, _NO_KEYS)
             self._discovery_failed.pop(cfg.issuer, None)
             self.documents[cfg.issuer] = doc  # the login flow needs its endpoints too
             keys = self._new_key_set(jwks_uri)

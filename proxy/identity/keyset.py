@@ -62,12 +62,44 @@ _MAX_JWKS_BYTES = 512 * 1024
 _MAX_CACHE_AGE = 24 * 3600.0
 
 
-class TokenError(Exception):
-    """A token, key or key set was refused; `reason` is short enough for an audit record."""
+# Why a request has no identity, as stable words for audit records and refusals; the
+# reasons next to them are for people. docs/identity.md explains each one.
+REASON_CODES = frozenset(
+    {
+        "no_credentials",  # nothing to identify the request by
+        "token_malformed",  # not a JWS in compact form (a JWE, a nested JWT, garbage)
+        "token_too_large",
+        "token_invalid",  # refused by the JWT library for another reason
+        "token_expired",
+        "token_not_yet_valid",  # nbf or iat in the future
+        "alg_missing",
+        "alg_none",
+        "alg_not_allowed",  # not in the issuer's list (HS/RS confusion among others)
+        "crit_unsupported",
+        "kid_invalid",  # not a plain key id (path or SQL tricks)
+        "kid_unknown",
+        "kid_missing",  # no kid, and several keys would fit
+        "key_mismatch",  # the named key is of another type than the algorithm
+        "issuer_missing",
+        "issuer_unknown",
+        "audience_invalid",
+        "signature_invalid",
+        "claim_missing",
+        "claim_invalid",  # the verified claims make no usable identity
+        "header_invalid",  # an SSO proxy's identity header is unusable
+        "jwks_unavailable",  # the issuer's keys cannot be had now
+    }
+)
 
-    def __init__(self, reason: str) -> None:
+
+class TokenError(Exception):
+    """A token, key or key set was refused; `reason` is short enough for an audit record,
+    and `code` is the stable word for it (docs/identity.md lists them)."""
+
+    def __init__(self, reason: str, code: str = "token_invalid") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 def secure_url(url: str) -> bool:
@@ -93,9 +125,9 @@ def check_kid(kid: object) -> str | None:
     if kid is None:
         return None
     if not isinstance(kid, str):
-        raise TokenError("kid is not a string")
+        raise TokenError("kid is not a string", "kid_invalid")
     if not _KID.fullmatch(kid) or kid.startswith(("/", ".")) or ".." in kid or "//" in kid:
-        raise TokenError("kid is not a plain key id")
+        raise TokenError("kid is not a plain key id", "kid_invalid")
     return kid
 
 
@@ -104,9 +136,9 @@ def decode_segment(segment: str) -> dict[str, Any]:
     try:
         value = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
     except ValueError:  # binascii.Error and JSONDecodeError alike
-        raise TokenError("malformed token") from None
+        raise TokenError("malformed token", "token_malformed") from None
     if not isinstance(value, dict):
-        raise TokenError("malformed token")
+        raise TokenError("malformed token", "token_malformed")
     return value
 
 
@@ -162,7 +194,7 @@ def _usable(entry: Mapping[str, Any]) -> bool:
 def _parse_jwks(data: object) -> list[_Key]:
     """Return the signature keys of a JWKS document; raise TokenError if it has none."""
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-        raise TokenError("JWKS is not a key set")
+        raise TokenError("JWKS is not a key set", "jwks_unavailable")
     keys: list[_Key] = []
     for entry in data["keys"]:
         if not isinstance(entry, dict) or not _usable(entry):
@@ -184,7 +216,7 @@ def _parse_jwks(data: object) -> list[_Key]:
             )
         )
     if not keys:
-        raise TokenError("JWKS has no usable signature keys")
+        raise TokenError("JWKS has no usable signature keys", "jwks_unavailable")
     return keys
 
 
@@ -195,7 +227,7 @@ async def read_limited(resp: aiohttp.ClientResponse, limit: int, too_large: str)
     async for chunk in resp.content.iter_chunked(64 * 1024):
         size += len(chunk)
         if size > limit:
-            raise TokenError(too_large)
+            raise TokenError(too_large, "jwks_unavailable")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -286,14 +318,14 @@ class KeySet:
         """Return the key that verifies `alg` under `kid`, refetching once if it is unknown."""
         kid = check_kid(kid)
         if alg not in ALGORITHMS:
-            raise TokenError(f"algorithm {safe_text(alg)} not supported")
+            raise TokenError(f"algorithm {safe_text(alg)} not supported", "alg_not_allowed")
         fetched = False
         if self._loaded_at is None:
             if self._inflight is None and not self._may_fetch():
-                raise TokenError(f"JWKS unavailable: {self.last_error}")
+                raise TokenError(f"JWKS unavailable: {self.last_error}", "jwks_unavailable")
             fetched = await self._fetch_shared()
             if self._loaded_at is None:
-                raise TokenError(f"JWKS unavailable: {self.last_error}")
+                raise TokenError(f"JWKS unavailable: {self.last_error}", "jwks_unavailable")
         elif self._stale() and self._inflight is None and self._may_fetch():
             # Refresh behind the request: the cached keys answer meanwhile.
             self._start_fetch()
@@ -302,14 +334,17 @@ class KeySet:
             return key.jwk
         if not fetched:
             if self._inflight is None and not self._may_fetch():
-                raise TokenError(f"unknown kid {kid!r} (refetch rate-limited)")
+                raise TokenError(f"unknown kid {kid!r} (refetch rate-limited)", "kid_unknown")
             fetched = await self._fetch_shared()
             key = self._lookup(kid, alg)
             if key is not None:
                 return key.jwk
             if not fetched:
-                raise TokenError(f"unknown kid {kid!r}; JWKS refetch failed: {self.last_error}")
-        raise TokenError(f"unknown kid {kid!r} after refetch")
+                raise TokenError(
+                    f"unknown kid {kid!r}; JWKS refetch failed: {self.last_error}",
+                    "jwks_unavailable",
+                )
+        raise TokenError(f"unknown kid {kid!r} after refetch", "kid_unknown")
 
     async def refresh(self, *, force: bool = False) -> bool:
         """Fetch the set now (within the rate limit unless `force`); True if it was replaced."""
@@ -335,13 +370,13 @@ class KeySet:
             fitting = [k for k in named if k.fits(alg)]
             if named and not fitting:
                 # Refetching cannot make a known key fit another algorithm.
-                raise TokenError(f"key {kid!r} does not fit algorithm {alg}")
+                raise TokenError(f"key {kid!r} does not fit algorithm {alg}", "key_mismatch")
             return fitting[0] if fitting else None
         # Without a kid the key must be unambiguous: trying every key would let one
         # token probe them all.
         fitting = [k for k in self._keys if k.fits(alg)]
         if len(fitting) > 1:
-            raise TokenError(f"token has no kid and {len(fitting)} keys fit {alg}")
+            raise TokenError(f"token has no kid and {len(fitting)} keys fit {alg}", "kid_missing")
         return fitting[0] if fitting else None
 
     def _stale(self) -> bool:
@@ -381,13 +416,15 @@ class KeySet:
                 headers={"Accept": "application/jwk-set+json, application/json"},
             ) as resp:
                 if resp.status != 200:
-                    raise TokenError(f"JWKS endpoint answered HTTP {resp.status}")
+                    raise TokenError(
+                        f"JWKS endpoint answered HTTP {resp.status}", "jwks_unavailable"
+                    )
                 body = await read_limited(resp, self.max_bytes, "JWKS response too large")
                 cache_control = resp.headers.get("Cache-Control")
             try:
                 keys = _parse_jwks(json.loads(body))
             except ValueError:
-                raise TokenError("JWKS is not JSON") from None
+                raise TokenError("JWKS is not JSON", "jwks_unavailable") from None
         except TokenError as exc:
             return self._failed(exc.reason)
         except (aiohttp.ClientError, TimeoutError) as exc:

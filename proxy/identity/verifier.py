@@ -38,7 +38,12 @@ class Identity:
 
 
 class IdentityError(Exception):
-    """The request carries no usable identity; the message is the reason given."""
+    """The request carries no usable identity; the message is the reason given, and `code`
+    the stable word for it (docs/identity.md lists them)."""
+
+    def __init__(self, reason: str, code: str = "token_invalid") -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ SessionLookup = Callable[[], Awaitable[Identity | None]]
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 _MAX_HEADER_VALUE = 4096  # an SSO proxy's user or group list; longer is refused
+_BAD_HEADER = "header_invalid"  # an SSO proxy's identity header that cannot be used
+_BAD_CLAIM = "claim_invalid"  # a verified token whose claims make no identity
 
 
 def _load_public_keys(files: tuple[Path, ...]) -> list[PublicKey]:
@@ -79,11 +86,11 @@ def _unverified_claims(token: str) -> dict[str, Any]:
     # Read only to route the token to its issuer's keys; nothing here is trusted.
     parts = token.split(".")
     if len(parts) != 3:
-        raise IdentityError("malformed token")
+        raise IdentityError("malformed token", "token_malformed")
     try:
         return decode_segment(parts[1])
     except TokenError as exc:
-        raise IdentityError(exc.reason) from None
+        raise IdentityError(exc.reason, exc.code) from None
 
 
 def _issuer_config(cfg: IssuerSettings) -> IssuerConfig:
@@ -240,14 +247,14 @@ class Verifier:
             return None
         user = user.strip()
         if not user or claim.has_control(user):
-            raise IdentityError(f"{t.user} must be a user name")
+            raise IdentityError(f"{t.user} must be a user name", _BAD_HEADER)
         email = _one(headers, t.email) if t.email else None
         if email is not None and claim.has_control(email):
-            raise IdentityError(f"{t.email} has control characters")
+            raise IdentityError(f"{t.email} has control characters", _BAD_HEADER)
         raw_groups = _one(headers, t.groups) if t.groups else None
         groups = self._claims.rename(claim.split_groups(raw_groups or "", t.groups_delimiter))
         if any(claim.has_control(g) for g in groups):
-            raise IdentityError(f"{t.groups} has control characters")
+            raise IdentityError(f"{t.groups} has control characters", _BAD_HEADER)
         email = email.strip() if email else None
         return Found(Identity(user, groups, email or None), "headers")
 
@@ -264,7 +271,7 @@ class Verifier:
         check: Callable[[str], Awaitable[tuple[Identity, float]]],
     ) -> Identity:
         if len(token) > self.settings.max_token_bytes:
-            raise IdentityError("token too large")
+            raise IdentityError("token too large", "token_too_large")
         # A verified token is remembered by its hash until it expires, so the signature
         # check (and for JWKS issuers the key lookup) is paid once per token rather than
         # once per request. `kind` keeps an SSO proxy's assertion from ever being taken
@@ -278,7 +285,7 @@ class Verifier:
                 self._cache.move_to_end(digest)
                 return ident
             del self._cache[digest]
-            raise IdentityError("token expired")
+            raise IdentityError("token expired", "token_expired")
         ident, exp = await check(token)
         self._cache[digest] = (ident, exp)
         if len(self._cache) > self.settings.cache_size:
@@ -291,15 +298,15 @@ class Verifier:
             try:
                 claims = await self._jwks.verify(token)
             except TokenError as exc:
-                raise IdentityError(exc.reason) from None
+                raise IdentityError(exc.reason, exc.code) from None
             return self._identity(claims, self._issuer_claims[iss]), float(claims["exp"])
         if not self._local:
             if iss is None:
-                raise IdentityError("token names no issuer")
-            raise IdentityError(f"unknown issuer {safe_text(iss)}")
+                raise IdentityError("token names no issuer", "issuer_missing")
+            raise IdentityError(f"unknown issuer {safe_text(iss)}", "issuer_unknown")
         if self.settings.issuer and iss is not None and iss != self.settings.issuer:
             # Said first, so the audit record names the issuer rather than its algorithm.
-            raise IdentityError(f"unknown issuer {safe_text(iss)}")
+            raise IdentityError(f"unknown issuer {safe_text(iss)}", "issuer_unknown")
         return self._verify_local(token)
 
     async def _verify_assertion(self, token: str) -> tuple[Identity, float]:
@@ -307,17 +314,20 @@ class Verifier:
         try:
             claims = await self._assertions.verify(token)
         except TokenError as exc:
-            raise IdentityError(f"{self.trusted.assertion_header}: {exc.reason}") from None
+            raise IdentityError(
+                f"{self.trusted.assertion_header}: {exc.reason}", exc.code
+            ) from None
         return self._identity(claims, self._assertion_claims), float(claims["exp"])
 
     def _verify_local(self, token: str) -> tuple[Identity, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
-            raise IdentityError("malformed token") from None
+            raise IdentityError("malformed token", "token_malformed") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
-            raise IdentityError(f"token algorithm {safe_text(alg, 20)!r} is not allowed")
+            code = "alg_none" if str(alg).lower() == "none" else "alg_not_allowed"
+            raise IdentityError(f"token algorithm {safe_text(alg, 20)!r} is not allowed", code)
         claims = self._decode(token, alg)
         return self._identity(claims, self._claims), float(claims["exp"])
 
@@ -331,7 +341,7 @@ class Verifier:
             want = rsa.RSAPublicKey if alg.startswith(("RS", "PS")) else ec.EllipticCurvePublicKey
             keys = [k for k in self._public_keys if isinstance(k, want)]
         if not keys:
-            raise IdentityError(f"no key configured for {alg}")
+            raise IdentityError(f"no key configured for {alg}", "alg_not_allowed")
         last: jwt.InvalidTokenError | None = None
         for key in keys:
             try:
@@ -348,18 +358,20 @@ class Verifier:
             except jwt.InvalidSignatureError as exc:
                 last = exc  # try the next key
             except jwt.ExpiredSignatureError:
-                raise IdentityError("token expired") from None
+                raise IdentityError("token expired", "token_expired") from None
             except jwt.ImmatureSignatureError:
-                raise IdentityError("token not yet valid (nbf)") from None
+                raise IdentityError("token not yet valid (nbf)", "token_not_yet_valid") from None
             except jwt.InvalidAudienceError:
-                raise IdentityError("token audience not accepted") from None
+                raise IdentityError("token audience not accepted", "audience_invalid") from None
             except jwt.InvalidIssuerError:
-                raise IdentityError("token issuer not accepted") from None
+                raise IdentityError("token issuer not accepted", "issuer_unknown") from None
             except jwt.MissingRequiredClaimError as exc:
-                raise IdentityError(f"token lacks the {exc.claim!r} claim") from None
+                raise IdentityError(
+                    f"token lacks the {exc.claim!r} claim", "claim_missing"
+                ) from None
             except jwt.InvalidTokenError as exc:
                 raise IdentityError(f"invalid token: {safe_text(str(exc))}") from None
-        raise IdentityError("token signature does not verify") from last
+        raise IdentityError("token signature does not verify", "signature_invalid") from last
 
     def identity_of(self, claims: Mapping[str, Any]) -> Identity:
         """Map verified claims (an OIDC ID token's) with the identity.*_claim settings."""
@@ -368,21 +380,25 @@ class Verifier:
         except IdentityError:
             raise
         except (TypeError, ValueError) as exc:
-            raise IdentityError(f"claims unusable: {safe_text(str(exc))}") from None
+            raise IdentityError(f"claims unusable: {safe_text(str(exc))}", _BAD_CLAIM) from None
 
     def _identity(self, claims: Mapping[str, Any], cmap: claim.ClaimMap) -> Identity:
         subject = claim.lookup(claims, cmap.subject)
         if not isinstance(subject, str) or not subject.strip():
-            raise IdentityError(f"claim {claim.show(cmap.subject)} must be a non-empty string")
+            raise IdentityError(
+                f"claim {claim.show(cmap.subject)} must be a non-empty string", _BAD_CLAIM
+            )
         email = claim.lookup(claims, cmap.email)
         email = email if isinstance(email, str) and email else None
         groups = cmap.groups_of(claims)
         # Identity values go into upstream headers and audit records: no line breaks there.
         for name, value in ((cmap.subject, subject), (cmap.email, email or "")):
             if claim.has_control(value):
-                raise IdentityError(f"claim {claim.show(name)} has control characters")
+                raise IdentityError(f"claim {claim.show(name)} has control characters", _BAD_CLAIM)
         if any(claim.has_control(g) for g in groups):
-            raise IdentityError(f"claim {claim.show(cmap.groups)} has control characters")
+            raise IdentityError(
+                f"claim {claim.show(cmap.groups)} has control characters", _BAD_CLAIM
+            )
         return Identity(subject, groups, email)
 
 
@@ -391,12 +407,12 @@ def _one(headers: Mapping[str, str], name: str) -> str | None:
     if isinstance(headers, MultiMapping):
         values = headers.getall(name, [])
         if len(values) > 1:
-            raise IdentityError(f"{name} sent {len(values)} times")
+            raise IdentityError(f"{name} sent {len(values)} times", _BAD_HEADER)
         value = values[0] if values else None
     else:
         value = headers.get(name)
     if value is not None and len(value) > _MAX_HEADER_VALUE:
-        raise IdentityError(f"{name} too long")
+        raise IdentityError(f"{name} too long", _BAD_HEADER)
     return value
 
 

@@ -100,6 +100,8 @@ async def refuse(request: web.Request, decision: Decision, path: str) -> web.Res
             status=decision.status, text=body, content_type="text/html", headers=headers
         )
     payload: dict[str, Any] = {"error": error, "reasons": list(decision.reasons)}
+    if decision.reason_code:
+        payload["reason_code"] = decision.reason_code
     if decision.scope:
         payload["scope"] = decision.scope
     if request_url:
