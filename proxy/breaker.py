@@ -70,10 +70,10 @@ class Breaker:
         found: tuple[str, float] | None = await self._ask(self.store.check, user, scopes)
         return found
 
-    async def check_many(self, user: str, groups: list[tuple[str, ...]]) -> list[bool]:
-        """Per group of scopes, whether a grant covers any (the store's batch check)."""
+    async def check_many(self, user: str, groups: list[tuple[str, ...]]) -> list[str | None]:
+        """Per group of scopes, the id of a grant covering any (the store's batch check)."""
         many = self.store.check_many  # type: ignore[attr-defined]
-        found: list[bool] = await self._ask(many, user, groups)
+        found: list[str | None] = await self._ask(many, user, groups)
         return found
 
     async def _ask(self, call: Callable[..., Awaitable[Any]], *args: Any) -> Any:

@@ -7,9 +7,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
+from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -31,24 +34,38 @@ def run(settings: Settings) -> None:
 
 
 async def _serve(app: web.Application, settings: Settings) -> None:
-    # Not web.run_app: there a second signal (Ctrl-C reaches `make demo`'s launcher too,
-    # which then sends SIGTERM) breaks off the shutdown before the audit log is closed.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)  # a second signal changes nothing
-    runner = web.AppRunner(app, access_log=None, **server_options(settings.listen))
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, settings.listen.host, settings.listen.port).start()
+    async with serving(app, settings) as (_, stop):
         log.info(
             "jitgate listening on http://%s:%d -> %s",
             settings.listen.host, settings.listen.port, settings.upstream.url,
         )  # fmt: skip
         await stop.wait()
         log.info("jitgate stopping")
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    app: web.Application, settings: Settings, *, reuse_port: bool = False, **runner: Any
+) -> AsyncIterator[tuple[web.TCPSite, asyncio.Event]]:
+    """Serve `app` on `listen` with the listener's limits; yield the site and an event that
+    SIGTERM or SIGINT sets; clean the app up on the way out.
+
+    Not web.run_app: there a second signal (Ctrl-C reaches `make demo`'s launcher too,
+    which then sends SIGTERM) breaks off the shutdown before the audit log is closed.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)  # a second signal changes nothing
+    app_runner = web.AppRunner(app, access_log=None, **runner, **server_options(settings.listen))
+    await app_runner.setup()
+    try:
+        host, port = settings.listen.host, settings.listen.port
+        site = web.TCPSite(app_runner, host, port, reuse_port=reuse_port)
+        await site.start()
+        yield site, stop
     finally:
-        await runner.cleanup()
+        await app_runner.cleanup()
 
 
 async def freeze_startup_objects(app: web.Application) -> None:

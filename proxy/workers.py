@@ -338,34 +338,21 @@ def serve_worker(settings: Settings, slot: int, ready_fd: int) -> None:
 
 async def _serve(app: web.Application, settings: Settings, slot: int, ready_fd: int) -> None:
     from . import serve
-    from .listener import server_options
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)  # a second signal changes nothing
     app.cleanup_ctx.append(_sampler)
     app.on_startup.append(serve.freeze_startup_objects)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        shutdown_timeout=_SHUTDOWN_TIMEOUT,
-        **server_options(settings.listen),
-    )
-    await runner.setup()
     parent = os.getppid()
-    watcher = asyncio.create_task(_watch_parent(parent, stop), name="parent-watch")
-    try:
-        site = web.TCPSite(runner, settings.listen.host, settings.listen.port, reuse_port=True)
-        await site.start()
-        os.write(ready_fd, READY)
-        os.close(ready_fd)
-        log.info("worker %d (pid %d) listening on %s", slot, os.getpid(), site.name)
-        await stop.wait()
-        log.info("worker %d (pid %d) draining", slot, os.getpid())
-    finally:
-        watcher.cancel()
-        await runner.cleanup()
+    serving = serve.serving(app, settings, reuse_port=True, shutdown_timeout=_SHUTDOWN_TIMEOUT)
+    async with serving as (site, stop):
+        watcher = asyncio.create_task(_watch_parent(parent, stop), name="parent-watch")
+        try:
+            os.write(ready_fd, READY)
+            os.close(ready_fd)
+            log.info("worker %d (pid %d) listening on %s", slot, os.getpid(), site.name)
+            await stop.wait()
+            log.info("worker %d (pid %d) draining", slot, os.getpid())
+        finally:
+            watcher.cancel()
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
