@@ -145,6 +145,10 @@ async def test_auto_approval_and_extension(api: TestClient, upstream: Upstream) 
     assert status == 200 and body["expires_at"] - body["activated_at"] == pytest.approx(2700, 1)
     status, body = await post(api, f"/grants/{g['id']}/extend", MALLORY, duration="30m")
     assert (status, body["error"]) == (400, "exceeds_max")
+    # Found by the API fuzzer (make harden): a duration too large for milliseconds was a 500.
+    status, body = await post(api, f"/grants/{g['id']}/extend", MALLORY, duration=1.79e308)
+    assert (status, body["error"]) == (400, "bad_request")
+    assert "at most 100 years" in body["message"]
 
 
 @pytest.mark.parametrize(

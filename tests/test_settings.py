@@ -92,7 +92,9 @@ def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "5x", "-5m", "0", "m5", "1.5.2h"])
+@pytest.mark.parametrize(
+    "text", ["", "5x", "-5m", "0", "m5", "1.5.2h", 1.7976931348623155e308, "36501d", "inf"]
+)
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)

@@ -243,7 +243,14 @@ def parse_duration(text: str | float | int) -> float:
         raise ValueError(f"duration must be finite, got {text!r}")
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {text!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"duration must be at most 100 years, got {text!r}")
     return seconds
+
+
+# Longer means nothing for a grant or a setting, and milliseconds of it must fit Redis's
+# 64-bit integers (1.8e308 seconds made an extension fail with a 500).
+MAX_DURATION = 100 * 365 * 86400.0
 
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
