@@ -439,7 +439,8 @@ def verdict(r: dict[str, Any]) -> list[str]:
         missed.append(
             f"{r['errors']} errors {r['error_kinds']} "
             f"({trouble['jitgate_redis_breaker_trips_total']:g} breaker trips, "
-            f"{trouble['jitgate_redis_errors_total']:g} failed Redis operations)"
+            f"{trouble['jitgate_redis_errors_total']:g} failed Redis operations; "
+            f"breaker opened for {r.get('breaker_openings') or 'no reason logged'})"
         )
     if r["wrong"]:
         missed.append(
@@ -511,6 +512,17 @@ def log_errors(path: Path) -> int:
     return sum(1 for ln in text.splitlines() if " ERROR " in ln or "Traceback" in ln)
 
 
+def breaker_openings(path: Path) -> dict[str, int]:
+    """Why the breaker opened, from jitgate's log: its reason, and how often."""
+    said = "grant checks refused (503) until Redis answers again: "
+    why: dict[str, int] = {}
+    for ln in path.read_text(errors="replace").splitlines():
+        if said in ln:
+            reason = ln.split(said, 1)[1].strip()
+            why[reason] = why.get(reason, 0) + 1
+    return why
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -540,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                 soak(args, ctx["pid"], ctx["base"], ctx["tokens"], ctx["policy"], ctx["ports"])
             )
             report["log_errors"] = log_errors(ctx["log"])
+            report["breaker_openings"] = breaker_openings(ctx["log"])
             report["upstream"] = ctx["upstream"]
             report["code"] = bench.code_revision()
             report["policy_sha"] = hashlib.sha256(POLICY.encode()).hexdigest()[:16]
