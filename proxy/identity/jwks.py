@@ -194,10 +194,8 @@ class MultiVerifier:
         """Return the token's claims, or raise TokenError with the reason it is refused."""
         if len(token) > self.max_token_bytes:
             raise TokenError("token too large", "token_too_large")
-        if not token.isascii() or token.count(".") != 2:
-            raise TokenError(
-                "malformed token", "token_malformed"
-            )  # JWE (5 parts) and garbage alike
+        if not token.isascii() or token.count(".") != 2:  # JWE (5 parts) and garbage alike
+            raise TokenError("malformed token", "token_malformed")
         header = unverified_header(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or not alg:
