@@ -38,6 +38,18 @@ class Decision:
     blobs: Blobs | None = None  # allowed: the response's presigned URLs to rewrite (blobs.py)
     reason_code: str | None = None  # unauthenticated: why, as a stable word (docs/identity.md)
 
+    @property
+    def challenge(self) -> str:
+        """A 401's WWW-Authenticate: a token that was sent and refused is `invalid_token`
+        (RFC 6750 section 3.1), so a client knows to get a new one."""
+        if self.reason_code in _NOT_THE_TOKEN:
+            return 'Bearer realm="jitgate"'
+        return 'Bearer realm="jitgate", error="invalid_token"'
+
+
+# Reason codes of a 401 that no token of the client's caused.
+_NOT_THE_TOKEN = frozenset({None, "no_credentials", "header_invalid", "jwks_unavailable"})
+
 
 @dataclass(frozen=True)
 class Authorizer:

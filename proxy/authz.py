@@ -249,7 +249,7 @@ class ForwardAuth:
             payload["request_url"] = location = str(ask)
         headers = CIMultiDict(_NO_STORE)
         if decision.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="jitgate"'
+            headers["WWW-Authenticate"] = decision.challenge
         # Only a browser's page load is sent on: a script gets the status and the JSON.
         status = decision.status
         if location and method in ("GET", "HEAD") and wants_html(request):

@@ -90,8 +90,8 @@ class BlobFetcher:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        found = (await self.state.identify(request)).found  # the audit names who tried
-        caller = found.identity if found is not None else None
+        asking = await self.state.identify(request)  # the audit names who tried
+        caller = asking.identity
         try:
             ticket = await self.signer.open(request.match_info["token"])
         except BadTicket as exc:
@@ -100,8 +100,10 @@ class BlobFetcher:
             why = f"blob key unavailable ({type(exc).__name__}); failing closed"
             return self._refuse(request, started, 503, "unavailable", why, None, caller)
         if caller is None:
-            why = "sign in to open this recording file"
-            return self._refuse(request, started, 401, "unauthenticated", why, ticket, None)
+            why = f"sign in to open this recording file ({asking.reason})"
+            return self._refuse(
+                request, started, 401, "unauthenticated", why, ticket, None, code=asking.code
+            )
         who = caller
         if who.subject != ticket.user:
             why = "this blob URL was issued to another user"
@@ -196,6 +198,7 @@ class BlobFetcher:
         reason: str,
         ticket: Ticket | None,
         who: Identity | None,
+        code: str | None = None,
     ) -> Decision:
         policy = self.state.config.policy
         scope = ticket.scope if ticket is not None else None
@@ -212,6 +215,7 @@ class BlobFetcher:
             identity=who,
             policy_version=policy.version,
             recording=policy.recording_of(scope),
+            reason_code=code,
         )
 
     def _refuse(
@@ -223,10 +227,12 @@ class BlobFetcher:
         why: str,
         ticket: Ticket | None,
         who: Identity | None,
+        *,
+        code: str | None = None,
     ) -> web.Response:
         self.counter.labels(kind).inc()
         outcome = {401: "unauthenticated", 503: "unavailable"}.get(status, "deny")
-        decision = self._decision(False, status, outcome, why, ticket, who)
+        decision = self._decision(False, status, outcome, why, ticket, who, code)
         text = f"jitgate: {why}\n"
         self.log.decision(request, decision, self.path, status, 0, None, started)
         return web.Response(status=status, text=text, headers={"Cache-Control": "no-store"})

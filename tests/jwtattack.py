@@ -7,7 +7,8 @@ offers its own keys and must never be contacted. Every attack is sent as a beare
 to its own protected path (the recording id is the attack's name), so its audit record
 can be found: each must be answered 401, reach nothing upstream, and leave an
 `unauthenticated` record whose reasons carry the attack's reason and whose `reason_code`
-is the attack's code, the same code as the JSON refusal's. A control token of the
+is the attack's code, the same code as the JSON refusal's, whose WWW-Authenticate says
+`invalid_token`. A control token of the
 same issuer, under a grant, gets 200 first. Then a burst of made-up kids: every one is
 refused while the key server sees at most one more JWKS fetch.
 """
@@ -45,6 +46,7 @@ ATTACKER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 JWKS_AUD = "jitgate-jwks"
 KID = "issuer-1"
 REFETCH = 1.0  # identity.jwks_min_refetch_interval, seconds
+INVALID_TOKEN = 'Bearer realm="jitgate", error="invalid_token"'  # RFC 6750 section 3.1
 
 
 @dataclass
@@ -167,6 +169,7 @@ class Outcome:
     code: str | None = None  # the audit record's reason_code
     expected_code: str = ""
     answered_code: str | None = None  # the refusal's own reason_code
+    challenge: str = ""  # the refusal's WWW-Authenticate
 
     @property
     def ok(self) -> bool:
@@ -174,6 +177,7 @@ class Outcome:
             self.status == 401
             and any(self.expected in r for r in self.reasons)
             and self.code == self.answered_code == self.expected_code
+            and self.challenge == INVALID_TOKEN
         )
 
 
@@ -191,7 +195,8 @@ class Report:
     def failures(self) -> list[str]:
         out = [
             f"{o.name}: status {o.status}, audit reasons {o.reasons} and code {o.code!r}, "
-            f"answered code {o.answered_code!r}; wanted 401, {o.expected!r}, {o.expected_code!r}"
+            f"answered code {o.answered_code!r} and {o.challenge!r}; "
+            f"wanted 401, {o.expected!r}, {o.expected_code!r}"
             for o in self.outcomes
             if not o.ok
         ]
@@ -289,14 +294,15 @@ async def run(redis_url: str, *, burst: int = 200) -> Report:
             grants = server.app[STATE].grants
             async with aiohttp.ClientSession(str(server.make_url(""))) as http:
 
-                async def answer(path: str, token: str) -> tuple[int, str | None]:
-                    """The status, and the reason code of a JSON refusal."""
+                async def answer(path: str, token: str) -> tuple[int, str | None, str]:
+                    """The status, a JSON refusal's reason code, and WWW-Authenticate."""
                     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
                     async with http.get(path, headers=headers) as r:
                         body = await r.read()
+                    challenge = r.headers.get("WWW-Authenticate", "")
                     if r.content_type != "application/json":
-                        return r.status, None
-                    return r.status, json.loads(body).get("reason_code")
+                        return r.status, None, challenge
+                    return r.status, json.loads(body).get("reason_code"), challenge
 
                 async def status(path: str, token: str) -> int:
                     return (await answer(path, token))[0]
@@ -323,8 +329,8 @@ async def run(redis_url: str, *, burst: int = 200) -> Report:
         reasons = audit_reasons(tmp / "audit.jsonl")
         for name, _, expected, code in ATTACKS:
             got, got_code = reasons.get(recording_path(name), ([], None))
-            status, answered = answers[name]
-            outcome = Outcome(name, status, got, expected, got_code, code, answered)
+            status, answered, challenge = answers[name]
+            outcome = Outcome(name, status, got, expected, got_code, code, answered, challenge)
             report.outcomes.append(outcome)
         report.upstream_hits = len(hits)
         report.attacker_requests = len(attacker.requests)

@@ -84,7 +84,7 @@ async def test_refusals_say_why_and_where_to_go(authz: TestClient, tmp_path: Pat
     assert body["error"] == "unauthenticated" and body["reason_code"] == "no_credentials"
     assert body["login_url"] == f"/_jit/login?next={SNAPSHOTS}"
     assert json.loads(r.headers["X-Jitgate-Refusal"]) == body
-    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert r.headers["WWW-Authenticate"] == 'Bearer realm="jitgate"'  # no token to blame
     r = await authz.get("/_jit/authz", headers=nginx_style(SNAPSHOTS, **BROWSER))
     assert r.status == 401 and r.headers["Location"] == f"/_jit/login?next={SNAPSHOTS}"
     # Signed in, no grant: 403 naming the scope and where to ask for it.

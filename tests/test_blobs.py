@@ -197,7 +197,7 @@ async def test_revocation_cuts_a_download_in_flight(
 
 
 async def test_a_url_opens_for_its_own_user_only(
-    gate: TestClient, storage: Storage, grant_store: RedisGrants
+    gate: TestClient, storage: Storage, grant_store: RedisGrants, tmp_path: Path
 ) -> None:
     await grant(grant_store)
     await grant(grant_store, user="bob")  # bob may see the session, but not with alice's URL
@@ -205,7 +205,12 @@ async def test_a_url_opens_for_its_own_user_only(
     resp = await gate.get(url, headers=bearer("bob"))
     assert resp.status == 403 and "another user" in await resp.text()
     assert (await gate.get(url)).status == 401
+    resp = await gate.get(url, headers={"Authorization": "Bearer e30.e30.e30.e30.e30"})
+    assert resp.status == 401 and "malformed token" in await resp.text()
     assert storage.hits == []
+    await gate.close()
+    refused = [r for r in audit_lines(tmp_path) if r.get("decision") == "unauthenticated"]
+    assert [r["reason_code"] for r in refused] == ["no_credentials", "token_malformed"]
 
 
 async def test_an_expired_url_fails(

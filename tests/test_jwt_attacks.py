@@ -9,11 +9,12 @@ JWKS server at most one fetch; the attacker's key server is never contacted.
 from __future__ import annotations
 
 import pytest
-from jwtattack import ATTACKS, Outcome, Report, run
+from jwtattack import ATTACKS, INVALID_TOKEN, Outcome, Report, run
 
 from proxy.identity.keyset import REASON_CODES
 
 EXP = "token_expired"
+BAD = INVALID_TOKEN
 
 
 async def test_every_attack_is_refused_with_its_reason_and_code_audited(redis_url: str) -> None:
@@ -26,13 +27,14 @@ async def test_every_attack_is_refused_with_its_reason_and_code_audited(redis_ur
 @pytest.mark.parametrize(
     ("outcome", "ok"),
     [
-        (Outcome("x", 401, ["token expired"], "token expired", EXP, EXP, EXP), True),
-        (Outcome("x", 401, ["malformed token"], "token expired", EXP, EXP, EXP), False),
-        (Outcome("x", 401, [], "token expired", None, EXP, EXP), False),  # no audit record
-        (Outcome("x", 403, ["token expired"], "token expired", EXP, EXP, EXP), False),
-        (Outcome("x", 401, ["token expired"], "token expired", None, EXP, EXP), False),
-        (Outcome("x", 401, ["token expired"], "token expired", "token_malformed", EXP, EXP), False),
-        (Outcome("x", 401, ["token expired"], "token expired", EXP, EXP, None), False),
+        (Outcome("x", 401, ["token expired"], "token expired", EXP, EXP, EXP, BAD), True),
+        (Outcome("x", 401, ["malformed token"], "token expired", EXP, EXP, EXP, BAD), False),
+        (Outcome("x", 401, [], "token expired", None, EXP, EXP, BAD), False),  # no audit record
+        (Outcome("x", 403, ["token expired"], "token expired", EXP, EXP, EXP, BAD), False),
+        (Outcome("x", 401, ["token expired"], "token expired", None, EXP, EXP, BAD), False),
+        (Outcome("x", 401, ["token expired"], "token expired", "alg_none", EXP, EXP, BAD), False),
+        (Outcome("x", 401, ["token expired"], "token expired", EXP, EXP, None, BAD), False),
+        (Outcome("x", 401, ["token expired"], "token expired", EXP, EXP, EXP, "Bearer"), False),
     ],
 )
 def test_an_outcome_can_fail(outcome: Outcome, ok: bool) -> None:

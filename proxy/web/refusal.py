@@ -69,7 +69,7 @@ async def refuse(request: web.Request, decision: Decision, path: str) -> web.Res
     }.get(decision.status, "refused")
     headers = {"Cache-Control": "no-store"}
     if decision.status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="jitgate"'
+        headers["WWW-Authenticate"] = decision.challenge
     if wants_html(request):
         forms: list[dict[str, Any]] = []
         token = ""
