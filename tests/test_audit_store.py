@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from proxy.audit.store import AuditStore, Page, Query
+from proxy.audit.store import WRITE_CHUNK, AuditStore, Page, Query
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "jit:audit"
@@ -350,6 +350,36 @@ async def test_resent_batch_is_written_once(client: Redis) -> None:
     assert await store._write(keys=[KEY, marker], args=args) == -1
     assert await client.xlen(KEY) == 2
     assert 0 < await client.ttl(marker) <= 600
+
+
+async def test_a_batch_goes_a_few_records_per_script_call(client: Redis) -> None:
+    """Redis serves nobody else while a script runs: a big batch must not hold it up (the
+    soak found 256 records in one call taking 30 to 90 ms, and the breaker opening)."""
+
+    async def calls() -> int:
+        stats = await client.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    store = AuditStore(client, KEY)
+    batch = lines(dataset(100))
+    await store.write(batch[:1])  # loads the script (EVALSHA after that)
+    before = await calls()
+    await store.write(batch[1:])
+    assert WRITE_CHUNK <= 64 and await calls() - before == -(-99 // WRITE_CHUNK)  # 4 calls
+    assert await client.xlen(KEY) == 100
+    # A batch whose first call was written and whose next one failed: the sink sends the
+    # whole batch again, and nothing is written twice.
+    more = lines([rec(100 + i, T0 + 100 + i) for i in range(50)])
+    await store.write(more[:WRITE_CHUNK])
+    await store.write(more)
+    assert await client.xlen(KEY) == 150
+    await store.write(more)  # and again, as a client library re-sending after a timeout
+    assert await client.xlen(KEY) == 150
+    batch += more
+    page = await store.query(Query(limit=200))
+    ids = sorted(r["id"] for r in page.records)
+    assert ids == sorted(json.loads(line)["id"] for line in batch)
+    await assert_indexes_consistent(client)
 
 
 async def test_works_with_decoded_responses(redis_url: str) -> None:
