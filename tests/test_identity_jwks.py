@@ -278,13 +278,16 @@ def _hs256_with_public_key(c: Ctx) -> str:
 
 
 def _local(**over: Any) -> Callable[[Ctx], str]:
-    """Signed by the local issuer, whose key jitgate trusts: only the claims are wrong."""
+    """Signed by the local issuer, whose key jitgate trusts: only the claims are wrong.
+
+    A claim given as a function (`_now`) is worked out when the token is made, not when
+    the table is: a slow run must not let `nbf` pass before its test runs."""
     aud = over.pop("aud", LOCAL_AUD)
-    return lambda c: c.local.token(aud, **over)
+    return lambda c: c.local.token(aud, **{k: v() if callable(v) else v for k, v in over.items()})
 
 
-def _now(delta: int) -> int:
-    return int(time.time()) + delta
+def _now(delta: int) -> Callable[[], int]:
+    return lambda: int(time.time()) + delta
 
 
 ATTACKS: list[tuple[str, Callable[[Ctx], str], str]] = [

@@ -505,12 +505,15 @@ def _real_with_header(c: Ctx, **header: Any) -> str:
 
 
 def _local(**over: Any) -> Callable[[Ctx], str]:
-    """Signed by the local issuer, whose key the verifier trusts: only the claims are off."""
-    return lambda c: local_token(c.local, **over)
+    """Signed by the local issuer, whose key the verifier trusts: only the claims are off.
+
+    A claim given as a function (`_now`) is worked out when the token is made, not when
+    the table is: a slow run must not let `nbf` pass before its test runs."""
+    return lambda c: local_token(c.local, **{k: v() if callable(v) else v for k, v in over.items()})
 
 
-def _now(delta: int) -> int:
-    return int(time.time()) + delta
+def _now(delta: int) -> Callable[[], int]:
+    return lambda: int(time.time()) + delta
 
 
 def _x5c(c: Ctx) -> str:
