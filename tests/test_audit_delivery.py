@@ -105,24 +105,28 @@ async def test_outages_under_load_lose_nothing_and_keep_order(
                 client.get("/static/app.css"), client.get(SNAPSHOTS, headers=bearer())
             )
             sent += len(responses)
+            # Paced: the backlog an outage leaves (and the file checked at teardown) grows
+            # with the load, and the sink drains it 32 records per fsync'd call here.
+            await asyncio.sleep(0.005)
 
     log = client.app[STATE].audit
 
     def failing(sink: str) -> bool:
         return any(lane.failures for lane in log.lanes if lane.name == sink)
 
-    async def phase(what: str, reached: Callable[[], bool]) -> None:
-        """Go on under load until 20 more requests were sent in this phase and `reached`."""
+    async def phase(what: str, reached: Callable[[], bool], more: int = 20) -> None:
+        """Go on under load until `more` requests were sent in this phase and `reached`."""
         mark = sent
         # The backlog an outage leaves grows with the load: a busy machine needs longer.
-        await eventually(lambda: sent >= mark + 20 and reached(), within=60, what=what)
+        await eventually(lambda: sent >= mark + more and reached(), within=60, what=what)
 
     task = asyncio.create_task(load())
     await phase("records delivered before the outage", lambda: bool(collector.lines))
     aof_redis.kill()  # the grant store and the audit stream go down together
-    await phase("the audit stream to fail", lambda: failing("redis"))
+    # Outages long enough for backlogs of several batches (256 records each).
+    await phase("the audit stream to fail", lambda: failing("redis"), more=600)
     await collector.stop()
-    await phase("the collector to fail", lambda: failing("http:siem"))
+    await phase("the collector to fail", lambda: failing("http:siem"), more=600)
     aof_redis.start()
     await phase("the audit stream to take records again", lambda: not failing("redis"))
     await collector.start()
