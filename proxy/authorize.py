@@ -46,9 +46,27 @@ class Decision:
             return 'Bearer realm="jitgate"'
         return 'Bearer realm="jitgate", error="invalid_token"'
 
+    @property
+    def error(self) -> str:
+        """A refusal's one-word kind, as its JSON and its page heading name it."""
+        if self.status == 403:
+            return "blocked" if self.outcome == "blocked" else "access_denied"
+        return _ERRORS.get(self.status, "refused")
+
+    def refusal(self) -> dict[str, Any]:
+        """The JSON a script is refused with (the proxy and forward-auth alike); callers add
+        where to go next (request_url, login_url)."""
+        payload: dict[str, Any] = {"error": self.error, "reasons": list(self.reasons)}
+        if self.reason_code:
+            payload["reason_code"] = self.reason_code
+        if self.scope:
+            payload["scope"] = self.scope
+        return payload
+
 
 # Reason codes of a 401 that no token of the client's caused.
 _NOT_THE_TOKEN = frozenset({None, "no_credentials", "header_invalid", "jwks_unavailable"})
+_ERRORS = {401: "unauthenticated", 503: "unavailable"}
 
 
 @dataclass(frozen=True)

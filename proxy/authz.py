@@ -230,16 +230,7 @@ class ForwardAuth:
     def _refusal(
         self, request: web.Request, decision: Decision, method: str, target: str
     ) -> web.Response:
-        error = {
-            401: "unauthenticated",
-            403: "blocked" if decision.outcome == "blocked" else "access_denied",
-            503: "unavailable",
-        }.get(decision.status, "refused")
-        payload: dict[str, Any] = {"error": error, "reasons": list(decision.reasons)}
-        if decision.reason_code:
-            payload["reason_code"] = decision.reason_code
-        if decision.scope:
-            payload["scope"] = decision.scope
+        payload = decision.refusal()
         location = None
         if decision.status == 401:
             login = f"{self.prefix}/oidc/login" if self.oidc else f"{self.prefix}/login"

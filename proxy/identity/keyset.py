@@ -62,6 +62,9 @@ _MAX_JWKS_BYTES = 512 * 1024
 _MAX_CACHE_AGE = 24 * 3600.0
 
 
+# The code of a refusal no more precise code names.
+TOKEN_INVALID = "token_invalid"
+
 # Why a request has no identity, as stable words for audit records and refusals; the
 # reasons next to them are for people. docs/identity.md explains each one.
 REASON_CODES = frozenset(
@@ -69,7 +72,7 @@ REASON_CODES = frozenset(
         "no_credentials",  # nothing to identify the request by
         "token_malformed",  # not a JWS in compact form (a JWE, a nested JWT, garbage)
         "token_too_large",
-        "token_invalid",  # refused by the JWT library for another reason
+        TOKEN_INVALID,  # refused by the JWT library for another reason
         "token_expired",
         "token_not_yet_valid",  # nbf or iat in the future
         "alg_missing",
@@ -96,7 +99,7 @@ class TokenError(Exception):
     """A token, key or key set was refused; `reason` is short enough for an audit record,
     and `code` is the stable word for it (docs/identity.md lists them)."""
 
-    def __init__(self, reason: str, code: str = "token_invalid") -> None:
+    def __init__(self, reason: str, code: str = TOKEN_INVALID) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code

@@ -27,7 +27,7 @@ from multidict import MultiMapping
 from ..settings.identity import IdentitySettings, IssuerSettings, TrustedHeadersSettings
 from . import claims as claim
 from .jwks import IssuerConfig, MultiVerifier
-from .keyset import TokenError, decode_segment, safe_text
+from .keyset import TOKEN_INVALID, TokenError, decode_segment, safe_text
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class IdentityError(Exception):
     """The request carries no usable identity; the message is the reason given, and `code`
     the stable word for it (docs/identity.md lists them)."""
 
-    def __init__(self, reason: str, code: str = "token_invalid") -> None:
+    def __init__(self, reason: str, code: str = TOKEN_INVALID) -> None:
         super().__init__(reason)
         self.code = code
 

@@ -62,11 +62,6 @@ async def refuse(request: web.Request, decision: Decision, path: str) -> web.Res
             return web.Response(
                 status=302, headers={"Location": str(sso), "Cache-Control": "no-store"}
             )
-    error = {
-        401: "unauthenticated",
-        403: "blocked" if decision.outcome == "blocked" else "access_denied",
-        503: "unavailable",
-    }.get(decision.status, "refused")
     headers = {"Cache-Control": "no-store"}
     if decision.status == 401:
         headers["WWW-Authenticate"] = decision.challenge
@@ -83,7 +78,7 @@ async def refuse(request: web.Request, decision: Decision, path: str) -> web.Res
             prefix=prefix,
             **(nav(request, decision.identity, "") if decision.identity else {"user": None}),
             status=decision.status,
-            heading=_HEADINGS.get(error, "Access refused"),
+            heading=_HEADINGS.get(decision.error, "Access refused"),
             kind="recording" if decision.scope and "/" in decision.scope else "resource",
             scope=decision.scope,
             wider=decision.wider,
@@ -99,11 +94,7 @@ async def refuse(request: web.Request, decision: Decision, path: str) -> web.Res
         return web.Response(
             status=decision.status, text=body, content_type="text/html", headers=headers
         )
-    payload: dict[str, Any] = {"error": error, "reasons": list(decision.reasons)}
-    if decision.reason_code:
-        payload["reason_code"] = decision.reason_code
-    if decision.scope:
-        payload["scope"] = decision.scope
+    payload = decision.refusal()
     if request_url:
         payload["request_url"] = request_url
     return web.Response(
