@@ -35,7 +35,7 @@ from aiohttp.test_utils import TestServer
 from conftest import AUDIENCE, ISSUER, SECRET, RedisServer, make_token, write_config
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from jwtkit import KeyServer, b64, key_server, public_jwk, unsigned
+from jwtkit import KeyServer, b64, from_now, key_server, public_jwk, unsigned
 
 from proxy import settings as settings_mod
 from proxy.app import build_app
@@ -91,11 +91,6 @@ def nested(c: Ctx, outer_alg: str) -> str:
     return f"{head}.{b64(ATTACKER_KEY.sign(head.encode(), padding.PKCS1v15(), hashes.SHA256()))}"
 
 
-def _exp_past(c: Ctx) -> str:
-    now = int(time.time())
-    return by_issuer(c, iat=now - 900, exp=now - 600)
-
-
 # (name, token builder, and the reason and reason code that the refusal and its audit
 # record must give)
 ATTACKS: list[tuple[str, Callable[[Ctx], str], str, str]] = [
@@ -135,8 +130,9 @@ ATTACKS: list[tuple[str, Callable[[Ctx], str], str, str]] = [
     ("jwk-embedded-ignored", lambda c: by_attacker(
         {"kid": KID, "jwk": public_jwk(ATTACKER_KEY, KID)}, c.claims()),
      "signature does not verify", "signature_invalid"),
-    ("expired", _exp_past, "token expired", "token_expired"),
-    ("nbf-in-the-future", lambda c: by_issuer(c, nbf=int(time.time()) + 600),
+    ("expired", lambda c: by_issuer(c, **from_now(iat=-900, exp=-600)),
+     "token expired", "token_expired"),
+    ("nbf-in-the-future", lambda c: by_issuer(c, **from_now(nbf=600)),
      "not yet valid (nbf)", "token_not_yet_valid"),
     ("wrong-iss", lambda c: by_attacker({"kid": KID}, c.claims(iss="https://evil.example")),
      "unknown issuer https://evil.example", "issuer_unknown"),
@@ -146,7 +142,7 @@ ATTACKS: list[tuple[str, Callable[[Ctx], str], str, str]] = [
      "audience not accepted", "audience_invalid"),
     ("wrong-aud-local", lambda c: make_token("mallory", aud="someone-else"),
      "token audience not accepted", "audience_invalid"),
-    ("expired-local", lambda c: make_token("mallory", exp=int(time.time()) - 600),
+    ("expired-local", lambda c: make_token("mallory", **from_now(exp=-600)),
      "token expired", "token_expired"),
     # Over identity.max_token_bytes (4096 here), under the 8 KB header line limit.
     ("huge-token", lambda c: by_issuer(c, pad="x" * 3500), "token too large", "token_too_large"),

@@ -28,6 +28,13 @@ def unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
     return f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
 
 
+def from_now(**deltas: int) -> dict[str, int]:
+    """Time claims (`exp`, `nbf`, `iat`) so many seconds from now. Call it as the token is
+    made, not as a table of tokens is built: a slow run must not let an `nbf` pass first."""
+    now = int(time.time())
+    return {claim: now + delta for claim, delta in deltas.items()}
+
+
 def public_jwk(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
     if isinstance(key, rsa.RSAPrivateKey):
         jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))

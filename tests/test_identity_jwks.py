@@ -24,7 +24,7 @@ from conftest import SECRET, ProxyFactory, Upstream, bearer
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from idp import Idp, idp_fixture
-from jwtkit import KeyServer, b64, key_server, public_jwk, unsigned
+from jwtkit import KeyServer, b64, from_now, key_server, public_jwk, unsigned
 from waiting import eventually
 
 from proxy.state import STATE
@@ -278,16 +278,9 @@ def _hs256_with_public_key(c: Ctx) -> str:
 
 
 def _local(**over: Any) -> Callable[[Ctx], str]:
-    """Signed by the local issuer, whose key jitgate trusts: only the claims are wrong.
-
-    A claim given as a function (`_now`) is worked out when the token is made, not when
-    the table is: a slow run must not let `nbf` pass before its test runs."""
+    """Signed by the local issuer, whose key jitgate trusts: only the claims are wrong."""
     aud = over.pop("aud", LOCAL_AUD)
-    return lambda c: c.local.token(aud, **{k: v() if callable(v) else v for k, v in over.items()})
-
-
-def _now(delta: int) -> Callable[[], int]:
-    return lambda: int(time.time()) + delta
+    return lambda c: c.local.token(aud, **over)
 
 
 ATTACKS: list[tuple[str, Callable[[Ctx], str], str]] = [
@@ -306,8 +299,10 @@ ATTACKS: list[tuple[str, Callable[[Ctx], str], str]] = [
     ("jwk-embedded-own-kid", lambda c: _attacker(c, "attacker-1",
                                                  jwk=public_jwk(ATTACKER_KEY, "attacker-1")),
      "unknown kid 'attacker-1'"),
-    ("expired", _local(iat=_now(-900), exp=_now(-600)), "token expired"),
-    ("nbf-in-the-future", _local(nbf=_now(600)), "not yet valid (nbf)"),
+    ("expired", lambda c: c.local.token(LOCAL_AUD, **from_now(iat=-900, exp=-600)),
+     "token expired"),
+    ("nbf-in-the-future", lambda c: c.local.token(LOCAL_AUD, **from_now(nbf=600)),
+     "not yet valid (nbf)"),
     ("wrong-iss", lambda c: _signed({"kid": c.rs_kid}, claims("https://evil.test", "jitgate")),
      "unknown issuer https://evil.test"),
     ("wrong-aud", _local(aud="someone-else"), "audience not accepted"),

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 from idp import Idp, IdpError, idp_fixture, start_idp
+from jwtkit import from_now
 
 from proxy.identity.jwks import IssuerConfig, MultiVerifier, discover
 from proxy.identity.keyset import KeySet, TokenError, check_kid
@@ -505,15 +506,8 @@ def _real_with_header(c: Ctx, **header: Any) -> str:
 
 
 def _local(**over: Any) -> Callable[[Ctx], str]:
-    """Signed by the local issuer, whose key the verifier trusts: only the claims are off.
-
-    A claim given as a function (`_now`) is worked out when the token is made, not when
-    the table is: a slow run must not let `nbf` pass before its test runs."""
-    return lambda c: local_token(c.local, **{k: v() if callable(v) else v for k, v in over.items()})
-
-
-def _now(delta: int) -> Callable[[], int]:
-    return lambda: int(time.time()) + delta
+    """Signed by the local issuer, whose key the verifier trusts: only the claims are off."""
+    return lambda c: local_token(c.local, **over)
 
 
 def _x5c(c: Ctx) -> str:
@@ -543,9 +537,9 @@ ATTACKS: list[tuple[str, Callable[[Ctx], str], str]] = [
     ("alg-kid-mismatch", lambda c: _real_with_header(c, alg="RS256", kid=c.es_kid),
      "does not fit algorithm RS256"),
     ("crit-header", lambda c: _attacker(c, crit=["exp"], exp=1), "critical header"),
-    ("expired", _local(iat=_now(-900), exp=_now(-600)), "token expired"),
-    ("nbf-future", _local(nbf=_now(600)), "not yet valid (nbf)"),
-    ("iat-future", _local(iat=_now(600)), "not yet valid (iat)"),
+    ("expired", lambda c: local_token(c.local, **from_now(iat=-900, exp=-600)), "token expired"),
+    ("nbf-future", lambda c: local_token(c.local, **from_now(nbf=600)), "not yet valid (nbf)"),
+    ("iat-future", lambda c: local_token(c.local, **from_now(iat=600)), "not yet valid (iat)"),
     ("no-exp", _local(exp=None), "lacks the 'exp' claim"),
     ("wrong-aud", _local(aud="someone-else"), "audience not accepted"),
     ("no-aud", _local(aud=None), "lacks the 'aud' claim"),
